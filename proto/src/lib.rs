@@ -1,0 +1,26 @@
+//! REAPI v2 wire types and the small value types every Kiln crate shares.
+//!
+//! The generated REAPI, ByteStream, longrunning and google.rpc code comes from
+//! the maintained `bazel-remote-apis` crate and is re-exported here, so the
+//! rest of the workspace names one crate for wire types. Next to it live the
+//! hand-written helpers that must agree byte for byte with the specification:
+//! [`Digest`] (SHA-256 and BLAKE3), ByteStream [`resource`] names, and the
+//! [`Error`] type that keeps its gRPC code as it gains context.
+
+pub mod digest;
+pub mod error;
+pub mod resource;
+
+pub use digest::{Digest, DigestFunction, Hasher};
+pub use error::{Code, Error, Result};
+
+/// Generated REAPI v2 messages and service stubs.
+pub mod reapi {
+    pub use bazel_remote_apis::build::bazel::remote::execution::v2::*;
+    pub use bazel_remote_apis::build::bazel::semver::SemVer;
+}
+
+/// Generated `google.*` messages and service stubs (ByteStream, longrunning, rpc).
+pub mod google {
+    pub use bazel_remote_apis::google::*;
+}

@@ -1,0 +1,116 @@
+//! `kiln serve` configuration: a TOML file, overridden by flags.
+//!
+//! Every key is documented in README.md ("Configuration"); `kiln config`
+//! prints the defaults as a file to start from.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use kiln_storage::limits::Limits;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Directory for Kiln's state.
+    pub data_dir: PathBuf,
+    /// Allow listening on a non-loopback address without authentication.
+    pub insecure_no_auth: bool,
+    pub storage: StorageConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Bytes of memory for CAS blobs; least recently used blobs are evicted.
+    pub cas_memory_bytes: u64,
+    /// Bytes of memory for action results.
+    pub ac_memory_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8980)),
+            data_dir: PathBuf::from("kiln-data"),
+            insecure_no_auth: false,
+            storage: StorageConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { cas_memory_bytes: 2 << 30, ac_memory_bytes: 64 << 20 }
+    }
+}
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// Checks the whole configuration; the message names the offending key.
+    pub fn validate(&self) -> Result<()> {
+        self.limits.validate().map_err(|e| anyhow::anyhow!("[limits] {e}"))?;
+        if self.storage.cas_memory_bytes < 1 << 20 || self.storage.ac_memory_bytes < 1 << 20 {
+            bail!("[storage] cas_memory_bytes and ac_memory_bytes must be at least 1 MiB");
+        }
+        if self.limits.blob_size_bytes_max > self.storage.cas_memory_bytes / 2 {
+            bail!(
+                "[limits] blob_size_bytes_max ({}) must be at most half of [storage] cas_memory_bytes ({})",
+                self.limits.blob_size_bytes_max,
+                self.storage.cas_memory_bytes
+            );
+        }
+        if !self.listen.ip().is_loopback() && !self.insecure_no_auth {
+            bail!(
+                "listen address {} is not loopback and Kiln has no authentication configured; \
+                 pass --insecure-no-auth (or insecure_no_auth = true) to serve it anyway",
+                self.listen
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The default configuration as a commented TOML file.
+pub const DEFAULT_TOML: &str = include_str!("../docs/kiln.example.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_parses_to_the_defaults() {
+        let parsed: Config = toml::from_str(DEFAULT_TOML).unwrap();
+        let default = Config::default();
+        assert_eq!(parsed.listen, default.listen);
+        assert_eq!(parsed.data_dir, default.data_dir);
+        assert_eq!(parsed.limits, default.limits);
+        assert_eq!(parsed.storage.cas_memory_bytes, default.storage.cas_memory_bytes);
+        assert_eq!(parsed.storage.ac_memory_bytes, default.storage.ac_memory_bytes);
+        parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<Config>("listn = \"127.0.0.1:1\"").unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn public_address_needs_explicit_opt_in() {
+        let mut c = Config { listen: "0.0.0.0:8980".parse().unwrap(), ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("--insecure-no-auth"));
+        c.insecure_no_auth = true;
+        c.validate().unwrap();
+    }
+}

@@ -1,0 +1,106 @@
+//! `kiln serve`: the composition root. Builds the store tree from the
+//! configuration, wires the services and runs the gRPC server until SIGINT
+//! or SIGTERM.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kiln_proto::google::bytestream::byte_stream_server::ByteStreamServer;
+use kiln_proto::reapi::action_cache_server::ActionCacheServer;
+use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
+use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use kiln_storage::service::{ActionCacheService, ByteStreamService, CapabilitiesService, CasService};
+use kiln_storage::store::{CompletenessChecking, EmptyBlob, MemoryStore, Verifying};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::config::Config;
+
+/// Holds the data directory's lock for the life of the server.
+struct DataDirLock {
+    _file: File,
+}
+
+fn lock_data_dir(config: &Config) -> Result<DataDirLock> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("create data directory {}", dir.display()))?;
+    let path = dir.join("kiln.lock");
+    let file = File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    file.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "data directory {} is in use by another kiln process ({} is locked)",
+            dir.display(),
+            path.display()
+        )
+    })?;
+    Ok(DataDirLock { _file: file })
+}
+
+pub async fn run(config: Config) -> Result<()> {
+    config.validate()?;
+    let _lock = lock_data_dir(&config)?;
+    let limits = config.limits;
+
+    let cas =
+        Arc::new(EmptyBlob::new(Verifying::new(MemoryStore::with_capacity(config.storage.cas_memory_bytes))));
+    let ac = Arc::new(CompletenessChecking::new(
+        MemoryStore::with_capacity(config.storage.ac_memory_bytes),
+        cas.clone(),
+    ));
+
+    let message_max = limits.grpc_message_size_bytes_max;
+    let capabilities = CapabilitiesServer::new(CapabilitiesService::new(limits))
+        .max_decoding_message_size(message_max)
+        .max_encoding_message_size(message_max);
+    let cas_service = ContentAddressableStorageServer::new(CasService::new(cas.clone(), limits))
+        .max_decoding_message_size(message_max)
+        .max_encoding_message_size(message_max);
+    let ac_service = ActionCacheServer::new(ActionCacheService::new(ac, cas.clone(), limits))
+        .max_decoding_message_size(message_max)
+        .max_encoding_message_size(message_max);
+    let bytestream = ByteStreamServer::new(ByteStreamService::new(cas, limits))
+        .max_decoding_message_size(message_max)
+        .max_encoding_message_size(message_max);
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<CapabilitiesServer<CapabilitiesService>>().await;
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+
+    let listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "serving without authentication on a non-loopback address (--insecure-no-auth)");
+    }
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "kiln serving REAPI");
+    // Tests and scripts read the bound address (useful with port 0) from this line.
+    println!("kiln: serving on {addr}");
+
+    Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .add_service(health)
+        .add_service(capabilities)
+        .add_service(cas_service)
+        .add_service(ac_service)
+        .add_service(bytestream)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+        .await
+        .context("gRPC server")?;
+    tracing::info!("kiln stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+    }
+}

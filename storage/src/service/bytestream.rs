@@ -1,0 +1,280 @@
+//! `google.bytestream.ByteStream` over the CAS: Read, Write and
+//! QueryWriteStatus, for `blobs/` and `compressed-blobs/zstd/`.
+//!
+//! Uploads are buffered until `finish_write`, then verified by the CAS's
+//! [`Verifying`](crate::store::Verifying) decorator before they become
+//! visible. An upload that breaks off is remembered (bounded) so that the
+//! client can resume it at the offset `QueryWriteStatus` reports.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures::Stream;
+use kiln_proto::google::bytestream::byte_stream_server::ByteStream;
+use kiln_proto::google::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse,
+};
+use kiln_proto::resource::{Compressor, ReadResource, WriteResource};
+use kiln_proto::{Digest, Error};
+use lru::LruCache;
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::compression::{self, Decompressor};
+use crate::limits::Limits;
+use crate::store::{BlobStore, Key};
+
+/// Upload admission is counted in units of this many bytes.
+const PERMIT_UNIT_BYTES: u64 = 64 << 10;
+
+type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+
+#[derive(Debug, Clone)]
+pub struct ByteStreamService<C> {
+    cas: C,
+    limits: Limits,
+    /// Unfinished identity uploads by resource name (without metadata).
+    partial: Arc<Mutex<LruCache<String, BytesMut>>>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl<C> ByteStreamService<C> {
+    pub fn new(cas: C, limits: Limits) -> Self {
+        let permits = usize::try_from(limits.uploads_in_flight_bytes_max / PERMIT_UNIT_BYTES)
+            .unwrap_or(Semaphore::MAX_PERMITS)
+            .min(Semaphore::MAX_PERMITS);
+        Self {
+            cas,
+            limits,
+            partial: Arc::new(Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(limits.partial_uploads_max.max(1)).expect("at least 1"),
+            ))),
+            in_flight: Arc::new(Semaphore::new(permits)),
+        }
+    }
+
+    fn partial(&self) -> std::sync::MutexGuard<'_, LruCache<String, BytesMut>> {
+        self.partial.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The data of an upload in progress.
+enum Upload {
+    Plain(BytesMut),
+    Zstd { decompressor: Decompressor, received_bytes: u64 },
+}
+
+impl Upload {
+    /// Bytes received so far, in the offsets the client uses.
+    fn received_bytes(&self) -> u64 {
+        match self {
+            Upload::Plain(buf) => buf.len() as u64,
+            Upload::Zstd { received_bytes, .. } => *received_bytes,
+        }
+    }
+
+    fn append(&mut self, digest: &Digest, data: &[u8]) -> Result<(), Error> {
+        match self {
+            Upload::Plain(buf) => {
+                if buf.len() as u64 + data.len() as u64 > digest.size_bytes() {
+                    return Err(Error::invalid_argument(format!(
+                        "upload of {digest} received more than {} bytes",
+                        digest.size_bytes()
+                    )));
+                }
+                buf.extend_from_slice(data);
+            }
+            Upload::Zstd { decompressor, received_bytes } => {
+                decompressor.write(data)?;
+                *received_bytes += data.len() as u64;
+                debug_assert!(decompressor.len() as u64 <= digest.size_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self, digest: &Digest) -> Result<Bytes, Error> {
+        match self {
+            Upload::Plain(buf) if buf.len() as u64 != digest.size_bytes() => {
+                Err(Error::invalid_argument(format!(
+                    "upload of {digest} finished after {} bytes; the digest says {}",
+                    buf.len(),
+                    digest.size_bytes()
+                )))
+            }
+            Upload::Plain(buf) => Ok(buf.freeze()),
+            Upload::Zstd { decompressor, .. } => decompressor.finish(),
+        }
+    }
+}
+
+impl<C: BlobStore + Clone> ByteStreamService<C> {
+    async fn exists(&self, key: &Key) -> Result<bool, Status> {
+        Ok(self.cas.find_missing(std::slice::from_ref(key)).await?.is_empty())
+    }
+
+    /// Starts or resumes an upload at `offset`.
+    fn begin(&self, resource: &WriteResource, offset: i64) -> Result<Upload, Status> {
+        let size = resource.digest.size_bytes();
+        if resource.compressor == Compressor::Zstd {
+            if offset != 0 {
+                return Err(Status::invalid_argument(
+                    "compressed uploads cannot be resumed; restart the upload at write_offset 0",
+                ));
+            }
+            return Ok(Upload::Zstd { decompressor: Decompressor::new(size), received_bytes: 0 });
+        }
+        let name = resource.to_string();
+        let resumed = self.partial().pop(&name);
+        match (offset, resumed) {
+            (0, _) => {
+                let initial = usize::try_from(size.min(16 << 20)).expect("at most 16 MiB");
+                Ok(Upload::Plain(BytesMut::with_capacity(initial)))
+            }
+            (offset, Some(buf)) if buf.len() as i64 == offset => Ok(Upload::Plain(buf)),
+            (offset, resumed) => Err(Status::invalid_argument(format!(
+                "write_offset {offset} does not match the committed size {} of {name}; ask QueryWriteStatus",
+                resumed.map_or(0, |b| b.len())
+            ))),
+        }
+    }
+
+    async fn receive(
+        &self,
+        resource: &WriteResource,
+        first: WriteRequest,
+        stream: &mut Streaming<WriteRequest>,
+    ) -> Result<Bytes, Status> {
+        let digest = resource.digest;
+        let mut upload = self.begin(resource, first.write_offset)?;
+        let mut message = first;
+        let name = message.resource_name.clone();
+        loop {
+            if !message.resource_name.is_empty() && message.resource_name != name {
+                return Err(Status::invalid_argument(format!(
+                    "resource_name changed within one upload: {:.200} then {:.200}",
+                    name, message.resource_name
+                )));
+            }
+            let received = upload.received_bytes();
+            if u64::try_from(message.write_offset).ok() != Some(received) {
+                return Err(Status::invalid_argument(format!(
+                    "write_offset is {} but {received} bytes have been received",
+                    message.write_offset
+                )));
+            }
+            upload.append(&digest, &message.data)?;
+            if message.finish_write {
+                break;
+            }
+            let next = stream.message().await;
+            match next {
+                Ok(Some(m)) => message = m,
+                Ok(None) | Err(_) => {
+                    if let Upload::Plain(buf) = upload {
+                        self.partial().put(resource.to_string(), buf);
+                    }
+                    return Err(match next {
+                        Err(status) => status,
+                        _ => Status::invalid_argument("the write stream ended without finish_write"),
+                    });
+                }
+            }
+        }
+        Ok(upload.finish(&digest)?)
+    }
+}
+
+#[tonic::async_trait]
+impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
+    type ReadStream = ReadStream;
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        let req = request.into_inner();
+        let resource = ReadResource::parse(&req.resource_name)?;
+        if req.read_offset < 0 {
+            return Err(Status::out_of_range(format!("read_offset {} is negative", req.read_offset)));
+        }
+        if req.read_limit < 0 {
+            return Err(Status::invalid_argument(format!("read_limit {} is negative", req.read_limit)));
+        }
+        let data = self.cas.get(&Key::cas(resource.digest)).await?;
+        let size = data.len() as u64;
+        let offset = u64::try_from(req.read_offset).expect("checked non-negative");
+        if offset > size {
+            return Err(Status::out_of_range(format!(
+                "read_offset {offset} is past the end of {} ({size} bytes)",
+                resource.digest
+            )));
+        }
+        let limit = u64::try_from(req.read_limit).expect("checked non-negative");
+        let end = if limit == 0 { size } else { size.min(offset.saturating_add(limit)) };
+        let range = usize::try_from(offset).expect("in memory")..usize::try_from(end).expect("in memory");
+        let mut data = data.slice(range);
+        if resource.compressor == Compressor::Zstd {
+            data = compression::compress(data).await?;
+        }
+        let chunk = self.limits.read_chunk_size_bytes;
+        let chunks = (0..data.len().div_ceil(chunk)).map(move |i| {
+            let end = ((i + 1) * chunk).min(data.len());
+            Ok(ReadResponse { data: data[i * chunk..end].to_vec() })
+        });
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let mut stream = request.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Err(Status::invalid_argument("the write stream carried no request"));
+        };
+        let resource = WriteResource::parse(&first.resource_name)?;
+        let digest = resource.digest;
+        if digest.size_bytes() > self.limits.blob_size_bytes_max {
+            return Err(Status::invalid_argument(format!(
+                "blob {digest} is larger than max_cas_blob_size_bytes ({})",
+                self.limits.blob_size_bytes_max
+            )));
+        }
+        let committed_size = match resource.compressor {
+            Compressor::Identity => digest.size_bytes_i64(),
+            Compressor::Zstd => -1,
+        };
+        let key = Key::cas(digest);
+        if self.exists(&key).await? {
+            return Ok(Response::new(WriteResponse { committed_size }));
+        }
+        let units = digest.size_bytes().div_ceil(PERMIT_UNIT_BYTES).max(1);
+        let units = u32::try_from(units).expect("blob_size_bytes_max bounds the unit count");
+        let _admission = self
+            .in_flight
+            .acquire_many(units)
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down"))?;
+        let data = self.receive(&resource, first, &mut stream).await?;
+        self.cas.put(&key, data).await?;
+        tracing::debug!(blob = %digest, "ByteStream upload stored");
+        Ok(Response::new(WriteResponse { committed_size }))
+    }
+
+    async fn query_write_status(
+        &self,
+        request: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let resource = WriteResource::parse(&request.get_ref().resource_name)?;
+        if self.exists(&Key::cas(resource.digest)).await? {
+            let committed_size = resource.digest.size_bytes_i64();
+            return Ok(Response::new(QueryWriteStatusResponse { committed_size, complete: true }));
+        }
+        match self.partial().peek(&resource.to_string()) {
+            Some(buf) => Ok(Response::new(QueryWriteStatusResponse {
+                committed_size: i64::try_from(buf.len()).expect("in memory"),
+                complete: false,
+            })),
+            None => Err(Status::not_found(format!("no upload in progress for {resource}"))),
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! `Capabilities.GetCapabilities`.
+
+use kiln_proto::DigestFunction;
+use kiln_proto::reapi::capabilities_server::Capabilities;
+use kiln_proto::reapi::{
+    ActionCacheUpdateCapabilities, CacheCapabilities, GetCapabilitiesRequest, SemVer, ServerCapabilities,
+    compressor, symlink_absolute_path_strategy,
+};
+use tonic::{Request, Response, Status};
+
+use crate::limits::Limits;
+
+#[derive(Debug, Clone)]
+pub struct CapabilitiesService {
+    limits: Limits,
+}
+
+impl CapabilitiesService {
+    pub fn new(limits: Limits) -> Self {
+        Self { limits }
+    }
+
+    /// What this storage node offers; execution capabilities are added by
+    /// the scheduler when it serves Execute.
+    pub fn capabilities(&self) -> ServerCapabilities {
+        let version = |major, minor| SemVer { major, minor, patch: 0, prerelease: String::new() };
+        ServerCapabilities {
+            cache_capabilities: Some(CacheCapabilities {
+                digest_functions: DigestFunction::ALL.iter().map(|f| f.to_proto() as i32).collect(),
+                action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
+                    update_enabled: true,
+                }),
+                cache_priority_capabilities: None,
+                max_batch_total_size_bytes: i64::try_from(self.limits.batch_total_size_bytes_max)
+                    .unwrap_or(i64::MAX),
+                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
+                supported_compressors: vec![compressor::Value::Zstd as i32],
+                supported_batch_update_compressors: vec![compressor::Value::Zstd as i32],
+                max_cas_blob_size_bytes: i64::try_from(self.limits.blob_size_bytes_max).unwrap_or(i64::MAX),
+                ..Default::default()
+            }),
+            execution_capabilities: None,
+            deprecated_api_version: Some(version(2, 0)),
+            low_api_version: Some(version(2, 0)),
+            high_api_version: Some(version(super::HIGH_API_VERSION.0, super::HIGH_API_VERSION.1)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Capabilities for CapabilitiesService {
+    async fn get_capabilities(
+        &self,
+        request: Request<GetCapabilitiesRequest>,
+    ) -> Result<Response<ServerCapabilities>, Status> {
+        super::instance(&request.get_ref().instance_name)?;
+        Ok(Response::new(self.capabilities()))
+    }
+}

@@ -1,0 +1,330 @@
+//! `ContentAddressableStorage`: FindMissingBlobs, BatchUpdateBlobs,
+//! BatchReadBlobs and GetTree.
+
+use std::collections::{HashSet, VecDeque};
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::Stream;
+use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
+use kiln_proto::reapi::{
+    BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse,
+    Directory, FindMissingBlobsRequest, FindMissingBlobsResponse, GetChunkMappingRequest,
+    GetChunkMappingResponse, GetTreeRequest, GetTreeResponse, RegisterChunkMappingRequest,
+    RegisterChunkMappingResponse, SpliceBlobRequest, SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse,
+    batch_read_blobs_response, batch_update_blobs_request, batch_update_blobs_response, compressor,
+};
+use kiln_proto::{Digest, DigestFunction, Error};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::compression;
+use crate::limits::Limits;
+use crate::store::{BlobStore, Key};
+
+#[derive(Debug, Clone)]
+pub struct CasService<C> {
+    cas: C,
+    limits: Limits,
+}
+
+impl<C> CasService<C> {
+    pub fn new(cas: C, limits: Limits) -> Self {
+        Self { cas, limits }
+    }
+}
+
+type TreeStream = Pin<Box<dyn Stream<Item = Result<GetTreeResponse, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<GetChunkMappingResponse, Status>> + Send>>;
+
+fn parse_digests(
+    function: Option<DigestFunction>,
+    digests: &[kiln_proto::reapi::Digest],
+) -> Result<Vec<Key>, Status> {
+    digests
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            Digest::from_proto(function, d).map(Key::cas).map_err(|e| e.context(format!("digest #{i}")))
+        })
+        .collect::<Result<_, Error>>()
+        .map_err(Status::from)
+}
+
+impl<C: BlobStore + Clone> CasService<C> {
+    fn check_batch_size<'a>(
+        &self,
+        what: &str,
+        digests: impl Iterator<Item = &'a Digest>,
+    ) -> Result<(), Status> {
+        let total: u64 = digests.map(Digest::size_bytes).fold(0, u64::saturating_add);
+        if total > self.limits.batch_total_size_bytes_max {
+            return Err(Error::invalid_argument(format!(
+                "{what} totals {total} bytes; max_batch_total_size_bytes is {}: use ByteStream for large blobs or split the batch",
+                self.limits.batch_total_size_bytes_max
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    async fn update_one(
+        &self,
+        function: Option<DigestFunction>,
+        req: batch_update_blobs_request::Request,
+    ) -> (kiln_proto::reapi::Digest, Result<(), Error>) {
+        let wire = req.digest.clone().unwrap_or_default();
+        let digest = match Digest::from_required(function, req.digest.as_ref(), "digest") {
+            Ok(d) => d,
+            Err(e) => return (wire, Err(e)),
+        };
+        let data = match compressor::Value::try_from(req.compressor) {
+            Ok(compressor::Value::Identity) => Ok(Bytes::from(req.data)),
+            Ok(compressor::Value::Zstd) => {
+                compression::decompress_exact(Bytes::from(req.data), digest.size_bytes()).await
+            }
+            _ => Err(Error::invalid_argument(format!(
+                "compressor {} is not supported; use identity or zstd",
+                req.compressor
+            ))),
+        };
+        let result = match data {
+            Ok(data) => self.cas.put(&Key::cas(digest), data).await,
+            Err(e) => Err(e),
+        };
+        (wire, result.map_err(|e| e.context(format!("blob {digest}"))))
+    }
+}
+
+#[tonic::async_trait]
+impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
+    async fn find_missing_blobs(
+        &self,
+        request: Request<FindMissingBlobsRequest>,
+    ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        let req = request.into_inner();
+        super::instance(&req.instance_name)?;
+        let function = super::digest_function(req.digest_function)?;
+        super::check_count("FindMissingBlobs", req.blob_digests.len(), self.limits.batch_digests_max)?;
+        let keys = parse_digests(function, &req.blob_digests)?;
+        let missing = self.cas.find_missing(&keys).await?;
+        Ok(Response::new(FindMissingBlobsResponse {
+            missing_blob_digests: missing.iter().map(|k| k.digest.to_proto()).collect(),
+        }))
+    }
+
+    async fn batch_update_blobs(
+        &self,
+        request: Request<BatchUpdateBlobsRequest>,
+    ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        let req = request.into_inner();
+        super::instance(&req.instance_name)?;
+        let function = super::digest_function(req.digest_function)?;
+        super::check_count("BatchUpdateBlobs", req.requests.len(), self.limits.batch_digests_max)?;
+        // The call-level size check counts every declared size it can parse;
+        // unparsable digests fail individually below.
+        let declared: Vec<Digest> = req
+            .requests
+            .iter()
+            .filter_map(|r| r.digest.as_ref().and_then(|d| Digest::from_proto(function, d).ok()))
+            .collect();
+        self.check_batch_size("BatchUpdateBlobs", declared.iter())?;
+        let mut responses = Vec::with_capacity(req.requests.len());
+        for blob in req.requests {
+            let (digest, result) = self.update_one(function, blob).await;
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, "BatchUpdateBlobs: blob refused");
+            }
+            responses.push(batch_update_blobs_response::Response {
+                digest: Some(digest),
+                status: Some(result.err().map(|e| e.to_rpc_status()).unwrap_or_default()),
+            });
+        }
+        Ok(Response::new(BatchUpdateBlobsResponse { responses }))
+    }
+
+    async fn batch_read_blobs(
+        &self,
+        request: Request<BatchReadBlobsRequest>,
+    ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+        let req = request.into_inner();
+        super::instance(&req.instance_name)?;
+        let function = super::digest_function(req.digest_function)?;
+        super::check_count("BatchReadBlobs", req.digests.len(), self.limits.batch_digests_max)?;
+        let keys = parse_digests(function, &req.digests)?;
+        self.check_batch_size("BatchReadBlobs", keys.iter().map(|k| &k.digest))?;
+        let zstd = req.acceptable_compressors.contains(&(compressor::Value::Zstd as i32));
+        let mut responses = Vec::with_capacity(keys.len());
+        for key in keys {
+            let mut response = batch_read_blobs_response::Response {
+                digest: Some(key.digest.to_proto()),
+                ..Default::default()
+            };
+            let data = match self.cas.get(&key).await {
+                Ok(data) if zstd && data.len() > 64 => {
+                    compression::compress(data).await.map(|c| (c, compressor::Value::Zstd))
+                }
+                Ok(data) => Ok((data, compressor::Value::Identity)),
+                Err(e) => Err(e),
+            };
+            match data {
+                Ok((data, c)) => {
+                    response.data = data.to_vec();
+                    response.compressor = c as i32;
+                    response.status = Some(Default::default());
+                }
+                Err(e) => response.status = Some(e.to_rpc_status()),
+            }
+            responses.push(response);
+        }
+        Ok(Response::new(BatchReadBlobsResponse { responses }))
+    }
+
+    type GetTreeStream = TreeStream;
+
+    async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<TreeStream>, Status> {
+        let req = request.into_inner();
+        super::instance(&req.instance_name)?;
+        let function = super::digest_function(req.digest_function)?;
+        let root = Digest::from_required(function, req.root_digest.as_ref(), "root_digest")?;
+        let page_size = match usize::try_from(req.page_size) {
+            Ok(0) => self.limits.tree_page_size_max,
+            Ok(n) => n.min(self.limits.tree_page_size_max),
+            Err(_) => return Err(Status::invalid_argument("page_size must not be negative")),
+        };
+        let skip = parse_page_token(&req.page_token)?;
+        // The root must exist; missing subdirectories are omitted per the spec.
+        let root_data = self.cas.get(&Key::cas(root)).await.map_err(|e| e.context("GetTree root"))?;
+        Directory::decode(root_data.as_ref())
+            .map_err(|e| Status::invalid_argument(format!("GetTree root {root} is not a Directory: {e}")))?;
+        let walk = TreeWalk {
+            cas: self.cas.clone(),
+            function: root.function(),
+            page_size,
+            page_bytes_max: self.limits.grpc_message_size_bytes_max / 2,
+            directories_max: self.limits.tree_directories_max,
+        };
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(walk.run(root, skip, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn split_blob(&self, _: Request<SplitBlobRequest>) -> Result<Response<SplitBlobResponse>, Status> {
+        Err(Status::unimplemented("SplitBlob is not supported (split_blob_support is false)"))
+    }
+
+    type GetChunkMappingStream = ChunkStream;
+
+    async fn get_chunk_mapping(
+        &self,
+        _: Request<GetChunkMappingRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        Err(Status::unimplemented("GetChunkMapping is not supported (split_blob_support is false)"))
+    }
+
+    async fn splice_blob(
+        &self,
+        _: Request<SpliceBlobRequest>,
+    ) -> Result<Response<SpliceBlobResponse>, Status> {
+        Err(Status::unimplemented("SpliceBlob is not supported (splice_blob_support is false)"))
+    }
+
+    async fn register_chunk_mapping(
+        &self,
+        _: Request<tonic::Streaming<RegisterChunkMappingRequest>>,
+    ) -> Result<Response<RegisterChunkMappingResponse>, Status> {
+        Err(Status::unimplemented("RegisterChunkMapping is not supported (splice_blob_support is false)"))
+    }
+}
+
+const PAGE_TOKEN_PREFIX: &str = "kiln-tree-v1:";
+
+fn parse_page_token(token: &str) -> Result<usize, Status> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token.strip_prefix(PAGE_TOKEN_PREFIX).and_then(|n| n.parse().ok()).ok_or_else(|| {
+        Status::invalid_argument("page_token was not issued by this server; start without one")
+    })
+}
+
+/// A breadth-first walk over a directory tree, streamed in pages.
+///
+/// Page tokens are the number of directories already returned: the walk is
+/// deterministic (directories are visited once, in BFS order), so a new
+/// request can skip to that point without server-side state.
+struct TreeWalk<C> {
+    cas: C,
+    function: DigestFunction,
+    page_size: usize,
+    page_bytes_max: usize,
+    directories_max: usize,
+}
+
+impl<C: BlobStore> TreeWalk<C> {
+    async fn run(self, root: Digest, skip: usize, tx: mpsc::Sender<Result<GetTreeResponse, Status>>) {
+        if let Err(status) = self.walk(root, skip, &tx).await {
+            let _ = tx.send(Err(status)).await;
+        }
+    }
+
+    async fn walk(
+        &self,
+        root: Digest,
+        skip: usize,
+        tx: &mpsc::Sender<Result<GetTreeResponse, Status>>,
+    ) -> Result<(), Status> {
+        let mut queue = VecDeque::from([root]);
+        let mut seen = HashSet::from([root]);
+        let mut visited = 0usize;
+        let mut page = Vec::new();
+        let mut page_bytes = 0usize;
+        while let Some(digest) = queue.pop_front() {
+            let data = match self.cas.get(&Key::cas(digest)).await {
+                Ok(data) => data,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let Ok(dir) = Directory::decode(data.as_ref()) else { continue };
+            for child in &dir.directories {
+                let Some(d) =
+                    child.digest.as_ref().and_then(|d| Digest::from_proto(Some(self.function), d).ok())
+                else {
+                    continue;
+                };
+                if seen.len() >= self.directories_max {
+                    return Err(Error::resource_exhausted(format!(
+                        "tree has more than {} directories",
+                        self.directories_max
+                    ))
+                    .into());
+                }
+                if seen.insert(d) {
+                    queue.push_back(d);
+                }
+            }
+            visited += 1;
+            if visited <= skip {
+                continue;
+            }
+            page_bytes += data.len();
+            page.push(dir);
+            if page.len() >= self.page_size || page_bytes >= self.page_bytes_max {
+                let more = !queue.is_empty();
+                let token = if more { format!("{PAGE_TOKEN_PREFIX}{visited}") } else { String::new() };
+                let response =
+                    GetTreeResponse { directories: std::mem::take(&mut page), next_page_token: token };
+                page_bytes = 0;
+                if tx.send(Ok(response)).await.is_err() {
+                    return Ok(()); // The client went away.
+                }
+            }
+        }
+        if !page.is_empty() || visited <= skip {
+            let _ = tx.send(Ok(GetTreeResponse { directories: page, next_page_token: String::new() })).await;
+        }
+        Ok(())
+    }
+}
