@@ -1,1 +1,79 @@
-fn main() {}
+//! Criterion benches for the storage node's hot paths: hashing and
+//! verification, resource-name parsing, and the memory store.
+//!
+//! Run: `cargo bench --bench hot_paths`. Figures go to docs/BENCHMARKS.md as
+//! ratios against the single-core hashing baselines measured in the same run.
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use futures::executor::block_on;
+use kiln_proto::DigestFunction;
+use kiln_proto::resource::{ReadResource, WriteResource};
+use kiln_storage::store::{BlobStore, EmptyBlob, Key, MemoryStore, Verifying};
+
+fn hashing(c: &mut Criterion) {
+    let mut group = c.benchmark_group("digest");
+    for size in [4usize << 10, 1 << 20] {
+        let data = vec![0x5au8; size];
+        group.throughput(Throughput::Bytes(size as u64));
+        for f in DigestFunction::ALL {
+            group.bench_with_input(BenchmarkId::new(format!("compute/{f}"), size), &data, |b, d| {
+                b.iter(|| f.compute(d));
+            });
+            let digest = f.compute(&data);
+            group.bench_with_input(BenchmarkId::new(format!("verify/{f}"), size), &data, |b, d| {
+                b.iter(|| digest.verify(d).unwrap());
+            });
+        }
+    }
+    group.finish();
+}
+
+fn resource_names(c: &mut Criterion) {
+    let hash = DigestFunction::Sha256.compute(b"x").hash_hex();
+    let read = format!("team/ci/blobs/{hash}/123456");
+    let write = format!("team/ci/uploads/5b2f0c1e-9a7d-4c55-a1e0-1f0b6a9e8d11/compressed-blobs/zstd/{hash}/123456");
+    let mut group = c.benchmark_group("resource_name");
+    group.bench_function("parse_read", |b| b.iter(|| ReadResource::parse(&read).unwrap()));
+    group.bench_function("parse_write", |b| b.iter(|| WriteResource::parse(&write).unwrap()));
+    group.finish();
+}
+
+fn memory_store(c: &mut Criterion) {
+    let store = EmptyBlob::new(Verifying::new(MemoryStore::with_capacity(1 << 30)));
+    let blobs: Vec<(Key, Bytes)> = (0..10_000u32)
+        .map(|i| {
+            let data = Bytes::from(i.to_le_bytes().repeat(256));
+            (Key::cas(DigestFunction::Sha256.compute(&data)), data)
+        })
+        .collect();
+    for (k, d) in &blobs {
+        block_on(store.put(k, d.clone())).unwrap();
+    }
+    let keys: Vec<Key> = blobs.iter().map(|(k, _)| k.clone()).collect();
+    let mut group = c.benchmark_group("memory_store");
+    group.throughput(Throughput::Elements(keys.len() as u64));
+    group.bench_function("find_missing_10k_present", |b| {
+        b.iter(|| assert!(block_on(store.find_missing(&keys)).unwrap().is_empty()));
+    });
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("get_1k_blob", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            block_on(store.get(&keys[i])).unwrap()
+        });
+    });
+    group.throughput(Throughput::Bytes(1024));
+    group.bench_function("put_verified_1k_blob", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % blobs.len();
+            block_on(store.put(&blobs[i].0, blobs[i].1.clone())).unwrap();
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, hashing, resource_names, memory_store);
+criterion_main!(benches);

@@ -19,6 +19,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Allow listening on a non-loopback address without authentication.
     pub insecure_no_auth: bool,
+    /// How long in-flight requests may run after SIGINT/SIGTERM.
+    pub shutdown_grace_ms: u64,
     pub storage: StorageConfig,
     pub limits: Limits,
 }
@@ -38,6 +40,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8980)),
             data_dir: PathBuf::from("kiln-data"),
             insecure_no_auth: false,
+            shutdown_grace_ms: 5000,
             storage: StorageConfig::default(),
             limits: Limits::default(),
         }
@@ -95,6 +98,7 @@ mod tests {
         assert_eq!(parsed.listen, default.listen);
         assert_eq!(parsed.data_dir, default.data_dir);
         assert_eq!(parsed.limits, default.limits);
+        assert_eq!(parsed.shutdown_grace_ms, default.shutdown_grace_ms);
         assert_eq!(parsed.storage.cas_memory_bytes, default.storage.cas_memory_bytes);
         assert_eq!(parsed.storage.ac_memory_bytes, default.storage.ac_memory_bytes);
         parsed.validate().unwrap();

@@ -79,7 +79,8 @@ pub async fn run(config: Config) -> Result<()> {
     // Tests and scripts read the bound address (useful with port 0) from this line.
     println!("kiln: serving on {addr}");
 
-    Server::builder()
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
@@ -89,9 +90,23 @@ pub async fn run(config: Config) -> Result<()> {
         .add_service(cas_service)
         .add_service(ac_service)
         .add_service(bytestream)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
-        .await
-        .context("gRPC server")?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result.context("gRPC server")?,
+        () = shutdown_signal() => {
+            let _ = stop_tx.send(());
+            // In-flight requests get a grace period; idle client connections
+            // (Bazel keeps them open) must not hold the process hostage.
+            let grace = Duration::from_millis(config.shutdown_grace_ms);
+            match tokio::time::timeout(grace, &mut server).await {
+                Ok(result) => result.context("gRPC server")?,
+                Err(_) => tracing::warn!(?grace, "connections still open after the grace period; exiting"),
+            }
+        }
+    }
     tracing::info!("kiln stopped");
     Ok(())
 }

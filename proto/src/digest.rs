@@ -362,7 +362,9 @@ impl std::str::FromStr for Digest {
             Some((name, rest)) => match DigestFunction::from_name(name) {
                 Some(f) => (Some(f), rest),
                 None => {
-                    return Err(Error::invalid_argument(format!("unknown digest function {name:?} in {s:?}")));
+                    return Err(Error::invalid_argument(format!(
+                        "unknown digest function {name:?} in {s:?}"
+                    )));
                 }
             },
             None => (None, s),

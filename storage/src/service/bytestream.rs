@@ -145,7 +145,7 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
         resource: &WriteResource,
         first: WriteRequest,
         stream: &mut Streaming<WriteRequest>,
-    ) -> Result<Bytes, Status> {
+    ) -> Result<(Bytes, u64), Status> {
         let digest = resource.digest;
         let mut upload = self.begin(resource, first.write_offset)?;
         let mut message = first;
@@ -182,7 +182,8 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
                 }
             }
         }
-        Ok(upload.finish(&digest)?)
+        let received = upload.received_bytes();
+        Ok((upload.finish(&digest)?, received))
     }
 }
 
@@ -239,12 +240,14 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
                 self.limits.blob_size_bytes_max
             )));
         }
-        let committed_size = match resource.compressor {
-            Compressor::Identity => digest.size_bytes_i64(),
-            Compressor::Zstd => -1,
-        };
         let key = Key::cas(digest);
         if self.exists(&key).await? {
+            // Per the REAPI: the full size for identity uploads, -1 for
+            // compressed ones, however much the client has sent.
+            let committed_size = match resource.compressor {
+                Compressor::Identity => digest.size_bytes_i64(),
+                Compressor::Zstd => -1,
+            };
             return Ok(Response::new(WriteResponse { committed_size }));
         }
         let units = digest.size_bytes().div_ceil(PERMIT_UNIT_BYTES).max(1);
@@ -254,9 +257,12 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
             .acquire_many(units)
             .await
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
-        let data = self.receive(&resource, first, &mut stream).await?;
+        let (data, received_bytes) = self.receive(&resource, first, &mut stream).await?;
         self.cas.put(&key, data).await?;
         tracing::debug!(blob = %digest, "ByteStream upload stored");
+        // Bytes received in the offsets the client used (compressed bytes for
+        // compressed uploads).
+        let committed_size = i64::try_from(received_bytes).expect("bounded by the blob size limit");
         Ok(Response::new(WriteResponse { committed_size }))
     }
 

@@ -38,7 +38,7 @@ pub(super) async fn decompress_exact(compressed: Bytes, size_bytes: u64) -> Resu
         d.write(&compressed)?;
         d.finish()
     };
-    if (size_bytes as usize) < BLOCKING_SIZE_BYTES_MIN { run() } else { blocking(run).await }
+    if size_bytes < BLOCKING_SIZE_BYTES_MIN as u64 { run() } else { blocking(run).await }
 }
 
 /// Streaming decompression of one upload into a buffer bounded by the

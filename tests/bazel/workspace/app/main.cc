@@ -1,0 +1,3 @@
+#include <iostream>
+#include "lib/greet.h"
+int main() { std::cout << greet("bazel") << std::endl; return 0; }

@@ -1,0 +1,2 @@
+#include <string>
+std::string greet(const std::string& who);

@@ -1,0 +1,133 @@
+//! `kiln serve` start-up and shutdown, health, and the `kiln cas` CLI.
+
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // Test data arithmetic.
+
+mod common;
+
+use common::{Kiln, kiln};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+#[tokio::test]
+async fn health_reports_serving_and_sigterm_stops_cleanly() {
+    let server = Kiln::start();
+    let mut health = HealthClient::new(server.channel().await);
+    let resp = health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(
+        resp.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let (status, log) = server.stop();
+    assert!(status.success(), "exit status {status:?}\n{log}");
+    assert!(log.contains("SIGTERM received"), "{log}");
+}
+
+#[test]
+fn a_data_dir_serves_one_process_only() {
+    let first = Kiln::start();
+    let (ok, _, stderr) =
+        kiln(&["serve", "--listen", "127.0.0.1:0", "--data-dir", first.data_dir.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("in use by another kiln process"), "{stderr}");
+}
+
+#[test]
+fn public_address_without_auth_needs_opt_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) =
+        kiln(&["serve", "--listen", "0.0.0.0:0", "--data-dir", dir.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("--insecure-no-auth"), "{stderr}");
+}
+
+#[test]
+fn bad_config_files_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("kiln.toml");
+    std::fs::write(&cfg, "[limits]\nbatch_total_size_bytes_max = 999999999\n").unwrap();
+    let (ok, _, stderr) =
+        kiln(&["serve", "--config", cfg.to_str().unwrap(), "--data-dir", dir.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("batch_total_size_bytes_max"), "{stderr}");
+    std::fs::write(&cfg, "[storage]\ncas_memory = 1\n").unwrap();
+    let (ok, _, stderr) = kiln(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("cas_memory"), "{stderr}");
+}
+
+#[test]
+fn config_command_prints_a_loadable_file() {
+    let (ok, stdout, _) = kiln(&["config"]);
+    assert!(ok);
+    assert!(stdout.contains("cas_memory_bytes"));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("kiln.toml");
+    std::fs::write(&cfg, stdout.replace("127.0.0.1:8980", "127.0.0.1:0")).unwrap();
+    let mut child = std::process::Command::new(common::KILN)
+        .args([
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("d").to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(line.starts_with("kiln: serving on 127.0.0.1:"), "{line}");
+}
+
+#[test]
+fn cas_cli_put_get_missing() {
+    let server = Kiln::start();
+    let remote = server.remote();
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.bin");
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&big, &data).unwrap();
+    let small = dir.path().join("small.txt");
+    std::fs::write(&small, b"hello kiln\n").unwrap();
+
+    let (ok, out, err) =
+        kiln(&["cas", "--remote", &remote, "put", big.to_str().unwrap(), small.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let digests: Vec<&str> = out.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(digests.len(), 2);
+    assert!(out.lines().all(|l| l.ends_with("uploaded")), "{out}");
+
+    let (ok, out, _) = kiln(&["cas", "--remote", &remote, "put", small.to_str().unwrap()]);
+    assert!(ok && out.trim_end().ends_with("already present"), "{out}");
+
+    let back = dir.path().join("back.bin");
+    let (ok, _, err) = kiln(&["cas", "--remote", &remote, "get", digests[0], back.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+
+    let absent = format!("{}/3", "ab".repeat(32));
+    let (ok, out, _) = kiln(&["cas", "--remote", &remote, "missing", digests[0], digests[1], &absent]);
+    assert!(ok);
+    assert_eq!(out.trim(), absent);
+
+    let (ok, _, err) = kiln(&["cas", "--remote", &remote, "get", &absent, back.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("NotFound") || err.contains("not found"), "{err}");
+    assert_eq!(std::fs::read(&back).unwrap(), data, "a failed download leaves the old file alone");
+
+    let (ok, out, err) =
+        kiln(&["cas", "--remote", &remote, "--digest-function", "blake3", "put", small.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let b3 = out.split('\t').next().unwrap();
+    assert!(b3.starts_with("blake3:"), "{out}");
+    let (ok, _, err) = kiln(&["cas", "--remote", &remote, "get", b3, back.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(&back).unwrap(), b"hello kiln\n");
+
+    let (ok, _, err) = kiln(&["cas", "--remote", &remote, "missing", "not-a-digest"]);
+    assert!(!ok);
+    assert!(err.contains("HASH/SIZE"), "{err}");
+}
