@@ -32,7 +32,8 @@ fn hashing(c: &mut Criterion) {
 fn resource_names(c: &mut Criterion) {
     let hash = DigestFunction::Sha256.compute(b"x").hash_hex();
     let read = format!("team/ci/blobs/{hash}/123456");
-    let write = format!("team/ci/uploads/5b2f0c1e-9a7d-4c55-a1e0-1f0b6a9e8d11/compressed-blobs/zstd/{hash}/123456");
+    let write =
+        format!("team/ci/uploads/5b2f0c1e-9a7d-4c55-a1e0-1f0b6a9e8d11/compressed-blobs/zstd/{hash}/123456");
     let mut group = c.benchmark_group("resource_name");
     group.bench_function("parse_read", |b| b.iter(|| ReadResource::parse(&read).unwrap()));
     group.bench_function("parse_write", |b| b.iter(|| WriteResource::parse(&write).unwrap()));
@@ -40,7 +41,7 @@ fn resource_names(c: &mut Criterion) {
 }
 
 fn memory_store(c: &mut Criterion) {
-    let store = EmptyBlob::new(Verifying::new(MemoryStore::with_capacity(1 << 30)));
+    let store = EmptyBlob::new(Verifying::new(MemoryStore::for_blobs(1 << 30, 1 << 20)));
     let blobs: Vec<(Key, Bytes)> = (0..10_000u32)
         .map(|i| {
             let data = Bytes::from(i.to_le_bytes().repeat(256));

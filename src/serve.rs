@@ -44,12 +44,11 @@ pub async fn run(config: Config) -> Result<()> {
     let _lock = lock_data_dir(&config)?;
     let limits = config.limits;
 
-    let cas =
-        Arc::new(EmptyBlob::new(Verifying::new(MemoryStore::with_capacity(config.storage.cas_memory_bytes))));
-    let ac = Arc::new(CompletenessChecking::new(
-        MemoryStore::with_capacity(config.storage.ac_memory_bytes),
-        cas.clone(),
-    ));
+    let cas_memory = MemoryStore::for_blobs(config.storage.cas_memory_bytes, limits.blob_size_bytes_max);
+    let cas = Arc::new(EmptyBlob::new(Verifying::new(cas_memory)));
+    let action_result_max = limits.action_result_size_bytes_max as u64;
+    let ac_memory = MemoryStore::for_blobs(config.storage.ac_memory_bytes, action_result_max);
+    let ac = Arc::new(CompletenessChecking::new(ac_memory, cas.clone()));
 
     let message_max = limits.grpc_message_size_bytes_max;
     let capabilities = CapabilitiesServer::new(CapabilitiesService::new(limits))

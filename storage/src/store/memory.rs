@@ -119,10 +119,15 @@ impl BlobStore for MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store sized for one process: one shard per 64 MiB, at most 256.
-    pub fn with_capacity(capacity_bytes: u64) -> Self {
-        let shards = (capacity_bytes / (64 << 20)).clamp(1, 256);
-        Self::new(capacity_bytes, usize::try_from(shards).expect("at most 256"))
+    /// A store of `capacity_bytes` that can hold blobs of up to
+    /// `blob_size_bytes_max`: as many shards as keep each shard at least
+    /// twice that size, at most 64.
+    pub fn for_blobs(capacity_bytes: u64, blob_size_bytes_max: u64) -> Self {
+        let per_shard_min = blob_size_bytes_max.saturating_mul(2).max(1 << 20);
+        let shards = (capacity_bytes / per_shard_min).clamp(1, 64);
+        let store = Self::new(capacity_bytes, usize::try_from(shards).expect("at most 64"));
+        assert!(store.blob_size_bytes_max() >= blob_size_bytes_max.min(capacity_bytes / 2));
+        store
     }
 }
 
@@ -170,6 +175,17 @@ mod tests {
         let err = store.put(&key(&data), Bytes::from(data)).await.unwrap_err();
         assert_eq!(err.code(), kiln_proto::Code::ResourceExhausted);
         assert!(store.is_empty());
+    }
+
+    #[tokio::test]
+    async fn for_blobs_holds_the_largest_allowed_blob() {
+        for (capacity, blob_max) in [(64u64 << 20, 20u64 << 20), (1 << 30, 1 << 20), (8 << 20, 4 << 20)] {
+            let store = MemoryStore::for_blobs(capacity, blob_max);
+            assert!(store.blob_size_bytes_max() >= blob_max, "{capacity} {blob_max}");
+        }
+        let store = MemoryStore::for_blobs(64 << 20, 20 << 20);
+        let data = Bytes::from(vec![1u8; 20 << 20]);
+        store.put(&key(&data), data).await.unwrap();
     }
 
     #[tokio::test]
