@@ -262,3 +262,22 @@ async fn compressed_blobs_round_trip() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(is_missing(&kiln, &small).await);
 }
+
+#[tokio::test]
+async fn stalled_upload_times_out_and_can_resume() {
+    let kiln = Kiln::start_with_config("[limits]\nupload_idle_timeout_ms = 300\n");
+    let data = vec![3u8; 8192];
+    let d = sha(&data);
+    let name = upload_name("", &d, false);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(chunks(&name, &data[..4096], 4096, false).remove(0)).await.unwrap();
+    let started = std::time::Instant::now();
+    let err =
+        kiln.bytestream().await.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    drop(tx);
+    let status =
+        kiln.bytestream().await.query_write_status(QueryWriteStatusRequest { resource_name: name }).await;
+    assert_eq!(status.unwrap().into_inner().committed_size, 4096);
+}

@@ -29,6 +29,10 @@ pub struct Limits {
     pub partial_uploads_max: usize,
     /// Most bytes of uploads being received at once; further uploads wait.
     pub uploads_in_flight_bytes_max: u64,
+    /// Longest wait for the next message of an upload before it is dropped
+    /// (and kept for resumption), so a stalled client cannot hold its share
+    /// of `uploads_in_flight_bytes_max` forever.
+    pub upload_idle_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -45,6 +49,7 @@ impl Default for Limits {
             tree_directories_max: 1_000_000,
             partial_uploads_max: 64,
             uploads_in_flight_bytes_max: 2 << 30,
+            upload_idle_timeout_ms: 60_000,
         }
     }
 }
@@ -71,6 +76,9 @@ impl Limits {
         }
         if self.inline_size_bytes_max > room {
             return Err("inline_size_bytes_max must be at most 3/4 of grpc_message_size_bytes_max".into());
+        }
+        if self.upload_idle_timeout_ms == 0 {
+            return Err("upload_idle_timeout_ms must be positive".into());
         }
         if self.uploads_in_flight_bytes_max < self.blob_size_bytes_max {
             return Err("uploads_in_flight_bytes_max must be at least blob_size_bytes_max".into());

@@ -29,6 +29,16 @@ impl Kiln {
         Self::start_with(&[])
     }
 
+    /// Starts `kiln serve` with a configuration file holding `toml`.
+    pub fn start_with_config(toml: &str) -> Kiln {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let kiln = Self::start_with(&["--config", path.to_str().expect("utf-8 path")]);
+        drop(dir); // kiln has read the file by the time it listens
+        kiln
+    }
+
     /// Starts `kiln serve` with extra arguments and waits until it listens.
     pub fn start_with(args: &[&str]) -> Kiln {
         let data_dir = tempfile::tempdir().expect("tempdir");

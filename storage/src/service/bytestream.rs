@@ -8,6 +8,7 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
@@ -168,19 +169,22 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
             if message.finish_write {
                 break;
             }
-            let next = stream.message().await;
-            match next {
-                Ok(Some(m)) => message = m,
-                Ok(None) | Err(_) => {
-                    if let Upload::Plain(buf) = upload {
-                        self.partial().put(resource.to_string(), buf);
-                    }
-                    return Err(match next {
-                        Err(status) => status,
-                        _ => Status::invalid_argument("the write stream ended without finish_write"),
-                    });
+            let idle = Duration::from_millis(self.limits.upload_idle_timeout_ms);
+            let next = match tokio::time::timeout(idle, stream.message()).await {
+                Ok(Ok(Some(m))) => {
+                    message = m;
+                    continue;
                 }
+                Ok(Ok(None)) => Status::invalid_argument("the write stream ended without finish_write"),
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded(format!(
+                    "no upload data for {idle:?}; resume at the offset QueryWriteStatus reports"
+                )),
+            };
+            if let Upload::Plain(buf) = upload {
+                self.partial().put(resource.to_string(), buf);
             }
+            return Err(next);
         }
         let received = upload.received_bytes();
         Ok((upload.finish(&digest)?, received))
