@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use kiln_auth::config::AuthConfig;
 use kiln_storage::limits::Limits;
 use serde::Deserialize;
 
@@ -23,6 +24,7 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     pub storage: StorageConfig,
     pub limits: Limits,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +45,7 @@ impl Default for Config {
             shutdown_grace_ms: 5000,
             storage: StorageConfig::default(),
             limits: Limits::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -73,10 +76,11 @@ impl Config {
                 self.storage.cas_memory_bytes
             );
         }
-        if !self.listen.ip().is_loopback() && !self.insecure_no_auth {
+        self.auth.validate().map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        if !self.listen.ip().is_loopback() && !self.auth.authenticates() && !self.insecure_no_auth {
             bail!(
-                "listen address {} is not loopback and Kiln has no authentication configured; \
-                 pass --insecure-no-auth (or insecure_no_auth = true) to serve it anyway",
+                "listen address {} is not loopback and no authentication is configured ([auth] client_ca, \
+                 tokens or htpasswd); pass --insecure-no-auth (or insecure_no_auth = true) to serve it anyway",
                 self.listen
             );
         }
@@ -99,6 +103,8 @@ mod tests {
         assert_eq!(parsed.data_dir, default.data_dir);
         assert_eq!(parsed.limits, default.limits);
         assert_eq!(parsed.shutdown_grace_ms, default.shutdown_grace_ms);
+        assert!(!parsed.auth.authenticates());
+        assert_eq!(parsed.auth.reload_interval_ms, default.auth.reload_interval_ms);
         assert_eq!(parsed.storage.cas_memory_bytes, default.storage.cas_memory_bytes);
         assert_eq!(parsed.storage.ac_memory_bytes, default.storage.ac_memory_bytes);
         parsed.validate().unwrap();

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kiln_proto::{Digest, DigestFunction};
 use kiln_tools::cas::Cas;
+use kiln_tools::token::{self, Target};
 
 mod config;
 mod serve;
@@ -30,6 +31,76 @@ enum Command {
         #[command(subcommand)]
         command: CasCommand,
     },
+    /// Create, list, rotate and revoke bearer tokens.
+    Token {
+        #[command(flatten)]
+        remote: ConnectArgs,
+        /// Operate on this token file directly instead of a server's admin
+        /// API (to create the first admin token).
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints it once on standard output.
+    Create {
+        #[arg(long)]
+        principal: String,
+        /// Tenant (instance name) the token is for, subtenants included.
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// Comma-separated: read, write, cas-read, cas-write, ac-read, ac-write, execute, admin.
+        #[arg(long = "perm", value_delimiter = ',', required = true)]
+        permissions: Vec<String>,
+        /// Lifetime such as 365d, 12h, or never.
+        #[arg(long, default_value = "365d")]
+        expires: String,
+    },
+    /// List tokens (of the tenants you administer).
+    List,
+    /// Replace a token with a new one with the same grant; the old one stops working.
+    Rotate { id: String },
+    /// Revoke a token at once.
+    Revoke { id: String },
+}
+
+#[derive(Debug, clap::Args)]
+struct ConnectArgs {
+    /// Server endpoint: grpc://HOST:PORT, or grpcs://HOST:PORT for TLS.
+    #[arg(long, global = true, env = "KILN_REMOTE", default_value = "grpc://127.0.0.1:8980")]
+    remote: String,
+    /// CA bundle (PEM) to verify a grpcs:// server with [default: system roots].
+    #[arg(long, global = true, env = "KILN_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS.
+    #[arg(long, global = true, env = "KILN_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[arg(long, global = true, env = "KILN_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Bearer token.
+    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Basic auth as USER:PASSWORD.
+    #[arg(long, global = true, env = "KILN_BASIC_AUTH", hide_env_values = true)]
+    basic_auth: Option<String>,
+}
+
+impl ConnectArgs {
+    fn options(&self) -> kiln_tools::client::ClientOptions {
+        kiln_tools::client::ClientOptions {
+            remote: self.remote.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            token: self.token.clone(),
+            basic: self.basic_auth.clone(),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -50,9 +121,8 @@ struct ServeArgs {
 
 #[derive(Debug, clap::Args)]
 struct RemoteArgs {
-    /// REAPI endpoint.
-    #[arg(long, global = true, env = "KILN_REMOTE", default_value = "grpc://127.0.0.1:8980")]
-    remote: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// REAPI instance name.
     #[arg(long, global = true, default_value = "")]
     instance: String,
@@ -120,8 +190,8 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cas { remote, command } => {
-            let channel = kiln_tools::client::connect(&remote.remote).await?;
-            let cas = Cas::new(channel, &remote.instance, remote.digest_function);
+            let connection = kiln_tools::client::connect(&remote.connect.options()).await?;
+            let cas = Cas::new(connection, &remote.instance, remote.digest_function);
             match command {
                 CasCommand::Put { files } => {
                     for file in files {
@@ -142,6 +212,44 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Token { remote, token_file, command } => {
+            let target = match token_file {
+                Some(path) => Target::File(path),
+                None => Target::Remote(kiln_tools::client::connect(&remote.options()).await?),
+            };
+            match command {
+                TokenCommand::Create { principal, tenant, permissions, expires } => {
+                    let ttl = token::parse_duration(&expires)?;
+                    let created = token::create(&target, &principal, &tenant, &permissions, ttl).await?;
+                    print_created(&created);
+                }
+                TokenCommand::List => {
+                    for t in token::list(&target).await? {
+                        println!("{}", token::describe(&t));
+                    }
+                }
+                TokenCommand::Rotate { id } => print_created(&token::rotate(&target, &id).await?),
+                TokenCommand::Revoke { id } => {
+                    let info = token::revoke(&target, &id).await?;
+                    println!("{}", token::describe(&info));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The secret goes to standard output alone, the description to standard
+/// error, so `TOKEN=$(kiln token create ...)` captures just the token.
+fn print_created(created: &kiln_proto::kiln::admin::CreateTokenResponse) {
+    println!("{}", created.token);
+    if let Some(info) = &created.info {
+        let line = token::describe(info);
+        // Standard error is the right stream for this note; see above.
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("created {line}\nstore the token now: Kiln keeps only its hash");
         }
     }
 }

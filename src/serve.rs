@@ -18,6 +18,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use crate::config::Config;
+use kiln_auth::AuthLayer;
+use kiln_auth::admin::TokenAdmin;
+use kiln_auth::listener::tls_incoming;
+use kiln_proto::kiln::admin::tokens_server::TokensServer;
+use std::future::Future;
+use std::pin::Pin;
 
 /// Holds the data directory's lock for the life of the server.
 struct DataDirLock {
@@ -43,6 +49,8 @@ pub async fn run(config: Config) -> Result<()> {
     config.validate()?;
     let _lock = lock_data_dir(&config)?;
     let limits = config.limits;
+    let auth = config.auth.build(&config.data_dir).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    let authorizer = auth.authorizer.clone();
 
     let cas_memory = MemoryStore::for_blobs(config.storage.cas_memory_bytes, limits.blob_size_bytes_max);
     let cas = Arc::new(EmptyBlob::new(Verifying::new(cas_memory)));
@@ -54,15 +62,20 @@ pub async fn run(config: Config) -> Result<()> {
     let capabilities = CapabilitiesServer::new(CapabilitiesService::new(limits))
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);
-    let cas_service = ContentAddressableStorageServer::new(CasService::new(cas.clone(), limits))
+    let cas_service =
+        ContentAddressableStorageServer::new(CasService::new(cas.clone(), limits, authorizer.clone()))
+            .max_decoding_message_size(message_max)
+            .max_encoding_message_size(message_max);
+    let ac_service =
+        ActionCacheServer::new(ActionCacheService::new(ac, cas.clone(), limits, authorizer.clone()))
+            .max_decoding_message_size(message_max)
+            .max_encoding_message_size(message_max);
+    let bytestream = ByteStreamServer::new(ByteStreamService::new(cas, limits, authorizer.clone()))
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);
-    let ac_service = ActionCacheServer::new(ActionCacheService::new(ac, cas.clone(), limits))
-        .max_decoding_message_size(message_max)
-        .max_encoding_message_size(message_max);
-    let bytestream = ByteStreamServer::new(ByteStreamService::new(cas, limits))
-        .max_decoding_message_size(message_max)
-        .max_encoding_message_size(message_max);
+
+    let token_admin =
+        auth.tokens.clone().map(|store| TokensServer::new(TokenAdmin::new(store, authorizer.clone())));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<CapabilitiesServer<CapabilitiesService>>().await;
@@ -71,27 +84,38 @@ pub async fn run(config: Config) -> Result<()> {
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() {
+    if !addr.ip().is_loopback() && !config.auth.authenticates() {
         tracing::warn!(%addr, "serving without authentication on a non-loopback address (--insecure-no-auth)");
     }
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "kiln serving REAPI");
+    let tls = if auth.tls.is_some() { "tls" } else { "plaintext" };
+    tracing::info!(%addr, tls, data_dir = %config.data_dir.display(), "kiln serving REAPI");
     // Tests and scripts read the bound address (useful with port 0) from this line.
     println!("kiln: serving on {addr}");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::builder()
+    let router = Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(AuthLayer::new(auth.authenticator.clone()))
         .add_service(health)
         .add_service(capabilities)
         .add_service(cas_service)
         .add_service(ac_service)
         .add_service(bytestream)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = stop_rx.await;
-        });
+        .add_optional_service(token_admin);
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match &auth.tls {
+        Some(tls) => {
+            let incoming = tls_incoming(listener, tls.clone(), auth.principal_from);
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+        }
+        None => Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)),
+    };
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result.context("gRPC server")?,

@@ -18,6 +18,10 @@ fn sha(data: &[u8]) -> Digest {
 }
 
 async fn upload(kiln: &Kiln, blobs: &[&[u8]]) {
+    upload_to(kiln, "", blobs).await;
+}
+
+async fn upload_to(kiln: &Kiln, instance: &str, blobs: &[&[u8]]) {
     let requests = blobs
         .iter()
         .map(|b| batch_update_blobs_request::Request {
@@ -26,8 +30,8 @@ async fn upload(kiln: &Kiln, blobs: &[&[u8]]) {
             compressor: 0,
         })
         .collect();
-    let resp =
-        kiln.cas().await.batch_update_blobs(BatchUpdateBlobsRequest { requests, ..Default::default() }).await;
+    let req = BatchUpdateBlobsRequest { instance_name: instance.into(), requests, ..Default::default() };
+    let resp = kiln.cas().await.batch_update_blobs(req).await;
     assert!(resp.unwrap().into_inner().responses.iter().all(|r| r.status.as_ref().unwrap().code == 0));
 }
 
@@ -64,7 +68,7 @@ fn get(instance: &str, action: &Digest) -> GetActionResultRequest {
 #[tokio::test]
 async fn results_are_isolated_per_instance() {
     let kiln = Kiln::start();
-    upload(&kiln, &[b"output", b"log"]).await;
+    upload_to(&kiln, "team-a", &[b"output", b"log"]).await;
     let action = sha(b"action 1");
     let mut ac = kiln.ac().await;
     let stored =
@@ -173,4 +177,26 @@ async fn bad_requests_are_refused() {
 
     // Nothing was stored by any of the refused updates.
     assert_eq!(ac.get_action_result(get("", &action)).await.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn subtenants_share_the_cas_and_read_through_to_parents() {
+    let kiln = Kiln::start();
+    // Blobs uploaded on `main.dev` live in the CAS of base tenant `main`.
+    upload_to(&kiln, "main.dev", &[b"ci output", b"ci log"]).await;
+    let action = sha(b"action 6");
+    let mut ac = kiln.ac().await;
+    ac.update_action_result(update("main", &action, result_with(b"ci output", b"ci log"))).await.unwrap();
+    // A developer subtenant sees CI's result through read-through...
+    let got = ac.get_action_result(get("main.dev.alice", &action)).await.unwrap().into_inner();
+    assert_eq!(got, result_with(b"ci output", b"ci log"));
+    // ...but what it writes stays its own.
+    let dev_action = sha(b"action 7");
+    ac.update_action_result(update("main.dev", &dev_action, result_with(b"ci output", b"ci log")))
+        .await
+        .unwrap();
+    assert_eq!(ac.get_action_result(get("main", &dev_action)).await.unwrap_err().code(), Code::NotFound);
+    ac.get_action_result(get("main.dev", &dev_action)).await.unwrap();
+    // Another base tenant shares nothing.
+    assert_eq!(ac.get_action_result(get("other", &action)).await.unwrap_err().code(), Code::NotFound);
 }

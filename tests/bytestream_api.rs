@@ -76,16 +76,24 @@ async fn chunked_write_then_ranged_reads() {
 
     // Writing it again returns at once with the full size.
     let again = vec![WriteRequest {
-        resource_name: upload_name("", &d, false),
+        resource_name: upload_name("team/ci.sub", &d, false),
         data: data[..10].to_vec(),
         ..Default::default()
     }];
     let resp = kiln.bytestream().await.write(futures::stream::iter(again)).await.unwrap();
     assert_eq!(resp.into_inner().committed_size, data.len() as i64);
-    let status = QueryWriteStatusRequest { resource_name: upload_name("", &d, false) };
+    let status = QueryWriteStatusRequest { resource_name: upload_name("team/ci", &d, false) };
     let status = kiln.bytestream().await.query_write_status(status).await.unwrap().into_inner();
     assert!(status.complete);
     assert_eq!(status.committed_size, data.len() as i64);
+    // Another base tenant does not share the blob.
+    assert_eq!(
+        read_all(&kiln, &format!("other/blobs/{}/{}", d.hash_hex(), d.size_bytes()), 0, 0)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@
 pub mod digest;
 pub mod error;
 pub mod resource;
+pub mod tenant;
 
 pub use digest::{Digest, DigestFunction, Hasher};
 pub use error::{Code, Error, Result};
@@ -18,6 +19,15 @@ pub use error::{Code, Error, Result};
 pub mod reapi {
     pub use bazel_remote_apis::build::bazel::remote::execution::v2::*;
     pub use bazel_remote_apis::build::bazel::semver::SemVer;
+}
+
+/// Kiln's own protocols, compiled from `proto/kiln/` at build time.
+pub mod kiln {
+    /// Token administration (`kiln token ...`).
+    pub mod admin {
+        #![allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("kiln.admin.v1");
+    }
 }
 
 /// Generated `google.*` messages and service stubs (ByteStream, longrunning, rpc).

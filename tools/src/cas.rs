@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::client::{AuthChannel, Connection, MESSAGE_SIZE_BYTES_MAX};
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_proto::google::bytestream::byte_stream_client::ByteStreamClient;
@@ -13,9 +14,6 @@ use kiln_proto::{Digest, DigestFunction};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
-
-use crate::client::MESSAGE_SIZE_BYTES_MAX;
 
 /// Size of each chunk sent in a ByteStream upload.
 const CHUNK_SIZE_BYTES: usize = 1 << 20;
@@ -26,24 +24,24 @@ const PROGRESS_SIZE_BYTES_MIN: u64 = 16 << 20;
 /// A CAS client bound to one instance name and digest function.
 #[derive(Debug, Clone)]
 pub struct Cas {
-    channel: Channel,
+    connection: Connection,
     instance: String,
     function: DigestFunction,
 }
 
 impl Cas {
-    pub fn new(channel: Channel, instance: &str, function: DigestFunction) -> Self {
-        Self { channel, instance: instance.to_owned(), function }
+    pub fn new(connection: Connection, instance: &str, function: DigestFunction) -> Self {
+        Self { connection, instance: instance.to_owned(), function }
     }
 
-    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
-        ContentAddressableStorageClient::new(self.channel.clone())
+    fn cas(&self) -> ContentAddressableStorageClient<AuthChannel> {
+        ContentAddressableStorageClient::new(self.connection.channel())
             .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
     }
 
-    fn bytestream(&self) -> ByteStreamClient<Channel> {
-        ByteStreamClient::new(self.channel.clone())
+    fn bytestream(&self) -> ByteStreamClient<AuthChannel> {
+        ByteStreamClient::new(self.connection.channel())
             .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
     }

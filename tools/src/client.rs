@@ -1,26 +1,115 @@
-//! Connecting to a REAPI endpoint.
+//! Connecting to a REAPI endpoint: plaintext or TLS (with an optional client
+//! certificate), and credentials attached to every call.
+
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Largest gRPC message the tools accept.
 pub const MESSAGE_SIZE_BYTES_MAX: usize = 64 << 20;
 
-/// Opens a channel to `remote`, given as `grpc://HOST:PORT` (or `http://`).
-pub async fn connect(remote: &str) -> Result<Channel> {
-    let uri = if let Some(rest) = remote.strip_prefix("grpc://") {
-        format!("http://{rest}")
+/// How to reach and authenticate to a server.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// `grpc://HOST:PORT` or `grpcs://HOST:PORT`.
+    pub remote: String,
+    /// CA bundle to verify the server with (default: the system's roots).
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key for mTLS (PEM).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Bearer token.
+    pub token: Option<String>,
+    /// `user:password` for basic auth.
+    pub basic: Option<String>,
+}
+
+/// Adds the `authorization` header to every call.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials(Option<AsciiMetadataValue>);
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel with credentials.
+pub type AuthChannel = InterceptedService<Channel, Credentials>;
+
+/// An open connection.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    channel: Channel,
+    credentials: Credentials,
+}
+
+impl Connection {
+    pub fn channel(&self) -> AuthChannel {
+        InterceptedService::new(self.channel.clone(), self.credentials.clone())
+    }
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("read {}", path.display()))
+}
+
+/// Opens a connection as `options` say.
+pub async fn connect(options: &ClientOptions) -> Result<Connection> {
+    let remote = &options.remote;
+    let (uri, tls) = if let Some(rest) = remote.strip_prefix("grpc://") {
+        (format!("http://{rest}"), false)
+    } else if let Some(rest) = remote.strip_prefix("grpcs://") {
+        (format!("https://{rest}"), true)
     } else if remote.starts_with("http://") {
-        remote.to_owned()
-    } else if remote.starts_with("grpcs://") || remote.starts_with("https://") {
-        bail!("{remote}: TLS endpoints are not supported by this client yet; use grpc://")
+        (remote.clone(), false)
+    } else if remote.starts_with("https://") {
+        (remote.clone(), true)
     } else {
-        bail!("{remote}: expected grpc://HOST:PORT")
+        bail!("{remote}: expected grpc://HOST:PORT or grpcs://HOST:PORT")
     };
-    let endpoint = Endpoint::from_shared(uri.clone())
+    let mut endpoint = Endpoint::from_shared(uri)
         .with_context(|| format!("invalid remote {remote}"))?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20));
-    endpoint.connect().await.with_context(|| format!("cannot connect to {remote}"))
+    if tls {
+        let mut config = ClientTlsConfig::new();
+        config = match &options.tls_ca {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+            None => config.with_native_roots(),
+        };
+        match (&options.tls_cert, &options.tls_key) {
+            (Some(cert), Some(key)) => config = config.identity(Identity::from_pem(read(cert)?, read(key)?)),
+            (None, None) => {}
+            _ => bail!("--tls-cert and --tls-key go together"),
+        }
+        endpoint = endpoint.tls_config(config).context("TLS configuration")?;
+    } else if options.tls_ca.is_some() || options.tls_cert.is_some() {
+        bail!("TLS options need a grpcs:// remote");
+    }
+    let credentials = match (&options.token, &options.basic) {
+        (Some(_), Some(_)) => bail!("give a token or basic auth, not both"),
+        (Some(token), None) => Some(format!("Bearer {}", token.trim())),
+        (None, Some(basic)) => {
+            use base64::Engine as _;
+            Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(basic)))
+        }
+        (None, None) => None,
+    };
+    let credentials = match credentials {
+        Some(value) => Credentials(Some(
+            MetadataValue::try_from(value).context("credentials are not valid header text")?,
+        )),
+        None => Credentials(None),
+    };
+    let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {remote}"))?;
+    Ok(Connection { channel, credentials })
 }

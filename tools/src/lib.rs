@@ -1,6 +1,7 @@
-//! Client-side tools: the operator CLI's CAS commands (and, later, the load
-//! generator). Everything here talks to Kiln, or any REAPI server, over gRPC
+//! Client-side tools: the operator CLI's CAS and token commands (and, later,
+//! the load generator). Everything here talks to Kiln, or any REAPI server, over gRPC
 //! only.
 
 pub mod cas;
 pub mod client;
+pub mod token;

@@ -12,19 +12,21 @@ use tonic::{Request, Response, Status};
 
 use crate::limits::Limits;
 use crate::store::{BlobStore, Key, Scope};
+use kiln_auth::{Authorizer, Permission};
 
 #[derive(Debug, Clone)]
 pub struct ActionCacheService<A, C> {
     ac: A,
     cas: C,
     limits: Limits,
+    auth: Authorizer,
 }
 
 impl<A, C> ActionCacheService<A, C> {
     /// `ac` should be wrapped in [`CompletenessChecking`](crate::store::CompletenessChecking)
     /// so that results with missing outputs are never served.
-    pub fn new(ac: A, cas: C, limits: Limits) -> Self {
-        Self { ac, cas, limits }
+    pub fn new(ac: A, cas: C, limits: Limits, auth: Authorizer) -> Self {
+        Self { ac, cas, limits, auth }
     }
 }
 
@@ -48,7 +50,12 @@ fn check_digests(function: DigestFunction, result: &ActionResult) -> Result<(), 
 impl<A: BlobStore, C: BlobStore> ActionCacheService<A, C> {
     /// Moves inlined contents sent by a client into the CAS, so stored
     /// results stay small and uniform.
-    async fn outline(&self, function: DigestFunction, result: &mut ActionResult) -> Result<(), Error> {
+    async fn outline(
+        &self,
+        instance: &str,
+        function: DigestFunction,
+        result: &mut ActionResult,
+    ) -> Result<(), Error> {
         for (raw, digest) in [
             (&mut result.stdout_raw, &mut result.stdout_digest),
             (&mut result.stderr_raw, &mut result.stderr_digest),
@@ -56,7 +63,7 @@ impl<A: BlobStore, C: BlobStore> ActionCacheService<A, C> {
             if !raw.is_empty() {
                 let data = Bytes::from(std::mem::take(raw));
                 let d = function.compute(&data);
-                self.cas.put(&Key::cas(d), data).await?;
+                self.cas.put(&Key::cas_in(instance, d), data).await?;
                 *digest = Some(d.to_proto());
             }
         }
@@ -70,7 +77,7 @@ impl<A: BlobStore, C: BlobStore> ActionCacheService<A, C> {
                         file.path
                     )));
                 }
-                self.cas.put(&Key::cas(d), data).await?;
+                self.cas.put(&Key::cas_in(instance, d), data).await?;
                 file.digest = Some(d.to_proto());
             }
         }
@@ -80,6 +87,7 @@ impl<A: BlobStore, C: BlobStore> ActionCacheService<A, C> {
     /// Inlines what the client asked for, within the inline budget.
     async fn inline(
         &self,
+        instance: &str,
         function: DigestFunction,
         req: &GetActionResultRequest,
         result: &mut ActionResult,
@@ -109,7 +117,7 @@ impl<A: BlobStore, C: BlobStore> ActionCacheService<A, C> {
             let Some(digest) = digest else { continue };
             // A blob that vanished since the completeness check is simply not
             // inlined; the client then fetches it and gets NOT_FOUND itself.
-            let Ok(data) = self.cas.get(&Key::cas(digest)).await else { continue };
+            let Ok(data) = self.cas.get(&Key::cas_in(instance, digest)).await else { continue };
             match slot {
                 0 => result.stdout_raw = data.to_vec(),
                 1 => result.stderr_raw = data.to_vec(),
@@ -125,22 +133,50 @@ impl<A: BlobStore, C: BlobStore> ActionCache for ActionCacheService<A, C> {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let principal = self.auth.check(&request, &request.get_ref().instance_name, Permission::AcRead)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
         let action = Digest::from_required(function, req.action_digest.as_ref(), "action_digest")?;
-        let key = Key::new(Scope::new(&req.instance_name), action);
-        let data = self.ac.get(&key).await?;
-        let mut result = ActionResult::decode(data.as_ref())
-            .map_err(|e| Status::internal(format!("stored action result for {action} is unreadable: {e}")))?;
-        self.inline(action.function(), &req, &mut result).await;
-        Ok(Response::new(result))
+        // The tenant's own result first, then its ancestors' (a developer on
+        // `main.dev` reads what CI wrote to `main`), where the principal may
+        // read them.
+        let mut miss = None;
+        for tenant in kiln_proto::tenant::lineage(&req.instance_name) {
+            if tenant != req.instance_name && !self.auth.allows(&principal, tenant, Permission::AcRead) {
+                continue;
+            }
+            let key = Key::new(Scope::new(tenant), action);
+            let data = match self.ac.get(&key).await {
+                Ok(data) => data,
+                Err(e) if e.is_not_found() => {
+                    miss.get_or_insert(e);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let mut result = ActionResult::decode(data.as_ref()).map_err(|e| {
+                Status::internal(format!("stored action result for {action} is unreadable: {e}"))
+            })?;
+            self.inline(&req.instance_name, action.function(), &req, &mut result).await;
+            return Ok(Response::new(result));
+        }
+        Err(miss.map_or_else(
+            || {
+                Status::not_found(format!(
+                    "no action result for {action} in instance {:?}",
+                    req.instance_name
+                ))
+            },
+            Status::from,
+        ))
     }
 
     async fn update_action_result(
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let principal = self.auth.check(&request, &request.get_ref().instance_name, Permission::AcWrite)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
@@ -149,7 +185,13 @@ impl<A: BlobStore, C: BlobStore> ActionCache for ActionCacheService<A, C> {
             return Err(Status::invalid_argument("action_result is required"));
         };
         let returned = result.clone();
-        self.outline(action.function(), &mut result).await?;
+        let inlined = !result.stdout_raw.is_empty()
+            || !result.stderr_raw.is_empty()
+            || result.output_files.iter().any(|f| !f.contents.is_empty());
+        if inlined {
+            self.auth.require(&principal, &req.instance_name, Permission::CasWrite)?;
+        }
+        self.outline(&req.instance_name, action.function(), &mut result).await?;
         check_digests(action.function(), &result)?;
         let encoded = result.encode_to_vec();
         if encoded.len() > self.limits.action_result_size_bytes_max {

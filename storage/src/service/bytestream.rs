@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::compression::{self, Decompressor};
 use crate::limits::Limits;
 use crate::store::{BlobStore, Key};
+use kiln_auth::{Authorizer, Permission};
 
 /// Upload admission is counted in units of this many bytes.
 const PERMIT_UNIT_BYTES: u64 = 64 << 10;
@@ -38,10 +39,11 @@ pub struct ByteStreamService<C> {
     /// Unfinished identity uploads by resource name (without metadata).
     partial: Arc<Mutex<LruCache<String, BytesMut>>>,
     in_flight: Arc<Semaphore>,
+    auth: Authorizer,
 }
 
 impl<C> ByteStreamService<C> {
-    pub fn new(cas: C, limits: Limits) -> Self {
+    pub fn new(cas: C, limits: Limits, auth: Authorizer) -> Self {
         let permits = usize::try_from(limits.uploads_in_flight_bytes_max / PERMIT_UNIT_BYTES)
             .unwrap_or(Semaphore::MAX_PERMITS)
             .min(Semaphore::MAX_PERMITS);
@@ -52,6 +54,7 @@ impl<C> ByteStreamService<C> {
                 std::num::NonZeroUsize::new(limits.partial_uploads_max.max(1)).expect("at least 1"),
             ))),
             in_flight: Arc::new(Semaphore::new(permits)),
+            auth,
         }
     }
 
@@ -196,15 +199,16 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
     type ReadStream = ReadStream;
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        let resource = ReadResource::parse(&request.get_ref().resource_name)?;
+        self.auth.check(&request, &resource.instance_name, Permission::CasRead)?;
         let req = request.into_inner();
-        let resource = ReadResource::parse(&req.resource_name)?;
         if req.read_offset < 0 {
             return Err(Status::out_of_range(format!("read_offset {} is negative", req.read_offset)));
         }
         if req.read_limit < 0 {
             return Err(Status::invalid_argument(format!("read_limit {} is negative", req.read_limit)));
         }
-        let data = self.cas.get(&Key::cas(resource.digest)).await?;
+        let data = self.cas.get(&Key::cas_in(&resource.instance_name, resource.digest)).await?;
         let size = data.len() as u64;
         let offset = u64::try_from(req.read_offset).expect("checked non-negative");
         if offset > size {
@@ -232,11 +236,13 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
+        let principal = Authorizer::principal(&request)?;
         let mut stream = request.into_inner();
         let Some(first) = stream.message().await? else {
             return Err(Status::invalid_argument("the write stream carried no request"));
         };
         let resource = WriteResource::parse(&first.resource_name)?;
+        self.auth.require(&principal, &resource.instance_name, Permission::CasWrite)?;
         let digest = resource.digest;
         if digest.size_bytes() > self.limits.blob_size_bytes_max {
             return Err(Status::invalid_argument(format!(
@@ -244,7 +250,7 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
                 self.limits.blob_size_bytes_max
             )));
         }
-        let key = Key::cas(digest);
+        let key = Key::cas_in(&resource.instance_name, digest);
         if self.exists(&key).await? {
             // Per the REAPI: the full size for identity uploads, -1 for
             // compressed ones, however much the client has sent.
@@ -275,7 +281,8 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let resource = WriteResource::parse(&request.get_ref().resource_name)?;
-        if self.exists(&Key::cas(resource.digest)).await? {
+        self.auth.check(&request, &resource.instance_name, Permission::CasWrite)?;
+        if self.exists(&Key::cas_in(&resource.instance_name, resource.digest)).await? {
             let committed_size = resource.digest.size_bytes_i64();
             return Ok(Response::new(QueryWriteStatusResponse { committed_size, complete: true }));
         }

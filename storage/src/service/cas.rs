@@ -22,17 +22,19 @@ use tonic::{Request, Response, Status};
 
 use super::compression;
 use crate::limits::Limits;
-use crate::store::{BlobStore, Key};
+use crate::store::{BlobStore, Key, Scope};
+use kiln_auth::{Authorizer, Permission};
 
 #[derive(Debug, Clone)]
 pub struct CasService<C> {
     cas: C,
     limits: Limits,
+    auth: Authorizer,
 }
 
 impl<C> CasService<C> {
-    pub fn new(cas: C, limits: Limits) -> Self {
-        Self { cas, limits }
+    pub fn new(cas: C, limits: Limits, auth: Authorizer) -> Self {
+        Self { cas, limits, auth }
     }
 }
 
@@ -40,6 +42,7 @@ type TreeStream = Pin<Box<dyn Stream<Item = Result<GetTreeResponse, Status>> + S
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<GetChunkMappingResponse, Status>> + Send>>;
 
 fn parse_digests(
+    instance: &str,
     function: Option<DigestFunction>,
     digests: &[kiln_proto::reapi::Digest],
 ) -> Result<Vec<Key>, Status> {
@@ -47,7 +50,9 @@ fn parse_digests(
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            Digest::from_proto(function, d).map(Key::cas).map_err(|e| e.context(format!("digest #{i}")))
+            Digest::from_proto(function, d)
+                .map(|d| Key::cas_in(instance, d))
+                .map_err(|e| e.context(format!("digest #{i}")))
         })
         .collect::<Result<_, Error>>()
         .map_err(Status::from)
@@ -72,6 +77,7 @@ impl<C: BlobStore + Clone> CasService<C> {
 
     async fn update_one(
         &self,
+        instance: &str,
         function: Option<DigestFunction>,
         req: batch_update_blobs_request::Request,
     ) -> (kiln_proto::reapi::Digest, Result<(), Error>) {
@@ -91,7 +97,7 @@ impl<C: BlobStore + Clone> CasService<C> {
             ))),
         };
         let result = match data {
-            Ok(data) => self.cas.put(&Key::cas(digest), data).await,
+            Ok(data) => self.cas.put(&Key::cas_in(instance, digest), data).await,
             Err(e) => Err(e),
         };
         (wire, result.map_err(|e| e.context(format!("blob {digest}"))))
@@ -104,11 +110,12 @@ impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        self.auth.check(&request, &request.get_ref().instance_name, Permission::CasRead)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
         super::check_count("FindMissingBlobs", req.blob_digests.len(), self.limits.batch_digests_max)?;
-        let keys = parse_digests(function, &req.blob_digests)?;
+        let keys = parse_digests(&req.instance_name, function, &req.blob_digests)?;
         let missing = self.cas.find_missing(&keys).await?;
         Ok(Response::new(FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(|k| k.digest.to_proto()).collect(),
@@ -119,6 +126,7 @@ impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        self.auth.check(&request, &request.get_ref().instance_name, Permission::CasWrite)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
@@ -132,8 +140,9 @@ impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
             .collect();
         self.check_batch_size("BatchUpdateBlobs", declared.iter())?;
         let mut responses = Vec::with_capacity(req.requests.len());
+        let req_instance = req.instance_name;
         for blob in req.requests {
-            let (digest, result) = self.update_one(function, blob).await;
+            let (digest, result) = self.update_one(&req_instance, function, blob).await;
             if let Err(e) = &result {
                 tracing::debug!(error = %e, "BatchUpdateBlobs: blob refused");
             }
@@ -149,11 +158,12 @@ impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+        self.auth.check(&request, &request.get_ref().instance_name, Permission::CasRead)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
         super::check_count("BatchReadBlobs", req.digests.len(), self.limits.batch_digests_max)?;
-        let keys = parse_digests(function, &req.digests)?;
+        let keys = parse_digests(&req.instance_name, function, &req.digests)?;
         self.check_batch_size("BatchReadBlobs", keys.iter().map(|k| &k.digest))?;
         let zstd = req.acceptable_compressors.contains(&(compressor::Value::Zstd as i32));
         let mut responses = Vec::with_capacity(keys.len());
@@ -185,6 +195,7 @@ impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
     type GetTreeStream = TreeStream;
 
     async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<TreeStream>, Status> {
+        self.auth.check(&request, &request.get_ref().instance_name, Permission::CasRead)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
@@ -196,11 +207,16 @@ impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
         };
         let skip = parse_page_token(&req.page_token)?;
         // The root must exist; missing subdirectories are omitted per the spec.
-        let root_data = self.cas.get(&Key::cas(root)).await.map_err(|e| e.context("GetTree root"))?;
+        let root_data = self
+            .cas
+            .get(&Key::cas_in(&req.instance_name, root))
+            .await
+            .map_err(|e| e.context("GetTree root"))?;
         Directory::decode(root_data.as_ref())
             .map_err(|e| Status::invalid_argument(format!("GetTree root {root} is not a Directory: {e}")))?;
         let walk = TreeWalk {
             cas: self.cas.clone(),
+            scope: Scope::cas_of(&req.instance_name),
             function: root.function(),
             page_size,
             page_bytes_max: self.limits.grpc_message_size_bytes_max / 2,
@@ -257,6 +273,7 @@ fn parse_page_token(token: &str) -> Result<usize, Status> {
 /// request can skip to that point without server-side state.
 struct TreeWalk<C> {
     cas: C,
+    scope: Scope,
     function: DigestFunction,
     page_size: usize,
     page_bytes_max: usize,
@@ -282,7 +299,7 @@ impl<C: BlobStore> TreeWalk<C> {
         let mut page = Vec::new();
         let mut page_bytes = 0usize;
         while let Some(digest) = queue.pop_front() {
-            let data = match self.cas.get(&Key::cas(digest)).await {
+            let data = match self.cas.get(&Key::new(self.scope.clone(), digest)).await {
                 Ok(data) => data,
                 Err(e) if e.is_not_found() => continue,
                 Err(e) => return Err(e.into()),

@@ -13,7 +13,7 @@ use kiln_proto::reapi::{ActionResult, Tree};
 use kiln_proto::{Digest, DigestFunction, Error, Result};
 use prost::Message;
 
-use super::{BlobStore, Key};
+use super::{BlobStore, Key, Scope};
 
 /// Most blobs one action result may reference before it is treated as
 /// incomplete (a bound on the work one GetActionResult can cause).
@@ -32,12 +32,13 @@ impl<A, C> CompletenessChecking<A, C> {
 }
 
 fn parse_all<'a>(
+    scope: &Scope,
     function: DigestFunction,
     digests: impl Iterator<Item = &'a kiln_proto::reapi::Digest>,
     out: &mut Vec<Key>,
 ) -> Result<()> {
     for d in digests {
-        out.push(Key::cas(Digest::from_proto(Some(function), d)?));
+        out.push(Key::new(scope.clone(), Digest::from_proto(Some(function), d)?));
         if out.len() > REFERENCED_BLOBS_MAX {
             return Err(Error::not_found("action result references too many blobs"));
         }
@@ -48,18 +49,27 @@ fn parse_all<'a>(
 impl<A: BlobStore, C: BlobStore> CompletenessChecking<A, C> {
     async fn check(&self, key: &Key, data: &Bytes) -> Result<()> {
         let function = key.digest.function();
+        // Outputs live in the CAS of the action's base tenant.
+        let scope = &Scope::cas_of(key.scope.as_str());
         let result = ActionResult::decode(data.as_ref())
             .map_err(|e| Error::not_found(format!("stored action result is unreadable: {e}")))?;
         let mut keys = Vec::new();
-        parse_all(function, result.output_files.iter().filter_map(|f| f.digest.as_ref()), &mut keys)?;
-        parse_all(function, result.stdout_digest.iter().chain(result.stderr_digest.iter()), &mut keys)?;
+        parse_all(scope, function, result.output_files.iter().filter_map(|f| f.digest.as_ref()), &mut keys)?;
+        parse_all(
+            scope,
+            function,
+            result.stdout_digest.iter().chain(result.stderr_digest.iter()),
+            &mut keys,
+        )?;
         let mut trees = Vec::new();
         parse_all(
+            scope,
             function,
             result.output_directories.iter().filter_map(|d| d.tree_digest.as_ref()),
             &mut trees,
         )?;
         parse_all(
+            scope,
             function,
             result.output_directories.iter().filter_map(|d| d.root_directory_digest.as_ref()),
             &mut keys,
@@ -78,7 +88,7 @@ impl<A: BlobStore, C: BlobStore> CompletenessChecking<A, C> {
             let tree = Tree::decode(tree.as_ref())
                 .map_err(|e| Error::not_found(format!("output tree {tree_key} is unreadable: {e}")))?;
             for dir in tree.root.iter().chain(tree.children.iter()) {
-                parse_all(function, dir.files.iter().filter_map(|f| f.digest.as_ref()), &mut files)?;
+                parse_all(scope, function, dir.files.iter().filter_map(|f| f.digest.as_ref()), &mut files)?;
             }
         }
         let missing = self.cas.find_missing(&files).await?;
@@ -114,13 +124,13 @@ impl<A: BlobStore, C: BlobStore> BlobStore for CompletenessChecking<A, C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{EmptyBlob, MemoryStore, Scope};
+    use crate::store::{EmptyBlob, MemoryStore};
     use kiln_proto::reapi::{Directory, FileNode, OutputDirectory, OutputFile};
     use std::sync::Arc;
 
     async fn put_cas(cas: &impl BlobStore, data: &[u8]) -> Digest {
         let d = DigestFunction::Sha256.compute(data);
-        cas.put(&Key::cas(d), Bytes::copy_from_slice(data)).await.unwrap();
+        cas.put(&Key::cas_in("main", d), Bytes::copy_from_slice(data)).await.unwrap();
         d
     }
 

@@ -24,8 +24,9 @@ pub use empty_blob::EmptyBlob;
 pub use memory::MemoryStore;
 pub use verifying::Verifying;
 
-/// The namespace a key lives in. The CAS uses [`Scope::shared`]; the AC uses
-/// the REAPI instance name, so action results never cross instances.
+/// The namespace a key lives in. The CAS uses the base tenant of the
+/// instance name ([`Scope::cas_of`]); the AC uses the whole instance name, so
+/// action results never cross tenants.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Scope(Arc<str>);
 
@@ -36,6 +37,12 @@ impl Scope {
 
     pub fn shared() -> Self {
         Self::new("")
+    }
+
+    /// The CAS scope of an instance name: its base tenant, so the CAS is
+    /// shared by `main`, `main.dev` and `main.dev.alice`.
+    pub fn cas_of(instance_name: &str) -> Self {
+        Self::new(kiln_proto::tenant::base(instance_name))
     }
 
     pub fn as_str(&self) -> &str {
@@ -55,9 +62,14 @@ impl Key {
         Self { scope, digest }
     }
 
-    /// A key in the shared (CAS) scope.
+    /// A key in the shared scope (tests and tools).
     pub fn cas(digest: Digest) -> Self {
         Self { scope: Scope::shared(), digest }
+    }
+
+    /// A CAS key for a request on `instance_name`.
+    pub fn cas_in(instance_name: &str, digest: Digest) -> Self {
+        Self { scope: Scope::cas_of(instance_name), digest }
     }
 }
 

@@ -1,0 +1,162 @@
+//! `kiln token create|list|rotate|revoke`: through the admin API of a
+//! running server, or directly on a token file (to bootstrap the first admin
+//! token; running servers pick the change up within a second).
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use kiln_auth::admin::info;
+use kiln_auth::permission::Permissions;
+use kiln_auth::tokens::TokenStore;
+use kiln_proto::kiln::admin::tokens_client::TokensClient;
+use kiln_proto::kiln::admin::{
+    CreateTokenRequest, CreateTokenResponse, ListTokensRequest, RevokeTokenRequest, RotateTokenRequest,
+    TokenInfo,
+};
+
+use crate::client::Connection;
+
+/// Where token operations go.
+#[derive(Debug)]
+pub enum Target {
+    Remote(Connection),
+    File(PathBuf),
+}
+
+/// Parses `365d`, `12h`, `30m`, `45s`, or `never`/`0` into seconds (0: never).
+pub fn parse_duration(text: &str) -> Result<i64> {
+    if text == "never" || text == "0" {
+        return Ok(0);
+    }
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: i64 =
+        number.parse().with_context(|| format!("duration {text:?}: expected e.g. 365d, 12h, 30m"))?;
+    let scale = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" | "" => 1,
+        _ => bail!("duration {text:?}: unit must be d, h, m or s"),
+    };
+    n.checked_mul(scale).filter(|s| *s > 0).with_context(|| format!("duration {text:?} is out of range"))
+}
+
+fn store(path: &Path) -> Result<std::sync::Arc<TokenStore>> {
+    Ok(TokenStore::open(path)?)
+}
+
+pub async fn create(
+    target: &Target,
+    principal: &str,
+    tenant: &str,
+    permissions: &[String],
+    ttl_seconds: i64,
+) -> Result<CreateTokenResponse> {
+    match target {
+        Target::Remote(c) => {
+            let request = CreateTokenRequest {
+                principal: principal.to_owned(),
+                tenant: tenant.to_owned(),
+                permissions: permissions.to_vec(),
+                ttl_seconds,
+            };
+            Ok(TokensClient::new(c.channel())
+                .create_token(request)
+                .await
+                .context("CreateToken")?
+                .into_inner())
+        }
+        Target::File(path) => {
+            let perms = Permissions::parse(permissions)?;
+            let (token, record) = store(path)?.create(principal, tenant, perms, ttl_seconds)?;
+            Ok(CreateTokenResponse { token, info: Some(info(&record)) })
+        }
+    }
+}
+
+pub async fn list(target: &Target) -> Result<Vec<TokenInfo>> {
+    match target {
+        Target::Remote(c) => Ok(TokensClient::new(c.channel())
+            .list_tokens(ListTokensRequest {})
+            .await
+            .context("ListTokens")?
+            .into_inner()
+            .tokens),
+        Target::File(path) => Ok(store(path)?.list().iter().map(info).collect()),
+    }
+}
+
+pub async fn rotate(target: &Target, id: &str) -> Result<CreateTokenResponse> {
+    match target {
+        Target::Remote(c) => Ok(TokensClient::new(c.channel())
+            .rotate_token(RotateTokenRequest { id: id.to_owned() })
+            .await
+            .context("RotateToken")?
+            .into_inner()),
+        Target::File(path) => {
+            let store = store(path)?;
+            let old = store.get(id).with_context(|| format!("no token with id {id:?}"))?;
+            let perms = Permissions::parse(&old.permissions)?;
+            let ttl = if old.expires_unix_seconds == 0 {
+                0
+            } else {
+                old.expires_unix_seconds - old.created_unix_seconds
+            };
+            let (token, record) = store.create(&old.principal, &old.tenant, perms, ttl)?;
+            store.revoke(id)?;
+            Ok(CreateTokenResponse { token, info: Some(info(&record)) })
+        }
+    }
+}
+
+pub async fn revoke(target: &Target, id: &str) -> Result<TokenInfo> {
+    match target {
+        Target::Remote(c) => Ok(TokensClient::new(c.channel())
+            .revoke_token(RevokeTokenRequest { id: id.to_owned() })
+            .await
+            .context("RevokeToken")?
+            .into_inner()
+            .info
+            .unwrap_or_default()),
+        Target::File(path) => Ok(info(&store(path)?.revoke(id)?)),
+    }
+}
+
+/// One line per token for `kiln token list`.
+pub fn describe(token: &TokenInfo) -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = i64::try_from(now).unwrap_or(i64::MAX);
+    let state = if token.revoked {
+        "revoked".to_owned()
+    } else if token.expires_unix_seconds == 0 {
+        "active, never expires".to_owned()
+    } else if token.expires_unix_seconds <= now {
+        "expired".to_owned()
+    } else {
+        format!("active, expires in {}d", (token.expires_unix_seconds - now) / 86_400)
+    };
+    format!(
+        "{}\t{}\t{}\t{}\t{state}",
+        token.id,
+        token.principal,
+        if token.tenant.is_empty() { "\"\"" } else { &token.tenant },
+        token.permissions.join(",")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("365d").unwrap(), 365 * 86_400);
+        assert_eq!(parse_duration("12h").unwrap(), 43_200);
+        assert_eq!(parse_duration("never").unwrap(), 0);
+        assert_eq!(parse_duration("90").unwrap(), 90);
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("d").is_err());
+        assert!(parse_duration("99999999999999999d").is_err());
+    }
+}
