@@ -1,143 +1,21 @@
 //! Real Bazel against a real `kiln serve`: a build fills the cache, a clean
 //! rebuild must be served entirely from it with byte-identical outputs, and
-//! the same holds with `--remote_download_minimal`.
+//! the same holds with `--remote_download_minimal`, over plaintext and over
+//! TLS with each kind of credentials.
 //!
 //! Needs `bazel` (Debian's bazel-bootstrap, 4.2.3) and the mock rule
-//! repositories from bazel-bootstrap-source; `.ci/run` installs both.
+//! repositories from bazel-bootstrap-source; `./scripts/test` installs both.
 
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // Test data arithmetic.
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use common::Kiln;
-
-const MOCK_REPOS: &str = "/usr/src/bazel-bootstrap/mock_repos";
-
-/// Outputs compared byte for byte between builds.
-const OUTPUTS: &[&str] = &[
-    "gen/words.txt",
-    "gen/upper.txt",
-    "gen/sub/count.txt",
-    "gen/tool.sh",
-    "gen/big.bin",
-    "gen/random.bin",
-    "lib/libgreet.a",
-    "app/app",
-];
-
-struct Bazel {
-    workspace: PathBuf,
-    output_user_root: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Bazel {
-    fn new() -> Bazel {
-        let dir = tempfile::tempdir().unwrap();
-        let workspace = dir.path().join("ws");
-        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bazel/workspace"), &workspace);
-        let mut rc = String::new();
-        let mut repos: Vec<_> = std::fs::read_dir(MOCK_REPOS)
-            .unwrap_or_else(|e| panic!("{MOCK_REPOS}: {e}; install bazel-bootstrap-source"))
-            .map(|e| e.unwrap().path())
-            .collect();
-        repos.sort();
-        for repo in repos {
-            let name = repo.file_name().unwrap().to_str().unwrap().to_owned();
-            rc.push_str(&format!("common --override_repository={name}={}\n", repo.display()));
-        }
-        let coverage = workspace.join("third_party/remote_coverage_tools");
-        rc.push_str(&format!("common --override_repository=remote_coverage_tools={}\n", coverage.display()));
-        rc.push_str(
-            "build --spawn_strategy=local --nosandbox_debug --noshow_progress --color=no --curses=no\n",
-        );
-        std::fs::write(workspace.join(".bazelrc"), rc).unwrap();
-        let output_user_root = dir.path().join("root");
-        Bazel { workspace, output_user_root, _dir: dir }
-    }
-
-    /// Runs bazel and returns its combined output; panics on failure.
-    fn run(&self, args: &[&str]) -> String {
-        let out = Command::new("bazel")
-            .arg(format!("--output_user_root={}", self.output_user_root.display()))
-            .arg("--nohome_rc")
-            .args(args)
-            .current_dir(&self.workspace)
-            .output()
-            .expect("run bazel (install bazel-bootstrap)");
-        let text =
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "bazel {args:?} failed:\n{text}");
-        text
-    }
-
-    fn outputs(&self) -> BTreeMap<&'static str, Vec<u8>> {
-        OUTPUTS
-            .iter()
-            .map(|o| {
-                let path = self.workspace.join("bazel-bin").join(o);
-                (*o, std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Bazel {
-    fn drop(&mut self) {
-        let _ = Command::new("bazel")
-            .arg(format!("--output_user_root={}", self.output_user_root.display()))
-            .arg("shutdown")
-            .current_dir(&self.workspace)
-            .output();
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
-/// Parses "INFO: 29 processes: 15 remote cache hit, 14 internal." into
-/// {"remote cache hit": 15, "internal": 14}.
-fn process_summary(output: &str) -> BTreeMap<String, u32> {
-    let line = output
-        .lines()
-        .rfind(|l| l.starts_with("INFO: ") && l.contains(" processes: ") || l.contains(" process: "))
-        .unwrap_or_else(|| panic!("no process summary in:\n{output}"));
-    let kinds = line.split_once(": ").unwrap().1.split_once(": ").unwrap().1.trim_end_matches('.');
-    kinds
-        .split(", ")
-        .map(|k| {
-            let (n, kind) = k.split_once(' ').unwrap();
-            (kind.to_owned(), n.parse().unwrap())
-        })
-        .collect()
-}
-
-/// Asserts that every non-internal action was a remote cache hit; returns the hit count.
-fn assert_all_hits(output: &str) -> u32 {
-    let summary = process_summary(output);
-    let hits = summary.get("remote cache hit").copied().unwrap_or(0);
-    let other: Vec<_> =
-        summary.iter().filter(|(k, _)| *k != "remote cache hit" && *k != "internal").collect();
-    assert!(other.is_empty() && hits > 0, "expected only remote cache hits, got {summary:?}");
-    hits
-}
+use common::bazel::{Bazel, assert_all_hits, exclusive, process_summary};
 
 #[test]
 fn bazel_build_is_served_from_kiln_after_clean() {
+    let _turn = exclusive();
     let kiln = Kiln::start();
     let bazel = Bazel::new();
     let remote = format!("--remote_cache={}", kiln.remote());
@@ -168,4 +46,119 @@ fn bazel_build_is_served_from_kiln_after_clean() {
     println!(
         "kiln e2e (--remote_download_minimal): remote cache hits {hits} of {executed}, outputs identical"
     );
+}
+
+/// Builds `//...`, cleans, shuts the Bazel server down (so the next build
+/// opens new connections), rebuilds, and checks that every action of the
+/// second build is a remote cache hit with identical outputs.
+fn round_trip(bazel: &Bazel, flags: &[&str]) -> u32 {
+    let first = bazel.run(&[&["test", "//..."][..], flags].concat());
+    let executed: u32 =
+        process_summary(&first).iter().filter(|(k, _)| *k != "internal").map(|(_, n)| n).sum();
+    let expected = bazel.outputs();
+    bazel.run(&["clean"]);
+    bazel.run(&["shutdown"]);
+    let second = bazel.run(&[&["test", "//..."][..], flags].concat());
+    let hits = assert_all_hits(&second);
+    assert_eq!(hits, executed);
+    assert_eq!(bazel.outputs(), expected, "outputs from the cache are byte-identical");
+    hits
+}
+
+#[test]
+fn bazel_over_mtls_survives_certificate_rotation() {
+    let _turn = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::pki::Ca::new(dir.path(), "kiln");
+    let (server_cert, server_key) = ca.server("server", 1);
+    let (client_cert, client_key) = ca.client("bazel-ci", 2);
+    let kiln = Kiln::start_with_config(&format!(
+        "[auth]\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\nreload_interval_ms = 250\n\n\
+         [[auth.rules]]\nprincipal = \"bazel-*\"\ntenant = \"main\"\npermissions = [\"read\", \"write\"]\n",
+        server_cert.display(),
+        server_key.display(),
+        ca.cert_path().display()
+    ));
+    let mut bazel = Bazel::new();
+    bazel.enable_tls();
+    let remote = format!("--remote_cache=grpcs://localhost:{}", kiln.addr.port());
+    let tls = [
+        format!("--tls_certificate={}", ca.cert_path().display()),
+        format!("--tls_client_certificate={}", client_cert.display()),
+        format!("--tls_client_key={}", client_key.display()),
+    ];
+    let mut flags: Vec<&str> = vec![&remote, "--remote_instance_name=main", "--remote_timeout=60s"];
+    flags.extend(tls.iter().map(String::as_str));
+    let hits = round_trip(&bazel, &flags);
+    println!("kiln e2e (grpcs, mTLS): remote cache hits {hits}, outputs identical");
+
+    // Rotate the server certificate while a build is running.
+    let slow = std::thread::scope(|s| {
+        let build = s.spawn(|| bazel.try_run(&[&["build", "//gen:slow"][..], &flags].concat()));
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let (cert, key) = ca.server("server-rotated", 3);
+        common::pki::write_atomically(&server_key, &std::fs::read_to_string(key).unwrap());
+        common::pki::write_atomically(&server_cert, &std::fs::read_to_string(cert).unwrap());
+        build.join().unwrap()
+    });
+    assert!(slow.0, "the build running across the rotation failed:\n{}", slow.1);
+    // New connections get the rotated certificate, and the cache still serves.
+    bazel.run(&["clean"]);
+    bazel.run(&["shutdown"]);
+    let again = bazel.run(&[&["build", "//gen:slow"][..], &flags].concat());
+    assert_eq!(assert_all_hits(&again), 1, "{again}");
+}
+
+#[test]
+fn bazel_with_bearer_token() {
+    let _turn = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.json");
+    let (ok, token, err) = common::kiln(&[
+        "token",
+        "create",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--principal",
+        "ci",
+        "--tenant",
+        "main",
+        "--perm",
+        "read,write",
+        "--expires",
+        "1d",
+    ]);
+    assert!(ok, "{err}");
+    let kiln =
+        Kiln::start_with_config(&format!("[auth]\ntokens = true\ntoken_file = \"{}\"\n", file.display()));
+    let bazel = Bazel::new();
+    let remote = format!("--remote_cache={}", kiln.remote());
+    let header = format!("--remote_header=Authorization=Bearer {}", token.trim());
+    let hits = round_trip(&bazel, &[&remote, &header, "--remote_instance_name=main", "--remote_timeout=60s"]);
+    println!("kiln e2e (bearer token): remote cache hits {hits}, outputs identical");
+
+    // Without the token Bazel gets UNAUTHENTICATED and says so.
+    bazel.run(&["clean"]);
+    let (ok, text) = bazel.try_run(&["build", "//gen:words", &remote, "--remote_instance_name=main"]);
+    assert!(!ok || text.contains("UNAUTHENTICATED"), "{text}");
+    assert!(text.contains("UNAUTHENTICATED"), "{text}");
+}
+
+#[test]
+fn bazel_with_netrc_basic_auth() {
+    let _turn = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("builder:{}\n", bcrypt::hash("hunter2", 4).unwrap())).unwrap();
+    let kiln = Kiln::start_with_config(&format!(
+        "[auth]\nhtpasswd = \"{}\"\n\n[[auth.rules]]\nprincipal = \"builder\"\ntenant = \"*\"\npermissions = [\"read\", \"write\"]\n",
+        htpasswd.display()
+    ));
+    let netrc = dir.path().join("netrc");
+    std::fs::write(&netrc, "machine 127.0.0.1 login builder password hunter2\n").unwrap();
+    let mut bazel = Bazel::new();
+    bazel.env.push(("NETRC".into(), netrc.display().to_string()));
+    let remote = format!("--remote_cache={}", kiln.remote());
+    let hits = round_trip(&bazel, &[&remote, "--remote_timeout=60s"]);
+    println!("kiln e2e (.netrc basic auth): remote cache hits {hits}, outputs identical");
 }

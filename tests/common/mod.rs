@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod bazel;
 pub mod pki;
 
 use std::io::{BufRead, BufReader};
