@@ -76,5 +76,42 @@ fn memory_store(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, hashing, resource_names, memory_store);
+fn auth(c: &mut Criterion) {
+    use kiln_auth::Permission;
+    use kiln_auth::permission::Permissions;
+    use kiln_auth::policy::{Policy, Rule};
+    use kiln_auth::tokens::TokenStore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = TokenStore::open(&dir.path().join("tokens.json")).unwrap();
+    let perms = Permissions::parse(["read", "write"]).unwrap();
+    // A realistic store: many tokens, one presented.
+    for i in 0..1000 {
+        store.create(&format!("user-{i}"), "main", perms, 0).unwrap();
+    }
+    let (token, _) = store.create("ci", "main.dev", perms, 0).unwrap();
+    let rules: Vec<Rule> = (0..20)
+        .map(|i| Rule {
+            principal: format!("team-{i}-*"),
+            tenant: format!("t{i}.*"),
+            permissions: vec!["read".into()],
+        })
+        .collect();
+    let policy = Policy::new(&rules).unwrap();
+    let principal = store.authenticate(&token).unwrap();
+    let mut group = c.benchmark_group("auth");
+    group.bench_function("token_authenticate", |b| b.iter(|| store.authenticate(&token).unwrap()));
+    group.bench_function("policy_check_20_rules", |b| {
+        b.iter(|| policy.check(&principal, "main.dev.alice", Permission::AcWrite).unwrap());
+    });
+    group.bench_function("authenticate_and_check", |b| {
+        b.iter(|| {
+            let p = store.authenticate(&token).unwrap();
+            policy.check(&p, "main.dev", Permission::CasRead).unwrap();
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, hashing, resource_names, memory_store, auth);
 criterion_main!(benches);

@@ -31,6 +31,32 @@ enum Command {
         #[command(subcommand)]
         command: CasCommand,
     },
+    /// Generate load against a REAPI endpoint and report throughput and latency.
+    Bench {
+        #[command(flatten)]
+        remote: ConnectArgs,
+        /// Workload to run.
+        #[arg(value_enum)]
+        workload: BenchWorkload,
+        /// REAPI instance name.
+        #[arg(long, default_value = "")]
+        instance: String,
+        /// Total requests.
+        #[arg(long, default_value_t = 100_000)]
+        requests: u64,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// HTTP/2 connections shared by the workers.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Digests per FindMissingBlobs call.
+        #[arg(long, default_value_t = 1000)]
+        digests: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create, list, rotate and revoke bearer tokens.
     Token {
         #[command(flatten)]
@@ -42,6 +68,14 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BenchWorkload {
+    /// GetActionResult of a present entry (QPS).
+    AcGet,
+    /// FindMissingBlobs (digests per second).
+    FindMissing,
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,6 +245,22 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+        Command::Bench { remote, workload, instance, requests, concurrency, connections, digests, json } => {
+            let options = kiln_tools::bench::BenchOptions {
+                workload: match workload {
+                    BenchWorkload::AcGet => kiln_tools::bench::Workload::AcGet,
+                    BenchWorkload::FindMissing => kiln_tools::bench::Workload::FindMissing,
+                },
+                instance,
+                requests,
+                concurrency,
+                connections,
+                digests_per_call: digests,
+            };
+            let report = kiln_tools::bench::run(&remote.options(), &options).await?;
+            println!("{}", if json { report.to_json() } else { report.to_text() });
             Ok(())
         }
         Command::Token { remote, token_file, command } => {

@@ -131,3 +131,31 @@ fn cas_cli_put_get_missing() {
     assert!(!ok);
     assert!(err.contains("HASH/SIZE"), "{err}");
 }
+
+#[test]
+fn bench_reports_rates_and_latencies() {
+    let server = Kiln::start();
+    let remote = server.remote();
+    for workload in ["ac-get", "find-missing"] {
+        let (ok, out, err) = kiln(&[
+            "bench",
+            "--remote",
+            &remote,
+            workload,
+            "--requests",
+            "200",
+            "--concurrency",
+            "4",
+            "--connections",
+            "2",
+            "--digests",
+            "10",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        assert!(out.contains("\"requests\":200") && out.contains("\"errors\":0"), "{out}");
+        assert!(out.contains("\"p99_us\":"), "{out}");
+    }
+    let (ok, _, err) = kiln(&["bench", "--remote", &remote, "ac-get", "--requests", "0"]);
+    assert!(!ok && err.contains("--requests"), "{err}");
+}
