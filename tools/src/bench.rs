@@ -86,12 +86,13 @@ impl Report {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+/// The `per_mille`-th latency of a sorted list (500: median, 999: p99.9).
+fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
-    let rank = ((sorted.len() as f64 - 1.0) * p).round();
-    sorted[(rank as usize).min(sorted.len() - 1)]
+    let rank = ((sorted.len() - 1) * per_mille + 500) / 1000;
+    sorted[rank.min(sorted.len() - 1)]
 }
 
 async fn one(
@@ -188,9 +189,23 @@ pub async fn run(client: &ClientOptions, options: &BenchOptions) -> Result<Repor
         requests,
         errors,
         elapsed,
-        p50: percentile(&latencies, 0.50),
-        p99: percentile(&latencies, 0.99),
-        p999: percentile(&latencies, 0.999),
+        p50: percentile(&latencies, 500),
+        p99: percentile(&latencies, 990),
+        p999: percentile(&latencies, 999),
         items_per_second: items as f64 / elapsed.as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<Duration> = (1..=1000).map(Duration::from_micros).collect();
+        assert_eq!(percentile(&v, 500), Duration::from_micros(501));
+        assert_eq!(percentile(&v, 990), Duration::from_micros(990));
+        assert_eq!(percentile(&v, 999), Duration::from_micros(999));
+        assert_eq!(percentile(&[], 500), Duration::ZERO);
+    }
 }
