@@ -163,3 +163,35 @@ pub fn principal_from_cert(der: &CertificateDer<'_>, from: PrincipalFrom) -> Opt
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+
+    #[test]
+    fn principal_from_cn_or_san() {
+        let mut params = CertificateParams::new(vec!["builder.example".to_owned()]).unwrap();
+        params.subject_alt_names.push(SanType::Rfc822Name("ops@example.com".try_into().unwrap()));
+        params.distinguished_name.push(DnType::CommonName, "ci-runner-7");
+        let cert = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let der = CertificateDer::from(cert.der().to_vec());
+        assert_eq!(principal_from_cert(&der, PrincipalFrom::Cn).as_deref(), Some("ci-runner-7"));
+        assert_eq!(principal_from_cert(&der, PrincipalFrom::San).as_deref(), Some("builder.example"));
+        assert_eq!(principal_from_cert(&CertificateDer::from(vec![1, 2, 3]), PrincipalFrom::Cn), None);
+    }
+
+    #[test]
+    fn half_configured_tls_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("missing.crt"),
+            key: dir.path().join("missing.key"),
+            client_ca: None,
+            client_crl: None,
+            client_cert_required: false,
+        };
+        let err = ReloadingTls::load(files).unwrap_err();
+        assert!(err.message().contains("missing.crt"), "{}", err.message());
+    }
+}
