@@ -86,20 +86,7 @@ impl Tokens for TokenAdmin {
         request: Request<RotateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
         let old = self.record(&request, &request.get_ref().id)?;
-        if old.revoked {
-            return Err(Status::failed_precondition(format!(
-                "token {} is revoked; create a new one",
-                old.id
-            )));
-        }
-        let permissions = Permissions::parse(&old.permissions)?;
-        let ttl = if old.expires_unix_seconds == 0 {
-            0
-        } else {
-            old.expires_unix_seconds - old.created_unix_seconds
-        };
-        let (token, record) = self.store.create(&old.principal, &old.tenant, permissions, ttl)?;
-        self.store.revoke(&old.id)?;
+        let (token, record) = self.store.rotate(&old.id)?;
         tracing::info!(old = old.id, new = record.id, "token rotated");
         Ok(Response::new(CreateTokenResponse { token, info: Some(info(&record)) }))
     }

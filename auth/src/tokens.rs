@@ -247,6 +247,27 @@ impl TokenStore {
         Ok(found.expect("set by the update"))
     }
 
+    /// Creates a token with the same principal, tenant, permissions and
+    /// lifetime as `id`, then revokes `id`.
+    pub fn rotate(&self, id: &str) -> Result<(String, TokenRecord)> {
+        let old = self.get(id).ok_or_else(|| Error::not_found(format!("no token with id {id:?}")))?;
+        if old.revoked {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                format!("token {id} is revoked; create a new one instead"),
+            ));
+        }
+        let permissions = Permissions::parse(&old.permissions)?;
+        let ttl = if old.expires_unix_seconds == 0 {
+            0
+        } else {
+            old.expires_unix_seconds - old.created_unix_seconds
+        };
+        let created = self.create(&old.principal, &old.tenant, permissions, ttl)?;
+        self.revoke(id)?;
+        Ok(created)
+    }
+
     pub fn get(&self, id: &str) -> Option<TokenRecord> {
         self.index.load().by_hash.values().find(|(r, _)| r.id == id).map(|(r, _)| r.clone())
     }

@@ -56,18 +56,18 @@ impl Report {
     }
 
     pub fn to_json(&self) -> String {
-        format!(
-            "{{\"workload\":\"{:?}\",\"requests\":{},\"errors\":{},\"seconds\":{:.3},\"requests_per_second\":{:.1},\"items_per_second\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{}}}",
-            self.workload,
-            self.requests,
-            self.errors,
-            self.elapsed.as_secs_f64(),
-            self.requests_per_second(),
-            self.items_per_second,
-            self.p50.as_micros(),
-            self.p99.as_micros(),
-            self.p999.as_micros()
-        )
+        serde_json::json!({
+            "workload": format!("{:?}", self.workload),
+            "requests": self.requests,
+            "errors": self.errors,
+            "seconds": self.elapsed.as_secs_f64(),
+            "requests_per_second": self.requests_per_second(),
+            "items_per_second": self.items_per_second,
+            "p50_us": self.p50.as_micros(),
+            "p99_us": self.p99.as_micros(),
+            "p999_us": self.p999.as_micros(),
+        })
+        .to_string()
     }
 
     pub fn to_text(&self) -> String {

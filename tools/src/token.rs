@@ -95,16 +95,7 @@ pub async fn rotate(target: &Target, id: &str) -> Result<CreateTokenResponse> {
             .context("RotateToken")?
             .into_inner()),
         Target::File(path) => {
-            let store = store(path)?;
-            let old = store.get(id).with_context(|| format!("no token with id {id:?}"))?;
-            let perms = Permissions::parse(&old.permissions)?;
-            let ttl = if old.expires_unix_seconds == 0 {
-                0
-            } else {
-                old.expires_unix_seconds - old.created_unix_seconds
-            };
-            let (token, record) = store.create(&old.principal, &old.tenant, perms, ttl)?;
-            store.revoke(id)?;
+            let (token, record) = store(path)?.rotate(id)?;
             Ok(CreateTokenResponse { token, info: Some(info(&record)) })
         }
     }
