@@ -33,29 +33,14 @@ enum Command {
     },
     /// Generate load against a REAPI endpoint and report throughput and latency.
     Bench {
-        #[command(flatten)]
-        remote: ConnectArgs,
-        /// Workload to run.
-        #[arg(value_enum)]
-        workload: BenchWorkload,
-        /// REAPI instance name.
-        #[arg(long, default_value = "")]
-        instance: String,
-        /// Total requests.
-        #[arg(long, default_value_t = 100_000)]
-        requests: u64,
-        /// Requests in flight at once.
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// HTTP/2 connections shared by the workers.
-        #[arg(long, default_value_t = 4)]
-        connections: usize,
-        /// Digests per FindMissingBlobs call.
-        #[arg(long, default_value_t = 1000)]
-        digests: usize,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+    /// Serve REAPI calls that do no work (benchmark baseline).
+    #[command(hide = true)]
+    NullServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
     },
     /// Create, list, rotate and revoke bearer tokens.
     Token {
@@ -70,12 +55,65 @@ enum Command {
     },
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum BenchWorkload {
-    /// GetActionResult of a present entry (QPS).
-    AcGet,
-    /// FindMissingBlobs (digests per second).
-    FindMissing,
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Run one workload against an endpoint.
+    Run {
+        #[command(flatten)]
+        remote: ConnectArgs,
+        /// bytestream-write, bytestream-read, batch-update, batch-read, find-missing, ac-get, ac-update.
+        #[arg(value_parser = parse_workload)]
+        workload: kiln_tools::bench::Workload,
+        /// REAPI instance name.
+        #[arg(long, default_value = "")]
+        instance: String,
+        /// Operations in total (find-missing, ac-get, ac-update).
+        #[arg(long, default_value_t = 100_000)]
+        requests: u64,
+        /// Bytes in total (bytestream and batch workloads), e.g. 1073741824.
+        #[arg(long = "total-bytes", default_value_t = 1 << 30)]
+        total_bytes: u64,
+        /// Blob size in bytes.
+        #[arg(long = "blob-size", default_value_t = 64 << 20)]
+        blob_size: u64,
+        /// Operations in flight at once (streams, for ByteStream).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// HTTP/2 connections shared by the workers.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Digests per FindMissingBlobs call, blobs per batch.
+        #[arg(long, default_value_t = 1000)]
+        digests: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// All workloads against Kiln and the null server, with baselines, ratios and floors.
+    Suite {
+        /// Short runs (CI).
+        #[arg(long)]
+        quick: bool,
+        /// TOML file of ratio floors; fail when a ratio is below its floor.
+        #[arg(long)]
+        floors: Option<PathBuf>,
+        /// Also run every workload against this REAPI endpoint (e.g. BuildGrid).
+        #[arg(long)]
+        peer: Option<String>,
+        /// Instance name to use on the peer.
+        #[arg(long, default_value = "")]
+        peer_instance: String,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+}
+
+fn parse_workload(s: &str) -> Result<kiln_tools::bench::Workload, String> {
+    kiln_tools::bench::Workload::from_name(s).ok_or_else(|| {
+        let all: Vec<_> = kiln_tools::bench::Workload::ALL.iter().map(|w| w.name()).collect();
+        format!("unknown workload {s:?}; use one of {}", all.join(", "))
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,20 +285,14 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench { remote, workload, instance, requests, concurrency, connections, digests, json } => {
-            let options = kiln_tools::bench::BenchOptions {
-                workload: match workload {
-                    BenchWorkload::AcGet => kiln_tools::bench::Workload::AcGet,
-                    BenchWorkload::FindMissing => kiln_tools::bench::Workload::FindMissing,
-                },
-                instance,
-                requests,
-                concurrency,
-                connections,
-                digests_per_call: digests,
-            };
-            let report = kiln_tools::bench::run(&remote.options(), &options).await?;
-            println!("{}", if json { report.to_json() } else { report.to_text() });
+        Command::Bench { command } => bench(command).await,
+        Command::NullServer { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            println!("kiln: serving on {}", listener.local_addr()?);
+            kiln_tools::bench::null_server::serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
             Ok(())
         }
         Command::Token { remote, token_file, command } => {
@@ -286,6 +318,52 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
             Ok(())
+        }
+    }
+}
+
+async fn bench(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Run {
+            remote,
+            workload,
+            instance,
+            requests,
+            total_bytes,
+            blob_size,
+            concurrency,
+            connections,
+            digests,
+            json,
+        } => {
+            let options = kiln_tools::bench::BenchOptions {
+                workload,
+                instance,
+                requests,
+                total_bytes,
+                blob_size_bytes: blob_size,
+                concurrency,
+                connections,
+                digests_per_call: digests,
+            };
+            let report = kiln_tools::bench::run(&remote.options(), &options).await?;
+            println!("{}", if json { report.to_json().to_string() } else { report.to_text() });
+            Ok(())
+        }
+        BenchCommand::Suite { quick, floors, peer, peer_instance, json_out } => {
+            let options = kiln_tools::bench::suite::SuiteOptions {
+                kiln: std::env::current_exe().context("locate the kiln binary")?,
+                quick,
+                floors,
+                peer,
+                peer_instance,
+            };
+            let result = kiln_tools::bench::suite::run_suite(&options).await?;
+            if let Some(path) = json_out {
+                std::fs::write(&path, serde_json::to_string_pretty(&result.to_json())?)
+                    .with_context(|| format!("write {}", path.display()))?;
+            }
+            kiln_tools::bench::suite::check(&result)
         }
     }
 }

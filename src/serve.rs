@@ -15,7 +15,6 @@ use kiln_storage::service::{ActionCacheService, ByteStreamService, CapabilitiesS
 use kiln_storage::store::{CompletenessChecking, EmptyBlob, MemoryStore, Verifying};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
 
 use crate::config::Config;
 use kiln_auth::AuthLayer;
@@ -93,12 +92,7 @@ pub async fn run(config: Config) -> Result<()> {
     println!("kiln: serving on {addr}");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let router = Server::builder()
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(32 << 20))
-        .http2_keepalive_interval(Some(Duration::from_secs(60)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+    let router = kiln_proto::transport::server()
         .layer(AuthLayer::new(auth.authenticator.clone()))
         .add_service(health)
         .add_service(capabilities)

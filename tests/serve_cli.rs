@@ -136,26 +136,46 @@ fn cas_cli_put_get_missing() {
 fn bench_reports_rates_and_latencies() {
     let server = Kiln::start();
     let remote = server.remote();
-    for workload in ["ac-get", "find-missing"] {
+    for workload in [
+        "ac-get",
+        "ac-update",
+        "find-missing",
+        "bytestream-write",
+        "bytestream-read",
+        "batch-update",
+        "batch-read",
+    ] {
         let (ok, out, err) = kiln(&[
             "bench",
+            "run",
             "--remote",
             &remote,
             workload,
             "--requests",
-            "200",
+            "40",
             "--concurrency",
             "4",
             "--connections",
             "2",
             "--digests",
             "10",
+            "--blob-size",
+            "100000",
+            "--total-bytes",
+            "4000000",
             "--json",
         ]);
-        assert!(ok, "{err}");
-        assert!(out.contains("\"requests\":200") && out.contains("\"errors\":0"), "{out}");
-        assert!(out.contains("\"p99_us\":"), "{out}");
+        assert!(ok, "{workload}: {err}");
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["errors"], 0, "{workload}: {out}");
+        assert!(report["operations"].as_u64().unwrap() >= 4, "{workload}: {out}");
+        assert!(report["p99_us"].as_u64().unwrap() > 0, "{workload}: {out}");
+        if workload.starts_with("bytestream") || workload.starts_with("batch") {
+            assert!(report["bytes_per_second"].as_f64().unwrap() > 0.0, "{workload}: {out}");
+        }
     }
-    let (ok, _, err) = kiln(&["bench", "--remote", &remote, "ac-get", "--requests", "0"]);
-    assert!(!ok && err.contains("--requests"), "{err}");
+    let (ok, _, err) = kiln(&["bench", "run", "--remote", &remote, "ac-get", "--requests", "0"]);
+    assert!(!ok && err.contains("between 1 and"), "{err}");
+    let (ok, _, err) = kiln(&["bench", "run", "--remote", &remote, "teleport"]);
+    assert!(!ok && err.contains("unknown workload"), "{err}");
 }

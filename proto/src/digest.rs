@@ -133,6 +133,25 @@ impl Hasher {
     }
 }
 
+/// Decodes 64 lowercase hex digits in one pass; `None` for anything else.
+fn decode_lowercase_hex(hex: &[u8]) -> Option<[u8; HASH_SIZE_BYTES]> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    if hex.len() != HASH_SIZE_BYTES * 2 {
+        return None;
+    }
+    let mut out = [0u8; HASH_SIZE_BYTES];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
 /// A validated content digest.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
@@ -168,13 +187,11 @@ impl Digest {
                 hash_hex.len()
             )));
         }
-        let mut hash = [0u8; HASH_SIZE_BYTES];
-        let valid_hex = hash_hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !valid_hex || hex::decode_to_slice(hash_hex, &mut hash).is_err() {
+        let Some(hash) = decode_lowercase_hex(hash_hex.as_bytes()) else {
             return Err(Error::invalid_argument(format!(
                 "digest {hash_hex}/{size_bytes}: hash must be lowercase hexadecimal"
             )));
-        }
+        };
         let size_bytes = u64::try_from(size_bytes).expect("checked non-negative above");
         Ok(Self { function: function.unwrap_or(DigestFunction::Sha256), hash, size_bytes })
     }

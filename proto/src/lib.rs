@@ -11,6 +11,7 @@ pub mod digest;
 pub mod error;
 pub mod resource;
 pub mod tenant;
+pub mod transport;
 
 pub use digest::{Digest, DigestFunction, Hasher};
 pub use error::{Code, Error, Result};

@@ -75,11 +75,9 @@ pub async fn connect(options: &ClientOptions) -> Result<Connection> {
     } else {
         bail!("{remote}: expected grpc://HOST:PORT or grpcs://HOST:PORT")
     };
-    let mut endpoint = Endpoint::from_shared(uri)
-        .with_context(|| format!("invalid remote {remote}"))?
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(32 << 20));
+    let mut endpoint = kiln_proto::transport::tune(
+        Endpoint::from_shared(uri).with_context(|| format!("invalid remote {remote}"))?,
+    );
     if tls {
         let mut config = ClientTlsConfig::new();
         config = match &options.tls_ca {

@@ -46,12 +46,13 @@ fn parse_digests(
     function: Option<DigestFunction>,
     digests: &[kiln_proto::reapi::Digest],
 ) -> Result<Vec<Key>, Status> {
+    let scope = Scope::cas_of(instance);
     digests
         .iter()
         .enumerate()
         .map(|(i, d)| {
             Digest::from_proto(function, d)
-                .map(|d| Key::cas_in(instance, d))
+                .map(|d| Key::new(scope.clone(), d))
                 .map_err(|e| e.context(format!("digest #{i}")))
         })
         .collect::<Result<_, Error>>()
@@ -117,9 +118,17 @@ impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
         super::check_count("FindMissingBlobs", req.blob_digests.len(), self.limits.batch_digests_max)?;
         let keys = parse_digests(&req.instance_name, function, &req.blob_digests)?;
         let missing = self.cas.find_missing(&keys).await?;
-        Ok(Response::new(FindMissingBlobsResponse {
-            missing_blob_digests: missing.iter().map(|k| k.digest.to_proto()).collect(),
-        }))
+        // `missing` is a subsequence of `keys`; answer with the request's own
+        // (validated) digest messages rather than encoding them again.
+        let mut missing = missing.into_iter().peekable();
+        let missing_blob_digests = req
+            .blob_digests
+            .into_iter()
+            .zip(&keys)
+            .filter_map(|(wire, key)| missing.next_if(|m| m == key).map(|_| wire))
+            .collect();
+        debug_assert!(missing.next().is_none(), "find_missing returned keys out of order");
+        Ok(Response::new(FindMissingBlobsResponse { missing_blob_digests }))
     }
 
     async fn batch_update_blobs(
