@@ -49,7 +49,7 @@ fn memory_store(c: &mut Criterion) {
         })
         .collect();
     for (k, d) in &blobs {
-        block_on(store.put(k, d.clone())).unwrap();
+        block_on(store.put(k, d.clone().into())).unwrap();
     }
     let keys: Vec<Key> = blobs.iter().map(|(k, _)| k.clone()).collect();
     let mut group = c.benchmark_group("memory_store");
@@ -70,7 +70,7 @@ fn memory_store(c: &mut Criterion) {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % blobs.len();
-            block_on(store.put(&blobs[i].0, blobs[i].1.clone())).unwrap();
+            block_on(store.put(&blobs[i].0, blobs[i].1.clone().into())).unwrap();
         });
     });
     group.finish();

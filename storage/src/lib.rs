@@ -8,6 +8,7 @@
 //!   ActionCache, ByteStream). They validate requests, translate them into
 //!   store calls and map errors to precise gRPC statuses.
 
+pub mod blob;
 pub mod limits;
 pub mod service;
 pub mod store;

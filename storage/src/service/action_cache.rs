@@ -63,7 +63,7 @@ impl<A: BlobStore, C: BlobStore> ActionCacheService<A, C> {
             if !raw.is_empty() {
                 let data = Bytes::from(std::mem::take(raw));
                 let d = function.compute(&data);
-                self.cas.put(&Key::cas_in(instance, d), data).await?;
+                self.cas.put(&Key::cas_in(instance, d), data.into()).await?;
                 *digest = Some(d.to_proto());
             }
         }
@@ -77,7 +77,7 @@ impl<A: BlobStore, C: BlobStore> ActionCacheService<A, C> {
                         file.path
                     )));
                 }
-                self.cas.put(&Key::cas_in(instance, d), data).await?;
+                self.cas.put(&Key::cas_in(instance, d), data.into()).await?;
                 file.digest = Some(d.to_proto());
             }
         }
@@ -202,7 +202,7 @@ impl<A: BlobStore, C: BlobStore> ActionCache for ActionCacheService<A, C> {
             )));
         }
         let key = Key::new(Scope::new(&req.instance_name), action);
-        self.ac.put(&key, Bytes::from(encoded)).await?;
+        self.ac.put(&key, Bytes::from(encoded).into()).await?;
         tracing::debug!(action = %key, "action result stored");
         Ok(Response::new(returned))
     }

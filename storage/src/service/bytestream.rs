@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::Stream;
 use kiln_proto::google::bytestream::byte_stream_server::ByteStream;
 use kiln_proto::google::bytestream::{
@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::compression::{self, Decompressor};
+use crate::blob::{Blob, BlobBuilder};
 use crate::limits::Limits;
 use crate::store::{BlobStore, Key};
 use kiln_auth::{Authorizer, Permission};
@@ -37,7 +38,7 @@ pub struct ByteStreamService<C> {
     cas: C,
     limits: Limits,
     /// Unfinished identity uploads by resource name (without metadata).
-    partial: Arc<Mutex<LruCache<String, BytesMut>>>,
+    partial: Arc<Mutex<LruCache<String, Bytes>>>,
     in_flight: Arc<Semaphore>,
     auth: Authorizer,
 }
@@ -58,14 +59,14 @@ impl<C> ByteStreamService<C> {
         }
     }
 
-    fn partial(&self) -> std::sync::MutexGuard<'_, LruCache<String, BytesMut>> {
+    fn partial(&self) -> std::sync::MutexGuard<'_, LruCache<String, Bytes>> {
         self.partial.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 /// The data of an upload in progress.
 enum Upload {
-    Plain(BytesMut),
+    Plain(BlobBuilder),
     Zstd { decompressor: Decompressor, received_bytes: u64 },
 }
 
@@ -73,24 +74,24 @@ impl Upload {
     /// Bytes received so far, in the offsets the client uses.
     fn received_bytes(&self) -> u64 {
         match self {
-            Upload::Plain(buf) => buf.len() as u64,
+            Upload::Plain(builder) => builder.len(),
             Upload::Zstd { received_bytes, .. } => *received_bytes,
         }
     }
 
-    fn append(&mut self, digest: &Digest, data: &[u8]) -> Result<(), Error> {
+    fn append(&mut self, digest: &Digest, data: Vec<u8>) -> Result<(), Error> {
         match self {
-            Upload::Plain(buf) => {
-                if buf.len() as u64 + data.len() as u64 > digest.size_bytes() {
+            Upload::Plain(builder) => {
+                if builder.len() + data.len() as u64 > digest.size_bytes() {
                     return Err(Error::invalid_argument(format!(
                         "upload of {digest} received more than {} bytes",
                         digest.size_bytes()
                     )));
                 }
-                buf.extend_from_slice(data);
+                builder.push(Bytes::from(data));
             }
             Upload::Zstd { decompressor, received_bytes } => {
-                decompressor.write(data)?;
+                decompressor.write(&data)?;
                 *received_bytes += data.len() as u64;
                 debug_assert!(decompressor.len() as u64 <= digest.size_bytes());
             }
@@ -98,17 +99,17 @@ impl Upload {
         Ok(())
     }
 
-    fn finish(self, digest: &Digest) -> Result<Bytes, Error> {
+    fn finish(self, digest: &Digest) -> Result<Blob, Error> {
         match self {
-            Upload::Plain(buf) if buf.len() as u64 != digest.size_bytes() => {
+            Upload::Plain(builder) if builder.len() != digest.size_bytes() => {
                 Err(Error::invalid_argument(format!(
                     "upload of {digest} finished after {} bytes; the digest says {}",
-                    buf.len(),
+                    builder.len(),
                     digest.size_bytes()
                 )))
             }
-            Upload::Plain(buf) => Ok(buf.freeze()),
-            Upload::Zstd { decompressor, .. } => decompressor.finish(),
+            Upload::Plain(builder) => Ok(builder.finish()),
+            Upload::Zstd { decompressor, .. } => decompressor.finish().map(Blob::from),
         }
     }
 }
@@ -131,12 +132,14 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
         }
         let name = resource.to_string();
         let resumed = self.partial().pop(&name);
+        let function = resource.digest.function();
         match (offset, resumed) {
-            (0, _) => {
-                let initial = usize::try_from(size.min(16 << 20)).expect("at most 16 MiB");
-                Ok(Upload::Plain(BytesMut::with_capacity(initial)))
+            (0, _) => Ok(Upload::Plain(BlobBuilder::new(function))),
+            (offset, Some(buf)) if buf.len() as i64 == offset => {
+                let mut builder = BlobBuilder::new(function);
+                builder.push(buf);
+                Ok(Upload::Plain(builder))
             }
-            (offset, Some(buf)) if buf.len() as i64 == offset => Ok(Upload::Plain(buf)),
             (offset, resumed) => Err(Status::invalid_argument(format!(
                 "write_offset {offset} does not match the committed size {} of {name}; ask QueryWriteStatus",
                 resumed.map_or(0, |b| b.len())
@@ -149,7 +152,7 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
         resource: &WriteResource,
         first: WriteRequest,
         stream: &mut Streaming<WriteRequest>,
-    ) -> Result<(Bytes, u64), Status> {
+    ) -> Result<(Blob, u64), Status> {
         let digest = resource.digest;
         let mut upload = self.begin(resource, first.write_offset)?;
         let mut message = first;
@@ -168,7 +171,7 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
                     message.write_offset
                 )));
             }
-            upload.append(&digest, &message.data)?;
+            upload.append(&digest, std::mem::take(&mut message.data))?;
             if message.finish_write {
                 break;
             }
@@ -184,8 +187,8 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
                     "no upload data for {idle:?}; resume at the offset QueryWriteStatus reports"
                 )),
             };
-            if let Upload::Plain(buf) = upload {
-                self.partial().put(resource.to_string(), buf);
+            if let Upload::Plain(builder) = upload {
+                self.partial().put(resource.to_string(), builder.into_bytes());
             }
             return Err(next);
         }

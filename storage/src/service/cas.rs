@@ -98,7 +98,7 @@ impl<C: BlobStore + Clone> CasService<C> {
             ))),
         };
         let result = match data {
-            Ok(data) => self.cas.put(&Key::cas_in(instance, digest), data).await,
+            Ok(data) => self.cas.put(&Key::cas_in(instance, digest), data.into()).await,
             Err(e) => Err(e),
         };
         (wire, result.map_err(|e| e.context(format!("blob {digest}"))))

@@ -13,7 +13,7 @@ use kiln_proto::reapi::{ActionResult, Tree};
 use kiln_proto::{Digest, DigestFunction, Error, Result};
 use prost::Message;
 
-use super::{BlobStore, Key, Scope};
+use super::{Blob, BlobStore, Key, Scope};
 
 /// Most blobs one action result may reference before it is treated as
 /// incomplete (a bound on the work one GetActionResult can cause).
@@ -112,8 +112,8 @@ impl<A: BlobStore, C: BlobStore> BlobStore for CompletenessChecking<A, C> {
         Ok(data)
     }
 
-    async fn put(&self, key: &Key, data: Bytes) -> Result<()> {
-        self.action_cache.put(key, data).await
+    async fn put(&self, key: &Key, blob: Blob) -> Result<()> {
+        self.action_cache.put(key, blob).await
     }
 
     async fn find_missing(&self, keys: &[Key]) -> Result<Vec<Key>> {
@@ -130,7 +130,7 @@ mod tests {
 
     async fn put_cas(cas: &impl BlobStore, data: &[u8]) -> Digest {
         let d = DigestFunction::Sha256.compute(data);
-        cas.put(&Key::cas_in("main", d), Bytes::copy_from_slice(data)).await.unwrap();
+        cas.put(&Key::cas_in("main", d), Blob::from(Bytes::copy_from_slice(data))).await.unwrap();
         d
     }
 
@@ -167,7 +167,7 @@ mod tests {
             ..Default::default()
         };
         let key = Key::new(Scope::new("main"), DigestFunction::Sha256.compute(b"action"));
-        ac.put(&key, Bytes::from(result.encode_to_vec())).await.unwrap();
+        ac.put(&key, Blob::from(Bytes::from(result.encode_to_vec()))).await.unwrap();
         ac.get(&key).await.unwrap();
 
         // A result whose tree references a file that is gone is hidden.
@@ -187,7 +187,7 @@ mod tests {
         let mut bad = result.clone();
         bad.output_directories[0].tree_digest = Some(tree2.to_proto());
         let key2 = Key::new(Scope::new("main"), DigestFunction::Sha256.compute(b"action2"));
-        ac.put(&key2, Bytes::from(bad.encode_to_vec())).await.unwrap();
+        ac.put(&key2, Blob::from(Bytes::from(bad.encode_to_vec()))).await.unwrap();
         let err = ac.get(&key2).await.unwrap_err();
         assert!(err.is_not_found());
         assert!(err.message().contains("missing from the CAS"), "{}", err.message());
@@ -195,7 +195,7 @@ mod tests {
         // So is one whose output file is gone.
         let mut bad = result;
         bad.output_files[0].digest = Some(gone.to_proto());
-        ac.put(&key2, Bytes::from(bad.encode_to_vec())).await.unwrap();
+        ac.put(&key2, Blob::from(Bytes::from(bad.encode_to_vec()))).await.unwrap();
         assert!(ac.get(&key2).await.unwrap_err().is_not_found());
     }
 
@@ -204,7 +204,7 @@ mod tests {
         let cas = MemoryStore::new(1 << 20, 1);
         let ac = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), cas);
         let key = Key::new(Scope::new(""), DigestFunction::Sha256.compute(b"a"));
-        ac.put(&key, Bytes::from_static(b"\xff\xff\xff")).await.unwrap();
+        ac.put(&key, Blob::from(Bytes::from_static(b"\xff\xff\xff"))).await.unwrap();
         assert!(ac.get(&key).await.unwrap_err().is_not_found());
     }
 }

@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use kiln_proto::Result;
 
-use super::{BlobStore, Key};
+use super::{Blob, BlobStore, Key};
 
 #[derive(Debug, Clone)]
 pub struct EmptyBlob<S> {
@@ -28,11 +28,11 @@ impl<S: BlobStore> BlobStore for EmptyBlob<S> {
         self.inner.get(key).await
     }
 
-    async fn put(&self, key: &Key, data: Bytes) -> Result<()> {
-        if key.digest.is_empty_blob() && data.is_empty() {
+    async fn put(&self, key: &Key, blob: Blob) -> Result<()> {
+        if key.digest.is_empty_blob() && blob.is_empty() {
             return Ok(());
         }
-        self.inner.put(key, data).await
+        self.inner.put(key, blob).await
     }
 
     async fn find_missing(&self, keys: &[Key]) -> Result<Vec<Key>> {
@@ -57,7 +57,7 @@ mod tests {
             let k = Key::cas(f.empty());
             assert_eq!(store.get(&k).await.unwrap(), Bytes::new());
             assert!(store.find_missing(std::slice::from_ref(&k)).await.unwrap().is_empty());
-            store.put(&k, Bytes::new()).await.unwrap();
+            store.put(&k, Blob::from(Bytes::new())).await.unwrap();
         }
         let other = Key::cas(DigestFunction::Sha256.compute(b"x"));
         assert_eq!(store.find_missing(std::slice::from_ref(&other)).await.unwrap(), vec![other]);

@@ -10,7 +10,7 @@ use kiln_proto::{Error, Result};
 use lru::LruCache;
 use std::sync::Mutex;
 
-use super::{BlobStore, Key};
+use super::{Blob, BlobStore, Key};
 
 /// Fixed per-entry bookkeeping charged against the budget, so that millions of
 /// tiny blobs cannot exceed it unnoticed.
@@ -85,7 +85,8 @@ impl BlobStore for MemoryStore {
         }
     }
 
-    async fn put(&self, key: &Key, data: Bytes) -> Result<()> {
+    async fn put(&self, key: &Key, blob: Blob) -> Result<()> {
+        let data = blob.into_data();
         let cost = charge(&data);
         if cost > self.shard_capacity_bytes {
             return Err(Error::resource_exhausted(format!(
@@ -145,7 +146,7 @@ mod tests {
         let store = MemoryStore::new(1 << 20, 4);
         let a = key(b"a");
         assert!(store.get(&a).await.unwrap_err().is_not_found());
-        store.put(&a, Bytes::from_static(b"a")).await.unwrap();
+        store.put(&a, Blob::from(Bytes::from_static(b"a"))).await.unwrap();
         assert_eq!(store.get(&a).await.unwrap(), Bytes::from_static(b"a"));
         let b = key(b"b");
         assert_eq!(store.find_missing(&[a.clone(), b.clone()]).await.unwrap(), vec![b]);
@@ -158,11 +159,11 @@ mod tests {
         let store = MemoryStore::new(budget, 1);
         let blobs: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 1000]).collect();
         for blob in &blobs[..3] {
-            store.put(&key(blob), Bytes::from(blob.clone())).await.unwrap();
+            store.put(&key(blob), Blob::from(Bytes::from(blob.clone()))).await.unwrap();
         }
         // Touch the first so the second is the least recently used.
         assert!(store.find_missing(&[key(&blobs[0])]).await.unwrap().is_empty());
-        store.put(&key(&blobs[3]), Bytes::from(blobs[3].clone())).await.unwrap();
+        store.put(&key(&blobs[3]), Blob::from(Bytes::from(blobs[3].clone()))).await.unwrap();
         assert!(store.size_bytes() <= budget);
         let missing = store.find_missing(&blobs.iter().map(|b| key(b)).collect::<Vec<_>>()).await.unwrap();
         assert_eq!(missing, vec![key(&blobs[1])]);
@@ -172,7 +173,7 @@ mod tests {
     async fn oversized_blob_is_resource_exhausted() {
         let store = MemoryStore::new(1024, 1);
         let data = vec![0u8; 2048];
-        let err = store.put(&key(&data), Bytes::from(data)).await.unwrap_err();
+        let err = store.put(&key(&data), Blob::from(Bytes::from(data))).await.unwrap_err();
         assert_eq!(err.code(), kiln_proto::Code::ResourceExhausted);
         assert!(store.is_empty());
     }
@@ -185,15 +186,15 @@ mod tests {
         }
         let store = MemoryStore::for_blobs(64 << 20, 20 << 20);
         let data = Bytes::from(vec![1u8; 20 << 20]);
-        store.put(&key(&data), data).await.unwrap();
+        store.put(&key(&data), Blob::from(data)).await.unwrap();
     }
 
     #[tokio::test]
     async fn replacing_a_key_keeps_accounting_exact() {
         let store = MemoryStore::new(1 << 20, 1);
         let k = key(b"x");
-        store.put(&k, Bytes::from_static(b"x")).await.unwrap();
-        store.put(&k, Bytes::from_static(b"x")).await.unwrap();
+        store.put(&k, Blob::from(Bytes::from_static(b"x"))).await.unwrap();
+        store.put(&k, Blob::from(Bytes::from_static(b"x"))).await.unwrap();
         assert_eq!(store.size_bytes(), 1 + ENTRY_OVERHEAD_BYTES);
     }
 }

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use kiln_proto::{Digest, Result};
 
+pub use crate::blob::Blob;
+
 pub mod completeness_checking;
 pub mod empty_blob;
 pub mod memory;
@@ -92,7 +94,7 @@ pub trait BlobStore: Send + Sync + 'static {
     fn get(&self, key: &Key) -> impl Future<Output = Result<Bytes>> + Send;
 
     /// Stores a blob under `key`, replacing any blob already there.
-    fn put(&self, key: &Key, data: Bytes) -> impl Future<Output = Result<()>> + Send;
+    fn put(&self, key: &Key, blob: Blob) -> impl Future<Output = Result<()>> + Send;
 
     /// Returns the keys that are absent, in the order given. Keys that are
     /// present have their lifetime extended as if they had been read.
@@ -104,8 +106,8 @@ impl<S: BlobStore> BlobStore for Arc<S> {
         (**self).get(key)
     }
 
-    fn put(&self, key: &Key, data: Bytes) -> impl Future<Output = Result<()>> + Send {
-        (**self).put(key, data)
+    fn put(&self, key: &Key, blob: Blob) -> impl Future<Output = Result<()>> + Send {
+        (**self).put(key, blob)
     }
 
     fn find_missing(&self, keys: &[Key]) -> impl Future<Output = Result<Vec<Key>>> + Send {

@@ -10,7 +10,7 @@
 use bytes::Bytes;
 use kiln_proto::{Error, Result};
 
-use super::{BlobStore, Key};
+use super::{Blob, BlobStore, Key};
 
 /// Blobs at least this large are hashed off the event loop.
 const BLOCKING_HASH_SIZE_BYTES_MIN: usize = 1 << 20;
@@ -41,9 +41,21 @@ impl<S: BlobStore> BlobStore for Verifying<S> {
         Ok(data)
     }
 
-    async fn put(&self, key: &Key, data: Bytes) -> Result<()> {
+    async fn put(&self, key: &Key, blob: Blob) -> Result<()> {
+        // A blob built by `BlobBuilder` carries the digest of exactly its
+        // bytes, computed as they arrived: comparing it is the verification.
+        if let Some(hashed) = blob.hashed_as() {
+            if hashed != &key.digest {
+                return Err(Error::invalid_argument(format!(
+                    "blob {}: the uploaded data has digest {hashed}; the upload does not match its digest",
+                    key.digest
+                )));
+            }
+            return self.inner.put(key, blob).await;
+        }
+        let data = blob.data();
         if data.len() < BLOCKING_HASH_SIZE_BYTES_MIN {
-            key.digest.verify(&data)?;
+            key.digest.verify(data)?;
         } else {
             let digest = key.digest;
             let check = data.clone();
@@ -51,7 +63,7 @@ impl<S: BlobStore> BlobStore for Verifying<S> {
                 .await
                 .map_err(|e| Error::internal(format!("hashing task failed: {e}")))??;
         }
-        self.inner.put(key, data).await
+        self.inner.put(key, blob).await
     }
 
     async fn find_missing(&self, keys: &[Key]) -> Result<Vec<Key>> {
@@ -70,10 +82,10 @@ mod tests {
         let store = Verifying::new(MemoryStore::new(8 << 20, 1));
         for f in DigestFunction::ALL {
             let k = Key::cas(f.compute(b"right"));
-            let err = store.put(&k, Bytes::from_static(b"wrong")).await.unwrap_err();
+            let err = store.put(&k, Blob::from(Bytes::from_static(b"wrong"))).await.unwrap_err();
             assert_eq!(err.code(), Code::InvalidArgument);
             assert!(store.get(&k).await.unwrap_err().is_not_found());
-            store.put(&k, Bytes::from_static(b"right")).await.unwrap();
+            store.put(&k, Blob::from(Bytes::from_static(b"right"))).await.unwrap();
             assert_eq!(store.get(&k).await.unwrap(), Bytes::from_static(b"right"));
         }
     }
@@ -85,7 +97,7 @@ mod tests {
         let k = Key::cas(DigestFunction::Sha256.compute(&data));
         let mut corrupt = data.to_vec();
         corrupt[12345] ^= 1;
-        assert!(store.put(&k, Bytes::from(corrupt)).await.is_err());
-        store.put(&k, data).await.unwrap();
+        assert!(store.put(&k, Blob::from(Bytes::from(corrupt))).await.is_err());
+        store.put(&k, Blob::from(data)).await.unwrap();
     }
 }
