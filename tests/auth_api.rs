@@ -368,68 +368,43 @@ async fn token_cli_rotate_and_list_through_the_admin_api() {
     let admin = bootstrap_token(&file, "ops", "main", "admin", "never");
     let server = Kiln::start_with_config(&token_config(&file, ""));
     let remote = server.remote();
-    let (ok, ci_token, err) = kiln(&[
-        "token",
-        "--remote",
-        &remote,
-        "--token",
-        &admin,
+    // `kiln token ARGS` against the server, as the admin.
+    let as_admin = |args: &[&str]| {
+        let mut all = vec!["token", "--remote", remote.as_str(), "--token", admin.as_str()];
+        all.extend_from_slice(args);
+        kiln(&all)
+    };
+    let (ok, ci_token, err) = as_admin(&[
         "create",
         "--principal",
         "ci",
         "--tenant",
         "main.ci",
         "--perm",
-        "read,write",
+        "read, write",
         "--expires",
         "30d",
     ]);
     assert!(ok, "{err}");
     let ci_token = ci_token.trim().to_owned();
-    let (ok, listed, _) = kiln(&["token", "--remote", &remote, "--token", &admin, "list"]);
+    let (ok, listed, _) = as_admin(&["list"]);
     assert!(ok);
     let id = listed.lines().find(|l| l.contains("\tci\t")).unwrap().split('\t').next().unwrap().to_owned();
     assert!(listed.contains("cas-read,cas-write,ac-read,ac-write"), "{listed}");
 
-    let (ok, rotated, err) = kiln(&["token", "--remote", &remote, "--token", &admin, "rotate", &id]);
+    let (ok, rotated, err) = as_admin(&["rotate", &id]);
     assert!(ok, "{err}");
     let with = |t: &str| ClientOptions { token: Some(t.to_owned()), ..opts(remote.clone()) };
     update_ac(&connect(&with(rotated.trim())).await.unwrap(), "main.ci").await.unwrap();
     let err = update_ac(&connect(&with(&ci_token)).await.unwrap(), "main.ci").await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "the old token stops working");
-    let (_, listed, _) = kiln(&["token", "--remote", &remote, "--token", &admin, "list"]);
+    let (_, listed, _) = as_admin(&["list"]);
     assert!(listed.lines().any(|l| l.starts_with(&id) && l.ends_with("revoked")), "{listed}");
 
     // An admin of `main` cannot mint tokens for another tenant.
-    let (ok, _, err) = kiln(&[
-        "token",
-        "--remote",
-        &remote,
-        "--token",
-        &admin,
-        "create",
-        "--principal",
-        "x",
-        "--tenant",
-        "other",
-        "--perm",
-        "read",
-    ]);
+    let (ok, _, err) = as_admin(&["create", "--principal", "x", "--tenant", "other", "--perm", "read"]);
     assert!(!ok && (err.contains("PermissionDenied") || err.contains("lacks the admin permission")), "{err}");
     // Bad permission names are refused with a precise message.
-    let (ok, _, err) = kiln(&[
-        "token",
-        "--remote",
-        &remote,
-        "--token",
-        &admin,
-        "create",
-        "--principal",
-        "x",
-        "--tenant",
-        "main",
-        "--perm",
-        "fly",
-    ]);
+    let (ok, _, err) = as_admin(&["create", "--principal", "x", "--tenant", "main", "--perm", "fly"]);
     assert!(!ok && err.contains("unknown permission"), "{err}");
 }
