@@ -65,10 +65,19 @@ impl Authenticator {
 
     /// Authenticates one request.
     pub fn authenticate(&self, headers: &HeaderMap, peer: Option<&PeerInfo>) -> Result<Principal> {
+        static UNRESTRICTED: std::sync::LazyLock<Principal> =
+            std::sync::LazyLock::new(Principal::unrestricted);
         let identity = self.identity(headers)?;
-        if self.unrestricted {
-            return Ok(Principal::unrestricted().with_identity(identity));
-        }
+        let principal =
+            if self.unrestricted { UNRESTRICTED.clone() } else { self.credentials(headers, peer)? };
+        // Most requests carry no identity header: keep the shared principal.
+        Ok(match identity {
+            Some(identity) => principal.with_identity(Some(identity)),
+            None => principal,
+        })
+    }
+
+    fn credentials(&self, headers: &HeaderMap, peer: Option<&PeerInfo>) -> Result<Principal> {
         let principal = match headers.get(http::header::AUTHORIZATION) {
             Some(value) => self.authenticate_header(value)?,
             None => match peer.and_then(|p| p.client_principal.as_deref()) {
@@ -78,7 +87,7 @@ impl Authenticator {
                 _ => return Err(Error::new(Code::Unauthenticated, self.what_is_accepted())),
             },
         };
-        Ok(principal.with_identity(identity))
+        Ok(principal)
     }
 
     fn what_is_accepted(&self) -> String {

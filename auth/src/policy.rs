@@ -23,9 +23,45 @@ pub struct Rule {
 
 #[derive(Debug, Clone)]
 struct CompiledRule {
-    principal: String,
-    tenant: String,
+    principal: Glob,
+    tenant: Glob,
     permissions: Permissions,
+}
+
+/// A pattern where `*` matches any run of characters, split once at
+/// configuration time so that matching allocates nothing.
+#[derive(Debug, Clone)]
+struct Glob {
+    /// The literal pieces between the `*`s; one piece means no `*`.
+    parts: Vec<String>,
+}
+
+impl Glob {
+    fn new(pattern: &str) -> Self {
+        Self { parts: pattern.split('*').map(str::to_owned).collect() }
+    }
+
+    fn matches(&self, text: &str) -> bool {
+        let parts = &self.parts;
+        let (first, last) = (&parts[0], &parts[parts.len() - 1]);
+        if parts.len() == 1 {
+            return first == text;
+        }
+        if !text.starts_with(first.as_str())
+            || text.len() < first.len() + last.len()
+            || !text.ends_with(last.as_str())
+        {
+            return false;
+        }
+        let mut rest = &text[first.len()..text.len() - last.len()];
+        for middle in &parts[1..parts.len() - 1] {
+            match rest.find(middle.as_str()) {
+                Some(i) => rest = &rest[i + middle.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
 }
 
 /// The authorization policy.
@@ -36,22 +72,7 @@ pub struct Policy {
 
 /// Matches `text` against a pattern where `*` matches any run of characters.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == text;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
-        return false;
-    }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for middle in &parts[1..parts.len() - 1] {
-        match rest.find(middle) {
-            Some(i) => rest = &rest[i + middle.len()..],
-            None => return false,
-        }
-    }
-    true
+    Glob::new(pattern).matches(text)
 }
 
 impl Policy {
@@ -61,8 +82,8 @@ impl Policy {
             .enumerate()
             .map(|(i, r)| {
                 Ok(CompiledRule {
-                    principal: r.principal.clone(),
-                    tenant: r.tenant.clone(),
+                    principal: Glob::new(&r.principal),
+                    tenant: Glob::new(&r.tenant),
                     permissions: Permissions::parse(&r.permissions)
                         .map_err(|e| e.context(format!("rule #{i}")))?,
                 })
@@ -83,7 +104,7 @@ impl Policy {
             held = held.union(grant.permissions);
         }
         for rule in &self.rules {
-            if glob_match(&rule.principal, principal.name()) && glob_match(&rule.tenant, tenant_name) {
+            if rule.principal.matches(principal.name()) && rule.tenant.matches(tenant_name) {
                 held = held.union(rule.permissions);
             }
         }
