@@ -408,3 +408,41 @@ async fn token_cli_rotate_and_list_through_the_admin_api() {
     let (ok, _, err) = as_admin(&["create", "--principal", "x", "--tenant", "main", "--perm", "fly"]);
     assert!(!ok && err.contains("unknown permission"), "{err}");
 }
+
+#[tokio::test]
+async fn admin_api_refuses_bad_requests_precisely() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.json");
+    let admin = bootstrap_token(&file, "ops", "*", "admin", "never");
+    let server = Kiln::start_with_config(&token_config(&file, ""));
+    let conn = connect(&ClientOptions { token: Some(admin), ..opts(server.remote()) }).await.unwrap();
+    let mut api = TokensClient::new(conn.channel());
+    let create = |principal: &str, tenant: &str, perms: &[&str], ttl: i64| CreateTokenRequest {
+        principal: principal.into(),
+        tenant: tenant.into(),
+        permissions: perms.iter().map(|p| (*p).to_owned()).collect(),
+        ttl_seconds: ttl,
+    };
+    for (req, needle) in [
+        (create("", "main", &["read"], 0), "principal"),
+        (create("ci", "main/blobs", &["read"], 0), "reserved"),
+        (create("ci", "main", &[], 0), "at least one permission"),
+        (create("ci", "main", &["fly"], 0), "unknown permission"),
+        (create("ci", "main", &["read"], -5), "negative"),
+    ] {
+        let err = api.create_token(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{needle}: {err:?}");
+        assert!(err.message().contains(needle), "{needle}: {}", err.message());
+    }
+    let err = api.revoke_token(RevokeTokenRequest { id: "nope".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let created = api.create_token(create("ci", "main", &["read"], 0)).await.unwrap().into_inner();
+    let id = created.info.unwrap().id;
+    api.revoke_token(RevokeTokenRequest { id: id.clone() }).await.unwrap();
+    let err = api.rotate_token(kiln_proto::kiln::admin::RotateTokenRequest { id }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "a revoked token cannot be rotated");
+
+    let anon = connect(&opts(server.remote())).await.unwrap();
+    let err = TokensClient::new(anon.channel()).list_tokens(ListTokensRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+}
