@@ -77,10 +77,9 @@ fn memory_store(c: &mut Criterion) {
 }
 
 fn auth(c: &mut Criterion) {
-    use kiln_auth::Permission;
-    use kiln_auth::permission::Permissions;
-    use kiln_auth::policy::{Policy, Rule};
+    use kiln_auth::policy::{Rule, RulePolicy};
     use kiln_auth::tokens::TokenStore;
+    use kiln_proto::access::{AuthMethod, Authorizer, Caller, Permission, Permissions, Principal};
 
     let dir = tempfile::tempdir().unwrap();
     let store = TokenStore::open(&dir.path().join("tokens.json")).unwrap();
@@ -94,20 +93,23 @@ fn auth(c: &mut Criterion) {
         .map(|i| Rule {
             principal: format!("team-{i}-*"),
             tenant: format!("t{i}.*"),
-            permissions: vec!["read".into()],
+            permissions: vec!["read".into(), "write".into()],
         })
         .collect();
-    let policy = Policy::new(&rules).unwrap();
-    let principal = store.authenticate(&token).unwrap();
+    let authorizer = Authorizer::new(RulePolicy::new(&rules).unwrap(), 100);
+    // A certificate principal matched by the last rule, on a subtenant
+    // three levels down: every rule is tried against every ancestor.
+    let cert =
+        Caller { principal: Principal::new("team-19-ci", AuthMethod::ClientCertificate, None), peer: None };
     let mut group = c.benchmark_group("auth");
     group.bench_function("token_authenticate", |b| b.iter(|| store.authenticate(&token).unwrap()));
     group.bench_function("policy_check_20_rules", |b| {
-        b.iter(|| policy.check(&principal, "main.dev.alice", Permission::AcWrite).unwrap());
+        b.iter(|| authorizer.require(&cert, "t19.dev.alice", Permission::AcWrite).unwrap());
     });
     group.bench_function("authenticate_and_check", |b| {
         b.iter(|| {
-            let p = store.authenticate(&token).unwrap();
-            policy.check(&p, "main.dev", Permission::CasRead).unwrap();
+            let principal = store.authenticate(&token).unwrap();
+            authorizer.require(&Caller { principal, peer: None }, "main.dev", Permission::CasRead).unwrap();
         });
     });
     group.finish();

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use kiln_auth::config::AuthConfig;
-use kiln_storage::limits::Limits;
+use kiln_proto::limits::Limits;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]

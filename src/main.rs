@@ -6,10 +6,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kiln_proto::{Digest, DigestFunction};
 use kiln_tools::cas::Cas;
-use kiln_tools::token::{self, Target};
+use kiln_tools::token;
 
 mod config;
 mod serve;
+mod token_file;
 
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about = "Remote cache and remote build execution for Bazel and Buck2")]
@@ -117,7 +118,7 @@ fn parse_workload(s: &str) -> Result<kiln_tools::bench::Workload, String> {
 }
 
 #[derive(Debug, Subcommand)]
-enum TokenCommand {
+pub(crate) enum TokenCommand {
     /// Create a token; prints it once on standard output.
     Create {
         #[arg(long)]
@@ -295,30 +296,28 @@ async fn run(cli: Cli) -> Result<()> {
             .await?;
             Ok(())
         }
-        Command::Token { remote, token_file, command } => {
-            let target = match token_file {
-                Some(path) => Target::File(path),
-                None => Target::Remote(kiln_tools::client::connect(&remote.options()).await?),
-            };
-            match command {
-                TokenCommand::Create { principal, tenant, permissions, expires } => {
-                    let ttl = token::parse_duration(&expires)?;
-                    let created = token::create(&target, &principal, &tenant, &permissions, ttl).await?;
-                    print_created(&created);
-                }
-                TokenCommand::List => {
-                    for t in token::list(&target).await? {
-                        println!("{}", token::describe(&t));
+        Command::Token { remote, token_file, command } => match token_file {
+            Some(path) => token_file::run(&path, command),
+            None => {
+                let c = kiln_tools::client::connect(&remote.options()).await?;
+                match command {
+                    TokenCommand::Create { principal, tenant, permissions, expires } => {
+                        let ttl = token::parse_duration(&expires)?;
+                        print_created(&token::create(&c, &principal, &tenant, &permissions, ttl).await?);
+                    }
+                    TokenCommand::List => {
+                        for t in token::list(&c).await? {
+                            println!("{}", token::describe(&t));
+                        }
+                    }
+                    TokenCommand::Rotate { id } => print_created(&token::rotate(&c, &id).await?),
+                    TokenCommand::Revoke { id } => {
+                        println!("{}", token::describe(&token::revoke(&c, &id).await?))
                     }
                 }
-                TokenCommand::Rotate { id } => print_created(&token::rotate(&target, &id).await?),
-                TokenCommand::Revoke { id } => {
-                    let info = token::revoke(&target, &id).await?;
-                    println!("{}", token::describe(&info));
-                }
+                Ok(())
             }
-            Ok(())
-        }
+        },
     }
 }
 
@@ -370,7 +369,7 @@ async fn bench(command: BenchCommand) -> Result<()> {
 
 /// The secret goes to standard output alone, the description to standard
 /// error, so `TOKEN=$(kiln token create ...)` captures just the token.
-fn print_created(created: &kiln_proto::kiln::admin::CreateTokenResponse) {
+pub(crate) fn print_created(created: &kiln_proto::kiln::admin::CreateTokenResponse) {
     println!("{}", created.token);
     if let Some(info) = &created.info {
         let line = token::describe(info);

@@ -14,15 +14,12 @@ use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableSto
 use kiln_storage::service::{ActionCacheService, ByteStreamService, CapabilitiesService, CasService};
 use kiln_storage::store::{CompletenessChecking, EmptyBlob, MemoryStore, Verifying};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::Config;
 use kiln_auth::AuthLayer;
 use kiln_auth::admin::TokenAdmin;
-use kiln_auth::listener::tls_incoming;
+use kiln_auth::listener::{ListenerOptions, incoming};
 use kiln_proto::kiln::admin::tokens_server::TokensServer;
-use std::future::Future;
-use std::pin::Pin;
 
 /// Holds the data directory's lock for the life of the server.
 struct DataDirLock {
@@ -44,21 +41,50 @@ fn lock_data_dir(config: &Config) -> Result<DataDirLock> {
     Ok(DataDirLock { _file: file })
 }
 
+/// Raises the soft file-descriptor limit to the hard one and returns it:
+/// connections are bounded below it (see `connections_max`).
+fn raise_descriptor_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "could not raise the file-descriptor limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the file-descriptor limit");
+            1024
+        }
+    }
+}
+
 pub async fn run(config: Config) -> Result<()> {
     config.validate()?;
     let _lock = lock_data_dir(&config)?;
     let limits = config.limits;
-    let auth = config.auth.build(&config.data_dir).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    let descriptors = raise_descriptor_limit();
+    let connections_max = limits.connections_for(descriptors).map_err(|e| anyhow::anyhow!("[limits] {e}"))?;
+    tracing::info!(descriptors, connections_max, "connection capacity");
+    let auth =
+        config.auth.build(&config.data_dir, &limits).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     let authorizer = auth.authorizer.clone();
 
     let cas_memory = MemoryStore::for_blobs(config.storage.cas_memory_bytes, limits.blob_size_bytes_max);
     let cas = Arc::new(EmptyBlob::new(Verifying::new(cas_memory)));
     let action_result_max = limits.action_result_size_bytes_max as u64;
     let ac_memory = MemoryStore::for_blobs(config.storage.ac_memory_bytes, action_result_max);
-    let ac = Arc::new(CompletenessChecking::new(ac_memory, cas.clone()));
+    let ac = Arc::new(CompletenessChecking::new(
+        ac_memory,
+        cas.clone(),
+        limits.referenced_blobs_max,
+        limits.output_tree_fetches_max,
+    ));
 
     let message_max = limits.grpc_message_size_bytes_max;
-    let capabilities = CapabilitiesServer::new(CapabilitiesService::new(limits))
+    let capabilities = CapabilitiesServer::new(CapabilitiesService::new(limits, authorizer.clone()))
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);
     let cas_service =
@@ -92,7 +118,7 @@ pub async fn run(config: Config) -> Result<()> {
     println!("kiln: serving on {addr}");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let router = kiln_proto::transport::server()
+    let router = kiln_proto::transport::server(&limits)
         .layer(AuthLayer::new(auth.authenticator.clone()))
         .add_service(health)
         .add_service(capabilities)
@@ -103,13 +129,9 @@ pub async fn run(config: Config) -> Result<()> {
     let stop = async {
         let _ = stop_rx.await;
     };
-    let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match &auth.tls {
-        Some(tls) => {
-            let incoming = tls_incoming(listener, tls.clone(), auth.principal_from);
-            Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
-        }
-        None => Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)),
-    };
+    let tls = auth.tls.clone().map(|tls| (tls, auth.principal_from));
+    let connections = incoming(listener, ListenerOptions::new(&limits, connections_max, tls));
+    let server = router.serve_with_incoming_shutdown(connections, stop);
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result.context("gRPC server")?,

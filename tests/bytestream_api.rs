@@ -260,7 +260,7 @@ async fn compressed_blobs_round_trip() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("larger than"), "{}", err.message());
+    assert!(err.message().contains("more than the digest"), "{}", err.message());
     let err = kiln
         .bytestream()
         .await

@@ -5,12 +5,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_proto::access::Authorizer;
+use kiln_proto::limits::Limits;
 use kiln_proto::{Error, Result};
 use serde::Deserialize;
 
 use crate::htpasswd::Htpasswd;
-use crate::layer::{Authenticator, Authorizer};
-use crate::policy::{Policy, Rule};
+use crate::layer::Authenticator;
+use crate::policy::{Rule, RulePolicy};
 use crate::reload::spawn_poller;
 use crate::tls::{PrincipalFrom, ReloadingTls, TlsFiles};
 use crate::tokens::TokenStore;
@@ -129,12 +131,12 @@ impl AuthConfig {
                 "[auth] reload_interval_ms must be between 1 and 5000 (revocations must spread within 10 s)",
             ));
         }
-        Policy::new(&self.rules).map_err(|e| e.context("[auth]"))?;
+        RulePolicy::new(&self.rules).map_err(|e| e.context("[auth]"))?;
         Ok(())
     }
 
     /// Loads files and starts the reload pollers (needs a Tokio runtime).
-    pub fn build(&self, data_dir: &Path) -> Result<AuthSetup> {
+    pub fn build(&self, data_dir: &Path, limits: &Limits) -> Result<AuthSetup> {
         self.validate()?;
         let interval = Duration::from_millis(self.reload_interval_ms);
         let tls = match self.tls_files()? {
@@ -171,25 +173,28 @@ impl AuthConfig {
         };
         let htpasswd = match &self.htpasswd {
             Some(path) => {
-                let file = Htpasswd::load(path).map_err(|e| {
-                    Error::invalid_argument(format!("[auth] htpasswd {}: {e}", path.display()))
-                })?;
+                let file = Htpasswd::load(
+                    path,
+                    limits.password_hashes_in_flight_max,
+                    limits.password_cache_entries_max,
+                )
+                .map_err(|e| e.context("[auth] htpasswd"))?;
                 let poll = file.clone();
                 spawn_poller("htpasswd", interval, move || poll.reload_if_changed());
                 Some(file)
             }
             None => None,
         };
-        let mut authenticator = Authenticator::default();
+        let mut authenticator = Authenticator::new(limits.log_peers_tracked_max);
         authenticator.tokens = tokens.clone();
         authenticator.htpasswd = htpasswd;
-        authenticator.client_certificates = self.client_ca.is_some();
+        authenticator.client_certificates = if self.client_ca.is_some() { tls.clone() } else { None };
         authenticator.identity_header = identity_header;
         Ok(AuthSetup {
             tls,
             principal_from: self.principal_from,
             authenticator,
-            authorizer: Authorizer::new(Policy::new(&self.rules)?),
+            authorizer: Authorizer::new(RulePolicy::new(&self.rules)?, limits.log_peers_tracked_max),
             tokens,
         })
     }

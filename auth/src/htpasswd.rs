@@ -1,20 +1,115 @@
 //! Basic authentication against an htpasswd file (bcrypt and apr1 hashes),
 //! reloaded when the file changes.
+//!
+//! Bazel sends its credentials with every call, and one bcrypt check costs
+//! tens of milliseconds, so a successful check is remembered, keyed by the
+//! user and a keyed hash of the password (never the password itself), until
+//! the file changes. Hashes are computed on the blocking pool, at most
+//! `password_hashes_in_flight_max` at once, so they never stall the async
+//! threads. An unknown user costs what a known one costs: the same hash is
+//! computed against a stand-in entry.
+//!
+//! The file must parse as a whole: a malformed, truncated or unsupported
+//! entry refuses the file, and a reload keeps the last good users (see
+//! [`crate::reload`]).
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use kiln_proto::text::quoted;
+use kiln_proto::{Error, Result};
+use lru::LruCache;
 use md5::{Digest as _, Md5};
+use sha2::Sha256;
 use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
 
-use crate::reload::FileWatch;
+use crate::reload::{FileWatch, read_nonempty};
 
-/// Users and their password hashes.
-#[derive(Debug, Default)]
+const BCRYPT_ALPHABET: &[u8] = b"./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+/// One user's stored hash.
+#[derive(Debug, Clone)]
+enum Hash {
+    Bcrypt(String),
+    /// The salt (1 to 8 bytes) and the whole `$apr1$salt$hash` string.
+    Apr1 {
+        salt: Vec<u8>,
+        full: String,
+    },
+}
+
+fn parse_hash(hash: &str) -> std::result::Result<Hash, &'static str> {
+    if let Some(rest) = hash.strip_prefix("$apr1$") {
+        let (salt, digest) = rest.split_once('$').ok_or("apr1 hash without a salt")?;
+        if salt.is_empty()
+            || salt.len() > 8
+            || digest.len() != 22
+            || !digest.bytes().all(|b| ITOA64.contains(&b))
+        {
+            return Err("malformed or truncated apr1 hash");
+        }
+        return Ok(Hash::Apr1 { salt: salt.as_bytes().to_vec(), full: hash.to_owned() });
+    }
+    let bcrypt = ["$2a$", "$2b$", "$2y$", "$2x$"].iter().any(|p| hash.starts_with(p));
+    if bcrypt {
+        let b = hash.as_bytes();
+        let cost_ok = b.len() == 60 && b[4].is_ascii_digit() && b[5].is_ascii_digit() && b[6] == b'$';
+        if !cost_ok || !b[7..].iter().all(|c| BCRYPT_ALPHABET.contains(c)) {
+            return Err("malformed or truncated bcrypt hash");
+        }
+        return Ok(Hash::Bcrypt(hash.to_owned()));
+    }
+    Err("unsupported hash (use htpasswd -B for bcrypt or -m for apr1)")
+}
+
+/// Users and their hashes, plus the remembered successful checks (dropped
+/// with this value when the file changes).
+#[derive(Debug)]
 struct Users {
-    hashes: HashMap<String, String>,
+    hashes: HashMap<String, Hash>,
+    /// What an unknown user is checked against: the costliest kind of entry
+    /// in the file.
+    stand_in: Hash,
+    verified: Mutex<LruCache<[u8; 32], ()>>,
+}
+
+fn parse(text: &str, cache_entries_max: NonZeroUsize) -> std::result::Result<Users, String> {
+    let mut hashes = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let n = n + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (user, hash) = line.split_once(':').ok_or_else(|| format!("line {n} has no ':'"))?;
+        if user.is_empty() || user.len() > kiln_proto::limits::PRINCIPAL_LENGTH_MAX {
+            return Err(format!("line {n}: the user name must be 1 to 256 bytes"));
+        }
+        let hash = parse_hash(hash).map_err(|e| format!("line {n} (user {}): {e}", quoted(user)))?;
+        if hashes.insert(user.to_owned(), hash).is_some() {
+            return Err(format!("line {n}: user {} appears twice", quoted(user)));
+        }
+    }
+    if hashes.is_empty() {
+        return Err("no users".into());
+    }
+    let bcrypt_cost = hashes
+        .values()
+        .filter_map(|h| match h {
+            Hash::Bcrypt(s) => s.get(4..6).and_then(|c| c.parse::<u32>().ok()),
+            Hash::Apr1 { .. } => None,
+        })
+        .max();
+    let stand_in = match bcrypt_cost {
+        // A well-formed hash nobody's password matches, at the file's cost.
+        Some(cost) => Hash::Bcrypt(format!("$2b${cost:02}${}", "K".repeat(53))),
+        None => Hash::Apr1 { salt: b"kilnsalt".to_vec(), full: String::new() },
+    };
+    Ok(Users { hashes, stand_in, verified: Mutex::new(LruCache::new(cache_entries_max)) })
 }
 
 /// An htpasswd file, reloaded on change.
@@ -23,81 +118,97 @@ pub struct Htpasswd {
     path: PathBuf,
     users: ArcSwap<Users>,
     watch: Mutex<FileWatch>,
-}
-
-fn parse(text: &str, path: &Path) -> Users {
-    let mut hashes = HashMap::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((user, hash)) = line.split_once(':') else {
-            tracing::warn!(file = %path.display(), line = n + 1, "htpasswd line without ':' ignored");
-            continue;
-        };
-        if !(hash.starts_with("$2") || hash.starts_with("$apr1$")) {
-            tracing::warn!(file = %path.display(), user, "htpasswd entry ignored: only bcrypt and apr1 hashes are accepted");
-            continue;
-        }
-        hashes.insert(user.to_owned(), hash.to_owned());
-    }
-    Users { hashes }
+    hashing: Semaphore,
+    /// Keys the remembered checks, so they say nothing about passwords
+    /// outside this process.
+    cache_key: [u8; 32],
+    cache_entries_max: NonZeroUsize,
 }
 
 impl Htpasswd {
-    /// Loads the file; it must exist and be readable at start-up.
-    pub fn load(path: &Path) -> std::io::Result<Arc<Self>> {
+    /// Loads the file; it must exist and parse at start-up.
+    pub fn load(path: &Path, hashes_in_flight_max: usize, cache_entries_max: usize) -> Result<Arc<Self>> {
         let watch = FileWatch::new(vec![path.to_owned()]);
-        let text = std::fs::read_to_string(path)?;
+        let cache_entries_max = NonZeroUsize::new(cache_entries_max).unwrap_or(NonZeroUsize::MIN);
+        let users = Self::read(path, cache_entries_max)?;
         Ok(Arc::new(Self {
             path: path.to_owned(),
-            users: ArcSwap::from_pointee(parse(&text, path)),
+            users: ArcSwap::from_pointee(users),
             watch: Mutex::new(watch),
+            hashing: Semaphore::new(hashes_in_flight_max.max(1)),
+            cache_key: rand::random(),
+            cache_entries_max,
         }))
     }
 
-    /// Re-reads the file if it changed. A file that cannot be read keeps the
-    /// previous users (a rotation in progress must not lock everyone out).
+    fn read(path: &Path, cache_entries_max: NonZeroUsize) -> Result<Users> {
+        let data = read_nonempty(path, "htpasswd file")?;
+        let text = String::from_utf8(data)
+            .map_err(|_| Error::invalid_argument(format!("htpasswd file {} is not UTF-8", path.display())))?;
+        parse(&text, cache_entries_max)
+            .map_err(|e| Error::invalid_argument(format!("htpasswd file {}: {e}", path.display())))
+    }
+
+    /// Re-reads the file once a change has settled; a file that is missing,
+    /// empty or does not parse keeps the previous users.
     pub fn reload_if_changed(&self) {
-        let changed = self.watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).changed();
-        if !changed {
+        if !self.watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).settled_change() {
             return;
         }
-        match std::fs::read_to_string(&self.path) {
-            Ok(text) => {
-                let users = parse(&text, &self.path);
+        match Self::read(&self.path, self.cache_entries_max) {
+            Ok(users) => {
                 tracing::info!(file = %self.path.display(), users = users.hashes.len(), "htpasswd reloaded");
                 self.users.store(Arc::new(users));
             }
             Err(e) => {
-                tracing::error!(file = %self.path.display(), error = %e, "htpasswd unreadable; keeping the previous users")
+                tracing::error!(error = %e, "htpasswd file changed but does not load; keeping the last good users")
             }
         }
     }
 
+    fn cache_key(&self, user: &str, password: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.cache_key);
+        h.update((user.len() as u64).to_le_bytes());
+        h.update(user.as_bytes());
+        h.update(password.as_bytes());
+        h.finalize().into()
+    }
+
     /// Whether `password` is right for `user`.
-    pub fn verify(&self, user: &str, password: &str) -> bool {
-        let users = self.users.load();
-        let Some(hash) = users.hashes.get(user) else {
-            // Spend comparable time on unknown users.
-            let _ = apr1(password, "kilnsalt");
-            return false;
-        };
-        if let Some(rest) = hash.strip_prefix("$apr1$") {
-            let Some((salt, _)) = rest.split_once('$') else { return false };
-            return apr1(password, salt).as_bytes().ct_eq(hash.as_bytes()).into();
+    pub async fn verify(&self, user: &str, password: &str) -> bool {
+        let users = self.users.load_full();
+        let key = self.cache_key(user, password);
+        if users.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key).is_some() {
+            return true;
         }
-        bcrypt::verify(password, hash).unwrap_or(false)
+        let (hash, known) = match users.hashes.get(user) {
+            Some(h) => (h.clone(), true),
+            None => (users.stand_in.clone(), false),
+        };
+        let Ok(_permit) = self.hashing.acquire().await else { return false };
+        let password = password.to_owned();
+        let matched = tokio::task::spawn_blocking(move || check(&hash, &password)).await.unwrap_or(false);
+        if matched && known {
+            users.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner).put(key, ());
+        }
+        matched && known
+    }
+}
+
+fn check(hash: &Hash, password: &str) -> bool {
+    match hash {
+        Hash::Bcrypt(h) => bcrypt::verify(password, h).unwrap_or(false),
+        Hash::Apr1 { salt, full } => apr1(password.as_bytes(), salt).as_bytes().ct_eq(full.as_bytes()).into(),
     }
 }
 
 const ITOA64: &[u8; 64] = b"./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
-/// Apache's MD5-based `$apr1$` crypt.
-pub fn apr1(password: &str, salt: &str) -> String {
+/// Apache's MD5-based `$apr1$` crypt; the salt is its first 8 bytes.
+pub fn apr1(password: &[u8], salt: &[u8]) -> String {
     const MAGIC: &str = "$apr1$";
-    let pw = password.as_bytes();
+    let pw = password;
     let salt = &salt[..salt.len().min(8)];
     let alternate = Md5::new().chain_update(pw).chain_update(salt).chain_update(pw).finalize();
     let mut ctx = Md5::new().chain_update(pw).chain_update(MAGIC).chain_update(salt);
@@ -137,7 +248,7 @@ pub fn apr1(password: &str, salt: &str) -> String {
         }
         fin = c.finalize();
     }
-    let mut out = format!("{MAGIC}{salt}$");
+    let mut out = format!("{MAGIC}{}$", String::from_utf8_lossy(salt));
     let mut push = |value: u32, chars: usize| {
         let mut v = value;
         for _ in 0..chars {
@@ -157,33 +268,78 @@ pub fn apr1(password: &str, salt: &str) -> String {
 mod tests {
     use super::*;
 
+    const BOB: &str = "bob:$apr1$abcdefgh$h9FWgUz3n9YxylKLlR5SQ/";
+
     #[test]
     fn apr1_matches_openssl() {
         // `openssl passwd -apr1 -salt abcdefgh secret` and a long password.
-        assert_eq!(apr1("secret", "abcdefgh"), "$apr1$abcdefgh$h9FWgUz3n9YxylKLlR5SQ/");
-        assert_eq!(apr1("p@ss word longer than sixteen chars", "x1"), "$apr1$x1$pl5ZsDgasFNUQx7o1ea8j/");
+        assert_eq!(apr1(b"secret", b"abcdefgh"), "$apr1$abcdefgh$h9FWgUz3n9YxylKLlR5SQ/");
+        assert_eq!(apr1(b"p@ss word longer than sixteen chars", b"x1"), "$apr1$x1$pl5ZsDgasFNUQx7o1ea8j/");
     }
 
     #[test]
-    fn verifies_bcrypt_and_apr1_and_reloads() {
+    fn multibyte_salts_do_not_panic() {
+        // A salt whose 8th byte falls inside a character.
+        let salt = "abcdefgé".as_bytes();
+        let _ = apr1(b"pw", salt);
+        let users = parse("u:$apr1$abcdefgé$h9FWgUz3n9YxylKLlR5SQ/\n", NonZeroUsize::MIN);
+        assert!(users.is_err(), "salts are at most 8 bytes");
+        let users = parse("u:$apr1$abcé$h9FWgUz3n9YxylKLlR5SQ/\n", NonZeroUsize::MIN).unwrap();
+        assert!(!check(&users.hashes["u"], "pw"));
+    }
+
+    #[tokio::test]
+    async fn verifies_bcrypt_and_apr1_and_reloads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("htpasswd");
         let bcrypt_hash = bcrypt::hash("hunter2", 4).unwrap();
-        std::fs::write(
-            &path,
-            format!("alice:{bcrypt_hash}\nbob:$apr1$abcdefgh$h9FWgUz3n9YxylKLlR5SQ/\ncarol:{{SHA}}x\n"),
-        )
-        .unwrap();
-        let file = Htpasswd::load(&path).unwrap();
-        assert!(file.verify("alice", "hunter2"));
-        assert!(!file.verify("alice", "hunter3"));
-        assert!(file.verify("bob", "secret"));
-        assert!(!file.verify("bob", "Secret"));
-        assert!(!file.verify("carol", "x"), "unsupported hashes are refused");
-        assert!(!file.verify("nobody", "secret"));
+        std::fs::write(&path, format!("alice:{bcrypt_hash}\n{BOB}\n")).unwrap();
+        let file = Htpasswd::load(&path, 2, 100).unwrap();
+        assert!(file.verify("alice", "hunter2").await);
+        assert!(file.verify("alice", "hunter2").await, "remembered");
+        assert!(!file.verify("alice", "hunter3").await);
+        assert!(file.verify("bob", "secret").await);
+        assert!(!file.verify("bob", "Secret").await);
+        assert!(!file.verify("nobody", "secret").await);
         std::fs::write(&path, "bob:$apr1$x1$pl5ZsDgasFNUQx7o1ea8j/\n").unwrap();
         file.reload_if_changed();
-        assert!(!file.verify("alice", "hunter2"), "removed users are gone after reload");
-        assert!(file.verify("bob", "p@ss word longer than sixteen chars"));
+        file.reload_if_changed();
+        assert!(!file.verify("alice", "hunter2").await, "removed users are gone, remembered checks too");
+        assert!(file.verify("bob", "p@ss word longer than sixteen chars").await);
+    }
+
+    #[test]
+    fn malformed_files_are_refused_whole() {
+        let cases = [
+            ("", "no users"),
+            ("alice\n", "no ':'"),
+            ("carol:{SHA}x\n", "unsupported"),
+            ("dave:$2b$04$abc\n", "truncated bcrypt"),
+            ("erin:$apr1$abcdefgh$h9FWgUz3\n", "truncated apr1"),
+            (&format!("{BOB}\n{BOB}\n"), "twice"),
+        ];
+        for (text, needle) in cases {
+            let err = parse(text, NonZeroUsize::MIN).unwrap_err();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_reloads_keep_the_last_good_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("htpasswd");
+        std::fs::write(&path, format!("{BOB}\n")).unwrap();
+        let file = Htpasswd::load(&path, 1, 10).unwrap();
+        for bad in ["", "bob:$apr1$abcdefgh$h9FW", "garbage"] {
+            std::fs::write(&path, bad).unwrap();
+            file.reload_if_changed();
+            file.reload_if_changed();
+            assert!(file.verify("bob", "secret").await, "after {bad:?}");
+        }
+        std::fs::remove_file(&path).unwrap();
+        file.reload_if_changed();
+        file.reload_if_changed();
+        assert!(file.verify("bob", "secret").await, "after deletion");
+        assert!(Htpasswd::load(&path, 1, 10).is_err(), "a missing file is refused at start-up");
     }
 }

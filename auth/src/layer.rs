@@ -4,58 +4,66 @@
 //! It turns credentials (client certificate, bearer token, basic auth) into a
 //! [`Principal`] and puts it into the request's extensions, or answers
 //! UNAUTHENTICATED without calling the service. Authorization happens in
-//! the services, which know the tenant and the operation (see [`Authorizer`]).
+//! the services, which know the tenant and the operation (they call
+//! [`kiln_proto::access::Authorizer`]).
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use http::HeaderMap;
+use kiln_proto::access::{AuthMethod, PeerInfo, PeerTally, Principal};
+use kiln_proto::limits::IDENTITY_CHARS_MAX;
+use kiln_proto::text::quoted;
 use kiln_proto::{Code, Error, Result};
 use tonic::body::Body;
 use tower::{Layer, Service};
 
 use crate::htpasswd::Htpasswd;
-use crate::listener::PeerInfo;
-use crate::permission::Permission;
-use crate::policy::Policy;
-use crate::principal::{AuthMethod, Principal};
+use crate::tls::ReloadingTls;
 use crate::tokens::TokenStore;
 
 /// Paths served without authentication (load balancer health checks).
 const PUBLIC_PATH_PREFIXES: [&str; 1] = ["/grpc.health.v1.Health/"];
 
-/// Failures from one address are logged at warning level at these counts.
-const FAILURE_LOG_THRESHOLDS: [u64; 4] = [1, 10, 100, 1000];
-
-/// Most addresses tracked for repeated failures.
-const FAILURE_ADDRESSES_MAX: usize = 10_000;
-
 /// Turns a request's credentials into a principal.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Authenticator {
     /// No authentication configured: everything is allowed.
     pub unrestricted: bool,
     pub tokens: Option<Arc<TokenStore>>,
     pub htpasswd: Option<Arc<Htpasswd>>,
-    /// Accept the principal of a verified client certificate.
-    pub client_certificates: bool,
+    /// Accept the principal of a verified client certificate, re-checking
+    /// the certificate against the current CRLs on every request.
+    pub client_certificates: Option<Arc<ReloadingTls>>,
     /// Header recorded for attribution, and whether it is required.
     pub identity_header: Option<(http::HeaderName, bool)>,
-    failures: Arc<Mutex<HashMap<IpAddr, u64>>>,
+    failures: Arc<PeerTally>,
 }
 
 impl Authenticator {
+    /// Authenticates nobody (configure the fields to change that).
+    pub fn new(log_peers_tracked_max: usize) -> Self {
+        Self {
+            unrestricted: false,
+            tokens: None,
+            htpasswd: None,
+            client_certificates: None,
+            identity_header: None,
+            failures: Arc::new(PeerTally::new(log_peers_tracked_max)),
+        }
+    }
+
+    /// Lets every request in as the unrestricted principal.
     pub fn unrestricted() -> Self {
-        Self { unrestricted: true, ..Self::default() }
+        Self { unrestricted: true, ..Self::new(1) }
     }
 
     fn identity(&self, headers: &HeaderMap) -> Result<Option<String>> {
         let Some((name, required)) = &self.identity_header else { return Ok(None) };
         match headers.get(name).and_then(|v| v.to_str().ok()) {
-            Some(v) if !v.is_empty() => Ok(Some(v.chars().take(256).collect())),
+            Some(v) if !v.is_empty() => Ok(Some(v.chars().take(IDENTITY_CHARS_MAX).collect())),
             _ if *required => {
                 Err(Error::new(Code::Unauthenticated, format!("the {name} header is required")))
             }
@@ -64,12 +72,12 @@ impl Authenticator {
     }
 
     /// Authenticates one request.
-    pub fn authenticate(&self, headers: &HeaderMap, peer: Option<&PeerInfo>) -> Result<Principal> {
+    pub async fn authenticate(&self, headers: &HeaderMap, peer: Option<&PeerInfo>) -> Result<Principal> {
         static UNRESTRICTED: std::sync::LazyLock<Principal> =
             std::sync::LazyLock::new(Principal::unrestricted);
         let identity = self.identity(headers)?;
         let principal =
-            if self.unrestricted { UNRESTRICTED.clone() } else { self.credentials(headers, peer)? };
+            if self.unrestricted { UNRESTRICTED.clone() } else { self.credentials(headers, peer).await? };
         // Most requests carry no identity header: keep the shared principal.
         Ok(match identity {
             Some(identity) => principal.with_identity(Some(identity)),
@@ -77,22 +85,25 @@ impl Authenticator {
         })
     }
 
-    fn credentials(&self, headers: &HeaderMap, peer: Option<&PeerInfo>) -> Result<Principal> {
-        let principal = match headers.get(http::header::AUTHORIZATION) {
-            Some(value) => self.authenticate_header(value)?,
-            None => match peer.and_then(|p| p.client_principal.as_deref()) {
-                Some(name) if self.client_certificates => {
-                    Principal::new(name, AuthMethod::ClientCertificate, None)
-                }
-                _ => return Err(Error::new(Code::Unauthenticated, self.what_is_accepted())),
-            },
-        };
-        Ok(principal)
+    async fn credentials(&self, headers: &HeaderMap, peer: Option<&PeerInfo>) -> Result<Principal> {
+        if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+            return self.authenticate_header(value).await;
+        }
+        let certificate =
+            peer.and_then(|p| Some((p.client_principal.as_deref()?, p.client_certificate.as_ref()?)));
+        match (certificate, &self.client_certificates) {
+            (Some((name, cert)), Some(tls)) => {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                tls.recheck(cert, i64::try_from(now).unwrap_or(i64::MAX))?;
+                Ok(Principal::new(name, AuthMethod::ClientCertificate, None))
+            }
+            _ => Err(Error::new(Code::Unauthenticated, self.what_is_accepted())),
+        }
     }
 
     fn what_is_accepted(&self) -> String {
         let mut ways = Vec::new();
-        if self.client_certificates {
+        if self.client_certificates.is_some() {
             ways.push("a client certificate");
         }
         if self.tokens.is_some() {
@@ -104,7 +115,7 @@ impl Authenticator {
         format!("credentials required: present {}", ways.join(" or "))
     }
 
-    fn authenticate_header(&self, value: &http::HeaderValue) -> Result<Principal> {
+    async fn authenticate_header(&self, value: &http::HeaderValue) -> Result<Principal> {
         let value = value
             .to_str()
             .map_err(|_| Error::new(Code::Unauthenticated, "the authorization header is not valid text"))?;
@@ -112,109 +123,54 @@ impl Authenticator {
         match (scheme.to_ascii_lowercase().as_str(), &self.tokens, &self.htpasswd) {
             ("bearer", Some(tokens), _) => tokens.authenticate(credentials.trim()),
             ("basic", _, Some(htpasswd)) => {
+                let malformed = || Error::new(Code::Unauthenticated, "malformed basic auth credentials");
                 let decoded = base64::engine::general_purpose::STANDARD
                     .decode(credentials.trim())
                     .ok()
                     .and_then(|d| String::from_utf8(d).ok())
-                    .ok_or_else(|| Error::new(Code::Unauthenticated, "malformed basic auth credentials"))?;
-                let (user, password) = decoded
-                    .split_once(':')
-                    .ok_or_else(|| Error::new(Code::Unauthenticated, "malformed basic auth credentials"))?;
-                if htpasswd.verify(user, password) {
+                    .ok_or_else(malformed)?;
+                let (user, password) = decoded.split_once(':').ok_or_else(malformed)?;
+                if htpasswd.verify(user, password).await {
                     Ok(Principal::new(user, AuthMethod::Basic, None))
                 } else {
                     Err(Error::new(
                         Code::Unauthenticated,
-                        format!("wrong user name or password for {user:?}"),
+                        format!("wrong user name or password for {}", quoted(user)),
                     ))
                 }
             }
             (scheme, _, _) => Err(Error::new(
                 Code::Unauthenticated,
                 format!(
-                    "authorization scheme {scheme:.20} is not accepted here; {}",
+                    "authorization scheme {} is not accepted here; {}",
+                    quoted(scheme),
                     self.what_is_accepted()
                 ),
             )),
         }
     }
 
-    /// Counts a failure and logs it, loudly when one address keeps failing.
+    /// Counts a failure and logs it, rate-limited per address.
     fn record_failure(&self, peer: Option<&PeerInfo>, path: &str, error: &Error) {
         let ip = peer.and_then(|p| p.remote_addr).map(|a| a.ip());
-        let count = ip.map_or(1, |ip| {
-            let mut failures = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if failures.len() >= FAILURE_ADDRESSES_MAX && !failures.contains_key(&ip) {
-                failures.clear();
-            }
-            let n = failures.entry(ip).or_insert(0);
-            *n += 1;
-            *n
-        });
-        if FAILURE_LOG_THRESHOLDS.contains(&count) {
-            tracing::warn!(peer = ?ip, failures = count, path, error = error.message(), "authentication failed");
+        let (count, log) = self.failures.count(ip);
+        if log {
+            tracing::warn!(peer = ?ip, failures = count, path = %quoted(path), error = error.message(), "authentication failed");
         } else {
-            tracing::debug!(peer = ?ip, failures = count, path, error = error.message(), "authentication failed");
+            tracing::debug!(peer = ?ip, failures = count, path = %quoted(path), error = error.message(), "authentication failed");
         }
-    }
-}
-
-/// Checks permissions at the service edge.
-#[derive(Debug, Clone, Default)]
-pub struct Authorizer {
-    policy: Arc<Policy>,
-}
-
-impl Authorizer {
-    pub fn new(policy: Policy) -> Self {
-        Self { policy: Arc::new(policy) }
-    }
-
-    /// Allows everything (tests and unrestricted servers).
-    pub fn allow_all() -> Self {
-        Self::default()
-    }
-
-    /// The request's principal, which the layer put there.
-    pub fn principal<T>(request: &tonic::Request<T>) -> Result<Principal> {
-        request
-            .extensions()
-            .get::<Principal>()
-            .cloned()
-            .ok_or_else(|| Error::new(Code::Unauthenticated, "request was not authenticated"))
-    }
-
-    /// The principal, if it holds `permission` on `tenant`.
-    pub fn check<T>(
-        &self,
-        request: &tonic::Request<T>,
-        tenant: &str,
-        permission: Permission,
-    ) -> Result<Principal> {
-        let principal = Self::principal(request)?;
-        self.policy.check(&principal, tenant, permission)?;
-        Ok(principal)
-    }
-
-    /// Like [`Authorizer::check`] for a principal already at hand.
-    pub fn require(&self, principal: &Principal, tenant: &str, permission: Permission) -> Result<()> {
-        self.policy.check(principal, tenant, permission)
-    }
-
-    pub fn allows(&self, principal: &Principal, tenant: &str, permission: Permission) -> bool {
-        self.policy.allows(principal, tenant, permission)
     }
 }
 
 /// Tower layer that authenticates every request.
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
-    authenticator: Authenticator,
+    authenticator: Arc<Authenticator>,
 }
 
 impl AuthLayer {
     pub fn new(authenticator: Authenticator) -> Self {
-        Self { authenticator }
+        Self { authenticator: Arc::new(authenticator) }
     }
 }
 
@@ -229,7 +185,7 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Debug, Clone)]
 pub struct AuthService<S> {
     inner: S,
-    authenticator: Authenticator,
+    authenticator: Arc<Authenticator>,
 }
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -249,27 +205,28 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path();
-        if PUBLIC_PATH_PREFIXES.iter().any(|p| path.starts_with(p)) {
-            return Box::pin(self.inner.call(request));
+        // Take the ready service, leave a fresh clone (tower's contract).
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        if PUBLIC_PATH_PREFIXES.iter().any(|p| request.uri().path().starts_with(p)) {
+            return Box::pin(ready.call(request));
         }
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        match self.authenticator.authenticate(request.headers(), peer.as_ref()) {
-            Ok(principal) => {
-                if let Some(identity) = principal.identity() {
-                    tracing::debug!(principal = principal.name(), identity, path, "request");
+        let authenticator = self.authenticator.clone();
+        Box::pin(async move {
+            let peer = request.extensions().get::<PeerInfo>().cloned();
+            match authenticator.authenticate(request.headers(), peer.as_ref()).await {
+                Ok(principal) => {
+                    if let Some(identity) = principal.identity() {
+                        tracing::debug!(%principal, identity, path = request.uri().path(), "request");
+                    }
+                    request.extensions_mut().insert(principal);
+                    ready.call(request).await
                 }
-                request.extensions_mut().insert(principal);
-                // Take the ready service, leave a fresh clone (tower's contract).
-                let clone = self.inner.clone();
-                let mut ready = std::mem::replace(&mut self.inner, clone);
-                Box::pin(ready.call(request))
+                Err(error) => {
+                    authenticator.record_failure(peer.as_ref(), request.uri().path(), &error);
+                    Ok(tonic::Status::from(error).into_http())
+                }
             }
-            Err(error) => {
-                self.authenticator.record_failure(peer.as_ref(), path, &error);
-                let status = tonic::Status::from(error);
-                Box::pin(async move { Ok(status.into_http()) })
-            }
-        }
+        })
     }
 }

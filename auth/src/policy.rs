@@ -1,18 +1,26 @@
-//! Who may do what where: rules from the configuration plus grants carried
-//! by tokens.
+//! Who may do what where: rules from the configuration for certificate and
+//! basic-auth principals, and grants carried by tokens.
+//!
+//! Semantics (README "Securing Kiln" documents them for operators):
+//!
+//! - A rule or grant on a tenant covers the tenant and every subtenant:
+//!   `tenant = "main"` applies to `main.dev.alice` as well. So what a
+//!   principal holds on a tenant it holds on every subtenant, which is what
+//!   lets a token's creator be checked on the token's tenant alone.
+//! - Rules apply to certificate and basic-auth principals only. A rule's
+//!   principal pattern may be narrowed to one kind with `cert:` or `user:`.
+//! - A token's permissions are exactly its grant. Rules never apply to
+//!   tokens, whatever their principal name, so a tenant admin cannot mint a
+//!   token that borrows rules written for someone else.
 
-use kiln_proto::{Code, Error, Result, tenant};
+use kiln_proto::access::{ALL_TENANTS, AuthMethod, Permissions, Policy, Principal};
+use kiln_proto::{Error, Result, tenant};
 use serde::Deserialize;
 
-use crate::permission::{Permission, Permissions};
-use crate::principal::Principal;
-
-/// A token tenant that stands for every tenant (for operators' admin tokens).
-pub const ALL_TENANTS: &str = "*";
-
 /// One configured rule: principals matching `principal` hold `permissions`
-/// on tenants matching `tenant`. Patterns are literal except for `*`, which
-/// matches any run of characters (`ci-*`, `main.*`, `*`).
+/// on tenants matching `tenant` and on their subtenants. Patterns are
+/// literal except for `*`, which matches any run of characters (`ci-*`,
+/// `main.*`, `*`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
@@ -23,6 +31,8 @@ pub struct Rule {
 
 #[derive(Debug, Clone)]
 struct CompiledRule {
+    /// Only principals of this kind, if the pattern said so.
+    method: Option<AuthMethod>,
     principal: Glob,
     tenant: Glob,
     permissions: Permissions,
@@ -39,6 +49,11 @@ struct Glob {
 impl Glob {
     fn new(pattern: &str) -> Self {
         Self { parts: pattern.split('*').map(str::to_owned).collect() }
+    }
+
+    /// Whether the pattern matches every text (it is made of `*`s only).
+    fn matches_everything(&self) -> bool {
+        self.parts.len() > 1 && self.parts.iter().all(String::is_empty)
     }
 
     fn matches(&self, text: &str) -> bool {
@@ -64,25 +79,38 @@ impl Glob {
     }
 }
 
-/// The authorization policy.
-#[derive(Debug, Clone, Default)]
-pub struct Policy {
-    rules: Vec<CompiledRule>,
-}
-
 /// Matches `text` against a pattern where `*` matches any run of characters.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
     Glob::new(pattern).matches(text)
 }
 
-impl Policy {
+/// The authorization policy: configured rules plus token grants.
+#[derive(Debug, Clone, Default)]
+pub struct RulePolicy {
+    rules: Vec<CompiledRule>,
+}
+
+impl RulePolicy {
     pub fn new(rules: &[Rule]) -> Result<Self> {
         let rules = rules
             .iter()
             .enumerate()
             .map(|(i, r)| {
+                let (method, principal) = if let Some(rest) = r.principal.strip_prefix("cert:") {
+                    (Some(AuthMethod::ClientCertificate), rest)
+                } else if let Some(rest) = r.principal.strip_prefix("user:") {
+                    (Some(AuthMethod::Basic), rest)
+                } else if r.principal.starts_with("token:") {
+                    return Err(Error::invalid_argument(format!(
+                        "rule #{i}: rules never apply to tokens (a token's permissions are its grant); \
+                         use `kiln token create --tenant ... --perm ...` instead"
+                    )));
+                } else {
+                    (None, r.principal.as_str())
+                };
                 Ok(CompiledRule {
-                    principal: Glob::new(&r.principal),
+                    method,
+                    principal: Glob::new(principal),
                     tenant: Glob::new(&r.tenant),
                     permissions: Permissions::parse(&r.permissions)
                         .map_err(|e| e.context(format!("rule #{i}")))?,
@@ -92,49 +120,52 @@ impl Policy {
         Ok(Self { rules })
     }
 
-    /// The permissions `principal` holds on `tenant`.
-    pub fn permissions(&self, principal: &Principal, tenant_name: &str) -> Permissions {
-        if principal.is_unrestricted() {
-            return Permissions::all();
-        }
+    fn applicable<'a>(&'a self, principal: &'a Principal) -> impl Iterator<Item = &'a CompiledRule> + 'a {
+        let ruled = matches!(principal.method(), AuthMethod::ClientCertificate | AuthMethod::Basic);
+        self.rules.iter().filter(move |rule| {
+            ruled
+                && rule.method.is_none_or(|m| m == principal.method())
+                && rule.principal.matches(principal.name())
+        })
+    }
+}
+
+impl Policy for RulePolicy {
+    fn permissions(&self, principal: &Principal, tenant_name: &str) -> Permissions {
         let mut held = Permissions::NONE;
         if let Some(grant) = principal.grant()
             && (grant.tenant == ALL_TENANTS || tenant::is_within(tenant_name, &grant.tenant))
         {
             held = held.union(grant.permissions);
         }
-        for rule in &self.rules {
-            if rule.principal.matches(principal.name()) && rule.tenant.matches(tenant_name) {
+        for rule in self.applicable(principal) {
+            if tenant::lineage(tenant_name).any(|t| rule.tenant.matches(t)) {
                 held = held.union(rule.permissions);
             }
         }
         held
     }
 
-    pub fn allows(&self, principal: &Principal, tenant_name: &str, permission: Permission) -> bool {
-        self.permissions(principal, tenant_name).contains(permission)
-    }
-
-    /// `Ok` if allowed; otherwise PERMISSION_DENIED naming what is missing.
-    pub fn check(&self, principal: &Principal, tenant_name: &str, permission: Permission) -> Result<()> {
-        if self.allows(principal, tenant_name, permission) {
-            return Ok(());
+    fn permissions_everywhere(&self, principal: &Principal) -> Permissions {
+        let mut held = Permissions::NONE;
+        if let Some(grant) = principal.grant()
+            && grant.tenant == ALL_TENANTS
+        {
+            held = held.union(grant.permissions);
         }
-        tracing::info!(principal = principal.name(), tenant = tenant_name, %permission, "permission denied");
-        Err(Error::new(
-            Code::PermissionDenied,
-            format!(
-                "principal {:?} lacks the {permission} permission on instance {tenant_name:?}",
-                principal.name()
-            ),
-        ))
+        for rule in self.applicable(principal) {
+            if rule.tenant.matches_everything() {
+                held = held.union(rule.permissions);
+            }
+        }
+        held
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::principal::{AuthMethod, Grant};
+    use kiln_proto::access::{Grant, Permission};
 
     #[test]
     fn globs() {
@@ -147,47 +178,70 @@ mod tests {
         assert!(!glob_match("a*b*c", "a-x-c"));
         assert!(glob_match("exact", "exact"));
         assert!(!glob_match("ab*ba", "aba"));
+        assert!(Glob::new("**").matches_everything() && !Glob::new("a*").matches_everything());
+    }
+
+    fn rule(principal: &str, tenant: &str, permissions: &[&str]) -> Rule {
+        Rule {
+            principal: principal.into(),
+            tenant: tenant.into(),
+            permissions: permissions.iter().map(|p| (*p).to_owned()).collect(),
+        }
     }
 
     #[test]
-    fn rules_and_grants_combine() {
-        let policy = Policy::new(&[
-            Rule {
-                principal: "ci-*".into(),
-                tenant: "main".into(),
-                permissions: vec!["read".into(), "write".into()],
-            },
-            Rule { principal: "*".into(), tenant: "main".into(), permissions: vec!["ac-read".into()] },
-        ])
-        .unwrap();
+    fn rules_cover_subtenants_and_grants_combine() {
+        let policy =
+            RulePolicy::new(&[rule("ci-*", "main", &["read", "write"]), rule("*", "main", &["ac-read"])])
+                .unwrap();
         let ci = Principal::new("ci-1", AuthMethod::ClientCertificate, None);
-        assert!(policy.allows(&ci, "main", Permission::AcWrite));
-        assert!(!policy.allows(&ci, "main.dev", Permission::AcWrite), "rules match tenants literally");
-        let dev = Principal::new(
-            "alice",
-            AuthMethod::Token,
-            Some(Grant {
-                tenant: "main.dev".into(),
-                permissions: Permissions::parse(["read", "write"]).unwrap(),
-            }),
+        assert!(policy.permissions(&ci, "main").contains(Permission::AcWrite));
+        assert!(
+            policy.permissions(&ci, "main.dev.x").contains(Permission::AcWrite),
+            "rules cover subtenants"
         );
-        assert!(policy.allows(&dev, "main.dev", Permission::AcWrite));
-        assert!(policy.allows(&dev, "main.dev.alice", Permission::CasWrite), "grants cover subtenants");
-        assert!(policy.allows(&dev, "main", Permission::AcRead), "from the wildcard rule");
-        assert!(!policy.allows(&dev, "main", Permission::AcWrite));
-        let err = policy.check(&dev, "other", Permission::CasRead).unwrap_err();
-        assert_eq!(err.code(), Code::PermissionDenied);
-        assert!(err.message().contains("cas-read"));
+        assert!(!policy.permissions(&ci, "mainx").contains(Permission::AcRead));
+        assert!(policy.permissions(&ci, "other").is_empty());
+        let alice = Principal::new("alice", AuthMethod::Basic, None);
+        assert!(policy.permissions(&alice, "main.dev.alice").contains(Permission::AcRead));
+        assert!(!policy.permissions(&alice, "main.dev.alice").contains(Permission::CasRead));
+    }
+
+    #[test]
+    fn tokens_hold_their_grant_and_nothing_else() {
+        let policy = RulePolicy::new(&[rule("*", "*", &["read"]), rule("ci", "other", &["write"])]).unwrap();
+        let grant =
+            Grant { tenant: "main.dev".into(), permissions: Permissions::parse(["read", "write"]).unwrap() };
+        let token = Principal::token("ci", "0123", grant);
+        assert!(policy.permissions(&token, "main.dev").contains(Permission::AcWrite));
+        assert!(
+            policy.permissions(&token, "main.dev.alice").contains(Permission::CasWrite),
+            "grants cover subtenants"
+        );
+        assert!(policy.permissions(&token, "main").is_empty(), "no rule applies to a token");
+        assert!(policy.permissions(&token, "other").is_empty(), "not even one naming its principal");
+        assert!(policy.permissions_everywhere(&token).is_empty());
+        let everywhere =
+            Principal::token("ops", "1", Grant { tenant: "*".into(), permissions: Permissions::all() });
+        assert_eq!(policy.permissions_everywhere(&everywhere), Permissions::all());
+    }
+
+    #[test]
+    fn method_prefixes_narrow_rules() {
+        let policy =
+            RulePolicy::new(&[rule("cert:ci", "main", &["write"]), rule("*", "*", &["read"])]).unwrap();
+        let cert = Principal::new("ci", AuthMethod::ClientCertificate, None);
+        let user = Principal::new("ci", AuthMethod::Basic, None);
+        assert!(policy.permissions(&cert, "main").contains(Permission::AcWrite));
+        assert!(!policy.permissions(&user, "main").contains(Permission::AcWrite));
+        assert_eq!(policy.permissions_everywhere(&user), Permissions::parse(["read"]).unwrap());
+        let err = RulePolicy::new(&[rule("token:ci", "main", &["read"])]).unwrap_err();
+        assert!(err.message().contains("never apply to tokens"), "{}", err.message());
     }
 
     #[test]
     fn bad_rule_is_named() {
-        let err = Policy::new(&[Rule {
-            principal: "*".into(),
-            tenant: "*".into(),
-            permissions: vec!["fly".into()],
-        }])
-        .unwrap_err();
+        let err = RulePolicy::new(&[rule("*", "*", &["fly"])]).unwrap_err();
         assert!(err.message().contains("rule #0"));
     }
 }

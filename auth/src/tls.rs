@@ -3,22 +3,28 @@
 //!
 //! Every reload builds a complete new rustls `ServerConfig` (certificate,
 //! key, client CA bundle, CRLs) and swaps it in; new handshakes use it while
-//! established connections keep theirs, so nothing is dropped. A reload that
-//! fails (say, the key was written before the certificate) keeps the old
-//! configuration and tries again at the next poll.
+//! established connections keep theirs, so nothing is dropped, except that
+//! every request re-checks its connection's client certificate against the
+//! current CRLs and expiry. A reload that fails (a file missing, empty or
+//! half-written, a key written before its certificate) keeps the last good
+//! configuration, logs an error naming the file, and is tried again when
+//! the files change.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use kiln_proto::{Error, Result};
+use kiln_proto::access::ClientCertificate;
+use kiln_proto::{Code, Error, Result};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use serde::Deserialize;
 
-use crate::reload::FileWatch;
+use crate::crl::{RevocationChecking, Revocations};
+use crate::reload::{FileWatch, read_nonempty};
 
 /// Which part of a client certificate names the principal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -53,58 +59,74 @@ impl TlsFiles {
     }
 }
 
-fn pem_error(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::invalid_argument(format!("{}: {e}", path.display()))
+fn pem_error(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::invalid_argument(format!("{what} {}: {e}", path.display()))
 }
 
-fn build(files: &TlsFiles) -> Result<ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| pem_error(&files.cert, e))?
+fn certificates(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let pem = read_nonempty(path, what)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| pem_error(&files.cert, e))?;
+        .map_err(|e| pem_error(what, path, e))?;
     if certs.is_empty() {
-        return Err(pem_error(&files.cert, "no certificate found"));
+        return Err(pem_error(what, path, "holds no certificate"));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| pem_error(&files.key, e))?;
+    Ok(certs)
+}
+
+/// One complete, consistent configuration.
+#[derive(Debug)]
+struct Loaded {
+    config: Arc<ServerConfig>,
+    revocations: Option<Arc<Revocations>>,
+}
+
+fn build(files: &TlsFiles) -> Result<Loaded> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = certificates("certificate file", &files.cert)?;
+    let key_pem = read_nonempty(&files.key, "key file")?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| pem_error("key file", &files.key, e))?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::internal(e.to_string()))?;
+    let mut revocations = None;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
+            let cas = certificates("client CA file", ca)?;
             let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| pem_error(ca, e))? {
-                roots.add(cert.map_err(|e| pem_error(ca, e))?).map_err(|e| pem_error(ca, e))?;
+            for cert in &cas {
+                roots.add(cert.clone()).map_err(|e| pem_error("client CA file", ca, e))?;
             }
-            if roots.is_empty() {
-                return Err(pem_error(ca, "no CA certificate found"));
-            }
-            let crls: Vec<CertificateRevocationListDer<'static>> = match &files.client_crl {
-                None => Vec::new(),
-                Some(crl) => CertificateRevocationListDer::pem_file_iter(crl)
-                    .map_err(|e| pem_error(crl, e))?
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| pem_error(crl, e))?,
-            };
-            let mut verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).with_crls(crls);
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             if !files.client_cert_required {
                 verifier = verifier.allow_unauthenticated();
             }
-            builder.with_client_cert_verifier(verifier.build().map_err(|e| pem_error(ca, e))?)
+            let verifier: Arc<dyn ClientCertVerifier> =
+                verifier.build().map_err(|e| pem_error("client CA file", ca, e))?;
+            let verifier = match &files.client_crl {
+                None => verifier,
+                Some(crl) => {
+                    let set = Arc::new(Revocations::load(crl, &cas)?);
+                    revocations = Some(set.clone());
+                    Arc::new(RevocationChecking { inner: verifier, revocations: set })
+                }
+            };
+            builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(certs, key).map_err(|e| pem_error(&files.cert, e))?;
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| pem_error("certificate and key files", &files.cert, e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+    Ok(Loaded { config: Arc::new(config), revocations })
 }
 
 /// A TLS server configuration that follows its files.
 #[derive(Debug)]
 pub struct ReloadingTls {
     files: TlsFiles,
-    config: ArcSwap<ServerConfig>,
+    loaded: ArcSwap<Loaded>,
     watch: Mutex<FileWatch>,
 }
 
@@ -112,35 +134,57 @@ impl ReloadingTls {
     /// Loads the files; they must be valid at start-up.
     pub fn load(files: TlsFiles) -> Result<Arc<Self>> {
         let watch = FileWatch::new(files.paths());
-        let config = build(&files)?;
-        Ok(Arc::new(Self { files, config: ArcSwap::from_pointee(config), watch: Mutex::new(watch) }))
+        let loaded = build(&files)?;
+        if let Some(set) = &loaded.revocations {
+            tracing::info!(revoked = set.len(), "client certificate revocation lists loaded");
+        }
+        Ok(Arc::new(Self { files, loaded: ArcSwap::from_pointee(loaded), watch: Mutex::new(watch) }))
     }
 
     pub fn reload_if_changed(&self) {
-        let changed = self.watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).changed();
-        if !changed {
+        if !self.watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).settled_change() {
             return;
         }
         match build(&self.files) {
-            Ok(config) => {
-                self.config.store(Arc::new(config));
-                tracing::info!(cert = %self.files.cert.display(), "TLS certificates reloaded");
+            Ok(loaded) => {
+                let revoked = loaded.revocations.as_ref().map(|r| r.len());
+                self.loaded.store(Arc::new(loaded));
+                tracing::info!(cert = %self.files.cert.display(), ?revoked, "TLS files reloaded");
             }
-            Err(e) => {
-                tracing::error!(error = %e, "TLS files changed but do not load; keeping the previous ones");
-                // Try again at the next poll even if the files stay as they are.
-                self.watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner).forget();
-            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "TLS files changed but do not load; keeping the last good certificates, CAs and CRLs"
+            ),
         }
     }
 
     /// An acceptor with the current configuration.
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(self.config.load_full())
+        tokio_rustls::TlsAcceptor::from(self.loaded.load().config.clone())
     }
 
     pub fn mtls(&self) -> bool {
         self.files.client_ca.is_some()
+    }
+
+    /// Re-checks a connection's client certificate on a request: refused if
+    /// the current CRLs revoke it or it has expired since the handshake.
+    pub fn recheck(&self, cert: &ClientCertificate, now_unix_seconds: i64) -> Result<()> {
+        if cert.not_after_unix_seconds < now_unix_seconds {
+            return Err(Error::new(
+                Code::Unauthenticated,
+                "the client certificate has expired; reconnect with a valid one",
+            ));
+        }
+        if let Some(set) = &self.loaded.load().revocations
+            && let Some(why) = set.refusal(cert)
+        {
+            return Err(Error::new(
+                Code::Unauthenticated,
+                format!("the client certificate is refused: {why:?}"),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -78,7 +78,8 @@ impl DigestFunction {
     pub fn compute(self, data: &[u8]) -> Digest {
         let mut hasher = self.hasher();
         hasher.update(data);
-        hasher.into_digest(data.len() as u64)
+        // A slice is at most isize::MAX bytes long, so its length fits the wire's int64.
+        Digest::from_valid(self, hasher.finalize(), data.len() as u64)
     }
 
     /// The digest of the empty blob, which every CAS holds implicitly.
@@ -126,10 +127,11 @@ impl Hasher {
         }
     }
 
-    /// Finalizes into a digest of `size_bytes` bytes.
-    pub fn into_digest(self, size_bytes: u64) -> Digest {
+    /// Finalizes into a digest of `size_bytes` bytes; fails for sizes the
+    /// wire's `int64` cannot carry.
+    pub fn into_digest(self, size_bytes: u64) -> Result<Digest> {
         let function = self.function();
-        Digest { function, hash: self.finalize(), size_bytes }
+        Digest::new(function, self.finalize(), size_bytes)
     }
 }
 
@@ -160,8 +162,24 @@ pub struct Digest {
     size_bytes: u64,
 }
 
+/// The largest size a digest can name: the wire's `size_bytes` is an `int64`.
+const SIZE_BYTES_MAX: u64 = i64::MAX as u64;
+
 impl Digest {
-    pub fn new(function: DigestFunction, hash: [u8; HASH_SIZE_BYTES], size_bytes: u64) -> Self {
+    /// A digest of `size_bytes` bytes whose hash is `hash`; fails for sizes
+    /// above `i64::MAX`, which the wire cannot carry.
+    pub fn new(function: DigestFunction, hash: [u8; HASH_SIZE_BYTES], size_bytes: u64) -> Result<Self> {
+        if size_bytes > SIZE_BYTES_MAX {
+            return Err(Error::invalid_argument(format!(
+                "digest size {size_bytes} is larger than the largest int64"
+            )));
+        }
+        Ok(Self::from_valid(function, hash, size_bytes))
+    }
+
+    /// The one place a `Digest` is assembled; callers have checked the size.
+    fn from_valid(function: DigestFunction, hash: [u8; HASH_SIZE_BYTES], size_bytes: u64) -> Self {
+        assert!(size_bytes <= SIZE_BYTES_MAX, "digest sizes fit in int64");
         Self { function, hash, size_bytes }
     }
 
@@ -183,17 +201,18 @@ impl Digest {
                 ),
             };
             return Err(Error::invalid_argument(format!(
-                "digest {hash_hex:.80}/{size_bytes}: hash has {} characters; {what}",
+                "digest {}/{size_bytes}: hash has {} characters; {what}",
+                crate::text::quoted(hash_hex),
                 hash_hex.len()
             )));
         }
         let Some(hash) = decode_lowercase_hex(hash_hex.as_bytes()) else {
             return Err(Error::invalid_argument(format!(
-                "digest {hash_hex}/{size_bytes}: hash must be lowercase hexadecimal"
+                "digest {}/{size_bytes}: hash must be lowercase hexadecimal",
+                crate::text::quoted(hash_hex)
             )));
         };
-        let size_bytes = u64::try_from(size_bytes).expect("checked non-negative above");
-        Ok(Self { function: function.unwrap_or(DigestFunction::Sha256), hash, size_bytes })
+        Ok(Self::from_valid(function.unwrap_or(DigestFunction::Sha256), hash, size_bytes.unsigned_abs()))
     }
 
     /// Parses a REAPI `Digest` message under the request's `digest_function`.
@@ -233,10 +252,9 @@ impl Digest {
         self.size_bytes
     }
 
-    /// The size as the wire's `int64`. Sizes come from `int64` fields or from
-    /// in-memory lengths, so they always fit.
+    /// The size as the wire's `int64`; every `Digest` fits (see [`Digest::new`]).
     pub fn size_bytes_i64(&self) -> i64 {
-        i64::try_from(self.size_bytes).expect("digest sizes originate from int64 fields")
+        i64::try_from(self.size_bytes).unwrap_or(i64::MAX)
     }
 
     pub fn is_empty_blob(&self) -> bool {
@@ -356,8 +374,18 @@ mod tests {
             let mut h = f.hasher();
             h.update(b"hel");
             h.update(b"lo");
-            assert_eq!(h.into_digest(5), f.compute(b"hello"));
+            assert_eq!(h.into_digest(5).unwrap(), f.compute(b"hello"));
         }
+    }
+
+    #[test]
+    fn sizes_beyond_int64_are_unrepresentable() {
+        let hash = *DigestFunction::Sha256.empty().hash();
+        let err = Digest::new(DigestFunction::Sha256, hash, u64::MAX).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(DigestFunction::Sha256.hasher().into_digest(1 << 63).is_err());
+        let max = Digest::new(DigestFunction::Sha256, hash, i64::MAX as u64).unwrap();
+        assert_eq!(max.size_bytes_i64(), i64::MAX);
     }
 
     #[test]
@@ -380,7 +408,9 @@ impl std::str::FromStr for Digest {
                 Some(f) => (Some(f), rest),
                 None => {
                     return Err(Error::invalid_argument(format!(
-                        "unknown digest function {name:?} in {s:?}"
+                        "unknown digest function {} in {}",
+                        crate::text::quoted(name),
+                        crate::text::quoted(s)
                     )));
                 }
             },
@@ -388,12 +418,13 @@ impl std::str::FromStr for Digest {
         };
         let Some((hash, size)) = rest.split_once('/') else {
             return Err(Error::invalid_argument(format!(
-                "digest {s:?} is not of the form [blake3:]HASH/SIZE"
+                "digest {} is not of the form [blake3:]HASH/SIZE",
+                crate::text::quoted(s)
             )));
         };
-        let size: i64 = size
-            .parse()
-            .map_err(|_| Error::invalid_argument(format!("digest {s:?}: size is not a number")))?;
+        let size: i64 = size.parse().map_err(|_| {
+            Error::invalid_argument(format!("digest {}: size is not a number", crate::text::quoted(s)))
+        })?;
         Self::parse(function, hash, size)
     }
 }

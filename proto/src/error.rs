@@ -105,7 +105,7 @@ impl From<Code> for tonic::Code {
 
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
-        tonic::Status::new(error.code.into(), error.message)
+        tonic::Status::new(error.code.into(), crate::text::clip_message(error.message))
     }
 }
 
@@ -114,7 +114,7 @@ impl Error {
     pub fn to_rpc_status(&self) -> crate::google::rpc::Status {
         crate::google::rpc::Status {
             code: tonic::Code::from(self.code) as i32,
-            message: self.message.clone(),
+            message: crate::text::clip_message(self.message.clone()),
             details: Vec::new(),
         }
     }

@@ -7,10 +7,13 @@
 //! [`Digest`] (SHA-256 and BLAKE3), ByteStream [`resource`] names, and the
 //! [`Error`] type that keeps its gRPC code as it gains context.
 
+pub mod access;
 pub mod digest;
 pub mod error;
+pub mod limits;
 pub mod resource;
 pub mod tenant;
+pub mod text;
 pub mod transport;
 
 pub use digest::{Digest, DigestFunction, Hasher};

@@ -17,16 +17,13 @@ use std::fmt;
 
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
+use crate::text::quoted;
 
 /// Segments that may not appear in an instance name.
 pub const RESERVED_SEGMENTS: [&str; 7] =
     ["blobs", "uploads", "actions", "actionResults", "operations", "capabilities", "compressed-blobs"];
 
-/// Longest instance name accepted, in bytes.
-pub const INSTANCE_NAME_LENGTH_MAX: usize = 1024;
-
-/// Longest resource name accepted, in bytes.
-pub const RESOURCE_NAME_LENGTH_MAX: usize = 4096;
+pub use crate::limits::{INSTANCE_NAME_LENGTH_MAX, RESOURCE_NAME_LENGTH_MAX};
 
 /// How a ByteStream resource's bytes are encoded on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,7 +40,8 @@ impl Compressor {
                 "compressed-blobs/identity is not a valid resource; use blobs/ for uncompressed data",
             )),
             other => Err(Error::invalid_argument(format!(
-                "compressor {other:.40} is not supported; this server supports zstd"
+                "compressor {} is not supported; this server supports zstd",
+                quoted(other)
             ))),
         }
     }
@@ -64,17 +62,20 @@ pub fn validate_instance_name(name: &str) -> Result<()> {
     for segment in name.split('/') {
         if segment.is_empty() || segment == "." || segment == ".." {
             return Err(Error::invalid_argument(format!(
-                "instance name {name:?} has an empty, '.' or '..' segment"
+                "instance name {} has an empty, '.' or '..' segment",
+                quoted(name)
             )));
         }
         if RESERVED_SEGMENTS.contains(&segment) {
             return Err(Error::invalid_argument(format!(
-                "instance name {name:?} contains the reserved segment {segment:?}"
+                "instance name {} contains the reserved segment {segment:?}",
+                quoted(name)
             )));
         }
         if segment.chars().any(char::is_control) {
             return Err(Error::invalid_argument(format!(
-                "instance name {name:?} contains a control character"
+                "instance name {} contains a control character",
+                quoted(name)
             )));
         }
     }
@@ -103,17 +104,19 @@ impl ReadResource {
         let segments = split(name)?;
         let Some(pos) = segments.iter().position(|s| *s == "blobs" || *s == "compressed-blobs") else {
             return Err(Error::invalid_argument(format!(
-                "resource name {name:.200}: expected {{instance}}/blobs/{{hash}}/{{size}} or {{instance}}/compressed-blobs/zstd/{{hash}}/{{size}}"
+                "resource name {}: expected {{instance}}/blobs/{{hash}}/{{size}} or {{instance}}/compressed-blobs/zstd/{{hash}}/{{size}}",
+                quoted(name)
             )));
         };
         let instance_name = segments[..pos].join("/");
         validate_instance_name(&instance_name)
-            .map_err(|e| e.context(format!("resource name {name:.200}")))?;
-        let (compressor, digest, rest) =
-            parse_blob_part(&segments[pos..]).map_err(|e| e.context(format!("resource name {name:.200}")))?;
+            .map_err(|e| e.context(format!("resource name {}", quoted(name))))?;
+        let (compressor, digest, rest) = parse_blob_part(&segments[pos..])
+            .map_err(|e| e.context(format!("resource name {}", quoted(name))))?;
         if !rest.is_empty() {
             return Err(Error::invalid_argument(format!(
-                "resource name {name:.200}: unexpected segments after the blob size"
+                "resource name {}: unexpected segments after the blob size",
+                quoted(name)
             )));
         }
         Ok(Self { instance_name, compressor, digest })
@@ -125,19 +128,21 @@ impl WriteResource {
         let segments = split(name)?;
         let Some(pos) = segments.iter().position(|s| *s == "uploads") else {
             return Err(Error::invalid_argument(format!(
-                "resource name {name:.200}: expected {{instance}}/uploads/{{uuid}}/blobs/{{hash}}/{{size}}"
+                "resource name {}: expected {{instance}}/uploads/{{uuid}}/blobs/{{hash}}/{{size}}",
+                quoted(name)
             )));
         };
         let instance_name = segments[..pos].join("/");
         validate_instance_name(&instance_name)
-            .map_err(|e| e.context(format!("resource name {name:.200}")))?;
+            .map_err(|e| e.context(format!("resource name {}", quoted(name))))?;
         let Some(upload_id) = segments.get(pos + 1).filter(|s| !s.is_empty()) else {
             return Err(Error::invalid_argument(format!(
-                "resource name {name:.200}: missing upload id after uploads/"
+                "resource name {}: missing upload id after uploads/",
+                quoted(name)
             )));
         };
         let (compressor, digest, _metadata) = parse_blob_part(&segments[pos + 2..])
-            .map_err(|e| e.context(format!("resource name {name:.200}")))?;
+            .map_err(|e| e.context(format!("resource name {}", quoted(name))))?;
         Ok(Self { instance_name, upload_id: (*upload_id).to_owned(), compressor, digest })
     }
 }
@@ -172,7 +177,8 @@ fn parse_blob_part<'a, 'b>(segments: &'a [&'b str]) -> Result<(Compressor, Diges
                 && first.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) =>
         {
             return Err(Error::invalid_argument(format!(
-                "digest function {first:.40} is not supported; this server supports sha256 and blake3"
+                "digest function {} is not supported; this server supports sha256 and blake3",
+                quoted(first)
             )));
         }
         _ => (None, rest),
@@ -188,7 +194,8 @@ fn parse_blob_part<'a, 'b>(segments: &'a [&'b str]) -> Result<(Compressor, Diges
 fn parse_size(size: &str) -> Result<i64> {
     if size.is_empty() || size.len() > 19 || !size.bytes().all(|b| b.is_ascii_digit()) {
         return Err(Error::invalid_argument(format!(
-            "size {size:.40} is not a non-negative decimal integer"
+            "size {} is not a non-negative decimal integer",
+            quoted(size)
         )));
     }
     size.parse::<i64>().map_err(|_| Error::invalid_argument(format!("size {size} does not fit in int64")))
@@ -282,8 +289,8 @@ mod tests {
             (format!("blobs/{H}/99999999999999999999"), "non-negative"),
             (format!("blobs/{H}/9223372036854775808"), "int64"),
             (format!("blobs/{}/1", &H[..10]), "10 characters"),
-            (format!("blobs/md5/{H}/1"), "digest function md5"),
-            (format!("compressed-blobs/deflate/{H}/1"), "compressor deflate"),
+            (format!("blobs/md5/{H}/1"), "digest function \"md5\""),
+            (format!("compressed-blobs/deflate/{H}/1"), "compressor \"deflate\""),
             (format!("compressed-blobs/identity/{H}/1"), "use blobs/"),
             (format!("uploads/blobs/{H}/1"), "reserved"),
             (format!("a//b/blobs/{H}/1"), "empty"),

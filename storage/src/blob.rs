@@ -13,7 +13,7 @@
 //! per-core design the thread-per-core server will want anyway.
 
 use bytes::{Bytes, BytesMut};
-use kiln_proto::{Digest, DigestFunction, Hasher};
+use kiln_proto::{Digest, DigestFunction, Hasher, Result};
 
 /// Data for [`BlobStore::put`](crate::store::BlobStore::put).
 #[derive(Debug, Clone)]
@@ -97,17 +97,18 @@ impl BlobBuilder {
     }
 
     /// The finished blob, carrying the digest of its bytes.
-    pub fn finish(self) -> Blob {
-        let digest = Digest::new(self.function, self.hasher.finalize(), self.len);
-        Blob { data: concat(self.chunks, self.len), hashed_as: Some(digest) }
+    pub fn finish(self) -> Result<Blob> {
+        let digest = Digest::new(self.function, self.hasher.finalize(), self.len)?;
+        Ok(Blob { data: concat(self.chunks, self.len), hashed_as: Some(digest) })
     }
 }
 
 fn concat(mut chunks: Vec<Bytes>, len: u64) -> Bytes {
     if chunks.len() == 1 {
-        return chunks.pop().expect("one chunk");
+        return chunks.pop().unwrap_or_default();
     }
-    let mut buf = BytesMut::with_capacity(usize::try_from(len).expect("in memory"));
+    // The chunks are in memory, so their total fits in `usize`.
+    let mut buf = BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
     for chunk in chunks {
         buf.extend_from_slice(&chunk);
     }
@@ -128,7 +129,7 @@ mod tests {
                     b.push(Bytes::copy_from_slice(chunk));
                 }
                 assert_eq!(b.len(), size);
-                let blob = b.finish();
+                let blob = b.finish().unwrap();
                 assert_eq!(blob.data().as_ref(), &data[..]);
                 assert_eq!(blob.hashed_as(), Some(&f.compute(&data)));
             }

@@ -9,6 +9,5 @@
 //!   store calls and map errors to precise gRPC statuses.
 
 pub mod blob;
-pub mod limits;
 pub mod service;
 pub mod store;

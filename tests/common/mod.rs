@@ -24,7 +24,9 @@ pub struct Kiln {
     pub child: Child,
     pub addr: SocketAddr,
     pub data_dir: tempfile::TempDir,
-    stderr: Option<std::thread::JoinHandle<String>>,
+    /// Everything it logged so far.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Kiln {
@@ -45,6 +47,11 @@ impl Kiln {
     /// Starts `kiln serve` with extra arguments and waits until it listens.
     pub fn start_with(args: &[&str]) -> Kiln {
         let data_dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(data_dir, args)
+    }
+
+    /// Starts `kiln serve` on `data_dir` (say, to restart on the same state).
+    pub fn start_in(data_dir: tempfile::TempDir, args: &[&str]) -> Kiln {
         let mut child = Command::new(KILN)
             .arg("serve")
             .arg("--listen")
@@ -58,27 +65,46 @@ impl Kiln {
             .spawn()
             .expect("spawn kiln serve");
         let stderr = child.stderr.take().expect("stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
         let stderr = std::thread::spawn(move || {
-            let mut all = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut all = sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 all.push_str(&line);
                 all.push('\n');
             }
-            all
         });
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         let addr = loop {
             line.clear();
             let n = stdout.read_line(&mut line).expect("read kiln stdout");
-            assert!(n > 0, "kiln serve exited before listening: {}", stderr.join().unwrap_or_default());
+            if n == 0 {
+                let _ = stderr.join();
+                panic!("kiln serve exited before listening: {}", log.lock().unwrap());
+            }
             if let Some(addr) = line.trim().strip_prefix("kiln: serving on ") {
                 break addr.parse().expect("address");
             }
             assert!(Instant::now() < deadline, "kiln serve did not start");
         };
-        Kiln { child, addr, data_dir, stderr: Some(stderr) }
+        Kiln { child, addr, data_dir, log, stderr: Some(stderr) }
+    }
+
+    /// Whether the server has logged `needle` (since the last `clear_log`).
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(needle)
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Forgets what was logged so far.
+    pub fn clear_log(&self) {
+        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
     }
 
     pub fn remote(&self) -> String {
@@ -106,12 +132,22 @@ impl Kiln {
     }
 
     /// Sends SIGTERM and returns the exit status and everything logged.
-    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+    pub fn stop(self) -> (std::process::ExitStatus, String) {
+        let (status, log, _) = self.stop_keeping_data();
+        (status, log)
+    }
+
+    /// Sends SIGTERM, waits for the exit, and hands back the data directory.
+    pub fn stop_keeping_data(mut self) -> (std::process::ExitStatus, String, tempfile::TempDir) {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
         let status = wait_timeout(&mut self.child, Duration::from_secs(20));
-        let log = self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
-        (status, log)
+        if let Some(h) = self.stderr.take() {
+            let _ = h.join();
+        }
+        let log = self.log();
+        let data_dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("tempdir"));
+        (status, log, data_dir)
     }
 }
 
@@ -141,4 +177,122 @@ pub fn kiln(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, failing with `what`
+/// after `timeout`. Tests wait for asynchronous effects (a file reload, a
+/// revocation reaching another node) this way, never with a fixed sleep.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "gave up after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How long tests wait for reloads: generous, as CI machines are loaded;
+/// a reload normally lands within two `reload_interval_ms`.
+pub const RELOAD_WAIT: Duration = Duration::from_secs(30);
+
+/// gRPC calls against a connection, for authorization tests.
+pub mod calls {
+    use kiln_proto::reapi::action_cache_client::ActionCacheClient;
+    use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+    use kiln_proto::reapi::{
+        ActionResult, FindMissingBlobsRequest, GetActionResultRequest, UpdateActionResultRequest,
+    };
+    use kiln_proto::{Digest, DigestFunction};
+    use kiln_tools::client::{ClientOptions, Connection};
+
+    pub fn sha(data: &[u8]) -> Digest {
+        DigestFunction::Sha256.compute(data)
+    }
+
+    pub fn opts(remote: String) -> ClientOptions {
+        ClientOptions { remote, ..ClientOptions::default() }
+    }
+
+    pub async fn find_missing(conn: &Connection, instance: &str) -> Result<(), tonic::Status> {
+        let req = FindMissingBlobsRequest {
+            instance_name: instance.into(),
+            blob_digests: vec![sha(b"x").to_proto()],
+            ..Default::default()
+        };
+        ContentAddressableStorageClient::new(conn.channel()).find_missing_blobs(req).await.map(drop)
+    }
+
+    pub async fn update_ac_with(
+        conn: &Connection,
+        instance: &str,
+        result: ActionResult,
+    ) -> Result<(), tonic::Status> {
+        let req = UpdateActionResultRequest {
+            instance_name: instance.into(),
+            action_digest: Some(sha(b"action").to_proto()),
+            action_result: Some(result),
+            ..Default::default()
+        };
+        ActionCacheClient::new(conn.channel()).update_action_result(req).await.map(drop)
+    }
+
+    pub async fn update_ac(conn: &Connection, instance: &str) -> Result<(), tonic::Status> {
+        update_ac_with(conn, instance, ActionResult::default()).await
+    }
+
+    pub async fn get_ac_result(
+        conn: &Connection,
+        instance: &str,
+        inline: bool,
+    ) -> Result<ActionResult, tonic::Status> {
+        let req = GetActionResultRequest {
+            instance_name: instance.into(),
+            action_digest: Some(sha(b"action").to_proto()),
+            inline_stdout: inline,
+            ..Default::default()
+        };
+        ActionCacheClient::new(conn.channel()).get_action_result(req).await.map(tonic::Response::into_inner)
+    }
+
+    pub async fn get_ac(conn: &Connection, instance: &str) -> Result<(), tonic::Status> {
+        get_ac_result(conn, instance, false).await.map(drop)
+    }
+}
+
+/// Creates a token directly in a token file, as an operator bootstraps.
+pub fn bootstrap_token(
+    file: &std::path::Path,
+    principal: &str,
+    tenant: &str,
+    perms: &str,
+    expires: &str,
+) -> String {
+    let (ok, out, err) = kiln(&[
+        "token",
+        "create",
+        "--token-file",
+        file.to_str().expect("utf-8 path"),
+        "--principal",
+        principal,
+        "--tenant",
+        tenant,
+        "--perm",
+        perms,
+        "--expires",
+        expires,
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("created"), "{err}");
+    out.trim().to_owned()
+}
+
+/// `[auth]` for bearer tokens from `file`, reloaded every 200 ms, plus `extra`.
+pub fn token_config(file: &std::path::Path, extra: &str) -> String {
+    format!("[auth]\ntokens = true\ntoken_file = \"{}\"\nreload_interval_ms = 200\n{extra}", file.display())
 }

@@ -12,6 +12,8 @@ use time::{Duration, OffsetDateTime};
 
 pub struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
+    /// The CA's private key (PEM), for tools such as `openssl ca`.
+    key_pem: String,
     dir: PathBuf,
     name: String,
 }
@@ -24,8 +26,10 @@ impl Ca {
         params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        let ca = Ca { issuer, dir: dir.to_owned(), name: name.to_owned() };
+        let key = KeyPair::generate().unwrap();
+        let key_pem = key.serialize_pem();
+        let issuer = CertifiedIssuer::self_signed(params, key).unwrap();
+        let ca = Ca { issuer, key_pem, dir: dir.to_owned(), name: name.to_owned() };
         std::fs::write(ca.cert_path(), ca.issuer.pem()).unwrap();
         ca
     }
@@ -91,6 +95,51 @@ impl Ca {
             key_identifier_method: KeyIdMethod::Sha256,
         };
         write_atomically(path, &params.signed_by(&self.issuer).unwrap().pem().unwrap());
+    }
+}
+
+impl Ca {
+    /// Writes a version-1 CRL revoking `serials`, as `openssl ca -gencrl`
+    /// writes by default (no CRL number configured).
+    pub fn write_v1_crl(&self, path: &Path, serials: &[u64]) {
+        let work = tempfile::tempdir().unwrap();
+        let key = work.path().join("ca.key");
+        std::fs::write(&key, &self.key_pem).unwrap();
+        let index: String = serials
+            .iter()
+            .map(|s| format!("R\t301231235959Z\t260101000000Z\t{s:02X}\tunknown\t/CN=revoked\n"))
+            .collect();
+        std::fs::write(work.path().join("index.txt"), index).unwrap();
+        let cnf = work.path().join("ca.cnf");
+        std::fs::write(
+            &cnf,
+            format!(
+                "[ca]\ndefault_ca = test\n[test]\ndatabase = {}\ndefault_md = sha256\ndefault_crl_days = 30\n",
+                work.path().join("index.txt").display()
+            ),
+        )
+        .unwrap();
+        let tmp = work.path().join("crl.pem");
+        let out = std::process::Command::new("openssl")
+            .args(["ca", "-gencrl", "-batch", "-config"])
+            .arg(&cnf)
+            .arg("-keyfile")
+            .arg(&key)
+            .arg("-cert")
+            .arg(self.cert_path())
+            .arg("-out")
+            .arg(&tmp)
+            .output()
+            .expect("run openssl (apt-get install openssl)");
+        assert!(out.status.success(), "openssl ca -gencrl: {}", String::from_utf8_lossy(&out.stderr));
+        let text = std::fs::read_to_string(&tmp).unwrap();
+        let listed = std::process::Command::new("openssl")
+            .args(["crl", "-noout", "-text", "-in"])
+            .arg(&tmp)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&listed.stdout).contains("Version 1 (0x0)"), "not a v1 CRL");
+        write_atomically(path, &text);
     }
 }
 

@@ -183,7 +183,7 @@ pub async fn hash_file(function: DigestFunction, path: &Path) -> Result<Digest> 
             hasher.update(&buf[..n]);
             size += n as u64;
         }
-        Ok(hasher.into_digest(size))
+        Ok(hasher.into_digest(size)?)
     })
     .await?
 }

@@ -1,14 +1,10 @@
-//! `kiln token create|list|rotate|revoke`: through the admin API of a
-//! running server, or directly on a token file (to bootstrap the first admin
-//! token; running servers pick the change up within a second).
+//! `kiln token create|list|rotate|revoke` through the admin API of a
+//! running server. (Bootstrapping the first admin token directly on a
+//! token file is the server binary's business: it owns the file format.)
 
-use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use kiln_auth::admin::info;
-use kiln_auth::permission::Permissions;
-use kiln_auth::tokens::TokenStore;
 use kiln_proto::kiln::admin::tokens_client::TokensClient;
 use kiln_proto::kiln::admin::{
     CreateTokenRequest, CreateTokenResponse, ListTokensRequest, RevokeTokenRequest, RotateTokenRequest,
@@ -16,13 +12,6 @@ use kiln_proto::kiln::admin::{
 };
 
 use crate::client::Connection;
-
-/// Where token operations go.
-#[derive(Debug)]
-pub enum Target {
-    Remote(Connection),
-    File(PathBuf),
-}
 
 /// Parses `365d`, `12h`, `30m`, `45s`, or `never`/`0` into seconds (0: never).
 pub fn parse_duration(text: &str) -> Result<i64> {
@@ -42,76 +31,47 @@ pub fn parse_duration(text: &str) -> Result<i64> {
     n.checked_mul(scale).filter(|s| *s > 0).with_context(|| format!("duration {text:?} is out of range"))
 }
 
-fn store(path: &Path) -> Result<std::sync::Arc<TokenStore>> {
-    Ok(TokenStore::open(path)?)
-}
-
 pub async fn create(
-    target: &Target,
+    c: &Connection,
     principal: &str,
     tenant: &str,
     permissions: &[String],
     ttl_seconds: i64,
 ) -> Result<CreateTokenResponse> {
-    match target {
-        Target::Remote(c) => {
-            let request = CreateTokenRequest {
-                principal: principal.to_owned(),
-                tenant: tenant.to_owned(),
-                permissions: permissions.to_vec(),
-                ttl_seconds,
-            };
-            Ok(TokensClient::new(c.channel())
-                .create_token(request)
-                .await
-                .context("CreateToken")?
-                .into_inner())
-        }
-        Target::File(path) => {
-            let perms = Permissions::parse(permissions)?;
-            let (token, record) = store(path)?.create(principal, tenant, perms, ttl_seconds)?;
-            Ok(CreateTokenResponse { token, info: Some(info(&record)) })
-        }
-    }
+    let request = CreateTokenRequest {
+        principal: principal.to_owned(),
+        tenant: tenant.to_owned(),
+        permissions: permissions.to_vec(),
+        ttl_seconds,
+    };
+    Ok(TokensClient::new(c.channel()).create_token(request).await.context("CreateToken")?.into_inner())
 }
 
-pub async fn list(target: &Target) -> Result<Vec<TokenInfo>> {
-    match target {
-        Target::Remote(c) => Ok(TokensClient::new(c.channel())
-            .list_tokens(ListTokensRequest {})
-            .await
-            .context("ListTokens")?
-            .into_inner()
-            .tokens),
-        Target::File(path) => Ok(store(path)?.list().iter().map(info).collect()),
-    }
+pub async fn list(c: &Connection) -> Result<Vec<TokenInfo>> {
+    Ok(TokensClient::new(c.channel())
+        .list_tokens(ListTokensRequest {})
+        .await
+        .context("ListTokens")?
+        .into_inner()
+        .tokens)
 }
 
-pub async fn rotate(target: &Target, id: &str) -> Result<CreateTokenResponse> {
-    match target {
-        Target::Remote(c) => Ok(TokensClient::new(c.channel())
-            .rotate_token(RotateTokenRequest { id: id.to_owned() })
-            .await
-            .context("RotateToken")?
-            .into_inner()),
-        Target::File(path) => {
-            let (token, record) = store(path)?.rotate(id)?;
-            Ok(CreateTokenResponse { token, info: Some(info(&record)) })
-        }
-    }
+pub async fn rotate(c: &Connection, id: &str) -> Result<CreateTokenResponse> {
+    Ok(TokensClient::new(c.channel())
+        .rotate_token(RotateTokenRequest { id: id.to_owned() })
+        .await
+        .context("RotateToken")?
+        .into_inner())
 }
 
-pub async fn revoke(target: &Target, id: &str) -> Result<TokenInfo> {
-    match target {
-        Target::Remote(c) => Ok(TokensClient::new(c.channel())
-            .revoke_token(RevokeTokenRequest { id: id.to_owned() })
-            .await
-            .context("RevokeToken")?
-            .into_inner()
-            .info
-            .unwrap_or_default()),
-        Target::File(path) => Ok(info(&store(path)?.revoke(id)?)),
-    }
+pub async fn revoke(c: &Connection, id: &str) -> Result<TokenInfo> {
+    Ok(TokensClient::new(c.channel())
+        .revoke_token(RevokeTokenRequest { id: id.to_owned() })
+        .await
+        .context("RevokeToken")?
+        .into_inner()
+        .info
+        .unwrap_or_default())
 }
 
 /// One line per token for `kiln token list`.

@@ -4,15 +4,16 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
+use kiln_proto::access::{Authorizer, Caller, Permission};
+use kiln_proto::limits::Limits;
 use kiln_proto::reapi::action_cache_server::ActionCache;
 use kiln_proto::reapi::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
+use kiln_proto::text::quoted;
 use kiln_proto::{Digest, DigestFunction, Error};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::limits::Limits;
 use crate::store::{BlobStore, Key, Scope};
-use kiln_auth::{Authorizer, Permission};
 
 #[derive(Debug, Clone)]
 pub struct ActionCacheService<A, C> {
@@ -37,7 +38,7 @@ fn check_digests(function: DigestFunction, result: &ActionResult) -> Result<(), 
     let logs =
         [("stdout_digest", result.stdout_digest.as_ref()), ("stderr_digest", result.stderr_digest.as_ref())];
     for (what, digest) in files.chain(dirs) {
-        Digest::from_required(Some(function), digest, &format!("output {what:?}"))?;
+        Digest::from_required(Some(function), digest, &format!("output {}", quoted(what)))?;
     }
     for (what, digest) in logs {
         if let Some(d) = digest {
@@ -47,51 +48,51 @@ fn check_digests(function: DigestFunction, result: &ActionResult) -> Result<(), 
     Ok(())
 }
 
-impl<A: BlobStore, C: BlobStore> ActionCacheService<A, C> {
-    /// Moves inlined contents sent by a client into the CAS, so stored
-    /// results stay small and uniform.
-    async fn outline(
-        &self,
-        instance: &str,
-        function: DigestFunction,
-        result: &mut ActionResult,
-    ) -> Result<(), Error> {
-        for (raw, digest) in [
-            (&mut result.stdout_raw, &mut result.stdout_digest),
-            (&mut result.stderr_raw, &mut result.stderr_digest),
-        ] {
-            if !raw.is_empty() {
-                let data = Bytes::from(std::mem::take(raw));
-                let d = function.compute(&data);
-                self.cas.put(&Key::cas_in(instance, d), data.into()).await?;
-                *digest = Some(d.to_proto());
-            }
-        }
-        for file in &mut result.output_files {
-            if !file.contents.is_empty() {
-                let data = Bytes::from(std::mem::take(&mut file.contents));
-                let d = function.compute(&data);
-                if file.digest.as_ref().is_some_and(|given| *given != d.to_proto()) {
-                    return Err(Error::invalid_argument(format!(
-                        "output {:?}: inlined contents do not match its digest",
-                        file.path
-                    )));
-                }
-                self.cas.put(&Key::cas_in(instance, d), data.into()).await?;
-                file.digest = Some(d.to_proto());
-            }
-        }
-        Ok(())
-    }
+/// Inlined contents a client sent, to be stored in the CAS.
+type Outlined = Vec<(Digest, Bytes)>;
 
-    /// Inlines what the client asked for, within the inline budget.
+/// Moves inlined contents out of `result` into blobs for the CAS, checking
+/// each against the digest the client gave, if any. Stores nothing: the
+/// caller validates the whole result before anything is written.
+fn outline(function: DigestFunction, result: &mut ActionResult) -> Result<Outlined, Error> {
+    let mut blobs = Vec::new();
+    let mut take = |what: &str, raw: &mut Vec<u8>, digest: &mut Option<kiln_proto::reapi::Digest>| {
+        if raw.is_empty() {
+            return Ok(());
+        }
+        let data = Bytes::from(std::mem::take(raw));
+        let d = function.compute(&data);
+        if digest.as_ref().is_some_and(|given| *given != d.to_proto()) {
+            return Err(Error::invalid_argument(format!("{what}: inlined contents do not match its digest")));
+        }
+        *digest = Some(d.to_proto());
+        blobs.push((d, data));
+        Ok(())
+    };
+    take("stdout_raw", &mut result.stdout_raw, &mut result.stdout_digest)?;
+    take("stderr_raw", &mut result.stderr_raw, &mut result.stderr_digest)?;
+    for file in &mut result.output_files {
+        let what = format!("output {}", quoted(&file.path));
+        take(&what, &mut file.contents, &mut file.digest)?;
+    }
+    Ok(blobs)
+}
+
+impl<A: BlobStore, C: BlobStore> ActionCacheService<A, C> {
+    /// Inlines what the client asked for, within the inline budget, if the
+    /// caller may read the CAS; otherwise the digests alone answer.
     async fn inline(
         &self,
+        caller: &Caller,
         instance: &str,
         function: DigestFunction,
         req: &GetActionResultRequest,
         result: &mut ActionResult,
     ) {
+        let wants = req.inline_stdout || req.inline_stderr || !req.inline_output_files.is_empty();
+        if !wants || !self.auth.allows(&caller.principal, instance, Permission::CasRead) {
+            return;
+        }
         let mut budget = self.limits.inline_size_bytes_max;
         let mut take = |digest: &Option<kiln_proto::reapi::Digest>| -> Option<Digest> {
             let d = Digest::from_proto(Some(function), digest.as_ref()?).ok()?;
@@ -133,7 +134,7 @@ impl<A: BlobStore, C: BlobStore> ActionCache for ActionCacheService<A, C> {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let principal = self.auth.check(&request, &request.get_ref().instance_name, Permission::AcRead)?;
+        let caller = self.auth.check(&request, &request.get_ref().instance_name, Permission::AcRead)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
@@ -143,7 +144,8 @@ impl<A: BlobStore, C: BlobStore> ActionCache for ActionCacheService<A, C> {
         // read them.
         let mut miss = None;
         for tenant in kiln_proto::tenant::lineage(&req.instance_name) {
-            if tenant != req.instance_name && !self.auth.allows(&principal, tenant, Permission::AcRead) {
+            if tenant != req.instance_name && !self.auth.allows(&caller.principal, tenant, Permission::AcRead)
+            {
                 continue;
             }
             let key = Key::new(Scope::new(tenant), action);
@@ -158,14 +160,14 @@ impl<A: BlobStore, C: BlobStore> ActionCache for ActionCacheService<A, C> {
             let mut result = ActionResult::decode(data.as_ref()).map_err(|e| {
                 Status::internal(format!("stored action result for {action} is unreadable: {e}"))
             })?;
-            self.inline(&req.instance_name, action.function(), &req, &mut result).await;
+            self.inline(&caller, &req.instance_name, action.function(), &req, &mut result).await;
             return Ok(Response::new(result));
         }
         Err(miss.map_or_else(
             || {
                 Status::not_found(format!(
-                    "no action result for {action} in instance {:?}",
-                    req.instance_name
+                    "no action result for {action} in instance {}",
+                    quoted(&req.instance_name)
                 ))
             },
             Status::from,
@@ -176,7 +178,7 @@ impl<A: BlobStore, C: BlobStore> ActionCache for ActionCacheService<A, C> {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let principal = self.auth.check(&request, &request.get_ref().instance_name, Permission::AcWrite)?;
+        let caller = self.auth.check(&request, &request.get_ref().instance_name, Permission::AcWrite)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
@@ -185,13 +187,9 @@ impl<A: BlobStore, C: BlobStore> ActionCache for ActionCacheService<A, C> {
             return Err(Status::invalid_argument("action_result is required"));
         };
         let returned = result.clone();
-        let inlined = !result.stdout_raw.is_empty()
-            || !result.stderr_raw.is_empty()
-            || result.output_files.iter().any(|f| !f.contents.is_empty());
-        if inlined {
-            self.auth.require(&principal, &req.instance_name, Permission::CasWrite)?;
-        }
-        self.outline(&req.instance_name, action.function(), &mut result).await?;
+        // Validate everything before storing anything: a refused update
+        // leaves no blob behind.
+        let blobs = outline(action.function(), &mut result)?;
         check_digests(action.function(), &result)?;
         let encoded = result.encode_to_vec();
         if encoded.len() > self.limits.action_result_size_bytes_max {
@@ -200,6 +198,12 @@ impl<A: BlobStore, C: BlobStore> ActionCache for ActionCacheService<A, C> {
                 encoded.len(),
                 self.limits.action_result_size_bytes_max
             )));
+        }
+        if !blobs.is_empty() {
+            self.auth.require(&caller, &req.instance_name, Permission::CasWrite)?;
+        }
+        for (digest, data) in blobs {
+            self.cas.put(&Key::cas_in(&req.instance_name, digest), data.into()).await?;
         }
         let key = Key::new(Scope::new(&req.instance_name), action);
         self.ac.put(&key, Bytes::from(encoded).into()).await?;

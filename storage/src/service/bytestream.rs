@@ -1,35 +1,36 @@
 //! `google.bytestream.ByteStream` over the CAS: Read, Write and
 //! QueryWriteStatus, for `blobs/` and `compressed-blobs/zstd/`.
 //!
-//! Uploads are buffered until `finish_write`, then verified by the CAS's
+//! Uploads are hashed as their chunks arrive and verified by the CAS's
 //! [`Verifying`](crate::store::Verifying) decorator before they become
-//! visible. An upload that breaks off is remembered (bounded) so that the
-//! client can resume it at the offset `QueryWriteStatus` reports.
+//! visible. Every byte an upload holds is charged to the upload budget as
+//! it arrives (compressed and decompressed alike), and every read chunk
+//! waiting for the network to the read budget (see [`super::admission`]).
+//! An upload that breaks off is remembered (bounded) so that the client can
+//! resume it at the offset `QueryWriteStatus` reports.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
+use kiln_proto::access::{Authorizer, Permission};
 use kiln_proto::google::bytestream::byte_stream_server::ByteStream;
 use kiln_proto::google::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse,
 };
+use kiln_proto::limits::Limits;
 use kiln_proto::resource::{Compressor, ReadResource, WriteResource};
-use kiln_proto::{Digest, Error};
-use lru::LruCache;
-use tokio::sync::Semaphore;
+use kiln_proto::text::quoted;
+use kiln_proto::{Code, Digest, Error};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::compression::{self, Decompressor};
+use super::admission::{Budget, BudgetLimits, Charge};
+use super::compression::{StreamDecoder, StreamEncoder};
+use super::partial::PartialUploads;
 use crate::blob::{Blob, BlobBuilder};
-use crate::limits::Limits;
 use crate::store::{BlobStore, Key};
-use kiln_auth::{Authorizer, Permission};
-
-/// Upload admission is counted in units of this many bytes.
-const PERMIT_UNIT_BYTES: u64 = 64 << 10;
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
@@ -37,37 +38,53 @@ type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send
 pub struct ByteStreamService<C> {
     cas: C,
     limits: Limits,
-    /// Unfinished identity uploads by resource name (without metadata).
-    partial: Arc<Mutex<LruCache<String, Bytes>>>,
-    in_flight: Arc<Semaphore>,
+    partial: Arc<PartialUploads>,
+    uploads: Arc<Budget>,
+    reads: Arc<Budget>,
     auth: Authorizer,
 }
 
 impl<C> ByteStreamService<C> {
     pub fn new(cas: C, limits: Limits, auth: Authorizer) -> Self {
-        let permits = usize::try_from(limits.uploads_in_flight_bytes_max / PERMIT_UNIT_BYTES)
-            .unwrap_or(Semaphore::MAX_PERMITS)
-            .min(Semaphore::MAX_PERMITS);
+        let timeout = Duration::from_millis(limits.admission_timeout_ms);
+        let uploads = Budget::new(
+            "uploads",
+            "uploads_in_flight_bytes_max",
+            BudgetLimits {
+                total_bytes_max: limits.uploads_in_flight_bytes_max,
+                client_bytes_max: limits.upload_client_bytes_max,
+                waiting_bytes_max: limits.admission_waiting_bytes_max,
+                timeout,
+            },
+        );
+        let reads = Budget::new(
+            "reads",
+            "reads_in_flight_bytes_max",
+            BudgetLimits {
+                total_bytes_max: limits.reads_in_flight_bytes_max,
+                client_bytes_max: limits.reads_in_flight_bytes_max,
+                waiting_bytes_max: limits.admission_waiting_bytes_max,
+                timeout,
+            },
+        );
         Self {
             cas,
             limits,
-            partial: Arc::new(Mutex::new(LruCache::new(
-                std::num::NonZeroUsize::new(limits.partial_uploads_max.max(1)).expect("at least 1"),
-            ))),
-            in_flight: Arc::new(Semaphore::new(permits)),
+            partial: Arc::new(PartialUploads::new(
+                limits.partial_uploads_max,
+                limits.partial_uploads_bytes_max,
+            )),
+            uploads,
+            reads,
             auth,
         }
     }
-
-    fn partial(&self) -> std::sync::MutexGuard<'_, LruCache<String, Bytes>> {
-        self.partial.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
 }
 
-/// The data of an upload in progress.
+/// The data of an upload in progress, hashed as it arrives.
 enum Upload {
     Plain(BlobBuilder),
-    Zstd { decompressor: Decompressor, received_bytes: u64 },
+    Zstd { decoder: Box<StreamDecoder>, builder: BlobBuilder },
 }
 
 impl Upload {
@@ -75,11 +92,12 @@ impl Upload {
     fn received_bytes(&self) -> u64 {
         match self {
             Upload::Plain(builder) => builder.len(),
-            Upload::Zstd { received_bytes, .. } => *received_bytes,
+            Upload::Zstd { decoder, .. } => decoder.received_bytes(),
         }
     }
 
-    fn append(&mut self, digest: &Digest, data: Vec<u8>) -> Result<(), Error> {
+    /// Adds one message's data, charging what it holds to `charge` first.
+    async fn append(&mut self, digest: &Digest, data: Vec<u8>, charge: &mut Charge) -> Result<(), Error> {
         match self {
             Upload::Plain(builder) => {
                 if builder.len() + data.len() as u64 > digest.size_bytes() {
@@ -88,12 +106,24 @@ impl Upload {
                         digest.size_bytes()
                     )));
                 }
+                charge.grow(data.len() as u64).await?;
                 builder.push(Bytes::from(data));
             }
-            Upload::Zstd { decompressor, received_bytes } => {
-                decompressor.write(&data)?;
-                *received_bytes += data.len() as u64;
-                debug_assert!(decompressor.len() as u64 <= digest.size_bytes());
+            Upload::Zstd { decoder, builder } => {
+                decoder.receive(data.len())?;
+                // The compressed message is held while it is decompressed.
+                let compressed = data.len() as u64;
+                charge.grow(compressed).await?;
+                let mut pos = 0;
+                loop {
+                    let (chunk, full) = decoder.step(&data, &mut pos)?;
+                    charge.grow(chunk.len() as u64).await?;
+                    builder.push(chunk);
+                    if pos == data.len() && !full {
+                        break;
+                    }
+                }
+                charge.shrink(compressed);
             }
         }
         Ok(())
@@ -108,8 +138,11 @@ impl Upload {
                     digest.size_bytes()
                 )))
             }
-            Upload::Plain(builder) => Ok(builder.finish()),
-            Upload::Zstd { decompressor, .. } => decompressor.finish().map(Blob::from),
+            Upload::Plain(builder) => builder.finish(),
+            Upload::Zstd { decoder, builder } => {
+                decoder.finish()?;
+                builder.finish()
+            }
         }
     }
 }
@@ -120,29 +153,49 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
     }
 
     /// Starts or resumes an upload at `offset`.
-    fn begin(&self, resource: &WriteResource, offset: i64) -> Result<Upload, Status> {
+    async fn begin(
+        &self,
+        resource: &WriteResource,
+        offset: i64,
+        charge: &mut Charge,
+    ) -> Result<Upload, Status> {
         let size = resource.digest.size_bytes();
+        let function = resource.digest.function();
         if resource.compressor == Compressor::Zstd {
             if offset != 0 {
                 return Err(Status::invalid_argument(
                     "compressed uploads cannot be resumed; restart the upload at write_offset 0",
                 ));
             }
-            return Ok(Upload::Zstd { decompressor: Decompressor::new(size), received_bytes: 0 });
+            return Ok(Upload::Zstd {
+                decoder: Box::new(StreamDecoder::new(size)?),
+                builder: BlobBuilder::new(function),
+            });
         }
         let name = resource.to_string();
-        let resumed = self.partial().pop(&name);
-        let function = resource.digest.function();
-        match (offset, resumed) {
-            (0, _) => Ok(Upload::Plain(BlobBuilder::new(function))),
-            (offset, Some(buf)) if buf.len() as i64 == offset => {
+        let committed = self.partial.committed(&name).unwrap_or(0);
+        match u64::try_from(offset) {
+            Ok(0) => {
+                self.partial.forget(&name);
+                Ok(Upload::Plain(BlobBuilder::new(function)))
+            }
+            Ok(offset) if offset == committed => {
+                // Charge the remembered bytes before taking them, so a busy
+                // server leaves them resumable.
+                charge.grow(offset).await?;
+                let data = self.partial.take_at(&name, offset).ok_or_else(|| {
+                    Status::aborted(format!(
+                        "upload {} was resumed or forgotten concurrently; ask QueryWriteStatus",
+                        quoted(&name)
+                    ))
+                })?;
                 let mut builder = BlobBuilder::new(function);
-                builder.push(buf);
+                builder.push(data);
                 Ok(Upload::Plain(builder))
             }
-            (offset, resumed) => Err(Status::invalid_argument(format!(
-                "write_offset {offset} does not match the committed size {} of {name}; ask QueryWriteStatus",
-                resumed.map_or(0, |b| b.len())
+            _ => Err(Status::invalid_argument(format!(
+                "write_offset {offset} does not match the committed size {committed} of {}; ask QueryWriteStatus",
+                quoted(&name)
             ))),
         }
     }
@@ -152,48 +205,118 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
         resource: &WriteResource,
         first: WriteRequest,
         stream: &mut Streaming<WriteRequest>,
+        charge: &mut Charge,
     ) -> Result<(Blob, u64), Status> {
         let digest = resource.digest;
-        let mut upload = self.begin(resource, first.write_offset)?;
+        let mut upload = self.begin(resource, first.write_offset, charge).await?;
         let mut message = first;
         let name = message.resource_name.clone();
-        loop {
-            if !message.resource_name.is_empty() && message.resource_name != name {
-                return Err(Status::invalid_argument(format!(
-                    "resource_name changed within one upload: {:.200} then {:.200}",
-                    name, message.resource_name
-                )));
-            }
-            let received = upload.received_bytes();
-            if u64::try_from(message.write_offset).ok() != Some(received) {
-                return Err(Status::invalid_argument(format!(
-                    "write_offset is {} but {received} bytes have been received",
-                    message.write_offset
-                )));
-            }
-            upload.append(&digest, std::mem::take(&mut message.data))?;
-            if message.finish_write {
-                break;
-            }
-            let idle = Duration::from_millis(self.limits.upload_idle_timeout_ms);
-            let next = match tokio::time::timeout(idle, stream.message()).await {
-                Ok(Ok(Some(m))) => {
-                    message = m;
-                    continue;
+        let idle = Duration::from_millis(self.limits.upload_idle_timeout_ms);
+        // On failure: the status, and whether the bytes so far stay
+        // resumable (the connection or the server failed, not the data).
+        let outcome: Result<(), (Status, bool)> = async {
+            loop {
+                if !message.resource_name.is_empty() && message.resource_name != name {
+                    return Err((
+                        Status::invalid_argument(format!(
+                            "resource_name changed within one upload: {} then {}",
+                            quoted(&name),
+                            quoted(&message.resource_name)
+                        )),
+                        true,
+                    ));
                 }
-                Ok(Ok(None)) => Status::invalid_argument("the write stream ended without finish_write"),
-                Ok(Err(status)) => status,
-                Err(_) => Status::deadline_exceeded(format!(
-                    "no upload data for {idle:?}; resume at the offset QueryWriteStatus reports"
-                )),
-            };
-            if let Upload::Plain(builder) = upload {
-                self.partial().put(resource.to_string(), builder.into_bytes());
+                let received = upload.received_bytes();
+                if u64::try_from(message.write_offset).ok() != Some(received) {
+                    return Err((
+                        Status::invalid_argument(format!(
+                            "write_offset is {} but {received} bytes have been received; resume at the offset QueryWriteStatus reports",
+                            message.write_offset
+                        )),
+                        true,
+                    ));
+                }
+                if let Err(e) = upload.append(&digest, std::mem::take(&mut message.data), charge).await {
+                    let keep = matches!(e.code(), Code::ResourceExhausted | Code::Unavailable);
+                    return Err((e.into(), keep));
+                }
+                if message.finish_write {
+                    return Ok(());
+                }
+                message = match tokio::time::timeout(idle, stream.message()).await {
+                    Ok(Ok(Some(m))) => m,
+                    Ok(Ok(None)) => {
+                        return Err((Status::invalid_argument("the write stream ended without finish_write"), true));
+                    }
+                    Ok(Err(status)) => return Err((status, true)),
+                    Err(_) => {
+                        return Err((
+                            Status::deadline_exceeded(format!(
+                                "no upload data for {idle:?}; resume at the offset QueryWriteStatus reports"
+                            )),
+                            true,
+                        ));
+                    }
+                };
             }
-            return Err(next);
+        }
+        .await;
+        if let Err((status, keep)) = outcome {
+            if let Upload::Plain(builder) = upload
+                && keep
+            {
+                self.partial.keep(resource.to_string(), builder.into_bytes());
+            }
+            return Err(status);
         }
         let received = upload.received_bytes();
         Ok((upload.finish(&digest)?, received))
+    }
+}
+
+/// A ByteStream Read in progress: one chunk at a time, each charged to the
+/// read budget until the next is asked for.
+struct ReadState {
+    data: Bytes,
+    pos: usize,
+    chunk_bytes: usize,
+    charge: Charge,
+    encoder: Option<StreamEncoder>,
+    done: bool,
+}
+
+impl ReadState {
+    async fn next(&mut self) -> Option<Result<ReadResponse, Status>> {
+        // The previous chunk has been taken by the network stack.
+        self.charge.shrink(u64::MAX);
+        while !self.done {
+            let end = (self.pos + self.chunk_bytes).min(self.data.len());
+            let piece = self.data.slice(self.pos..end);
+            self.pos = end;
+            let last = self.pos == self.data.len();
+            if let Err(e) = self.charge.grow(piece.len().max(1) as u64).await {
+                self.done = true;
+                return Some(Err(e.into()));
+            }
+            let out = match self.encoder.take() {
+                None => piece.to_vec(),
+                Some(encoder) => match encoder.chunk_async(piece, last).await {
+                    Ok((encoder, out)) => {
+                        self.encoder = Some(encoder);
+                        out
+                    }
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e.into()));
+                    }
+                },
+            };
+            self.done = last;
+            if !out.is_empty() || (last && self.data.is_empty()) {
+                return Some(Ok(ReadResponse { data: out }));
+            }
+        }
+        None
     }
 }
 
@@ -203,7 +326,7 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
         let resource = ReadResource::parse(&request.get_ref().resource_name)?;
-        self.auth.check(&request, &resource.instance_name, Permission::CasRead)?;
+        let caller = self.auth.check(&request, &resource.instance_name, Permission::CasRead)?;
         let req = request.into_inner();
         if req.read_offset < 0 {
             return Err(Status::out_of_range(format!("read_offset {} is negative", req.read_offset)));
@@ -213,39 +336,47 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
         }
         let data = self.cas.get(&Key::cas_in(&resource.instance_name, resource.digest)).await?;
         let size = data.len() as u64;
-        let offset = u64::try_from(req.read_offset).expect("checked non-negative");
+        let offset = req.read_offset.unsigned_abs();
         if offset > size {
             return Err(Status::out_of_range(format!(
                 "read_offset {offset} is past the end of {} ({size} bytes)",
                 resource.digest
             )));
         }
-        let limit = u64::try_from(req.read_limit).expect("checked non-negative");
+        let limit = req.read_limit.unsigned_abs();
         let end = if limit == 0 { size } else { size.min(offset.saturating_add(limit)) };
-        let range = usize::try_from(offset).expect("in memory")..usize::try_from(end).expect("in memory");
-        let mut data = data.slice(range);
-        if resource.compressor == Compressor::Zstd {
-            data = compression::compress(data).await?;
-        }
-        let chunk = self.limits.read_chunk_size_bytes;
-        let chunks = (0..data.len().div_ceil(chunk)).map(move |i| {
-            let end = ((i + 1) * chunk).min(data.len());
-            Ok(ReadResponse { data: data[i * chunk..end].to_vec() })
+        // Both bounds are at most `size`, the length of an in-memory buffer.
+        let range = usize::try_from(offset).unwrap_or(usize::MAX)..usize::try_from(end).unwrap_or(usize::MAX);
+        let encoder = match resource.compressor {
+            Compressor::Zstd => Some(StreamEncoder::new()?),
+            Compressor::Identity => None,
+        };
+        let state = ReadState {
+            data: data.slice(range),
+            pos: 0,
+            chunk_bytes: self.limits.read_chunk_size_bytes,
+            charge: self.reads.charge(caller.peer),
+            encoder,
+            done: false,
+        };
+        let stream = futures::stream::unfold(state, |mut state| async move {
+            let item = state.next().await?;
+            Some((item, state))
         });
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn write(
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
-        let principal = Authorizer::principal(&request)?;
+        let caller = Authorizer::caller(&request)?;
         let mut stream = request.into_inner();
         let Some(first) = stream.message().await? else {
             return Err(Status::invalid_argument("the write stream carried no request"));
         };
         let resource = WriteResource::parse(&first.resource_name)?;
-        self.auth.require(&principal, &resource.instance_name, Permission::CasWrite)?;
+        self.auth.require(&caller, &resource.instance_name, Permission::CasWrite)?;
         let digest = resource.digest;
         if digest.size_bytes() > self.limits.blob_size_bytes_max {
             return Err(Status::invalid_argument(format!(
@@ -263,19 +394,14 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
             };
             return Ok(Response::new(WriteResponse { committed_size }));
         }
-        let units = digest.size_bytes().div_ceil(PERMIT_UNIT_BYTES).max(1);
-        let units = u32::try_from(units).expect("blob_size_bytes_max bounds the unit count");
-        let _admission = self
-            .in_flight
-            .acquire_many(units)
-            .await
-            .map_err(|_| Status::unavailable("the server is shutting down"))?;
-        let (data, received_bytes) = self.receive(&resource, first, &mut stream).await?;
-        self.cas.put(&key, data).await?;
+        let mut charge = self.uploads.charge(caller.peer);
+        let (blob, received_bytes) = self.receive(&resource, first, &mut stream, &mut charge).await?;
+        self.cas.put(&key, blob).await?;
+        drop(charge);
         tracing::debug!(blob = %digest, "ByteStream upload stored");
         // Bytes received in the offsets the client used (compressed bytes for
-        // compressed uploads).
-        let committed_size = i64::try_from(received_bytes).expect("bounded by the blob size limit");
+        // compressed uploads), bounded by the blob size limit.
+        let committed_size = i64::try_from(received_bytes).unwrap_or(i64::MAX);
         Ok(Response::new(WriteResponse { committed_size }))
     }
 
@@ -289,12 +415,12 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
             let committed_size = resource.digest.size_bytes_i64();
             return Ok(Response::new(QueryWriteStatusResponse { committed_size, complete: true }));
         }
-        match self.partial().peek(&resource.to_string()) {
-            Some(buf) => Ok(Response::new(QueryWriteStatusResponse {
-                committed_size: i64::try_from(buf.len()).expect("in memory"),
+        match self.partial.committed(&resource.to_string()) {
+            Some(len) => Ok(Response::new(QueryWriteStatusResponse {
+                committed_size: i64::try_from(len).unwrap_or(i64::MAX),
                 complete: false,
             })),
-            None => Err(Status::not_found(format!("no upload in progress for {resource}"))),
+            None => Err(Error::new(Code::NotFound, format!("no upload in progress for {resource}")).into()),
         }
     }
 }

@@ -1,23 +1,31 @@
 //! `Capabilities.GetCapabilities`.
 
 use kiln_proto::DigestFunction;
+use kiln_proto::access::{Authorizer, Permission};
+use kiln_proto::limits::Limits;
 use kiln_proto::reapi::capabilities_server::Capabilities;
 use kiln_proto::reapi::{
     ActionCacheUpdateCapabilities, CacheCapabilities, GetCapabilitiesRequest, SemVer, ServerCapabilities,
     compressor, symlink_absolute_path_strategy,
 };
+use kiln_proto::text::quoted;
+use kiln_proto::{Code, Error};
 use tonic::{Request, Response, Status};
 
-use crate::limits::Limits;
-
+/// `GetCapabilities` needs an authenticated caller (the layer sees to that)
+/// holding at least one permission on the instance it asks about. The
+/// answer reveals nothing tenant-specific, but refusing a caller who could
+/// do nothing there tells a misconfigured client (a wrong instance name or
+/// credentials) at its first call, before a build starts.
 #[derive(Debug, Clone)]
 pub struct CapabilitiesService {
     limits: Limits,
+    auth: Authorizer,
 }
 
 impl CapabilitiesService {
-    pub fn new(limits: Limits) -> Self {
-        Self { limits }
+    pub fn new(limits: Limits, auth: Authorizer) -> Self {
+        Self { limits, auth }
     }
 
     /// What this storage node offers; execution capabilities are added by
@@ -53,7 +61,18 @@ impl Capabilities for CapabilitiesService {
         &self,
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
-        super::instance(&request.get_ref().instance_name)?;
+        let instance = &request.get_ref().instance_name;
+        super::instance(instance)?;
+        let caller = Authorizer::caller(&request)?;
+        if self.auth.permissions(&caller.principal, instance).is_empty() {
+            // Same message and logging as any other denial.
+            self.auth.require(&caller, instance, Permission::CasRead)?;
+            return Err(Error::new(
+                Code::PermissionDenied,
+                format!("no permission on instance {}", quoted(instance)),
+            )
+            .into());
+        }
         Ok(Response::new(self.capabilities()))
     }
 }

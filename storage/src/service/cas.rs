@@ -21,20 +21,26 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::compression;
-use crate::limits::Limits;
 use crate::store::{BlobStore, Key, Scope};
-use kiln_auth::{Authorizer, Permission};
+use kiln_proto::access::{Authorizer, Permission};
+use kiln_proto::limits::Limits;
+use kiln_proto::{Code, text::quoted};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
 
 #[derive(Debug, Clone)]
 pub struct CasService<C> {
     cas: C,
     limits: Limits,
     auth: Authorizer,
+    /// Turns for GetTree walks (`tree_walks_max`).
+    tree_walks: Arc<Semaphore>,
 }
 
 impl<C> CasService<C> {
     pub fn new(cas: C, limits: Limits, auth: Authorizer) -> Self {
-        Self { cas, limits, auth }
+        Self { cas, limits, auth, tree_walks: Arc::new(Semaphore::new(limits.tree_walks_max)) }
     }
 }
 
@@ -215,6 +221,18 @@ impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
             Err(_) => return Err(Status::invalid_argument("page_size must not be negative")),
         };
         let skip = parse_page_token(&req.page_token)?;
+        let wait = Duration::from_millis(self.limits.admission_timeout_ms);
+        let turn = match tokio::time::timeout(wait, self.tree_walks.clone().acquire_owned()).await {
+            Ok(Ok(turn)) => turn,
+            Ok(Err(_)) => return Err(Status::unavailable("the server is shutting down")),
+            Err(_) => {
+                return Err(Error::resource_exhausted(format!(
+                    "the server is busy: {} GetTree walks are running (tree_walks_max); retry later",
+                    self.limits.tree_walks_max
+                ))
+                .into());
+            }
+        };
         // The root must exist; missing subdirectories are omitted per the spec.
         let root_data = self
             .cas
@@ -232,7 +250,10 @@ impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
             directories_max: self.limits.tree_directories_max,
         };
         let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(walk.run(root, skip, tx));
+        tokio::spawn(async move {
+            walk.run(root, skip, tx).await;
+            drop(turn);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -310,16 +331,29 @@ impl<C: BlobStore> TreeWalk<C> {
         while let Some(digest) = queue.pop_front() {
             let data = match self.cas.get(&Key::new(self.scope.clone(), digest)).await {
                 Ok(data) => data,
+                // Missing subdirectories are omitted, as the REAPI says.
                 Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e.context(format!("GetTree directory {digest}")).into()),
             };
-            let Ok(dir) = Directory::decode(data.as_ref()) else { continue };
+            let dir = Directory::decode(data.as_ref()).map_err(|e| {
+                Error::new(
+                    Code::FailedPrecondition,
+                    format!("GetTree: blob {digest} is referenced as a directory but is not a Directory message: {e}"),
+                )
+            })?;
             for child in &dir.directories {
-                let Some(d) =
-                    child.digest.as_ref().and_then(|d| Digest::from_proto(Some(self.function), d).ok())
-                else {
-                    continue;
-                };
+                let d = Digest::from_required(Some(self.function), child.digest.as_ref(), "digest").map_err(
+                    |e| {
+                        Error::new(
+                            Code::FailedPrecondition,
+                            format!(
+                                "GetTree: directory {digest} names child {} with a bad digest: {}",
+                                quoted(&child.name),
+                                e.message()
+                            ),
+                        )
+                    },
+                )?;
                 if seen.len() >= self.directories_max {
                     return Err(Error::resource_exhausted(format!(
                         "tree has more than {} directories",

@@ -8,10 +8,12 @@ use kiln_proto::{DigestFunction, Error};
 use tonic::Status;
 
 mod action_cache;
+mod admission;
 mod bytestream;
 mod capabilities;
 mod cas;
 mod compression;
+mod partial;
 
 pub use action_cache::ActionCacheService;
 pub use bytestream::ByteStreamService;

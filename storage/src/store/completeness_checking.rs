@@ -9,71 +9,88 @@
 //! keeps its outputs alive.
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use kiln_proto::reapi::{ActionResult, Tree};
 use kiln_proto::{Digest, DigestFunction, Error, Result};
 use prost::Message;
 
 use super::{Blob, BlobStore, Key, Scope};
 
-/// Most blobs one action result may reference before it is treated as
-/// incomplete (a bound on the work one GetActionResult can cause).
-const REFERENCED_BLOBS_MAX: usize = 1 << 20;
-
 #[derive(Debug, Clone)]
 pub struct CompletenessChecking<A, C> {
     action_cache: A,
     cas: C,
+    /// Most blobs one check may look up, over all outputs and tree files.
+    referenced_blobs_max: usize,
+    /// Most output trees fetched at once.
+    tree_fetches_max: usize,
 }
 
 impl<A, C> CompletenessChecking<A, C> {
-    pub fn new(action_cache: A, cas: C) -> Self {
-        Self { action_cache, cas }
+    pub fn new(action_cache: A, cas: C, referenced_blobs_max: usize, tree_fetches_max: usize) -> Self {
+        Self { action_cache, cas, referenced_blobs_max, tree_fetches_max: tree_fetches_max.max(1) }
     }
 }
 
-fn parse_all<'a>(
-    scope: &Scope,
+/// Keys gathered for one check, bounded in total.
+struct Referenced {
+    scope: Scope,
     function: DigestFunction,
-    digests: impl Iterator<Item = &'a kiln_proto::reapi::Digest>,
-    out: &mut Vec<Key>,
-) -> Result<()> {
-    for d in digests {
-        out.push(Key::new(scope.clone(), Digest::from_proto(Some(function), d)?));
-        if out.len() > REFERENCED_BLOBS_MAX {
-            return Err(Error::not_found("action result references too many blobs"));
+    count: usize,
+    max: usize,
+}
+
+impl Referenced {
+    fn add<'a>(
+        &mut self,
+        digests: impl Iterator<Item = &'a kiln_proto::reapi::Digest>,
+        out: &mut Vec<Key>,
+    ) -> Result<()> {
+        for d in digests {
+            self.count += 1;
+            if self.count > self.max {
+                return Err(Error::not_found(format!(
+                    "action result references more than {} blobs (referenced_blobs_max)",
+                    self.max
+                )));
+            }
+            let digest =
+                Digest::from_proto(Some(self.function), d).map_err(|e| Error::not_found(e.message()))?;
+            out.push(Key::new(self.scope.clone(), digest));
         }
+        Ok(())
     }
-    Ok(())
+}
+
+async fn fetch<'a, C: BlobStore>(cas: &'a C, key: &'a Key) -> (&'a Key, Result<Bytes>) {
+    (key, cas.get(key).await)
 }
 
 impl<A: BlobStore, C: BlobStore> CompletenessChecking<A, C> {
+    /// `Ok` if every blob the result references is in the CAS; `NotFound`
+    /// if one is missing; other errors keep their codes.
     async fn check(&self, key: &Key, data: &Bytes) -> Result<()> {
-        let function = key.digest.function();
+        let result = ActionResult::decode(data.as_ref()).map_err(|e| {
+            tracing::error!(action = %key, error = %e, "stored action result does not decode; treating it as absent");
+            Error::not_found(format!("stored action result is unreadable: {e}"))
+        })?;
         // Outputs live in the CAS of the action's base tenant.
-        let scope = &Scope::cas_of(key.scope.as_str());
-        let result = ActionResult::decode(data.as_ref())
-            .map_err(|e| Error::not_found(format!("stored action result is unreadable: {e}")))?;
+        let mut refs = Referenced {
+            scope: Scope::cas_of(key.scope.as_str()),
+            function: key.digest.function(),
+            count: 0,
+            max: self.referenced_blobs_max,
+        };
         let mut keys = Vec::new();
-        parse_all(scope, function, result.output_files.iter().filter_map(|f| f.digest.as_ref()), &mut keys)?;
-        parse_all(
-            scope,
-            function,
-            result.stdout_digest.iter().chain(result.stderr_digest.iter()),
-            &mut keys,
-        )?;
-        let mut trees = Vec::new();
-        parse_all(
-            scope,
-            function,
-            result.output_directories.iter().filter_map(|d| d.tree_digest.as_ref()),
-            &mut trees,
-        )?;
-        parse_all(
-            scope,
-            function,
+        refs.add(result.output_files.iter().filter_map(|f| f.digest.as_ref()), &mut keys)?;
+        refs.add(result.stdout_digest.iter().chain(result.stderr_digest.iter()), &mut keys)?;
+        refs.add(
             result.output_directories.iter().filter_map(|d| d.root_directory_digest.as_ref()),
             &mut keys,
         )?;
+        let mut trees = Vec::new();
+        refs.add(result.output_directories.iter().filter_map(|d| d.tree_digest.as_ref()), &mut trees)?;
         keys.extend(trees.iter().cloned());
         let missing = self.cas.find_missing(&keys).await?;
         if let Some(first) = missing.first() {
@@ -82,13 +99,21 @@ impl<A: BlobStore, C: BlobStore> CompletenessChecking<A, C> {
                 missing.len()
             )));
         }
+        // Fetch the trees concurrently, at most `tree_fetches_max` at once.
+        let mut pending = FuturesUnordered::new();
+        let mut queued = trees.iter();
         let mut files = Vec::new();
-        for tree_key in &trees {
-            let tree = self.cas.get(tree_key).await?;
+        loop {
+            while pending.len() < self.tree_fetches_max {
+                let Some(tree_key) = queued.next() else { break };
+                pending.push(fetch(&self.cas, tree_key));
+            }
+            let Some((tree_key, tree)) = pending.next().await else { break };
+            let tree = tree?;
             let tree = Tree::decode(tree.as_ref())
                 .map_err(|e| Error::not_found(format!("output tree {tree_key} is unreadable: {e}")))?;
             for dir in tree.root.iter().chain(tree.children.iter()) {
-                parse_all(scope, function, dir.files.iter().filter_map(|f| f.digest.as_ref()), &mut files)?;
+                refs.add(dir.files.iter().filter_map(|f| f.digest.as_ref()), &mut files)?;
             }
         }
         let missing = self.cas.find_missing(&files).await?;
@@ -105,11 +130,16 @@ impl<A: BlobStore, C: BlobStore> CompletenessChecking<A, C> {
 impl<A: BlobStore, C: BlobStore> BlobStore for CompletenessChecking<A, C> {
     async fn get(&self, key: &Key) -> Result<Bytes> {
         let data = self.action_cache.get(key).await?;
-        self.check(key, &data).await.map_err(|e| {
-            tracing::debug!(action = %key, error = %e, "hiding incomplete action result");
-            Error::not_found(format!("action result {key} is incomplete: {}", e.message()))
-        })?;
-        Ok(data)
+        match self.check(key, &data).await {
+            Ok(()) => Ok(data),
+            Err(e) if e.is_not_found() => {
+                tracing::debug!(action = %key, error = %e, "hiding incomplete action result");
+                Err(Error::not_found(format!("action result {key} is incomplete: {}", e.message())))
+            }
+            // The CAS could not answer (unavailable, data loss ...): say so,
+            // rather than pretend the result is absent.
+            Err(e) => Err(e.context(format!("checking action result {key}"))),
+        }
     }
 
     async fn put(&self, key: &Key, blob: Blob) -> Result<()> {
@@ -137,7 +167,7 @@ mod tests {
     #[tokio::test]
     async fn hides_results_with_missing_outputs() {
         let cas = Arc::new(EmptyBlob::new(MemoryStore::new(1 << 20, 1)));
-        let ac = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), cas.clone());
+        let ac = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), cas.clone(), 1000, 4);
         let file = put_cas(&*cas, b"output").await;
         let inner = put_cas(&*cas, b"in tree").await;
         let tree = Tree {
@@ -202,9 +232,99 @@ mod tests {
     #[tokio::test]
     async fn garbage_is_not_served() {
         let cas = MemoryStore::new(1 << 20, 1);
-        let ac = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), cas);
+        let ac = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), cas, 1000, 4);
         let key = Key::new(Scope::new(""), DigestFunction::Sha256.compute(b"a"));
         ac.put(&key, Blob::from(Bytes::from_static(b"\xff\xff\xff"))).await.unwrap();
         assert!(ac.get(&key).await.unwrap_err().is_not_found());
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use kiln_proto::Code;
+    use kiln_proto::reapi::{Directory, FileNode, OutputDirectory, OutputFile};
+
+    /// A CAS that fails every call, as a broken backend would.
+    #[derive(Debug, Clone)]
+    struct Failing(Code);
+
+    impl BlobStore for Failing {
+        async fn get(&self, _: &Key) -> Result<Bytes> {
+            Err(Error::new(self.0, "backend down"))
+        }
+        async fn put(&self, _: &Key, _: Blob) -> Result<()> {
+            Err(Error::new(self.0, "backend down"))
+        }
+        async fn find_missing(&self, _: &[Key]) -> Result<Vec<Key>> {
+            Err(Error::new(self.0, "backend down"))
+        }
+    }
+
+    fn result_with(files: usize) -> ActionResult {
+        ActionResult {
+            output_files: (0..files)
+                .map(|i| OutputFile {
+                    path: format!("f{i}"),
+                    digest: Some(DigestFunction::Sha256.compute(format!("{i}").as_bytes()).to_proto()),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn cas_errors_keep_their_codes() {
+        for code in [Code::Unavailable, Code::DataLoss, Code::Internal] {
+            let ac = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), Failing(code), 100, 4);
+            let key = Key::new(Scope::new("main"), DigestFunction::Sha256.compute(b"a"));
+            ac.put(&key, Blob::from(Bytes::from(result_with(1).encode_to_vec()))).await.unwrap();
+            assert_eq!(ac.get(&key).await.unwrap_err().code(), code);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_bound_counts_every_list_together() {
+        let cas = std::sync::Arc::new(MemoryStore::new(1 << 20, 1));
+        for i in 0..6 {
+            let data = Bytes::from(format!("{i}"));
+            cas.put(&Key::cas_in("main", DigestFunction::Sha256.compute(&data)), Blob::from(data))
+                .await
+                .unwrap();
+        }
+        // A tree with 3 files, referenced next to 3 output files: 7 blobs in all.
+        let tree = Tree {
+            root: Some(Directory {
+                files: (3..6)
+                    .map(|i| FileNode {
+                        name: format!("t{i}"),
+                        digest: Some(DigestFunction::Sha256.compute(format!("{i}").as_bytes()).to_proto()),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            children: vec![],
+        };
+        let tree_bytes = Bytes::from(tree.encode_to_vec());
+        let tree_digest = DigestFunction::Sha256.compute(&tree_bytes);
+        cas.put(&Key::cas_in("main", tree_digest), Blob::from(tree_bytes)).await.unwrap();
+        let mut result = result_with(3);
+        result.output_directories.push(OutputDirectory {
+            path: "d".into(),
+            tree_digest: Some(tree_digest.to_proto()),
+            ..Default::default()
+        });
+        let encoded = Bytes::from(result.encode_to_vec());
+        let key = Key::new(Scope::new("main"), DigestFunction::Sha256.compute(b"a"));
+        let tight = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), cas.clone(), 6, 4);
+        tight.put(&key, Blob::from(encoded.clone())).await.unwrap();
+        let err = tight.get(&key).await.unwrap_err();
+        assert!(err.is_not_found() && err.message().contains("referenced_blobs_max"), "{}", err.message());
+        let enough = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), cas, 7, 4);
+        enough.put(&key, Blob::from(encoded)).await.unwrap();
+        enough.get(&key).await.unwrap();
     }
 }

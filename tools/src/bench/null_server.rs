@@ -178,7 +178,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    kiln_proto::transport::server()
+    kiln_proto::transport::server(&kiln_proto::limits::Limits::default())
         .add_service(
             ContentAddressableStorageServer::new(NullServer)
                 .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)

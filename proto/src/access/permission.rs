@@ -2,11 +2,11 @@
 
 use std::fmt;
 
-use kiln_proto::{Error, Result};
+use crate::error::{Error, Result};
 use serde::Deserialize;
 
 /// One permission. `read` and `write` in configuration and on the command
-/// line stand for the CAS and AC pairs.
+/// line stand for the CAS and AC pairs, `all` for every permission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Permission {
@@ -73,6 +73,16 @@ impl Permissions {
         self.0 == 0
     }
 
+    /// The permissions in `self` that `other` lacks.
+    pub fn without(self, other: Permissions) -> Permissions {
+        Permissions(self.0 & !other.0)
+    }
+
+    /// Whether every permission in `self` is also in `other`.
+    pub fn is_subset(self, other: Permissions) -> bool {
+        self.without(other).is_empty()
+    }
+
     pub fn iter(self) -> impl Iterator<Item = Permission> {
         Permission::ALL.into_iter().filter(move |p| self.contains(*p))
     }
@@ -83,6 +93,7 @@ impl Permissions {
         for name in names {
             let name = name.as_ref().trim();
             let add: &[Permission] = match name {
+                "all" => &Permission::ALL,
                 "read" => &[Permission::CasRead, Permission::AcRead],
                 "write" => &[Permission::CasWrite, Permission::AcWrite],
                 "cas-read" => &[Permission::CasRead],
@@ -93,7 +104,8 @@ impl Permissions {
                 "admin" => &[Permission::Admin],
                 other => {
                     return Err(Error::invalid_argument(format!(
-                        "unknown permission {other:?}; use read, write, cas-read, cas-write, ac-read, ac-write, execute or admin"
+                        "unknown permission {}; use read, write, cas-read, cas-write, ac-read, ac-write, execute, admin or all",
+                        crate::text::quoted(other)
                     )));
                 }
             };
@@ -132,5 +144,9 @@ mod tests {
         assert_eq!(Permissions::parse(p.names()).unwrap(), p);
         assert!(Permissions::parse(["root"]).unwrap_err().message().contains("unknown permission"));
         assert_eq!(Permissions::all().iter().count(), 6);
+        assert_eq!(Permissions::parse(["all"]).unwrap(), Permissions::all());
+        let read = Permissions::parse(["read"]).unwrap();
+        assert!(read.is_subset(p) && !p.is_subset(read));
+        assert_eq!(p.without(read).to_string(), "ac-write");
     }
 }

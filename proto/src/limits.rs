@@ -1,0 +1,283 @@
+//! Every bound Kiln enforces, in one place.
+//!
+//! [`Limits`] holds the configurable ones (the `[limits]` section, each key
+//! documented in README.md and `docs/kiln.example.toml`), checked against
+//! each other at start-up by [`Limits::validate`]. The constants below it are
+//! fixed by the protocol or by safety, and documented here. A tidy test keeps
+//! bounds from being declared anywhere else.
+
+use serde::Deserialize;
+
+/// Longest instance name accepted, in bytes.
+pub const INSTANCE_NAME_LENGTH_MAX: usize = 1024;
+/// Longest ByteStream resource name accepted, in bytes.
+pub const RESOURCE_NAME_LENGTH_MAX: usize = 4096;
+/// Longest gRPC status message Kiln sends, in bytes (clients cap the
+/// `grpc-message` header at 8 KiB; stay well below).
+pub const MESSAGE_LENGTH_MAX: usize = 1024;
+/// Most characters of client-supplied text quoted in a message or log line.
+pub const QUOTED_CHARS_MAX: usize = 64;
+/// Longest principal name (certificate name, user, token principal).
+pub const PRINCIPAL_LENGTH_MAX: usize = 256;
+/// Most characters of the identity header recorded per request.
+pub const IDENTITY_CHARS_MAX: usize = 256;
+/// Per-stream HTTP/2 flow-control window: the most bytes a peer may send on
+/// one stream before Kiln reads them.
+pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+/// Per-connection HTTP/2 flow-control window: the most unread bytes one
+/// connection can make Kiln buffer, across all its streams.
+pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+/// Largest HTTP/2 frame accepted.
+pub const FRAME_SIZE_BYTES_MAX: u32 = 4 << 20;
+/// Largest HTTP/2 header list accepted (gRPC metadata).
+pub const HEADER_LIST_SIZE_BYTES_MAX: u32 = 64 << 10;
+/// File descriptors kept free of connections (data files, logs, reloads).
+pub const FILE_DESCRIPTORS_RESERVED: u64 = 256;
+/// Connections allowed when the descriptor limit is unknown or huge.
+pub const CONNECTIONS_DEFAULT_MAX: usize = 65_536;
+
+/// The configurable limits. Units are last in the names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest single gRPC message accepted or sent.
+    pub grpc_message_size_bytes_max: usize,
+    /// Largest total of blob sizes in one BatchUpdateBlobs or BatchReadBlobs
+    /// call; advertised in Capabilities as `max_batch_total_size_bytes`.
+    pub batch_total_size_bytes_max: u64,
+    /// Most digests in one FindMissingBlobs or Batch* call.
+    pub batch_digests_max: usize,
+    /// Largest blob the CAS accepts; advertised as `max_cas_blob_size_bytes`.
+    pub blob_size_bytes_max: u64,
+    /// Largest serialized ActionResult the AC accepts.
+    pub action_result_size_bytes_max: usize,
+    /// Most bytes inlined into one GetActionResult response.
+    pub inline_size_bytes_max: u64,
+    /// Most blobs one GetActionResult checks in the CAS, counting every file
+    /// inside its output trees; a result referencing more is treated as absent.
+    pub referenced_blobs_max: usize,
+    /// Most output trees one GetActionResult fetches at once.
+    pub output_tree_fetches_max: usize,
+    /// Largest chunk of data in one ByteStream Read response.
+    pub read_chunk_size_bytes: usize,
+    /// Most bytes of ByteStream Read responses prepared and not yet taken
+    /// by the network, across all clients; further reads wait.
+    pub reads_in_flight_bytes_max: u64,
+    /// Most directories returned in one GetTree page.
+    pub tree_page_size_max: usize,
+    /// Most directories GetTree walks for one request.
+    pub tree_directories_max: usize,
+    /// Most GetTree walks running at once; further requests wait.
+    pub tree_walks_max: usize,
+    /// Most bytes of uploads held in memory at once, counted as they arrive
+    /// (compressed and decompressed); further data waits.
+    pub uploads_in_flight_bytes_max: u64,
+    /// Most bytes of uploads in flight from one client address.
+    pub upload_client_bytes_max: u64,
+    /// Longest a request waits for memory (uploads, reads, GetTree) before it
+    /// is refused with RESOURCE_EXHAUSTED.
+    pub admission_timeout_ms: u64,
+    /// Most bytes of received messages waiting for memory at once; beyond
+    /// it, requests are refused at once with RESOURCE_EXHAUSTED.
+    pub admission_waiting_bytes_max: u64,
+    /// Most unfinished uploads remembered for resumption.
+    pub partial_uploads_max: usize,
+    /// Most bytes of unfinished uploads remembered for resumption; the least
+    /// recently interrupted are forgotten first.
+    pub partial_uploads_bytes_max: u64,
+    /// Longest wait for the next message of an upload before it is dropped
+    /// (and kept for resumption).
+    pub upload_idle_timeout_ms: u64,
+    /// Most open client connections; unset: 3/4 of the file-descriptor
+    /// limit less a reserve. Connections beyond it are closed at once.
+    pub connections_max: Option<usize>,
+    /// HTTP/2 streams (concurrent calls) per connection, advertised as
+    /// SETTINGS_MAX_CONCURRENT_STREAMS; further streams are refused.
+    pub streams_per_connection_max: u32,
+    /// Longest a new connection may take to complete its TLS handshake and
+    /// send the HTTP/2 preface before it is closed.
+    pub connection_preface_timeout_ms: u64,
+    /// Most TLS handshakes in progress at once.
+    pub tls_handshakes_in_flight_max: usize,
+    /// Most client addresses tracked for rate-limited logging of
+    /// authentication failures and denials.
+    pub log_peers_tracked_max: usize,
+    /// Most password hashes (bcrypt, apr1) computed at once; further basic
+    /// auth requests wait.
+    pub password_hashes_in_flight_max: usize,
+    /// Most verified basic-auth credentials remembered (dropped when the
+    /// htpasswd file changes).
+    pub password_cache_entries_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            grpc_message_size_bytes_max: 16 << 20,
+            batch_total_size_bytes_max: 4 << 20,
+            batch_digests_max: 65_536,
+            blob_size_bytes_max: 1 << 30,
+            action_result_size_bytes_max: 1 << 20,
+            inline_size_bytes_max: 1 << 20,
+            referenced_blobs_max: 1 << 20,
+            output_tree_fetches_max: 16,
+            read_chunk_size_bytes: 1 << 20,
+            reads_in_flight_bytes_max: 1 << 30,
+            tree_page_size_max: 10_000,
+            tree_directories_max: 1_000_000,
+            tree_walks_max: 64,
+            uploads_in_flight_bytes_max: 2 << 30,
+            upload_client_bytes_max: 1 << 30,
+            admission_timeout_ms: 10_000,
+            admission_waiting_bytes_max: 256 << 20,
+            partial_uploads_max: 64,
+            partial_uploads_bytes_max: 512 << 20,
+            upload_idle_timeout_ms: 60_000,
+            connections_max: None,
+            streams_per_connection_max: 256,
+            connection_preface_timeout_ms: 10_000,
+            tls_handshakes_in_flight_max: 1024,
+            log_peers_tracked_max: 10_000,
+            password_hashes_in_flight_max: 4,
+            password_cache_entries_max: 10_000,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that the limits are consistent with each other; the message
+    /// names the offending keys.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive: [(&str, u64); 19] = [
+            ("grpc_message_size_bytes_max", self.grpc_message_size_bytes_max as u64),
+            ("batch_digests_max", self.batch_digests_max as u64),
+            ("blob_size_bytes_max", self.blob_size_bytes_max),
+            ("action_result_size_bytes_max", self.action_result_size_bytes_max as u64),
+            ("referenced_blobs_max", self.referenced_blobs_max as u64),
+            ("output_tree_fetches_max", self.output_tree_fetches_max as u64),
+            ("reads_in_flight_bytes_max", self.reads_in_flight_bytes_max),
+            ("tree_page_size_max", self.tree_page_size_max as u64),
+            ("tree_directories_max", self.tree_directories_max as u64),
+            ("tree_walks_max", self.tree_walks_max as u64),
+            ("admission_timeout_ms", self.admission_timeout_ms),
+            ("partial_uploads_bytes_max", self.partial_uploads_bytes_max),
+            ("upload_idle_timeout_ms", self.upload_idle_timeout_ms),
+            ("streams_per_connection_max", u64::from(self.streams_per_connection_max)),
+            ("connection_preface_timeout_ms", self.connection_preface_timeout_ms),
+            ("tls_handshakes_in_flight_max", self.tls_handshakes_in_flight_max as u64),
+            ("log_peers_tracked_max", self.log_peers_tracked_max as u64),
+            ("password_hashes_in_flight_max", self.password_hashes_in_flight_max as u64),
+            ("password_cache_entries_max", self.password_cache_entries_max as u64),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{key} must be positive"));
+        }
+        // A batch request carries its blobs plus roughly 100 bytes of framing
+        // per digest; keep a quarter of the message for that.
+        let room = (self.grpc_message_size_bytes_max as u64) / 4 * 3;
+        if self.batch_total_size_bytes_max == 0 || self.batch_total_size_bytes_max > room {
+            return Err(format!(
+                "batch_total_size_bytes_max ({}) must be between 1 and 3/4 of grpc_message_size_bytes_max ({})",
+                self.batch_total_size_bytes_max, self.grpc_message_size_bytes_max
+            ));
+        }
+        if self.read_chunk_size_bytes == 0
+            || self.read_chunk_size_bytes > self.grpc_message_size_bytes_max / 2
+        {
+            return Err(
+                "read_chunk_size_bytes must be between 1 and half of grpc_message_size_bytes_max".into()
+            );
+        }
+        if self.reads_in_flight_bytes_max < self.read_chunk_size_bytes as u64 {
+            return Err("reads_in_flight_bytes_max must be at least read_chunk_size_bytes".into());
+        }
+        if self.inline_size_bytes_max > room {
+            return Err("inline_size_bytes_max must be at most 3/4 of grpc_message_size_bytes_max".into());
+        }
+        // An upload is held in memory until it is stored, so one client must
+        // be able to hold the largest blob, and the whole budget one client.
+        if self.upload_client_bytes_max < self.blob_size_bytes_max {
+            return Err("upload_client_bytes_max must be at least blob_size_bytes_max".into());
+        }
+        if self.uploads_in_flight_bytes_max < self.upload_client_bytes_max {
+            return Err("uploads_in_flight_bytes_max must be at least upload_client_bytes_max".into());
+        }
+        // A message waiting for admission is already in memory.
+        if self.admission_waiting_bytes_max < self.grpc_message_size_bytes_max as u64 {
+            return Err(
+                "admission_waiting_bytes_max must be at least grpc_message_size_bytes_max (one message)"
+                    .into(),
+            );
+        }
+        if self.connections_max == Some(0) {
+            return Err("connections_max must be positive (or unset for automatic)".into());
+        }
+        if self.connection_preface_timeout_ms > 10_000 {
+            return Err("connection_preface_timeout_ms must be at most 10000".into());
+        }
+        Ok(())
+    }
+
+    /// The connection bound for a process allowed `descriptors` open files.
+    pub fn connections_for(&self, descriptors: u64) -> Result<usize, String> {
+        let room = descriptors.saturating_sub(FILE_DESCRIPTORS_RESERVED);
+        let room = usize::try_from(room).unwrap_or(usize::MAX);
+        match self.connections_max {
+            Some(n) if n > room => Err(format!(
+                "connections_max ({n}) exceeds the {descriptors} file descriptors this process may open \
+                 less {FILE_DESCRIPTORS_RESERVED} reserved; raise the limit (ulimit -n, LimitNOFILE) or lower it"
+            )),
+            Some(n) => Ok(n),
+            None if room == 0 => Err(format!(
+                "only {descriptors} file descriptors may be opened; Kiln needs more than {FILE_DESCRIPTORS_RESERVED}"
+            )),
+            None => Ok((room / 4 * 3).clamp(1, CONNECTIONS_DEFAULT_MAX)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_consistent() {
+        Limits::default().validate().unwrap();
+    }
+
+    #[test]
+    fn inconsistent_limits_name_their_keys() {
+        let cases = [
+            (
+                Limits { batch_total_size_bytes_max: 16 << 20, ..Limits::default() },
+                "batch_total_size_bytes_max",
+            ),
+            (Limits { tree_walks_max: 0, ..Limits::default() }, "tree_walks_max"),
+            (Limits { upload_client_bytes_max: 1, ..Limits::default() }, "upload_client_bytes_max"),
+            (Limits { admission_waiting_bytes_max: 1, ..Limits::default() }, "admission_waiting_bytes_max"),
+            (Limits { connection_preface_timeout_ms: 60_000, ..Limits::default() }, "preface"),
+        ];
+        for (limits, key) in cases {
+            assert!(limits.validate().unwrap_err().contains(key), "{key}");
+        }
+        // The largest blob equal to the whole upload budget is valid.
+        let tight = Limits {
+            blob_size_bytes_max: 1_000_000,
+            upload_client_bytes_max: 1_000_000,
+            uploads_in_flight_bytes_max: 1_000_000,
+            ..Limits::default()
+        };
+        tight.validate().unwrap();
+    }
+
+    #[test]
+    fn connections_stay_below_the_descriptor_limit() {
+        let auto = Limits::default();
+        assert_eq!(auto.connections_for(4096).unwrap(), (4096 - 256) / 4 * 3);
+        assert_eq!(auto.connections_for(u64::MAX).unwrap(), CONNECTIONS_DEFAULT_MAX);
+        assert!(auto.connections_for(100).is_err());
+        let fixed = Limits { connections_max: Some(5000), ..Limits::default() };
+        assert!(fixed.connections_for(4096).unwrap_err().contains("connections_max"));
+        assert_eq!(fixed.connections_for(1 << 20).unwrap(), 5000);
+    }
+}
