@@ -200,3 +200,60 @@ async fn subtenants_share_the_cas_and_read_through_to_parents() {
     // Another base tenant shares nothing.
     assert_eq!(ac.get_action_result(get("other", &action)).await.unwrap_err().code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn refused_updates_store_nothing() {
+    let kiln = Kiln::start();
+    let mut ac = kiln.ac().await;
+    let action = sha(b"refused action");
+    // Inlined output contents next to a malformed digest elsewhere in the result.
+    let mut bad =
+        ActionResult { stdout_raw: b"stdout that must not be stored".to_vec(), ..Default::default() };
+    bad.output_files.push(OutputFile {
+        path: "inlined".into(),
+        contents: b"inlined file that must not be stored".to_vec(),
+        ..Default::default()
+    });
+    bad.output_directories.push(kiln_proto::reapi::OutputDirectory {
+        path: "dir".into(),
+        tree_digest: Some(kiln_proto::reapi::Digest { hash: "nothex".into(), size_bytes: 3 }),
+        ..Default::default()
+    });
+    let err = ac.update_action_result(update("", &action, bad)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A result too large once its inlined contents are moved out.
+    let mut big =
+        ActionResult { stderr_raw: b"stderr that must not be stored".to_vec(), ..Default::default() };
+    big.output_files = (0..20_000)
+        .map(|i| OutputFile {
+            path: format!("out/{i:0>60}"),
+            digest: Some(sha(b"x").to_proto()),
+            ..Default::default()
+        })
+        .collect();
+    let err = ac.update_action_result(update("", &action, big)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A mismatched inlined stdout.
+    let lying = ActionResult {
+        stdout_raw: b"these bytes".to_vec(),
+        stdout_digest: Some(sha(b"other bytes").to_proto()),
+        ..Default::default()
+    };
+    let err = ac.update_action_result(update("", &action, lying)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("stdout_raw"), "{}", err.message());
+
+    let leftovers = [
+        &b"stdout that must not be stored"[..],
+        b"inlined file that must not be stored",
+        b"stderr that must not be stored",
+        b"these bytes",
+    ];
+    let req = kiln_proto::reapi::FindMissingBlobsRequest {
+        blob_digests: leftovers.iter().map(|b| sha(b).to_proto()).collect(),
+        ..Default::default()
+    };
+    let missing = kiln.cas().await.find_missing_blobs(req).await.unwrap().into_inner().missing_blob_digests;
+    assert_eq!(missing.len(), leftovers.len(), "a refused update left blobs in the CAS");
+    assert_eq!(ac.get_action_result(get("", &action)).await.unwrap_err().code(), Code::NotFound);
+}

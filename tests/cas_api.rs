@@ -323,3 +323,85 @@ async fn get_tree_pages_through_the_whole_tree() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("root_digest is required"));
 }
+
+#[tokio::test]
+async fn get_tree_reports_blobs_that_are_not_directories() {
+    let kiln = Kiln::start();
+    let mut cas = kiln.cas().await;
+    let not_a_directory = b"\xff\xff\xff\xff not a Directory message".to_vec();
+    let root = dir(&["r"], &[("broken", sha(&not_a_directory))]);
+    let requests = vec![blob(&not_a_directory), blob(&root.encode_to_vec())];
+    cas.batch_update_blobs(BatchUpdateBlobsRequest { requests, ..Default::default() }).await.unwrap();
+    let req =
+        GetTreeRequest { root_digest: Some(sha(&root.encode_to_vec()).to_proto()), ..Default::default() };
+    let mut stream = cas.get_tree(req).await.unwrap().into_inner();
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("a tree with a broken directory was returned as if whole"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains(&sha(&not_a_directory).hash_hex()), "{}", err.message());
+}
+
+#[tokio::test]
+async fn get_tree_walks_are_bounded() {
+    let kiln = Kiln::start_with_config("[limits]\ntree_walks_max = 1\nadmission_timeout_ms = 300\n");
+    let mut cas = kiln.cas().await;
+    // A tree of 300 directories of ~4 KiB each, far more than a stalled
+    // reader's 64 KiB window and the server's send buffer.
+    let long = |i: usize, j: usize| format!("file-{i:04}-{j:02}-{}", "n".repeat(80));
+    let leaves: Vec<Directory> = (0..300)
+        .map(|i| {
+            let names: Vec<String> = (0..30).map(|j| long(i, j)).collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            dir(&refs, &[])
+        })
+        .collect();
+    let children: Vec<(String, Digest)> =
+        leaves.iter().enumerate().map(|(i, d)| (format!("d{i}"), sha(&d.encode_to_vec()))).collect();
+    let child_refs: Vec<(&str, Digest)> = children.iter().map(|(n, d)| (n.as_str(), *d)).collect();
+    let root = dir(&[], &child_refs);
+    for chunk in leaves.chunks(100) {
+        let requests = chunk.iter().map(|d| blob(&d.encode_to_vec())).collect();
+        cas.batch_update_blobs(BatchUpdateBlobsRequest { requests, ..Default::default() }).await.unwrap();
+    }
+    let requests = vec![blob(&root.encode_to_vec())];
+    cas.batch_update_blobs(BatchUpdateBlobsRequest { requests, ..Default::default() }).await.unwrap();
+    let req = || GetTreeRequest {
+        root_digest: Some(sha(&root.encode_to_vec()).to_proto()),
+        page_size: 1,
+        ..Default::default()
+    };
+    // A client that starts a walk and stops reading holds the only turn...
+    let mut stalled =
+        kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
+            kiln.slow_reader_channel().await,
+        );
+    let held = stalled.get_tree(req()).await.unwrap().into_inner();
+    // ...so another walk waits admission_timeout_ms, then is refused.
+    let err = match cas.get_tree(req()).await {
+        Err(e) => e,
+        Ok(_) => panic!("a second walk started while the only turn was held"),
+    };
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("tree_walks_max"), "{}", err.message());
+    // Once the stalled client goes away, walks run again.
+    drop(held);
+    drop(stalled);
+    let pages = common::eventually(common::RELOAD_WAIT, "the turn to come back", || {
+        let mut cas = cas.clone();
+        async move {
+            let mut stream = cas.get_tree(req()).await.ok()?.into_inner();
+            let mut n = 0;
+            while let Some(page) = stream.message().await.ok()? {
+                n += page.directories.len();
+            }
+            Some(n)
+        }
+    })
+    .await;
+    assert_eq!(pages, 301);
+}

@@ -1,6 +1,7 @@
 //! Tidy checks: architecture invariants and documentation freshness,
 //! enforced as ordinary tests.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 fn root() -> &'static Path {
@@ -23,6 +24,30 @@ fn read(path: impl AsRef<Path>) -> String {
     std::fs::read_to_string(root().join(path)).unwrap()
 }
 
+/// The workspace's crates and the workspace crates each depends on directly
+/// (normal and build dependencies; dev-dependencies are for tests).
+fn crate_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .current_dir(root())
+        .output()
+        .expect("run cargo metadata");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut graph = BTreeMap::new();
+    for package in meta["packages"].as_array().unwrap() {
+        let deps = package["dependencies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["kind"].as_str() != Some("dev"))
+            .map(|d| d["name"].as_str().unwrap().to_owned())
+            .collect();
+        graph.insert(package["name"].as_str().unwrap().to_owned(), deps);
+    }
+    graph
+}
+
 #[test]
 fn files_stay_small() {
     let mut files = Vec::new();
@@ -34,19 +59,93 @@ fn files_stay_small() {
 }
 
 #[test]
-fn only_service_modules_know_tonic() {
+fn store_code_knows_neither_grpc_nor_auth() {
     let mut files = Vec::new();
     rust_files(&root().join("storage/src/store"), &mut files);
+    files.push(root().join("storage/src/blob.rs"));
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        assert!(!text.contains("tonic"), "{} mentions tonic; stores must not know gRPC", file.display());
+        for word in ["tonic", "kiln_auth", "Authorizer"] {
+            assert!(
+                !text.contains(word),
+                "{} mentions {word}; stores know neither gRPC nor auth",
+                file.display()
+            );
+        }
     }
 }
 
 #[test]
-fn worker_never_depends_on_scheduler() {
-    let manifest = read("worker/Cargo.toml");
-    assert!(!manifest.contains("kiln-scheduler"), "the worker speaks only the worker protocol");
+fn crate_graph_keeps_its_layers() {
+    let graph = crate_graph();
+    let forbidden: [(&str, &[&str], &str); 5] = [
+        (
+            "kiln-proto",
+            &["kiln-storage", "kiln-auth", "kiln-tools", "kiln-scheduler", "kiln-worker"],
+            "shared types depend on nothing of Kiln's",
+        ),
+        (
+            "kiln-storage",
+            &["kiln-auth", "kiln-tools", "kiln-scheduler", "kiln-worker"],
+            "services see access types only, never the auth machinery",
+        ),
+        (
+            "kiln-tools",
+            &["kiln-auth", "kiln-storage", "kiln-scheduler", "kiln-worker"],
+            "tools talk gRPC only, never server internals",
+        ),
+        (
+            "kiln-worker",
+            &["kiln-scheduler", "kiln-storage", "kiln-auth"],
+            "the worker speaks only the worker protocol",
+        ),
+        (
+            "kiln-auth",
+            &["kiln-storage", "kiln-tools", "kiln-scheduler", "kiln-worker"],
+            "auth knows no service",
+        ),
+    ];
+    for (krate, banned, why) in forbidden {
+        let deps = graph.get(krate).unwrap_or_else(|| panic!("{krate} is not in the workspace"));
+        for b in banned {
+            assert!(!deps.contains(*b), "{krate} depends on {b}: {why}");
+        }
+    }
+}
+
+#[test]
+fn bounds_live_with_the_limits() {
+    let mut files = Vec::new();
+    rust_files(root(), &mut files);
+    for file in files {
+        let rel = file.strip_prefix(root()).unwrap().to_str().unwrap().to_owned();
+        if rel == "proto/src/limits.rs" || rel.starts_with("tests/") || rel.starts_with("benches/") {
+            continue;
+        }
+        for (n, line) in std::fs::read_to_string(&file).unwrap().lines().enumerate() {
+            let line = line.trim_start().trim_start_matches("pub ").trim_start_matches("pub(crate) ");
+            let Some(rest) = line.strip_prefix("const ") else { continue };
+            let name = rest.split(':').next().unwrap().trim();
+            assert!(
+                !name.ends_with("_MAX"),
+                "{rel}:{}: bound {name} belongs in proto/src/limits.rs (configurable in Limits, or a documented constant)",
+                n + 1
+            );
+        }
+    }
+}
+
+#[test]
+fn every_limit_is_in_the_example_config() {
+    let limits = read("proto/src/limits.rs");
+    let example = read("docs/kiln.example.toml");
+    let body = &limits[limits.find("pub struct Limits {").unwrap()..];
+    let body = &body[..body.find("\n}").unwrap()];
+    for line in body.lines().skip(1) {
+        let Some(field) = line.trim().strip_prefix("pub ") else { continue };
+        let name = field.split(':').next().unwrap();
+        assert!(example.contains(&format!("{name} = ")), "docs/kiln.example.toml lacks [limits] {name}");
+    }
 }
 
 #[test]
@@ -69,6 +168,48 @@ fn architecture_maps_every_crate() {
     let architecture = read("ARCHITECTURE.md");
     for dir in ["proto/", "storage/", "scheduler/", "worker/", "auth/", "tools/", "benches/", "tests/"] {
         assert!(architecture.contains(&format!("`{dir}")), "ARCHITECTURE.md has no code map entry for {dir}");
+    }
+}
+
+/// Every named invariant in ARCHITECTURE.md says how it is kept: by tests
+/// it names (which must exist) or by review.
+#[test]
+fn every_invariant_names_its_check() {
+    let architecture = read("ARCHITECTURE.md");
+    let section = architecture.split("## Invariants").nth(1).expect("an Invariants section");
+    let section = section.split("\n## ").next().unwrap();
+    let mut tests = BTreeSet::new();
+    let mut files = Vec::new();
+    rust_files(root(), &mut files);
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let attribute = line.trim_start();
+            if (attribute.starts_with("#[test]") || attribute.starts_with("#[tokio::test"))
+                && let Some(f) = lines[i + 1..].iter().find(|l| l.contains("fn "))
+            {
+                let name = f.split("fn ").nth(1).unwrap().split('(').next().unwrap().trim();
+                tests.insert(name.to_owned());
+            }
+        }
+    }
+    let bullets: Vec<&str> = section.split("\n- ").skip(1).collect();
+    assert!(bullets.len() >= 8, "ARCHITECTURE.md lists {} invariants", bullets.len());
+    for bullet in bullets {
+        let title = bullet.lines().next().unwrap();
+        let Some(check) = bullet.split("Checked by:").nth(1) else {
+            assert!(
+                bullet.contains("Rests on review"),
+                "invariant {title:?} names no check (\"Checked by: `test`\" or \"Rests on review\")"
+            );
+            continue;
+        };
+        let named: Vec<&str> = check.split('`').skip(1).step_by(2).collect();
+        assert!(!named.is_empty(), "invariant {title:?} names no test");
+        for name in named {
+            assert!(tests.contains(name), "invariant {title:?} names test `{name}`, which does not exist");
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use kiln_proto::access::{PeerInfo, PeerTally};
-use kiln_proto::limits::Limits;
+use kiln_proto::limits::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, Limits};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -34,9 +34,6 @@ use crate::tls::{PrincipalFrom, ReloadingTls, principal_from_cert};
 
 /// Length of the HTTP/2 client connection preface.
 const PREFACE_LEN: u64 = 24;
-/// First and longest pause after a failed accept.
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 enum Io {

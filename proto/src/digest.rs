@@ -162,8 +162,7 @@ pub struct Digest {
     size_bytes: u64,
 }
 
-/// The largest size a digest can name: the wire's `size_bytes` is an `int64`.
-const SIZE_BYTES_MAX: u64 = i64::MAX as u64;
+use crate::limits::DIGEST_SIZE_BYTES_MAX as SIZE_BYTES_MAX;
 
 impl Digest {
     /// A digest of `size_bytes` bytes whose hash is `hash`; fails for sizes

@@ -35,6 +35,19 @@ pub const HEADER_LIST_SIZE_BYTES_MAX: u32 = 64 << 10;
 pub const FILE_DESCRIPTORS_RESERVED: u64 = 256;
 /// Connections allowed when the descriptor limit is unknown or huge.
 pub const CONNECTIONS_DEFAULT_MAX: usize = 65_536;
+/// First and longest pause of the accept loop after a failed accept (out
+/// of descriptors or memory), doubling in between.
+pub const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(5);
+pub const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+/// The largest size a digest can name: the wire's `size_bytes` is an `int64`.
+pub const DIGEST_SIZE_BYTES_MAX: u64 = i64::MAX as u64;
+/// Largest gRPC message Kiln's own tools (CLI, load generator, null
+/// server) accept or send.
+pub const TOOL_MESSAGE_SIZE_BYTES_MAX: usize = 64 << 20;
+/// Most operations one `kiln bench` run records latencies for.
+pub const BENCH_OPERATIONS_MAX: u64 = 10_000_000;
+/// Most bytes of blobs one `kiln bench` run holds in memory to upload.
+pub const BENCH_SETUP_BYTES_MAX: u64 = 4 << 30;
 
 /// The configurable limits. Units are last in the names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

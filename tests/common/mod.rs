@@ -115,6 +115,18 @@ impl Kiln {
         Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.expect("connect")
     }
 
+    /// A channel to a client that reads slowly: the smallest HTTP/2 windows,
+    /// so the server sees a stalled reader after 64 KiB.
+    pub async fn slow_reader_channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .initial_stream_window_size(Some(65_535))
+            .initial_connection_window_size(Some(65_535))
+            .connect()
+            .await
+            .expect("connect")
+    }
+
     pub async fn cas(&self) -> ContentAddressableStorageClient<Channel> {
         ContentAddressableStorageClient::new(self.channel().await).max_decoding_message_size(64 << 20)
     }

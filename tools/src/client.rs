@@ -10,7 +10,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Largest gRPC message the tools accept.
-pub const MESSAGE_SIZE_BYTES_MAX: usize = 64 << 20;
+pub use kiln_proto::limits::TOOL_MESSAGE_SIZE_BYTES_MAX as MESSAGE_SIZE_BYTES_MAX;
 
 /// How to reach and authenticate to a server.
 #[derive(Debug, Clone, Default)]

@@ -287,9 +287,10 @@ struct ReadState {
 
 impl ReadState {
     async fn next(&mut self) -> Option<Result<ReadResponse, Status>> {
-        // The previous chunk has been taken by the network stack.
-        self.charge.shrink(u64::MAX);
         while !self.done {
+            // The previous chunk has been taken by the network stack (or by
+            // the encoder, whose own buffers are bounded).
+            self.charge.shrink(u64::MAX);
             let end = (self.pos + self.chunk_bytes).min(self.data.len());
             let piece = self.data.slice(self.pos..end);
             self.pos = end;

@@ -20,11 +20,7 @@ mod workloads;
 
 pub use workloads::Workload;
 
-/// Most operations one run records latencies for.
-const OPERATIONS_MAX: u64 = 10_000_000;
-
-/// Most bytes a run may hold in memory for blobs it uploads.
-const SETUP_BYTES_MAX: u64 = 4 << 30;
+use kiln_proto::limits::{BENCH_OPERATIONS_MAX as OPERATIONS_MAX, BENCH_SETUP_BYTES_MAX as SETUP_BYTES_MAX};
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {

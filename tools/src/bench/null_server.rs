@@ -29,9 +29,10 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use kiln_proto::limits::TOOL_MESSAGE_SIZE_BYTES_MAX as MESSAGE_SIZE_BYTES_MAX;
+
 /// Bytes per ByteStream Read response, as Kiln's default.
 const READ_CHUNK_BYTES: u64 = 1 << 20;
-const MESSAGE_SIZE_BYTES_MAX: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NullServer;
