@@ -162,3 +162,56 @@ fn bazel_with_netrc_basic_auth() {
     let hits = round_trip(&bazel, &[&remote, "--remote_timeout=60s"]);
     println!("kiln e2e (.netrc basic auth): remote cache hits {hits}, outputs identical");
 }
+
+/// README's tenant workflow with its own two rules, exactly as written: CI
+/// fills `main`; a developer building on `main.dev.alice` gets every action
+/// from CI's results.
+#[test]
+fn bazel_readme_subtenant_workflow() {
+    let _turn = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        format!(
+            "ci-runner-7:{}\nalice:{}\n",
+            bcrypt::hash("ci-pw", 4).unwrap(),
+            bcrypt::hash("alice-pw", 4).unwrap()
+        ),
+    )
+    .unwrap();
+    let kiln = Kiln::start_with_config(&format!(
+        "[auth]\nhtpasswd = \"{}\"\n\n\
+         [[auth.rules]]                       # CI may read and write the main cache\n\
+         principal = \"ci-*\"\ntenant = \"main\"\npermissions = [\"read\", \"write\"]\n\n\
+         [[auth.rules]]                       # everyone may read CI's results\n\
+         principal = \"*\"\ntenant = \"main\"\npermissions = [\"read\"]\n",
+        htpasswd.display()
+    ));
+    let remote = format!("--remote_cache={}", kiln.remote());
+    let as_user = |user: &str, password: &str| {
+        let netrc = dir.path().join(format!("netrc-{user}"));
+        std::fs::write(&netrc, format!("machine 127.0.0.1 login {user} password {password}\n")).unwrap();
+        let mut bazel = Bazel::new();
+        bazel.env.push(("NETRC".into(), netrc.display().to_string()));
+        bazel
+    };
+    let ci = as_user("ci-runner-7", "ci-pw");
+    let first = ci.run(&["test", "//...", &remote, "--remote_instance_name=main", "--remote_timeout=60s"]);
+    let executed: u32 =
+        process_summary(&first).iter().filter(|(k, _)| *k != "internal").map(|(_, n)| n).sum();
+    let expected = ci.outputs();
+
+    let alice = as_user("alice", "alice-pw");
+    let second = alice.run(&[
+        "test",
+        "//...",
+        &remote,
+        "--remote_instance_name=main.dev.alice",
+        "--remote_timeout=60s",
+    ]);
+    let hits = assert_all_hits(&second);
+    assert_eq!(hits, executed, "every action of CI's build is a hit for the developer");
+    assert_eq!(alice.outputs(), expected);
+    println!("kiln e2e (README tenant workflow): {hits} of {executed} hits on main.dev.alice");
+}

@@ -4,22 +4,66 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::{Kiln, kiln};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 #[tokio::test]
 async fn health_reports_serving_and_sigterm_stops_cleanly() {
-    let server = Kiln::start();
+    // A long grace period, so that exiting before it ends is the test.
+    let server = Kiln::start_with_config("shutdown_grace_ms = 60000\n");
     let mut health = HealthClient::new(server.channel().await);
     let resp = health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
     assert_eq!(
         resp.into_inner().status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    // An upload in flight when SIGTERM arrives, and an idle connection.
+    let data = vec![9u8; 3 << 20];
+    let d = kiln_proto::DigestFunction::Sha256.compute(&data);
+    let name = format!("uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), d.hash_hex(), data.len());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let first = kiln_proto::google::bytestream::WriteRequest {
+        resource_name: name.clone(),
+        write_offset: 0,
+        finish_write: false,
+        data: data[..1 << 20].to_vec(),
+    };
+    tx.send(first).await.unwrap();
+    let mut bs = server.bytestream().await;
+    let upload = tokio::spawn(async move { bs.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    let idle = server.channel().await;
+    let pid = server.child.id().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    common::eventually(Duration::from_secs(30), "SIGTERM to be handled", || async {
+        server.log_contains("SIGTERM received").then_some(())
+    })
+    .await;
+    // The upload in flight finishes within the grace period...
+    let rest = kiln_proto::google::bytestream::WriteRequest {
+        resource_name: String::new(),
+        write_offset: 1 << 20,
+        finish_write: true,
+        data: data[1 << 20..].to_vec(),
+    };
+    tx.send(rest).await.unwrap();
+    let committed =
+        upload.await.unwrap().expect("the in-flight upload completes").into_inner().committed_size;
+    assert_eq!(committed, data.len() as i64);
+    // ...and the process exits without waiting out the grace for the idle
+    // connection.
+    let started = Instant::now();
     let (status, log) = server.stop();
     assert!(status.success(), "exit status {status:?}\n{log}");
-    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "waited {:?} for an idle connection",
+        started.elapsed()
+    );
+    assert!(!log.contains("connections still open after the grace period"), "{log}");
+    drop(idle);
 }
 
 #[test]

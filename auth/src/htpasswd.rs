@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -123,6 +124,10 @@ pub struct Htpasswd {
     /// outside this process.
     cache_key: [u8; 32],
     cache_entries_max: NonZeroUsize,
+    /// Hashes computed, and the most ever computed at once.
+    hashes_computed: AtomicU64,
+    hashing_now: Arc<AtomicU64>,
+    hashing_peak: Arc<AtomicU64>,
 }
 
 impl Htpasswd {
@@ -138,6 +143,9 @@ impl Htpasswd {
             hashing: Semaphore::new(hashes_in_flight_max.max(1)),
             cache_key: rand::random(),
             cache_entries_max,
+            hashes_computed: AtomicU64::new(0),
+            hashing_now: Arc::new(AtomicU64::new(0)),
+            hashing_peak: Arc::new(AtomicU64::new(0)),
         }))
     }
 
@@ -187,8 +195,18 @@ impl Htpasswd {
             None => (users.stand_in.clone(), false),
         };
         let Ok(_permit) = self.hashing.acquire().await else { return false };
+        self.hashes_computed.fetch_add(1, Ordering::Relaxed);
         let password = password.to_owned();
-        let matched = tokio::task::spawn_blocking(move || check(&hash, &password)).await.unwrap_or(false);
+        let (now, peak) = (self.hashing_now.clone(), self.hashing_peak.clone());
+        let matched = tokio::task::spawn_blocking(move || {
+            let running = now.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(running, Ordering::SeqCst);
+            let matched = check(&hash, &password);
+            now.fetch_sub(1, Ordering::SeqCst);
+            matched
+        })
+        .await
+        .unwrap_or(false);
         if matched && known {
             users.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner).put(key, ());
         }
@@ -306,6 +324,58 @@ mod tests {
         file.reload_if_changed();
         assert!(!file.verify("alice", "hunter2").await, "removed users are gone, remembered checks too");
         assert!(file.verify("bob", "p@ss word longer than sixteen chars").await);
+    }
+
+    fn bcrypt_file(users: &[(&str, &str)], cost: u32) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("htpasswd");
+        let text: String =
+            users.iter().map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, cost).unwrap())).collect();
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn slow_hashes_run_off_the_async_threads() {
+        let (_dir, path) = bcrypt_file(&[("alice", "pw")], 10);
+        let file = Htpasswd::load(&path, 1, 10).unwrap();
+        let ticks = Arc::new(AtomicU64::new(0));
+        let ticker = tokio::spawn({
+            let ticks = ticks.clone();
+            async move {
+                loop {
+                    ticks.fetch_add(1, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        assert!(file.verify("alice", "pw").await);
+        // On one thread, the ticker ran while bcrypt did: it was elsewhere.
+        assert!(ticks.load(Ordering::SeqCst) > 10, "the async thread was blocked by bcrypt");
+        ticker.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn hashing_is_bounded_and_unknown_users_cost_a_hash() {
+        let (_dir, path) = bcrypt_file(&[("alice", "pw")], 6);
+        let file = Htpasswd::load(&path, 2, 10).unwrap();
+        let tries: Vec<_> = (0..12)
+            .map(|i| {
+                let file = file.clone();
+                tokio::spawn(async move {
+                    file.verify(if i % 2 == 0 { "mallory" } else { "alice" }, "wrong").await
+                })
+            })
+            .collect();
+        for t in tries {
+            assert!(!t.await.unwrap());
+        }
+        assert_eq!(file.hashes_computed.load(Ordering::SeqCst), 12, "every check, known user or not, hashed");
+        assert!(file.hashing_peak.load(Ordering::SeqCst) <= 2, "more hashes at once than allowed");
+        // A success is remembered; failures are not.
+        assert!(file.verify("alice", "pw").await);
+        assert!(file.verify("alice", "pw").await);
+        assert_eq!(file.hashes_computed.load(Ordering::SeqCst), 13);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod bazel;
+pub mod h2raw;
 pub mod pki;
 
 use std::io::{BufRead, BufReader};
