@@ -11,7 +11,9 @@ use kiln_proto::google::bytestream::byte_stream_server::ByteStreamServer;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
 use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
-use kiln_storage::service::{ActionCacheService, ByteStreamService, CapabilitiesService, CasService};
+use kiln_storage::service::{
+    ActionCacheService, ByteStreamService, CapabilitiesService, CasService, ResponseBudgetLayer,
+};
 use kiln_storage::store::{CompletenessChecking, EmptyBlob, MemoryStore, Verifying};
 use tokio::net::TcpListener;
 
@@ -120,6 +122,7 @@ pub async fn run(config: Config) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = kiln_proto::transport::server(&limits)
         .layer(AuthLayer::new(auth.authenticator.clone()))
+        .layer(ResponseBudgetLayer::new(&limits))
         .add_service(health)
         .add_service(capabilities)
         .add_service(cas_service)

@@ -261,3 +261,42 @@ async fn stalled_reads_hold_bounded_memory() {
     .await;
     assert_eq!(back, data);
 }
+
+#[tokio::test]
+async fn stalled_responses_hold_bounded_memory() {
+    let kiln = Kiln::start_with_config(
+        "[limits]\ngrpc_message_size_bytes_max = 4194304\nbatch_total_size_bytes_max = 3145728\n\
+         responses_in_flight_bytes_max = 8388608\nadmission_timeout_ms = 300\n",
+    );
+    let blobs: Vec<Vec<u8>> =
+        (1..=3u8).map(|i| (0..1_000_000u32).map(|j| (j as u8) ^ i.wrapping_mul(37)).collect()).collect();
+    for blob in &blobs {
+        upload(&kiln, blob, 1 << 20).await.unwrap();
+    }
+    let request = || kiln_proto::reapi::BatchReadBlobsRequest {
+        digests: blobs.iter().map(|b| sha(b).to_proto()).collect(),
+        ..Default::default()
+    };
+    // A client asks for 3 MB and does not read the answer (it never opens
+    // its flow-control window): that answer is charged to the client's
+    // share (4 MiB), so the next 3 MB answer to it is refused.
+    use common::h2raw::{DATA, END_HEADERS, END_STREAM, HEADERS, RawH2, grpc_message, grpc_request};
+    let mut stalled = RawH2::connect(kiln.addr);
+    stalled.handshake();
+    let path = "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs";
+    stalled.send(HEADERS, END_HEADERS, 1, &grpc_request(path)).unwrap();
+    stalled.send(DATA, END_STREAM, 1, &grpc_message(&prost::Message::encode_to_vec(&request()))).unwrap();
+    let err = common::eventually(HANG, "the stalled answer to fill the budget", || async {
+        let mut client = kiln.cas().await.max_decoding_message_size(8 << 20);
+        client.batch_read_blobs(request()).await.err()
+    })
+    .await;
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("responses_in_flight_bytes_max"), "{}", err.message());
+    drop(stalled);
+    let answer = common::eventually(HANG, "the budget to free", || async {
+        kiln.cas().await.batch_read_blobs(request()).await.ok()
+    })
+    .await;
+    assert!(answer.into_inner().responses.iter().all(|r| r.data.len() == 1_000_000));
+}

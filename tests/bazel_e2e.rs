@@ -92,10 +92,18 @@ fn bazel_over_mtls_survives_certificate_rotation() {
     let hits = round_trip(&bazel, &flags);
     println!("kiln e2e (grpcs, mTLS): remote cache hits {hits}, outputs identical");
 
-    // Rotate the server certificate while a build is running.
+    // Rotate the server certificate while a build is running (its slow
+    // action touches the marker when it starts).
+    let marker = dir.path().join("slow-started");
+    let marker_env = format!("--action_env=KILN_TEST_MARKER={}", marker.display());
+    flags.push(&marker_env);
     let slow = std::thread::scope(|s| {
         let build = s.spawn(|| bazel.try_run(&[&["build", "//gen:slow"][..], &flags].concat()));
-        std::thread::sleep(std::time::Duration::from_secs(3));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        while !marker.exists() && !build.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "the slow action never started");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let (cert, key) = ca.server("server-rotated", 3);
         common::pki::write_atomically(&server_key, &std::fs::read_to_string(key).unwrap());
         common::pki::write_atomically(&server_cert, &std::fs::read_to_string(cert).unwrap());

@@ -104,6 +104,7 @@ fn config_command_prints_a_loadable_file() {
     let (ok, stdout, _) = kiln(&["config"]);
     assert!(ok);
     assert!(stdout.contains("cas_memory_bytes"));
+    assert!(!stdout.contains("no authentication"), "the configuration says Kiln has no authentication");
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("kiln.toml");
     std::fs::write(&cfg, stdout.replace("127.0.0.1:8980", "127.0.0.1:0")).unwrap();

@@ -109,15 +109,30 @@ pub fn read_nonempty(path: &Path, what: &str) -> Result<Vec<u8>> {
 }
 
 /// The file a path names, through any symlinks; the path itself when it
-/// does not exist yet.
+/// does not exist yet. A symlink to a file not created yet resolves to that
+/// file, so the first write through a link creates the link's target.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(path.to_owned()),
-        Err(e) => Err(Error::internal(format!("{}: {e}", path.display()))),
-        Ok(_) => std::fs::canonicalize(path).map_err(|e| {
-            Error::internal(format!("{}: cannot resolve (a symlink to a missing file?): {e}", path.display()))
-        }),
+    let mut current = path.to_owned();
+    // Links followed by hand; the kernel's limit on a chain of links.
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&current) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(current),
+            Err(e) => return Err(Error::internal(format!("{}: {e}", current.display()))),
+            Ok(meta) if !meta.file_type().is_symlink() => {
+                return std::fs::canonicalize(&current)
+                    .map_err(|e| Error::internal(format!("{}: cannot resolve: {e}", current.display())));
+            }
+            Ok(_) => {
+                let target = std::fs::read_link(&current)
+                    .map_err(|e| Error::internal(format!("{}: {e}", current.display())))?;
+                current = match current.parent() {
+                    Some(dir) if target.is_relative() => dir.join(target),
+                    _ => target,
+                };
+            }
+        }
     }
+    Err(Error::internal(format!("{}: too many levels of symbolic links", path.display())))
 }
 
 /// Replaces the file at `path` with `data` atomically (see the module
@@ -211,8 +226,15 @@ mod tests {
         let names: Vec<_> =
             std::fs::read_dir(real.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
+        // A link to a file in a directory that does not exist cannot be written.
         let dangling = dir.path().join("dangling");
         std::os::unix::fs::symlink(dir.path().join("nowhere/x"), &dangling).unwrap();
         assert!(write_atomically(&dangling, b"x", 0o600).is_err());
+        // A link to a file not created yet is written through.
+        let ahead = dir.path().join("ahead");
+        std::os::unix::fs::symlink(dir.path().join("later.json"), &ahead).unwrap();
+        write_atomically(&ahead, b"first", 0o600).unwrap();
+        assert!(std::fs::symlink_metadata(&ahead).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(dir.path().join("later.json")).unwrap(), b"first");
     }
 }

@@ -490,6 +490,32 @@ mod tests {
     }
 
     #[test]
+    fn a_symlinked_token_file_stays_a_symlink_with_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        let real = shared.join("tokens.json");
+        let link = dir.path().join("tokens.json");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let store = TokenStore::open(&link).unwrap();
+        store.create("a", "main", Permissions::parse(["read"]).unwrap(), 0).unwrap();
+        assert_eq!(
+            std::fs::metadata(&real).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "new files are private"
+        );
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let (token, _) = store.create("b", "main", Permissions::parse(["read"]).unwrap(), 0).unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::metadata(&real).unwrap().permissions().mode() & 0o777, 0o640, "the mode is kept");
+        // Another node reading through the link sees the new token.
+        TokenStore::open(&real).unwrap().authenticate(&token).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&shared).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(names.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")), "{names:?}");
+    }
+
+    #[test]
     fn rotation_checks_the_file_values() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.json");

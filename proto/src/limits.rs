@@ -31,6 +31,10 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 pub const FRAME_SIZE_BYTES_MAX: u32 = 4 << 20;
 /// Largest HTTP/2 header list accepted (gRPC metadata).
 pub const HEADER_LIST_SIZE_BYTES_MAX: u32 = 64 << 10;
+/// Responses are handed to the HTTP/2 stack in pieces of this size, so that
+/// what a stalled client leaves queued beyond the response budget is at
+/// most two pieces per stream.
+pub const RESPONSE_PIECE_BYTES: usize = 256 << 10;
 /// File descriptors kept free of connections (data files, logs, reloads).
 pub const FILE_DESCRIPTORS_RESERVED: u64 = 256;
 /// Connections allowed when the descriptor limit is unknown or huge.
@@ -76,6 +80,10 @@ pub struct Limits {
     /// Most bytes of ByteStream Read responses prepared and not yet taken
     /// by the network, across all clients; further reads wait.
     pub reads_in_flight_bytes_max: u64,
+    /// Most bytes of other responses (BatchReadBlobs, GetTree pages,
+    /// FindMissingBlobs ...) produced and not yet taken by the network,
+    /// across all clients (a quarter of it per client address).
+    pub responses_in_flight_bytes_max: u64,
     /// Most directories returned in one GetTree page.
     pub tree_page_size_max: usize,
     /// Most directories GetTree walks for one request.
@@ -136,6 +144,7 @@ impl Default for Limits {
             output_tree_fetches_max: 16,
             read_chunk_size_bytes: 1 << 20,
             reads_in_flight_bytes_max: 1 << 30,
+            responses_in_flight_bytes_max: 1 << 30,
             tree_page_size_max: 10_000,
             tree_directories_max: 1_000_000,
             tree_walks_max: 64,
@@ -203,6 +212,9 @@ impl Limits {
         }
         if self.reads_in_flight_bytes_max < self.read_chunk_size_bytes as u64 {
             return Err("reads_in_flight_bytes_max must be at least read_chunk_size_bytes".into());
+        }
+        if self.responses_in_flight_bytes_max < self.grpc_message_size_bytes_max as u64 {
+            return Err("responses_in_flight_bytes_max must be at least grpc_message_size_bytes_max".into());
         }
         if self.inline_size_bytes_max > room {
             return Err("inline_size_bytes_max must be at most 3/4 of grpc_message_size_bytes_max".into());

@@ -62,7 +62,8 @@ impl<C> ByteStreamService<C> {
             "reads_in_flight_bytes_max",
             BudgetLimits {
                 total_bytes_max: limits.reads_in_flight_bytes_max,
-                client_bytes_max: limits.reads_in_flight_bytes_max,
+                client_bytes_max: (limits.reads_in_flight_bytes_max / 4)
+                    .max(limits.read_chunk_size_bytes as u64),
                 waiting_bytes_max: limits.admission_waiting_bytes_max,
                 timeout,
             },
@@ -275,30 +276,47 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
 }
 
 /// A ByteStream Read in progress: one chunk at a time, each charged to the
-/// read budget until the next is asked for.
-struct ReadState {
-    data: Bytes,
-    pos: usize,
-    chunk_bytes: usize,
+/// read budget until the next is asked for. The blob is looked up again for
+/// each chunk, so a reader that stalls holds one chunk, never the blob (an
+/// evicted blob's memory is not kept alive by a slow reader; the read then
+/// ends with the store's NOT_FOUND and the client retries).
+struct ReadState<C> {
+    cas: C,
+    key: Key,
+    pos: u64,
+    end: u64,
+    chunk_bytes: u64,
     charge: Charge,
     encoder: Option<StreamEncoder>,
     done: bool,
 }
 
-impl ReadState {
+impl<C: BlobStore> ReadState<C> {
     async fn next(&mut self) -> Option<Result<ReadResponse, Status>> {
         while !self.done {
             // The previous chunk has been taken by the network stack (or by
             // the encoder, whose own buffers are bounded).
             self.charge.shrink(u64::MAX);
-            let end = (self.pos + self.chunk_bytes).min(self.data.len());
-            let piece = self.data.slice(self.pos..end);
-            self.pos = end;
-            let last = self.pos == self.data.len();
-            if let Err(e) = self.charge.grow(piece.len().max(1) as u64).await {
+            let end = (self.pos + self.chunk_bytes).min(self.end);
+            let last = end == self.end;
+            if let Err(e) = self.charge.grow((end - self.pos).max(1)).await {
                 self.done = true;
                 return Some(Err(e.into()));
             }
+            let piece = match self.cas.get(&self.key).await {
+                // Within the blob: the read was checked against its size.
+                Ok(blob) => blob.slice(
+                    usize::try_from(self.pos).unwrap_or(usize::MAX)
+                        ..usize::try_from(end).unwrap_or(usize::MAX),
+                ),
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e
+                        .context(format!("reading {} at offset {}", self.key, self.pos))
+                        .into()));
+                }
+            };
+            self.pos = end;
             let out = match self.encoder.take() {
                 None => piece.to_vec(),
                 Some(encoder) => match encoder.chunk_async(piece, last).await {
@@ -313,7 +331,7 @@ impl ReadState {
                 },
             };
             self.done = last;
-            if !out.is_empty() || (last && self.data.is_empty()) {
+            if !out.is_empty() || last {
                 return Some(Ok(ReadResponse { data: out }));
             }
         }
@@ -335,8 +353,13 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
         if req.read_limit < 0 {
             return Err(Status::invalid_argument(format!("read_limit {} is negative", req.read_limit)));
         }
-        let data = self.cas.get(&Key::cas_in(&resource.instance_name, resource.digest)).await?;
-        let size = data.len() as u64;
+        let key = Key::cas_in(&resource.instance_name, resource.digest);
+        // The blob must exist before the stream starts (NOT_FOUND as a
+        // status, not mid-stream); its size is the digest's.
+        if !self.exists(&key).await? {
+            return Err(Error::not_found(format!("blob {} not found", resource.digest)).into());
+        }
+        let size = resource.digest.size_bytes();
         let offset = req.read_offset.unsigned_abs();
         if offset > size {
             return Err(Status::out_of_range(format!(
@@ -346,16 +369,16 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
         }
         let limit = req.read_limit.unsigned_abs();
         let end = if limit == 0 { size } else { size.min(offset.saturating_add(limit)) };
-        // Both bounds are at most `size`, the length of an in-memory buffer.
-        let range = usize::try_from(offset).unwrap_or(usize::MAX)..usize::try_from(end).unwrap_or(usize::MAX);
         let encoder = match resource.compressor {
             Compressor::Zstd => Some(StreamEncoder::new()?),
             Compressor::Identity => None,
         };
         let state = ReadState {
-            data: data.slice(range),
-            pos: 0,
-            chunk_bytes: self.limits.read_chunk_size_bytes,
+            cas: self.cas.clone(),
+            key,
+            pos: offset,
+            end,
+            chunk_bytes: self.limits.read_chunk_size_bytes as u64,
             charge: self.reads.charge(caller.peer),
             encoder,
             done: false,

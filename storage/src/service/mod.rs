@@ -14,11 +14,13 @@ mod capabilities;
 mod cas;
 mod compression;
 mod partial;
+mod responses;
 
 pub use action_cache::ActionCacheService;
 pub use bytestream::ByteStreamService;
 pub use capabilities::CapabilitiesService;
 pub use cas::CasService;
+pub use responses::ResponseBudgetLayer;
 
 /// The newest REAPI version whose storage features Kiln implements fully.
 pub const HIGH_API_VERSION: (i32, i32) = (2, 3);
