@@ -9,7 +9,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use futures::executor::block_on;
 use kiln_proto::DigestFunction;
 use kiln_proto::resource::{ReadResource, WriteResource};
-use kiln_storage::store::{BlobStore, EmptyBlob, Key, MemoryStore, Verifying};
+use kiln_storage::store::{CasKey, CasStore, EmptyBlob, MemoryCas, Verifying, put_all, read_all};
 
 fn hashing(c: &mut Criterion) {
     let mut group = c.benchmark_group("digest");
@@ -41,17 +41,17 @@ fn resource_names(c: &mut Criterion) {
 }
 
 fn memory_store(c: &mut Criterion) {
-    let store = EmptyBlob::new(Verifying::new(MemoryStore::for_blobs(1 << 30, 1 << 20)));
-    let blobs: Vec<(Key, Bytes)> = (0..10_000u32)
+    let store = EmptyBlob::new(Verifying::new(MemoryCas::new(1 << 30, 1 << 20)));
+    let blobs: Vec<(CasKey, Bytes)> = (0..10_000u32)
         .map(|i| {
             let data = Bytes::from(i.to_le_bytes().repeat(256));
-            (Key::cas(DigestFunction::Sha256.compute(&data)), data)
+            (CasKey::shared(DigestFunction::Sha256.compute(&data)), data)
         })
         .collect();
     for (k, d) in &blobs {
-        block_on(store.put(k, d.clone().into())).unwrap();
+        block_on(put_all(&store, k, d.clone())).unwrap();
     }
-    let keys: Vec<Key> = blobs.iter().map(|(k, _)| k.clone()).collect();
+    let keys: Vec<CasKey> = blobs.iter().map(|(k, _)| k.clone()).collect();
     let mut group = c.benchmark_group("memory_store");
     group.throughput(Throughput::Elements(keys.len() as u64));
     group.bench_function("find_missing_10k_present", |b| {
@@ -62,7 +62,7 @@ fn memory_store(c: &mut Criterion) {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % keys.len();
-            block_on(store.get(&keys[i])).unwrap()
+            block_on(read_all(&store, &keys[i], 1 << 20)).unwrap()
         });
     });
     group.throughput(Throughput::Bytes(1024));
@@ -70,7 +70,7 @@ fn memory_store(c: &mut Criterion) {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % blobs.len();
-            block_on(store.put(&blobs[i].0, blobs[i].1.clone().into())).unwrap();
+            block_on(put_all(&store, &blobs[i].0, blobs[i].1.clone())).unwrap();
         });
     });
     group.finish();

@@ -14,7 +14,8 @@ use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableSto
 use kiln_storage::service::{
     ActionCacheService, ByteStreamService, CapabilitiesService, CasService, ResponseBudgetLayer,
 };
-use kiln_storage::store::{CompletenessChecking, EmptyBlob, MemoryStore, Verifying};
+use kiln_storage::store::completeness_checking::CheckLimits;
+use kiln_storage::store::{CompletenessChecking, EmptyBlob, MemoryAc, MemoryCas, Verifying};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -74,16 +75,15 @@ pub async fn run(config: Config) -> Result<()> {
         config.auth.build(&config.data_dir, &limits).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     let authorizer = auth.authorizer.clone();
 
-    let cas_memory = MemoryStore::for_blobs(config.storage.cas_memory_bytes, limits.blob_size_bytes_max);
+    let cas_memory = MemoryCas::new(config.storage.cas_memory_bytes, limits.blob_size_bytes_max);
     let cas = Arc::new(EmptyBlob::new(Verifying::new(cas_memory)));
-    let action_result_max = limits.action_result_size_bytes_max as u64;
-    let ac_memory = MemoryStore::for_blobs(config.storage.ac_memory_bytes, action_result_max);
-    let ac = Arc::new(CompletenessChecking::new(
-        ac_memory,
-        cas.clone(),
-        limits.referenced_blobs_max,
-        limits.output_tree_fetches_max,
-    ));
+    let ac_memory = MemoryAc::new(config.storage.ac_memory_bytes, limits.action_result_size_bytes_max as u64);
+    let check = CheckLimits {
+        referenced_blobs_max: limits.referenced_blobs_max,
+        tree_fetches_max: limits.output_tree_fetches_max,
+        tree_size_bytes_max: limits.output_tree_size_bytes_max,
+    };
+    let ac = Arc::new(CompletenessChecking::new(ac_memory, cas.clone(), check));
 
     let message_max = limits.grpc_message_size_bytes_max;
     let capabilities = CapabilitiesServer::new(CapabilitiesService::new(limits, authorizer.clone()))

@@ -62,13 +62,14 @@ fn files_stay_small() {
 fn store_code_knows_neither_grpc_nor_auth() {
     let mut files = Vec::new();
     rust_files(&root().join("storage/src/store"), &mut files);
-    files.push(root().join("storage/src/blob.rs"));
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        for word in ["tonic", "kiln_auth", "Authorizer"] {
+        // Tests may drive the futures with any runtime; the code may not need one.
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        for word in ["tonic", "tokio", "kiln_auth", "Authorizer"] {
             assert!(
-                !text.contains(word),
-                "{} mentions {word}; stores know neither gRPC nor auth",
+                !code.contains(word),
+                "{} mentions {word}; stores know neither gRPC, a runtime, nor auth",
                 file.display()
             );
         }

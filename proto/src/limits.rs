@@ -31,6 +31,8 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 pub const FRAME_SIZE_BYTES_MAX: u32 = 4 << 20;
 /// Largest HTTP/2 header list accepted (gRPC metadata).
 pub const HEADER_LIST_SIZE_BYTES_MAX: u32 = 64 << 10;
+/// Most bytes a store hands out in one chunk of a read.
+pub const STORE_CHUNK_BYTES: u64 = 1 << 20;
 /// Responses are handed to the HTTP/2 stack in pieces of this size, so that
 /// what a stalled client leaves queued beyond the response budget is at
 /// most two pieces per stream.
@@ -73,6 +75,9 @@ pub struct Limits {
     /// Most blobs one GetActionResult checks in the CAS, counting every file
     /// inside its output trees; a result referencing more is treated as absent.
     pub referenced_blobs_max: usize,
+    /// Largest output tree GetActionResult reads to check; a result with a
+    /// larger one is treated as absent.
+    pub output_tree_size_bytes_max: u64,
     /// Most output trees one GetActionResult fetches at once.
     pub output_tree_fetches_max: usize,
     /// Largest chunk of data in one ByteStream Read response.
@@ -90,8 +95,9 @@ pub struct Limits {
     pub tree_directories_max: usize,
     /// Most GetTree walks running at once; further requests wait.
     pub tree_walks_max: usize,
-    /// Most bytes of uploads held in memory at once, counted as they arrive
-    /// (compressed and decompressed); further data waits.
+    /// Most bytes of uploads held in memory at once: each message (and each
+    /// decompressed chunk of it) from its arrival until the store has taken
+    /// it; further data waits.
     pub uploads_in_flight_bytes_max: u64,
     /// Most bytes of uploads in flight from one client address.
     pub upload_client_bytes_max: u64,
@@ -141,6 +147,7 @@ impl Default for Limits {
             action_result_size_bytes_max: 1 << 20,
             inline_size_bytes_max: 1 << 20,
             referenced_blobs_max: 1 << 20,
+            output_tree_size_bytes_max: 64 << 20,
             output_tree_fetches_max: 16,
             read_chunk_size_bytes: 1 << 20,
             reads_in_flight_bytes_max: 1 << 30,
@@ -148,8 +155,8 @@ impl Default for Limits {
             tree_page_size_max: 10_000,
             tree_directories_max: 1_000_000,
             tree_walks_max: 64,
-            uploads_in_flight_bytes_max: 2 << 30,
-            upload_client_bytes_max: 1 << 30,
+            uploads_in_flight_bytes_max: 1 << 30,
+            upload_client_bytes_max: 256 << 20,
             admission_timeout_ms: 10_000,
             admission_waiting_bytes_max: 256 << 20,
             partial_uploads_max: 64,
@@ -170,7 +177,8 @@ impl Limits {
     /// Checks that the limits are consistent with each other; the message
     /// names the offending keys.
     pub fn validate(&self) -> Result<(), String> {
-        let positive: [(&str, u64); 19] = [
+        let positive: [(&str, u64); 20] = [
+            ("output_tree_size_bytes_max", self.output_tree_size_bytes_max),
             ("grpc_message_size_bytes_max", self.grpc_message_size_bytes_max as u64),
             ("batch_digests_max", self.batch_digests_max as u64),
             ("blob_size_bytes_max", self.blob_size_bytes_max),
@@ -219,10 +227,13 @@ impl Limits {
         if self.inline_size_bytes_max > room {
             return Err("inline_size_bytes_max must be at most 3/4 of grpc_message_size_bytes_max".into());
         }
-        // An upload is held in memory until it is stored, so one client must
-        // be able to hold the largest blob, and the whole budget one client.
-        if self.upload_client_bytes_max < self.blob_size_bytes_max {
-            return Err("upload_client_bytes_max must be at least blob_size_bytes_max".into());
+        // An upload holds a message, and a decompressed chunk of it, in
+        // memory until the store takes them.
+        if self.upload_client_bytes_max < self.grpc_message_size_bytes_max as u64 + (1 << 20) {
+            return Err(
+                "upload_client_bytes_max must be at least grpc_message_size_bytes_max plus 1 MiB (one message and a decompressed chunk)"
+                    .into(),
+            );
         }
         if self.uploads_in_flight_bytes_max < self.upload_client_bytes_max {
             return Err("uploads_in_flight_bytes_max must be at least upload_client_bytes_max".into());
@@ -278,18 +289,18 @@ mod tests {
                 "batch_total_size_bytes_max",
             ),
             (Limits { tree_walks_max: 0, ..Limits::default() }, "tree_walks_max"),
-            (Limits { upload_client_bytes_max: 1, ..Limits::default() }, "upload_client_bytes_max"),
+            (Limits { upload_client_bytes_max: 1 << 20, ..Limits::default() }, "upload_client_bytes_max"),
             (Limits { admission_waiting_bytes_max: 1, ..Limits::default() }, "admission_waiting_bytes_max"),
             (Limits { connection_preface_timeout_ms: 60_000, ..Limits::default() }, "preface"),
         ];
         for (limits, key) in cases {
             assert!(limits.validate().unwrap_err().contains(key), "{key}");
         }
-        // The largest blob equal to the whole upload budget is valid.
+        // Upload budgets of one message (and a decompressed chunk) are valid,
+        // whatever the largest blob: uploads stream into the store.
         let tight = Limits {
-            blob_size_bytes_max: 1_000_000,
-            upload_client_bytes_max: 1_000_000,
-            uploads_in_flight_bytes_max: 1_000_000,
+            upload_client_bytes_max: (17 << 20),
+            uploads_in_flight_bytes_max: (17 << 20),
             ..Limits::default()
         };
         tight.validate().unwrap();

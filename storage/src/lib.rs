@@ -2,12 +2,12 @@
 //!
 //! Two layers, kept apart on purpose:
 //!
-//! - [`store`]: the [`BlobStore`](store::BlobStore) trait, its backends and
-//!   its decorators. Nothing here knows gRPC or tonic.
+//! - [`store`]: the [`CasStore`](store::CasStore) and
+//!   [`AcStore`](store::AcStore) traits, their backends and decorators.
+//!   Nothing here knows gRPC or an async runtime.
 //! - [`service`]: the tonic services (Capabilities, ContentAddressableStorage,
 //!   ActionCache, ByteStream). They validate requests, translate them into
 //!   store calls and map errors to precise gRPC statuses.
 
-pub mod blob;
 pub mod service;
 pub mod store;

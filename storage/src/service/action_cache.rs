@@ -13,7 +13,7 @@ use kiln_proto::{Digest, DigestFunction, Error};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::store::{BlobStore, Key, Scope};
+use crate::store::{AcKey, AcStore, CasKey, CasStore, put_all, read_all};
 
 #[derive(Debug, Clone)]
 pub struct ActionCacheService<A, C> {
@@ -78,7 +78,7 @@ fn outline(function: DigestFunction, result: &mut ActionResult) -> Result<Outlin
     Ok(blobs)
 }
 
-impl<A: BlobStore, C: BlobStore> ActionCacheService<A, C> {
+impl<A: AcStore, C: CasStore> ActionCacheService<A, C> {
     /// Inlines what the client asked for, within the inline budget, if the
     /// caller may read the CAS; otherwise the digests alone answer.
     async fn inline(
@@ -118,7 +118,8 @@ impl<A: BlobStore, C: BlobStore> ActionCacheService<A, C> {
             let Some(digest) = digest else { continue };
             // A blob that vanished since the completeness check is simply not
             // inlined; the client then fetches it and gets NOT_FOUND itself.
-            let Ok(data) = self.cas.get(&Key::cas_in(instance, digest)).await else { continue };
+            let key = CasKey::in_instance(instance, digest);
+            let Ok(data) = read_all(&self.cas, &key, digest.size_bytes()).await else { continue };
             match slot {
                 0 => result.stdout_raw = data.to_vec(),
                 1 => result.stderr_raw = data.to_vec(),
@@ -129,7 +130,7 @@ impl<A: BlobStore, C: BlobStore> ActionCacheService<A, C> {
 }
 
 #[tonic::async_trait]
-impl<A: BlobStore, C: BlobStore> ActionCache for ActionCacheService<A, C> {
+impl<A: AcStore, C: CasStore> ActionCache for ActionCacheService<A, C> {
     async fn get_action_result(
         &self,
         request: Request<GetActionResultRequest>,
@@ -148,8 +149,7 @@ impl<A: BlobStore, C: BlobStore> ActionCache for ActionCacheService<A, C> {
             {
                 continue;
             }
-            let key = Key::new(Scope::new(tenant), action);
-            let data = match self.ac.get(&key).await {
+            let data = match self.ac.get(&AcKey::new(tenant, action)).await {
                 Ok(data) => data,
                 Err(e) if e.is_not_found() => {
                     miss.get_or_insert(e);
@@ -203,10 +203,10 @@ impl<A: BlobStore, C: BlobStore> ActionCache for ActionCacheService<A, C> {
             self.auth.require(&caller, &req.instance_name, Permission::CasWrite)?;
         }
         for (digest, data) in blobs {
-            self.cas.put(&Key::cas_in(&req.instance_name, digest), data.into()).await?;
+            put_all(&self.cas, &CasKey::in_instance(&req.instance_name, digest), data).await?;
         }
-        let key = Key::new(Scope::new(&req.instance_name), action);
-        self.ac.put(&key, Bytes::from(encoded).into()).await?;
+        let key = AcKey::new(&req.instance_name, action);
+        self.ac.put(&key, Bytes::from(encoded)).await?;
         tracing::debug!(action = %key, "action result stored");
         Ok(Response::new(returned))
     }

@@ -1,13 +1,15 @@
 //! `google.bytestream.ByteStream` over the CAS: Read, Write and
 //! QueryWriteStatus, for `blobs/` and `compressed-blobs/zstd/`.
 //!
-//! Uploads are hashed as their chunks arrive and verified by the CAS's
-//! [`Verifying`](crate::store::Verifying) decorator before they become
-//! visible. Every byte an upload holds is charged to the upload budget as
-//! it arrives (compressed and decompressed alike), and every read chunk
-//! waiting for the network to the read budget (see [`super::admission`]).
-//! An upload that breaks off is remembered (bounded) so that the client can
-//! resume it at the offset `QueryWriteStatus` reports.
+//! Uploads stream into the store through its writer as their chunks arrive,
+//! hashed on the way by the CAS's [`Verifying`](crate::store::Verifying)
+//! decorator, and become visible only once verified. Every byte a request
+//! holds in memory is charged to a budget while it does (see
+//! [`super::admission`]): an upload's message until the store has taken it
+//! (compressed and decompressed alike), a read's chunk until the network
+//! has taken it. An upload that breaks off keeps its open writer (bounded)
+//! so that the client can resume it at the offset `QueryWriteStatus`
+//! reports.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,31 +22,48 @@ use kiln_proto::google::bytestream::byte_stream_server::ByteStream;
 use kiln_proto::google::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse,
 };
-use kiln_proto::limits::Limits;
+use kiln_proto::limits::{Limits, STORE_CHUNK_BYTES};
 use kiln_proto::resource::{Compressor, ReadResource, WriteResource};
 use kiln_proto::text::quoted;
-use kiln_proto::{Code, Digest, Error};
+use kiln_proto::{Code, Error};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::admission::{Budget, BudgetLimits, Charge};
 use super::compression::{StreamDecoder, StreamEncoder};
 use super::partial::PartialUploads;
-use crate::blob::{Blob, BlobBuilder};
-use crate::store::{BlobStore, Key};
+use crate::store::{BlobReader, BlobWriter, ByteRange, CasKey, CasStore};
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
-#[derive(Debug, Clone)]
-pub struct ByteStreamService<C> {
+pub struct ByteStreamService<C: CasStore> {
     cas: C,
     limits: Limits,
-    partial: Arc<PartialUploads>,
+    partial: Arc<PartialUploads<C::Writer>>,
     uploads: Arc<Budget>,
     reads: Arc<Budget>,
     auth: Authorizer,
 }
 
-impl<C> ByteStreamService<C> {
+impl<C: CasStore + Clone> Clone for ByteStreamService<C> {
+    fn clone(&self) -> Self {
+        Self {
+            cas: self.cas.clone(),
+            limits: self.limits,
+            partial: self.partial.clone(),
+            uploads: self.uploads.clone(),
+            reads: self.reads.clone(),
+            auth: self.auth.clone(),
+        }
+    }
+}
+
+impl<C: CasStore> std::fmt::Debug for ByteStreamService<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ByteStreamService").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl<C: CasStore> ByteStreamService<C> {
     pub fn new(cas: C, limits: Limits, auth: Authorizer) -> Self {
         let timeout = Duration::from_millis(limits.admission_timeout_ms);
         let uploads = Budget::new(
@@ -62,8 +81,7 @@ impl<C> ByteStreamService<C> {
             "reads_in_flight_bytes_max",
             BudgetLimits {
                 total_bytes_max: limits.reads_in_flight_bytes_max,
-                client_bytes_max: (limits.reads_in_flight_bytes_max / 4)
-                    .max(limits.read_chunk_size_bytes as u64),
+                client_bytes_max: (limits.reads_in_flight_bytes_max / 4).max(STORE_CHUNK_BYTES),
                 waiting_bytes_max: limits.admission_waiting_bytes_max,
                 timeout,
             },
@@ -82,74 +100,62 @@ impl<C> ByteStreamService<C> {
     }
 }
 
-/// The data of an upload in progress, hashed as it arrives.
-enum Upload {
-    Plain(BlobBuilder),
-    Zstd { decoder: Box<StreamDecoder>, builder: BlobBuilder },
+/// An upload in progress: the store's writer, and for compressed uploads
+/// the decoder in front of it.
+enum Upload<W> {
+    Plain(W),
+    Zstd { decoder: Box<StreamDecoder>, writer: W },
 }
 
-impl Upload {
+impl<W: BlobWriter> Upload<W> {
     /// Bytes received so far, in the offsets the client uses.
     fn received_bytes(&self) -> u64 {
         match self {
-            Upload::Plain(builder) => builder.len(),
+            Upload::Plain(writer) => writer.written(),
             Upload::Zstd { decoder, .. } => decoder.received_bytes(),
         }
     }
 
-    /// Adds one message's data, charging what it holds to `charge` first.
-    async fn append(&mut self, digest: &Digest, data: Vec<u8>, charge: &mut Charge) -> Result<(), Error> {
+    /// Hands one message's data to the store, charging what it holds in
+    /// memory to `charge` until the store has taken it.
+    async fn append(&mut self, data: Vec<u8>, charge: &mut Charge) -> Result<(), Error> {
+        charge.grow(data.len() as u64).await?;
         match self {
-            Upload::Plain(builder) => {
-                if builder.len() + data.len() as u64 > digest.size_bytes() {
-                    return Err(Error::invalid_argument(format!(
-                        "upload of {digest} received more than {} bytes",
-                        digest.size_bytes()
-                    )));
-                }
-                charge.grow(data.len() as u64).await?;
-                builder.push(Bytes::from(data));
-            }
-            Upload::Zstd { decoder, builder } => {
+            Upload::Plain(writer) => writer.write(Bytes::from(data)).await?,
+            Upload::Zstd { decoder, writer } => {
                 decoder.receive(data.len())?;
-                // The compressed message is held while it is decompressed.
-                let compressed = data.len() as u64;
-                charge.grow(compressed).await?;
                 let mut pos = 0;
                 loop {
                     let (chunk, full) = decoder.step(&data, &mut pos)?;
-                    charge.grow(chunk.len() as u64).await?;
-                    builder.push(chunk);
+                    let produced = chunk.len() as u64;
+                    charge.grow(produced).await?;
+                    if !chunk.is_empty() {
+                        writer.write(chunk).await?;
+                    }
+                    charge.shrink(produced);
                     if pos == data.len() && !full {
                         break;
                     }
                 }
-                charge.shrink(compressed);
             }
         }
+        charge.shrink(u64::MAX);
         Ok(())
     }
 
-    fn finish(self, digest: &Digest) -> Result<Blob, Error> {
+    async fn finish(self) -> Result<(), Error> {
         match self {
-            Upload::Plain(builder) if builder.len() != digest.size_bytes() => {
-                Err(Error::invalid_argument(format!(
-                    "upload of {digest} finished after {} bytes; the digest says {}",
-                    builder.len(),
-                    digest.size_bytes()
-                )))
-            }
-            Upload::Plain(builder) => builder.finish(),
-            Upload::Zstd { decoder, builder } => {
+            Upload::Plain(writer) => writer.commit().await,
+            Upload::Zstd { decoder, writer } => {
                 decoder.finish()?;
-                builder.finish()
+                writer.commit().await
             }
         }
     }
 }
 
-impl<C: BlobStore + Clone> ByteStreamService<C> {
-    async fn exists(&self, key: &Key) -> Result<bool, Status> {
+impl<C: CasStore + Clone> ByteStreamService<C> {
+    async fn exists(&self, key: &CasKey) -> Result<bool, Status> {
         Ok(self.cas.find_missing(std::slice::from_ref(key)).await?.is_empty())
     }
 
@@ -157,42 +163,33 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
     async fn begin(
         &self,
         resource: &WriteResource,
+        key: &CasKey,
         offset: i64,
-        charge: &mut Charge,
-    ) -> Result<Upload, Status> {
-        let size = resource.digest.size_bytes();
-        let function = resource.digest.function();
+    ) -> Result<Upload<C::Writer>, Status> {
         if resource.compressor == Compressor::Zstd {
             if offset != 0 {
                 return Err(Status::invalid_argument(
                     "compressed uploads cannot be resumed; restart the upload at write_offset 0",
                 ));
             }
-            return Ok(Upload::Zstd {
-                decoder: Box::new(StreamDecoder::new(size)?),
-                builder: BlobBuilder::new(function),
-            });
+            let decoder = Box::new(StreamDecoder::new(resource.digest.size_bytes())?);
+            return Ok(Upload::Zstd { decoder, writer: self.cas.write(key).await? });
         }
         let name = resource.to_string();
         let committed = self.partial.committed(&name).unwrap_or(0);
         match u64::try_from(offset) {
             Ok(0) => {
                 self.partial.forget(&name);
-                Ok(Upload::Plain(BlobBuilder::new(function)))
+                Ok(Upload::Plain(self.cas.write(key).await?))
             }
             Ok(offset) if offset == committed => {
-                // Charge the remembered bytes before taking them, so a busy
-                // server leaves them resumable.
-                charge.grow(offset).await?;
-                let data = self.partial.take_at(&name, offset).ok_or_else(|| {
+                let writer = self.partial.take_at(&name, offset).ok_or_else(|| {
                     Status::aborted(format!(
                         "upload {} was resumed or forgotten concurrently; ask QueryWriteStatus",
                         quoted(&name)
                     ))
                 })?;
-                let mut builder = BlobBuilder::new(function);
-                builder.push(data);
-                Ok(Upload::Plain(builder))
+                Ok(Upload::Plain(writer))
             }
             _ => Err(Status::invalid_argument(format!(
                 "write_offset {offset} does not match the committed size {committed} of {}; ask QueryWriteStatus",
@@ -201,15 +198,17 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
         }
     }
 
+    /// Receives an upload into the store and commits it; returns the bytes
+    /// received, in the offsets the client used.
     async fn receive(
         &self,
         resource: &WriteResource,
+        key: &CasKey,
         first: WriteRequest,
         stream: &mut Streaming<WriteRequest>,
         charge: &mut Charge,
-    ) -> Result<(Blob, u64), Status> {
-        let digest = resource.digest;
-        let mut upload = self.begin(resource, first.write_offset, charge).await?;
+    ) -> Result<u64, Status> {
+        let mut upload = self.begin(resource, key, first.write_offset).await?;
         let mut message = first;
         let name = message.resource_name.clone();
         let idle = Duration::from_millis(self.limits.upload_idle_timeout_ms);
@@ -218,26 +217,22 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
         let outcome: Result<(), (Status, bool)> = async {
             loop {
                 if !message.resource_name.is_empty() && message.resource_name != name {
-                    return Err((
-                        Status::invalid_argument(format!(
-                            "resource_name changed within one upload: {} then {}",
-                            quoted(&name),
-                            quoted(&message.resource_name)
-                        )),
-                        true,
+                    let status = Status::invalid_argument(format!(
+                        "resource_name changed within one upload: {} then {}",
+                        quoted(&name),
+                        quoted(&message.resource_name)
                     ));
+                    return Err((status, true));
                 }
                 let received = upload.received_bytes();
                 if u64::try_from(message.write_offset).ok() != Some(received) {
-                    return Err((
-                        Status::invalid_argument(format!(
-                            "write_offset is {} but {received} bytes have been received; resume at the offset QueryWriteStatus reports",
-                            message.write_offset
-                        )),
-                        true,
+                    let status = Status::invalid_argument(format!(
+                        "write_offset is {} but {received} bytes have been received; resume at the offset QueryWriteStatus reports",
+                        message.write_offset
                     ));
+                    return Err((status, true));
                 }
-                if let Err(e) = upload.append(&digest, std::mem::take(&mut message.data), charge).await {
+                if let Err(e) = upload.append(std::mem::take(&mut message.data), charge).await {
                     let keep = matches!(e.code(), Code::ResourceExhausted | Code::Unavailable);
                     return Err((e.into(), keep));
                 }
@@ -251,72 +246,67 @@ impl<C: BlobStore + Clone> ByteStreamService<C> {
                     }
                     Ok(Err(status)) => return Err((status, true)),
                     Err(_) => {
-                        return Err((
-                            Status::deadline_exceeded(format!(
-                                "no upload data for {idle:?}; resume at the offset QueryWriteStatus reports"
-                            )),
-                            true,
+                        let status = Status::deadline_exceeded(format!(
+                            "no upload data for {idle:?}; resume at the offset QueryWriteStatus reports"
                         ));
+                        return Err((status, true));
                     }
                 };
             }
         }
         .await;
         if let Err((status, keep)) = outcome {
-            if let Upload::Plain(builder) = upload
+            if let Upload::Plain(writer) = upload
                 && keep
             {
-                self.partial.keep(resource.to_string(), builder.into_bytes());
+                self.partial.keep(resource.to_string(), writer);
             }
             return Err(status);
         }
         let received = upload.received_bytes();
-        Ok((upload.finish(&digest)?, received))
+        upload.finish().await?;
+        Ok(received)
     }
 }
 
-/// A ByteStream Read in progress: one chunk at a time, each charged to the
-/// read budget until the next is asked for. The blob is looked up again for
-/// each chunk, so a reader that stalls holds one chunk, never the blob (an
-/// evicted blob's memory is not kept alive by a slow reader; the read then
-/// ends with the store's NOT_FOUND and the client retries).
-struct ReadState<C> {
-    cas: C,
-    key: Key,
-    pos: u64,
-    end: u64,
+/// A ByteStream Read in progress: the store's reader, one chunk at a time,
+/// each charged to the read budget until the next is asked for.
+struct ReadState<R> {
+    reader: R,
+    /// What is left of the store's last chunk.
+    pending: Bytes,
+    remaining: u64,
     chunk_bytes: u64,
     charge: Charge,
     encoder: Option<StreamEncoder>,
     done: bool,
 }
 
-impl<C: BlobStore> ReadState<C> {
+impl<R: BlobReader> ReadState<R> {
+    fn fail(&mut self, e: Error) -> Option<Result<ReadResponse, Status>> {
+        self.done = true;
+        Some(Err(e.into()))
+    }
+
     async fn next(&mut self) -> Option<Result<ReadResponse, Status>> {
         while !self.done {
             // The previous chunk has been taken by the network stack (or by
             // the encoder, whose own buffers are bounded).
             self.charge.shrink(u64::MAX);
-            let end = (self.pos + self.chunk_bytes).min(self.end);
-            let last = end == self.end;
-            if let Err(e) = self.charge.grow((end - self.pos).max(1)).await {
-                self.done = true;
-                return Some(Err(e.into()));
-            }
-            let piece = match self.cas.get(&self.key).await {
-                // Within the blob: the read was checked against its size.
-                Ok(blob) => blob.slice(
-                    usize::try_from(self.pos).unwrap_or(usize::MAX)
-                        ..usize::try_from(end).unwrap_or(usize::MAX),
-                ),
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(e
-                        .context(format!("reading {} at offset {}", self.key, self.pos))
-                        .into()));
+            if self.pending.is_empty() && self.remaining > 0 {
+                if let Err(e) = self.charge.grow(self.remaining.min(STORE_CHUNK_BYTES)).await {
+                    return self.fail(e);
                 }
-            };
-            self.pos = end;
+                match self.reader.next().await {
+                    Ok(Some(chunk)) => self.pending = chunk,
+                    Ok(None) => return self.fail(Error::new(Code::DataLoss, "the stored blob ended early")),
+                    Err(e) => return self.fail(e),
+                }
+            }
+            let take = self.pending.len().min(usize::try_from(self.chunk_bytes).unwrap_or(usize::MAX));
+            let piece = self.pending.split_to(take);
+            self.remaining = self.remaining.saturating_sub(piece.len() as u64);
+            let last = self.remaining == 0;
             let out = match self.encoder.take() {
                 None => piece.to_vec(),
                 Some(encoder) => match encoder.chunk_async(piece, last).await {
@@ -324,10 +314,7 @@ impl<C: BlobStore> ReadState<C> {
                         self.encoder = Some(encoder);
                         out
                     }
-                    Err(e) => {
-                        self.done = true;
-                        return Some(Err(e.into()));
-                    }
+                    Err(e) => return self.fail(e),
                 },
             };
             self.done = last;
@@ -340,7 +327,7 @@ impl<C: BlobStore> ReadState<C> {
 }
 
 #[tonic::async_trait]
-impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
+impl<C: CasStore + Clone> ByteStream for ByteStreamService<C> {
     type ReadStream = ReadStream;
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
@@ -353,31 +340,20 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
         if req.read_limit < 0 {
             return Err(Status::invalid_argument(format!("read_limit {} is negative", req.read_limit)));
         }
-        let key = Key::cas_in(&resource.instance_name, resource.digest);
-        // The blob must exist before the stream starts (NOT_FOUND as a
-        // status, not mid-stream); its size is the digest's.
-        if !self.exists(&key).await? {
-            return Err(Error::not_found(format!("blob {} not found", resource.digest)).into());
-        }
-        let size = resource.digest.size_bytes();
-        let offset = req.read_offset.unsigned_abs();
-        if offset > size {
-            return Err(Status::out_of_range(format!(
-                "read_offset {offset} is past the end of {} ({size} bytes)",
-                resource.digest
-            )));
-        }
-        let limit = req.read_limit.unsigned_abs();
-        let end = if limit == 0 { size } else { size.min(offset.saturating_add(limit)) };
+        let key = CasKey::in_instance(&resource.instance_name, resource.digest);
+        let range = ByteRange {
+            offset: req.read_offset.unsigned_abs(),
+            limit: (req.read_limit > 0).then_some(req.read_limit.unsigned_abs()),
+        };
+        let reader = self.cas.read(&key, range).await?;
         let encoder = match resource.compressor {
             Compressor::Zstd => Some(StreamEncoder::new()?),
             Compressor::Identity => None,
         };
         let state = ReadState {
-            cas: self.cas.clone(),
-            key,
-            pos: offset,
-            end,
+            remaining: reader.len(),
+            reader,
+            pending: Bytes::new(),
             chunk_bytes: self.limits.read_chunk_size_bytes as u64,
             charge: self.reads.charge(caller.peer),
             encoder,
@@ -408,7 +384,7 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
                 self.limits.blob_size_bytes_max
             )));
         }
-        let key = Key::cas_in(&resource.instance_name, digest);
+        let key = CasKey::in_instance(&resource.instance_name, digest);
         if self.exists(&key).await? {
             // Per the REAPI: the full size for identity uploads, -1 for
             // compressed ones, however much the client has sent.
@@ -419,9 +395,7 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
             return Ok(Response::new(WriteResponse { committed_size }));
         }
         let mut charge = self.uploads.charge(caller.peer);
-        let (blob, received_bytes) = self.receive(&resource, first, &mut stream, &mut charge).await?;
-        self.cas.put(&key, blob).await?;
-        drop(charge);
+        let received_bytes = self.receive(&resource, &key, first, &mut stream, &mut charge).await?;
         tracing::debug!(blob = %digest, "ByteStream upload stored");
         // Bytes received in the offsets the client used (compressed bytes for
         // compressed uploads), bounded by the blob size limit.
@@ -435,7 +409,7 @@ impl<C: BlobStore + Clone> ByteStream for ByteStreamService<C> {
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let resource = WriteResource::parse(&request.get_ref().resource_name)?;
         self.auth.check(&request, &resource.instance_name, Permission::CasWrite)?;
-        if self.exists(&Key::cas_in(&resource.instance_name, resource.digest)).await? {
+        if self.exists(&CasKey::in_instance(&resource.instance_name, resource.digest)).await? {
             let committed_size = resource.digest.size_bytes_i64();
             return Ok(Response::new(QueryWriteStatusResponse { committed_size, complete: true }));
         }

@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::compression;
-use crate::store::{BlobStore, Key, Scope};
+use crate::store::{CasKey, CasStore, Scope, put_all, read_all};
 use kiln_proto::access::{Authorizer, Permission};
 use kiln_proto::limits::Limits;
 use kiln_proto::{Code, text::quoted};
@@ -51,21 +51,21 @@ fn parse_digests(
     instance: &str,
     function: Option<DigestFunction>,
     digests: &[kiln_proto::reapi::Digest],
-) -> Result<Vec<Key>, Status> {
+) -> Result<Vec<CasKey>, Status> {
     let scope = Scope::cas_of(instance);
     digests
         .iter()
         .enumerate()
         .map(|(i, d)| {
             Digest::from_proto(function, d)
-                .map(|d| Key::new(scope.clone(), d))
+                .map(|d| CasKey::new(scope.clone(), d))
                 .map_err(|e| e.context(format!("digest #{i}")))
         })
         .collect::<Result<_, Error>>()
         .map_err(Status::from)
 }
 
-impl<C: BlobStore + Clone> CasService<C> {
+impl<C: CasStore + Clone> CasService<C> {
     fn check_batch_size<'a>(
         &self,
         what: &str,
@@ -104,7 +104,7 @@ impl<C: BlobStore + Clone> CasService<C> {
             ))),
         };
         let result = match data {
-            Ok(data) => self.cas.put(&Key::cas_in(instance, digest), data.into()).await,
+            Ok(data) => put_all(&self.cas, &CasKey::in_instance(instance, digest), data).await,
             Err(e) => Err(e),
         };
         (wire, result.map_err(|e| e.context(format!("blob {digest}"))))
@@ -112,7 +112,7 @@ impl<C: BlobStore + Clone> CasService<C> {
 }
 
 #[tonic::async_trait]
-impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
+impl<C: CasStore + Clone> ContentAddressableStorage for CasService<C> {
     async fn find_missing_blobs(
         &self,
         request: Request<FindMissingBlobsRequest>,
@@ -187,7 +187,8 @@ impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
                 digest: Some(key.digest.to_proto()),
                 ..Default::default()
             };
-            let data = match self.cas.get(&key).await {
+            // Within the batch size, checked above.
+            let data = match read_all(&self.cas, &key, self.limits.batch_total_size_bytes_max).await {
                 Ok(data) if zstd && data.len() > 64 => {
                     compression::compress(data).await.map(|c| (c, compressor::Value::Zstd))
                 }
@@ -234,9 +235,8 @@ impl<C: BlobStore + Clone> ContentAddressableStorage for CasService<C> {
             }
         };
         // The root must exist; missing subdirectories are omitted per the spec.
-        let root_data = self
-            .cas
-            .get(&Key::cas_in(&req.instance_name, root))
+        let directory_max = self.limits.grpc_message_size_bytes_max as u64 / 2;
+        let root_data = read_all(&self.cas, &CasKey::in_instance(&req.instance_name, root), directory_max)
             .await
             .map_err(|e| e.context("GetTree root"))?;
         Directory::decode(root_data.as_ref())
@@ -310,7 +310,7 @@ struct TreeWalk<C> {
     directories_max: usize,
 }
 
-impl<C: BlobStore> TreeWalk<C> {
+impl<C: CasStore> TreeWalk<C> {
     async fn run(self, root: Digest, skip: usize, tx: mpsc::Sender<Result<GetTreeResponse, Status>>) {
         if let Err(status) = self.walk(root, skip, &tx).await {
             let _ = tx.send(Err(status)).await;
@@ -329,10 +329,19 @@ impl<C: BlobStore> TreeWalk<C> {
         let mut page = Vec::new();
         let mut page_bytes = 0usize;
         while let Some(digest) = queue.pop_front() {
-            let data = match self.cas.get(&Key::new(self.scope.clone(), digest)).await {
+            let key = CasKey::new(self.scope.clone(), digest);
+            // A directory larger than half a message cannot be returned in a page.
+            let data = match read_all(&self.cas, &key, self.page_bytes_max as u64).await {
                 Ok(data) => data,
                 // Missing subdirectories are omitted, as the REAPI says.
                 Err(e) if e.is_not_found() => continue,
+                Err(e) if e.code() == Code::ResourceExhausted => {
+                    return Err(Error::new(
+                        Code::FailedPrecondition,
+                        format!("GetTree: directory {digest} is larger than a response page can hold"),
+                    )
+                    .into());
+                }
                 Err(e) => return Err(e.context(format!("GetTree directory {digest}")).into()),
             };
             let dir = Directory::decode(data.as_ref()).map_err(|e| {

@@ -15,21 +15,30 @@ use kiln_proto::reapi::{ActionResult, Tree};
 use kiln_proto::{Digest, DigestFunction, Error, Result};
 use prost::Message;
 
-use super::{Blob, BlobStore, Key, Scope};
+use super::{AcKey, AcStore, CasKey, CasStore, Scope, read_all};
+
+/// Bounds on the work one check does.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckLimits {
+    /// Most blobs one check may look up, over all outputs and tree files.
+    pub referenced_blobs_max: usize,
+    /// Most output trees fetched at once.
+    pub tree_fetches_max: usize,
+    /// Largest output tree read; a result with a larger one is a miss.
+    pub tree_size_bytes_max: u64,
+}
 
 #[derive(Debug, Clone)]
 pub struct CompletenessChecking<A, C> {
     action_cache: A,
     cas: C,
-    /// Most blobs one check may look up, over all outputs and tree files.
-    referenced_blobs_max: usize,
-    /// Most output trees fetched at once.
-    tree_fetches_max: usize,
+    limits: CheckLimits,
 }
 
 impl<A, C> CompletenessChecking<A, C> {
-    pub fn new(action_cache: A, cas: C, referenced_blobs_max: usize, tree_fetches_max: usize) -> Self {
-        Self { action_cache, cas, referenced_blobs_max, tree_fetches_max: tree_fetches_max.max(1) }
+    pub fn new(action_cache: A, cas: C, limits: CheckLimits) -> Self {
+        let limits = CheckLimits { tree_fetches_max: limits.tree_fetches_max.max(1), ..limits };
+        Self { action_cache, cas, limits }
     }
 }
 
@@ -45,7 +54,7 @@ impl Referenced {
     fn add<'a>(
         &mut self,
         digests: impl Iterator<Item = &'a kiln_proto::reapi::Digest>,
-        out: &mut Vec<Key>,
+        out: &mut Vec<CasKey>,
     ) -> Result<()> {
         for d in digests {
             self.count += 1;
@@ -57,30 +66,30 @@ impl Referenced {
             }
             let digest =
                 Digest::from_proto(Some(self.function), d).map_err(|e| Error::not_found(e.message()))?;
-            out.push(Key::new(self.scope.clone(), digest));
+            out.push(CasKey::new(self.scope.clone(), digest));
         }
         Ok(())
     }
 }
 
-async fn fetch<'a, C: BlobStore>(cas: &'a C, key: &'a Key) -> (&'a Key, Result<Bytes>) {
-    (key, cas.get(key).await)
+async fn fetch<'a, C: CasStore>(cas: &'a C, key: &'a CasKey, size_max: u64) -> (&'a CasKey, Result<Bytes>) {
+    (key, read_all(cas, key, size_max).await)
 }
 
-impl<A: BlobStore, C: BlobStore> CompletenessChecking<A, C> {
+impl<A: AcStore, C: CasStore> CompletenessChecking<A, C> {
     /// `Ok` if every blob the result references is in the CAS; `NotFound`
     /// if one is missing; other errors keep their codes.
-    async fn check(&self, key: &Key, data: &Bytes) -> Result<()> {
+    async fn check(&self, key: &AcKey, data: &Bytes) -> Result<()> {
         let result = ActionResult::decode(data.as_ref()).map_err(|e| {
             tracing::error!(action = %key, error = %e, "stored action result does not decode; treating it as absent");
             Error::not_found(format!("stored action result is unreadable: {e}"))
         })?;
         // Outputs live in the CAS of the action's base tenant.
         let mut refs = Referenced {
-            scope: Scope::cas_of(key.scope.as_str()),
-            function: key.digest.function(),
+            scope: Scope::cas_of(key.instance.as_str()),
+            function: key.action.function(),
             count: 0,
-            max: self.referenced_blobs_max,
+            max: self.limits.referenced_blobs_max,
         };
         let mut keys = Vec::new();
         refs.add(result.output_files.iter().filter_map(|f| f.digest.as_ref()), &mut keys)?;
@@ -104,12 +113,19 @@ impl<A: BlobStore, C: BlobStore> CompletenessChecking<A, C> {
         let mut queued = trees.iter();
         let mut files = Vec::new();
         loop {
-            while pending.len() < self.tree_fetches_max {
+            while pending.len() < self.limits.tree_fetches_max {
                 let Some(tree_key) = queued.next() else { break };
-                pending.push(fetch(&self.cas, tree_key));
+                pending.push(fetch(&self.cas, tree_key, self.limits.tree_size_bytes_max));
             }
             let Some((tree_key, tree)) = pending.next().await else { break };
-            let tree = tree?;
+            let tree = match tree {
+                Ok(tree) => tree,
+                // Too large to check within the bound: treat the result as absent.
+                Err(e) if e.code() == kiln_proto::Code::ResourceExhausted => {
+                    return Err(Error::not_found(format!("output tree {tree_key}: {}", e.message())));
+                }
+                Err(e) => return Err(e),
+            };
             let tree = Tree::decode(tree.as_ref())
                 .map_err(|e| Error::not_found(format!("output tree {tree_key} is unreadable: {e}")))?;
             for dir in tree.root.iter().chain(tree.children.iter()) {
@@ -127,61 +143,71 @@ impl<A: BlobStore, C: BlobStore> CompletenessChecking<A, C> {
     }
 }
 
-impl<A: BlobStore, C: BlobStore> BlobStore for CompletenessChecking<A, C> {
-    async fn get(&self, key: &Key) -> Result<Bytes> {
+impl<A: AcStore, C: CasStore> AcStore for CompletenessChecking<A, C> {
+    async fn get(&self, key: &AcKey) -> Result<Bytes> {
         let data = self.action_cache.get(key).await?;
         match self.check(key, &data).await {
             Ok(()) => Ok(data),
             Err(e) if e.is_not_found() => {
-                tracing::debug!(action = %key, error = %e, "hiding incomplete action result");
-                Err(Error::not_found(format!("action result {key} is incomplete: {}", e.message())))
+                tracing::debug!(%key, error = %e, "hiding incomplete action result");
+                Err(Error::not_found(format!("{key} is incomplete: {}", e.message())))
             }
             // The CAS could not answer (unavailable, data loss ...): say so,
             // rather than pretend the result is absent.
-            Err(e) => Err(e.context(format!("checking action result {key}"))),
+            Err(e) => Err(e.context(format!("checking {key}"))),
         }
     }
 
-    async fn put(&self, key: &Key, blob: Blob) -> Result<()> {
-        self.action_cache.put(key, blob).await
-    }
-
-    async fn find_missing(&self, keys: &[Key]) -> Result<Vec<Key>> {
-        self.action_cache.find_missing(keys).await
+    async fn put(&self, key: &AcKey, value: Bytes) -> Result<()> {
+        self.action_cache.put(key, value).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{EmptyBlob, MemoryStore};
+    use crate::store::{BlobReader, BlobWriter, ByteRange, EmptyBlob, MemoryAc, MemoryCas, put_all};
+    use kiln_proto::Code;
     use kiln_proto::reapi::{Directory, FileNode, OutputDirectory, OutputFile};
-    use std::sync::Arc;
 
-    async fn put_cas(cas: &impl BlobStore, data: &[u8]) -> Digest {
+    const LIMITS: CheckLimits =
+        CheckLimits { referenced_blobs_max: 1000, tree_fetches_max: 4, tree_size_bytes_max: 1 << 20 };
+
+    async fn put_cas(cas: &impl CasStore, data: &[u8]) -> Digest {
         let d = DigestFunction::Sha256.compute(data);
-        cas.put(&Key::cas_in("main", d), Blob::from(Bytes::copy_from_slice(data))).await.unwrap();
+        put_all(cas, &CasKey::in_instance("main", d), Bytes::copy_from_slice(data)).await.unwrap();
         d
+    }
+
+    fn tree_of(files: &[Digest]) -> Tree {
+        Tree {
+            root: Some(Directory {
+                files: files
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| FileNode {
+                        name: format!("f{i}"),
+                        digest: Some(d.to_proto()),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            children: vec![],
+        }
+    }
+
+    fn action(name: &[u8]) -> AcKey {
+        AcKey::new("main", DigestFunction::Sha256.compute(name))
     }
 
     #[tokio::test]
     async fn hides_results_with_missing_outputs() {
-        let cas = Arc::new(EmptyBlob::new(MemoryStore::new(1 << 20, 1)));
-        let ac = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), cas.clone(), 1000, 4);
-        let file = put_cas(&*cas, b"output").await;
-        let inner = put_cas(&*cas, b"in tree").await;
-        let tree = Tree {
-            root: Some(Directory {
-                files: vec![FileNode {
-                    name: "f".into(),
-                    digest: Some(inner.to_proto()),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            children: vec![],
-        };
-        let tree = put_cas(&*cas, &tree.encode_to_vec()).await;
+        let cas = EmptyBlob::new(MemoryCas::new(1 << 20, 1 << 10));
+        let ac = CompletenessChecking::new(MemoryAc::new(1 << 20, 1 << 10), cas.clone(), LIMITS);
+        let file = put_cas(&cas, b"output").await;
+        let inner = put_cas(&cas, b"in tree").await;
+        let tree = put_cas(&cas, &tree_of(&[inner]).encode_to_vec()).await;
         let result = ActionResult {
             output_files: vec![OutputFile {
                 path: "out".into(),
@@ -196,68 +222,76 @@ mod tests {
             stdout_digest: Some(DigestFunction::Sha256.empty().to_proto()),
             ..Default::default()
         };
-        let key = Key::new(Scope::new("main"), DigestFunction::Sha256.compute(b"action"));
-        ac.put(&key, Blob::from(Bytes::from(result.encode_to_vec()))).await.unwrap();
-        ac.get(&key).await.unwrap();
+        ac.put(&action(b"action"), Bytes::from(result.encode_to_vec())).await.unwrap();
+        ac.get(&action(b"action")).await.unwrap();
 
         // A result whose tree references a file that is gone is hidden.
         let gone = DigestFunction::Sha256.compute(b"never uploaded");
-        let tree2 = Tree {
-            root: Some(Directory {
-                files: vec![FileNode {
-                    name: "g".into(),
-                    digest: Some(gone.to_proto()),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            children: vec![],
-        };
-        let tree2 = put_cas(&*cas, &tree2.encode_to_vec()).await;
+        let tree2 = put_cas(&cas, &tree_of(&[gone]).encode_to_vec()).await;
         let mut bad = result.clone();
         bad.output_directories[0].tree_digest = Some(tree2.to_proto());
-        let key2 = Key::new(Scope::new("main"), DigestFunction::Sha256.compute(b"action2"));
-        ac.put(&key2, Blob::from(Bytes::from(bad.encode_to_vec()))).await.unwrap();
-        let err = ac.get(&key2).await.unwrap_err();
+        ac.put(&action(b"action2"), Bytes::from(bad.encode_to_vec())).await.unwrap();
+        let err = ac.get(&action(b"action2")).await.unwrap_err();
         assert!(err.is_not_found());
         assert!(err.message().contains("missing from the CAS"), "{}", err.message());
 
         // So is one whose output file is gone.
         let mut bad = result;
         bad.output_files[0].digest = Some(gone.to_proto());
-        ac.put(&key2, Blob::from(Bytes::from(bad.encode_to_vec()))).await.unwrap();
-        assert!(ac.get(&key2).await.unwrap_err().is_not_found());
+        ac.put(&action(b"action2"), Bytes::from(bad.encode_to_vec())).await.unwrap();
+        assert!(ac.get(&action(b"action2")).await.unwrap_err().is_not_found());
     }
 
     #[tokio::test]
     async fn garbage_is_not_served() {
-        let cas = MemoryStore::new(1 << 20, 1);
-        let ac = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), cas, 1000, 4);
-        let key = Key::new(Scope::new(""), DigestFunction::Sha256.compute(b"a"));
-        ac.put(&key, Blob::from(Bytes::from_static(b"\xff\xff\xff"))).await.unwrap();
-        assert!(ac.get(&key).await.unwrap_err().is_not_found());
+        let ac = CompletenessChecking::new(
+            MemoryAc::new(1 << 20, 1 << 10),
+            MemoryCas::new(1 << 20, 1 << 10),
+            LIMITS,
+        );
+        ac.put(&action(b"a"), Bytes::from_static(b"\xff\xff\xff")).await.unwrap();
+        assert!(ac.get(&action(b"a")).await.unwrap_err().is_not_found());
     }
-}
-
-#[cfg(test)]
-mod bound_tests {
-    use super::*;
-    use crate::store::MemoryStore;
-    use kiln_proto::Code;
-    use kiln_proto::reapi::{Directory, FileNode, OutputDirectory, OutputFile};
 
     /// A CAS that fails every call, as a broken backend would.
     #[derive(Debug, Clone)]
     struct Failing(Code);
 
-    impl BlobStore for Failing {
-        async fn get(&self, _: &Key) -> Result<Bytes> {
+    #[derive(Debug)]
+    struct Nothing;
+
+    impl BlobReader for Nothing {
+        fn len(&self) -> u64 {
+            0
+        }
+        async fn next(&mut self) -> Result<Option<Bytes>> {
+            Ok(None)
+        }
+        fn report_corrupt(&mut self, _: &str) {}
+    }
+
+    impl BlobWriter for Nothing {
+        fn written(&self) -> u64 {
+            0
+        }
+        async fn write(&mut self, _: Bytes) -> Result<()> {
+            Ok(())
+        }
+        async fn commit(self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    impl CasStore for Failing {
+        type Reader = Nothing;
+        type Writer = Nothing;
+        async fn read(&self, _: &CasKey, _: ByteRange) -> Result<Nothing> {
             Err(Error::new(self.0, "backend down"))
         }
-        async fn put(&self, _: &Key, _: Blob) -> Result<()> {
+        async fn write(&self, _: &CasKey) -> Result<Nothing> {
             Err(Error::new(self.0, "backend down"))
         }
-        async fn find_missing(&self, _: &[Key]) -> Result<Vec<Key>> {
+        async fn find_missing(&self, _: &[CasKey]) -> Result<Vec<CasKey>> {
             Err(Error::new(self.0, "backend down"))
         }
     }
@@ -278,53 +312,50 @@ mod bound_tests {
     #[tokio::test]
     async fn cas_errors_keep_their_codes() {
         for code in [Code::Unavailable, Code::DataLoss, Code::Internal] {
-            let ac = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), Failing(code), 100, 4);
-            let key = Key::new(Scope::new("main"), DigestFunction::Sha256.compute(b"a"));
-            ac.put(&key, Blob::from(Bytes::from(result_with(1).encode_to_vec()))).await.unwrap();
-            assert_eq!(ac.get(&key).await.unwrap_err().code(), code);
+            let ac = CompletenessChecking::new(MemoryAc::new(1 << 20, 1 << 10), Failing(code), LIMITS);
+            ac.put(&action(b"a"), Bytes::from(result_with(1).encode_to_vec())).await.unwrap();
+            assert_eq!(ac.get(&action(b"a")).await.unwrap_err().code(), code);
         }
     }
 
     #[tokio::test]
     async fn the_bound_counts_every_list_together() {
-        let cas = std::sync::Arc::new(MemoryStore::new(1 << 20, 1));
+        let cas = MemoryCas::new(1 << 20, 1 << 10);
+        let mut digests = Vec::new();
         for i in 0..6 {
-            let data = Bytes::from(format!("{i}"));
-            cas.put(&Key::cas_in("main", DigestFunction::Sha256.compute(&data)), Blob::from(data))
-                .await
-                .unwrap();
+            digests.push(put_cas(&cas, format!("{i}").as_bytes()).await);
         }
         // A tree with 3 files, referenced next to 3 output files: 7 blobs in all.
-        let tree = Tree {
-            root: Some(Directory {
-                files: (3..6)
-                    .map(|i| FileNode {
-                        name: format!("t{i}"),
-                        digest: Some(DigestFunction::Sha256.compute(format!("{i}").as_bytes()).to_proto()),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }),
-            children: vec![],
-        };
-        let tree_bytes = Bytes::from(tree.encode_to_vec());
-        let tree_digest = DigestFunction::Sha256.compute(&tree_bytes);
-        cas.put(&Key::cas_in("main", tree_digest), Blob::from(tree_bytes)).await.unwrap();
+        let tree = put_cas(&cas, &tree_of(&digests[3..]).encode_to_vec()).await;
         let mut result = result_with(3);
         result.output_directories.push(OutputDirectory {
             path: "d".into(),
-            tree_digest: Some(tree_digest.to_proto()),
+            tree_digest: Some(tree.to_proto()),
             ..Default::default()
         });
         let encoded = Bytes::from(result.encode_to_vec());
-        let key = Key::new(Scope::new("main"), DigestFunction::Sha256.compute(b"a"));
-        let tight = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), cas.clone(), 6, 4);
-        tight.put(&key, Blob::from(encoded.clone())).await.unwrap();
-        let err = tight.get(&key).await.unwrap_err();
+        let tight = CompletenessChecking::new(
+            MemoryAc::new(1 << 20, 1 << 10),
+            cas.clone(),
+            CheckLimits { referenced_blobs_max: 6, ..LIMITS },
+        );
+        tight.put(&action(b"a"), encoded.clone()).await.unwrap();
+        let err = tight.get(&action(b"a")).await.unwrap_err();
         assert!(err.is_not_found() && err.message().contains("referenced_blobs_max"), "{}", err.message());
-        let enough = CompletenessChecking::new(MemoryStore::new(1 << 20, 1), cas, 7, 4);
-        enough.put(&key, Blob::from(encoded)).await.unwrap();
-        enough.get(&key).await.unwrap();
+        let enough = CompletenessChecking::new(
+            MemoryAc::new(1 << 20, 1 << 10),
+            cas.clone(),
+            CheckLimits { referenced_blobs_max: 7, ..LIMITS },
+        );
+        enough.put(&action(b"a"), encoded.clone()).await.unwrap();
+        enough.get(&action(b"a")).await.unwrap();
+        // A tree too large to check counts as absent.
+        let small = CompletenessChecking::new(
+            MemoryAc::new(1 << 20, 1 << 10),
+            cas,
+            CheckLimits { tree_size_bytes_max: 8, ..LIMITS },
+        );
+        small.put(&action(b"a"), encoded).await.unwrap();
+        assert!(small.get(&action(b"a")).await.unwrap_err().is_not_found());
     }
 }

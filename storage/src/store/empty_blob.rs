@@ -5,9 +5,9 @@
 //! touching the backend.
 
 use bytes::Bytes;
-use kiln_proto::Result;
+use kiln_proto::{Error, Result};
 
-use super::{Blob, BlobStore, Key};
+use super::{BlobReader, BlobWriter, ByteRange, CasKey, CasStore};
 
 #[derive(Debug, Clone)]
 pub struct EmptyBlob<S> {
@@ -20,26 +20,83 @@ impl<S> EmptyBlob<S> {
     }
 }
 
-impl<S: BlobStore> BlobStore for EmptyBlob<S> {
-    async fn get(&self, key: &Key) -> Result<Bytes> {
+/// The empty blob's reader or writer, or the backend's.
+#[derive(Debug)]
+pub enum MaybeEmpty<T> {
+    Empty,
+    Inner(T),
+}
+
+impl<R: BlobReader> BlobReader for MaybeEmpty<R> {
+    fn len(&self) -> u64 {
+        match self {
+            MaybeEmpty::Empty => 0,
+            MaybeEmpty::Inner(r) => r.len(),
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<Bytes>> {
+        match self {
+            MaybeEmpty::Empty => Ok(None),
+            MaybeEmpty::Inner(r) => r.next().await,
+        }
+    }
+
+    fn report_corrupt(&mut self, why: &str) {
+        if let MaybeEmpty::Inner(r) = self {
+            r.report_corrupt(why);
+        }
+    }
+}
+
+impl<W: BlobWriter> BlobWriter for MaybeEmpty<W> {
+    fn written(&self) -> u64 {
+        match self {
+            MaybeEmpty::Empty => 0,
+            MaybeEmpty::Inner(w) => w.written(),
+        }
+    }
+
+    async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        match self {
+            MaybeEmpty::Empty if chunk.is_empty() => Ok(()),
+            MaybeEmpty::Empty => Err(Error::invalid_argument("upload of the empty blob received data")),
+            MaybeEmpty::Inner(w) => w.write(chunk).await,
+        }
+    }
+
+    async fn commit(self) -> Result<()> {
+        match self {
+            MaybeEmpty::Empty => Ok(()),
+            MaybeEmpty::Inner(w) => w.commit().await,
+        }
+    }
+}
+
+impl<S: CasStore> CasStore for EmptyBlob<S> {
+    type Reader = MaybeEmpty<S::Reader>;
+    type Writer = MaybeEmpty<S::Writer>;
+
+    async fn read(&self, key: &CasKey, range: ByteRange) -> Result<Self::Reader> {
         if key.digest.is_empty_blob() {
-            return Ok(Bytes::new());
+            range.resolve(0)?;
+            return Ok(MaybeEmpty::Empty);
         }
-        self.inner.get(key).await
+        self.inner.read(key, range).await.map(MaybeEmpty::Inner)
     }
 
-    async fn put(&self, key: &Key, blob: Blob) -> Result<()> {
-        if key.digest.is_empty_blob() && blob.is_empty() {
-            return Ok(());
+    async fn write(&self, key: &CasKey) -> Result<Self::Writer> {
+        if key.digest.is_empty_blob() {
+            return Ok(MaybeEmpty::Empty);
         }
-        self.inner.put(key, blob).await
+        self.inner.write(key).await.map(MaybeEmpty::Inner)
     }
 
-    async fn find_missing(&self, keys: &[Key]) -> Result<Vec<Key>> {
+    async fn find_missing(&self, keys: &[CasKey]) -> Result<Vec<CasKey>> {
         if !keys.iter().any(|k| k.digest.is_empty_blob()) {
             return self.inner.find_missing(keys).await;
         }
-        let rest: Vec<Key> = keys.iter().filter(|k| !k.digest.is_empty_blob()).cloned().collect();
+        let rest: Vec<CasKey> = keys.iter().filter(|k| !k.digest.is_empty_blob()).cloned().collect();
         self.inner.find_missing(&rest).await
     }
 }
@@ -47,19 +104,21 @@ impl<S: BlobStore> BlobStore for EmptyBlob<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
+    use crate::store::{MemoryCas, put_all, read_all};
     use kiln_proto::DigestFunction;
 
     #[tokio::test]
     async fn empty_blob_always_exists() {
-        let store = EmptyBlob::new(MemoryStore::new(1 << 20, 1));
+        let store = EmptyBlob::new(MemoryCas::new(1 << 20, 1 << 10));
         for f in DigestFunction::ALL {
-            let k = Key::cas(f.empty());
-            assert_eq!(store.get(&k).await.unwrap(), Bytes::new());
+            let k = CasKey::shared(f.empty());
+            assert_eq!(read_all(&store, &k, 0).await.unwrap(), Bytes::new());
             assert!(store.find_missing(std::slice::from_ref(&k)).await.unwrap().is_empty());
-            store.put(&k, Blob::from(Bytes::new())).await.unwrap();
+            put_all(&store, &k, Bytes::new()).await.unwrap();
+            let mut w = store.write(&k).await.unwrap();
+            assert!(w.write(Bytes::from_static(b"x")).await.is_err());
         }
-        let other = Key::cas(DigestFunction::Sha256.compute(b"x"));
+        let other = CasKey::shared(DigestFunction::Sha256.compute(b"x"));
         assert_eq!(store.find_missing(std::slice::from_ref(&other)).await.unwrap(), vec![other]);
     }
 }

@@ -1,20 +1,34 @@
-//! The storage layer: one small trait and decorators over it.
+//! The storage layer: small traits, backends, and decorators over them.
 //!
-//! Every feature is a decorator in its own file that wraps another
-//! [`BlobStore`]: the empty blob, upload verification, AC completeness. A
-//! backend (today [`memory::MemoryStore`]) sits at the bottom. The composition
-//! root in the `kiln` binary builds the tree.
+//! Two stores with their own key types, so that a decorator written for one
+//! cannot wrap the other:
 //!
-//! Locking contract: every method may run concurrently with every other;
-//! backends synchronise internally.
+//! - [`CasStore`]: content-addressed blobs of any size, read as ranged
+//!   streams ([`BlobReader`]: the length is known before the first byte) and
+//!   written as streams ([`BlobWriter`]: chunks go into the store as they
+//!   arrive, the blob becomes visible only at `commit`, and dropping an
+//!   uncommitted writer gives its space back). Memory per stream stays at a
+//!   chunk whatever the blob's size. A reader that finds the bytes it read
+//!   wrong reports it back ([`BlobReader::report_corrupt`]) and the store
+//!   that served them drops the entry.
+//! - [`AcStore`]: small values (serialized `ActionResult`s) by action key.
+//!
+//! Every feature is a decorator in its own file: the empty blob, upload
+//! verification, AC completeness. Backends sit at the bottom: the memory
+//! store (tests, and a configurable backend) and the block store on a file
+//! or block device. The composition root in the `kiln` binary builds the
+//! trees.
+//!
+//! Nothing here knows gRPC or an async runtime: futures are plain `Future`s,
+//! which are `Send` (see ARCHITECTURE.md, "Decisions"), so the services can
+//! run them on any executor. Every method may run concurrently with every
+//! other; backends synchronise internally.
 
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use kiln_proto::{Digest, Result};
-
-pub use crate::blob::Blob;
+use bytes::{Bytes, BytesMut};
+use kiln_proto::{Digest, Error, Result};
 
 pub mod completeness_checking;
 pub mod empty_blob;
@@ -23,12 +37,11 @@ pub mod verifying;
 
 pub use completeness_checking::CompletenessChecking;
 pub use empty_blob::EmptyBlob;
-pub use memory::MemoryStore;
+pub use memory::{MemoryAc, MemoryCas};
 pub use verifying::Verifying;
 
-/// The namespace a key lives in. The CAS uses the base tenant of the
-/// instance name ([`Scope::cas_of`]); the AC uses the whole instance name, so
-/// action results never cross tenants.
+/// The namespace a key lives in: the base tenant for the CAS
+/// ([`Scope::cas_of`]), the whole instance name for the AC.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Scope(Arc<str>);
 
@@ -52,30 +65,34 @@ impl Scope {
     }
 }
 
-/// What a stored blob is looked up by.
+/// What a CAS blob is looked up by: its scope and its own digest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key {
+pub struct CasKey {
     pub scope: Scope,
     pub digest: Digest,
 }
 
-impl Key {
+impl CasKey {
     pub fn new(scope: Scope, digest: Digest) -> Self {
         Self { scope, digest }
     }
 
     /// A key in the shared scope (tests and tools).
-    pub fn cas(digest: Digest) -> Self {
+    pub fn shared(digest: Digest) -> Self {
         Self { scope: Scope::shared(), digest }
     }
 
-    /// A CAS key for a request on `instance_name`.
-    pub fn cas_in(instance_name: &str, digest: Digest) -> Self {
+    /// The key for a request on `instance_name`.
+    pub fn in_instance(instance_name: &str, digest: Digest) -> Self {
         Self { scope: Scope::cas_of(instance_name), digest }
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.digest.size_bytes()
     }
 }
 
-impl std::fmt::Display for Key {
+impl std::fmt::Display for CasKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.scope.as_str().is_empty() {
             write!(f, "{}", self.digest)
@@ -85,32 +102,184 @@ impl std::fmt::Display for Key {
     }
 }
 
-/// A store of immutable blobs, used for the CAS and the AC alike.
-///
-/// In the CAS a blob's key is its own digest; in the AC the key is the
-/// action's digest and the blob a serialized `ActionResult`.
-pub trait BlobStore: Send + Sync + 'static {
-    /// Returns the whole blob, or a `NotFound` error.
-    fn get(&self, key: &Key) -> impl Future<Output = Result<Bytes>> + Send;
-
-    /// Stores a blob under `key`, replacing any blob already there.
-    fn put(&self, key: &Key, blob: Blob) -> impl Future<Output = Result<()>> + Send;
-
-    /// Returns the keys that are absent, in the order given. Keys that are
-    /// present have their lifetime extended as if they had been read.
-    fn find_missing(&self, keys: &[Key]) -> impl Future<Output = Result<Vec<Key>>> + Send;
+/// What an action result is looked up by: the instance name (the tenant)
+/// and the action's digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AcKey {
+    pub instance: Scope,
+    pub action: Digest,
 }
 
-impl<S: BlobStore> BlobStore for Arc<S> {
-    fn get(&self, key: &Key) -> impl Future<Output = Result<Bytes>> + Send {
+impl AcKey {
+    pub fn new(instance: &str, action: Digest) -> Self {
+        Self { instance: Scope::new(instance), action }
+    }
+}
+
+impl std::fmt::Display for AcKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "action {} in {:?}", self.action, self.instance.as_str())
+    }
+}
+
+/// Which bytes of a blob to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ByteRange {
+    pub offset: u64,
+    /// At most this many bytes; `None` to the end.
+    pub limit: Option<u64>,
+}
+
+impl ByteRange {
+    pub const ALL: ByteRange = ByteRange { offset: 0, limit: None };
+
+    /// The bytes `offset..end` of a blob of `size` bytes; OUT_OF_RANGE when
+    /// the offset lies past the end.
+    pub fn resolve(self, size: u64) -> Result<(u64, u64)> {
+        if self.offset > size {
+            return Err(Error::out_of_range(format!(
+                "read offset {} is past the end of the blob ({size} bytes)",
+                self.offset
+            )));
+        }
+        let end = match self.limit {
+            Some(limit) => size.min(self.offset.saturating_add(limit)),
+            None => size,
+        };
+        Ok((self.offset, end))
+    }
+}
+
+/// A stream of a blob's bytes.
+pub trait BlobReader: Send + 'static {
+    /// How many bytes this reader yields in all, known before the first.
+    fn len(&self) -> u64;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The next chunk, or `None` once `len` bytes have been yielded.
+    fn next(&mut self) -> impl Future<Output = Result<Option<Bytes>>> + Send;
+
+    /// Says that the bytes this reader yielded are wrong: the store that
+    /// served them drops the blob, so that it is reported missing and
+    /// uploaded again.
+    fn report_corrupt(&mut self, why: &str);
+}
+
+/// A blob being written: chunks go into the store as they come, the blob
+/// becomes visible at [`BlobWriter::commit`], and a writer dropped before it
+/// gives its space back.
+pub trait BlobWriter: Send + 'static {
+    /// Bytes written so far.
+    fn written(&self) -> u64;
+
+    fn write(&mut self, chunk: Bytes) -> impl Future<Output = Result<()>> + Send;
+
+    /// Makes the blob visible; fails if it is not complete (or, behind
+    /// `Verifying`, not what its digest says).
+    fn commit(self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// A store of content-addressed blobs.
+pub trait CasStore: Send + Sync + 'static {
+    type Reader: BlobReader;
+    type Writer: BlobWriter;
+
+    /// Opens a reader over `range` of the blob; NOT_FOUND if absent,
+    /// OUT_OF_RANGE if the range starts past its end.
+    fn read(&self, key: &CasKey, range: ByteRange) -> impl Future<Output = Result<Self::Reader>> + Send;
+
+    /// Opens a writer for the blob `key` names (of `key.size_bytes()` bytes).
+    fn write(&self, key: &CasKey) -> impl Future<Output = Result<Self::Writer>> + Send;
+
+    /// The keys that are absent, in the order given. Keys that are present
+    /// have their lifetime extended as if they had been read.
+    fn find_missing(&self, keys: &[CasKey]) -> impl Future<Output = Result<Vec<CasKey>>> + Send;
+}
+
+/// A store of action results.
+pub trait AcStore: Send + Sync + 'static {
+    /// The stored value, or NOT_FOUND.
+    fn get(&self, key: &AcKey) -> impl Future<Output = Result<Bytes>> + Send;
+
+    /// Stores `value` under `key`, replacing what was there.
+    fn put(&self, key: &AcKey, value: Bytes) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Reads a whole blob of at most `size_bytes_max` bytes into memory (small
+/// blobs: directories, trees, batch reads, inlined outputs).
+pub async fn read_all<S: CasStore + ?Sized>(store: &S, key: &CasKey, size_bytes_max: u64) -> Result<Bytes> {
+    if key.size_bytes() > size_bytes_max {
+        return Err(Error::resource_exhausted(format!(
+            "blob {key} is {} bytes; at most {size_bytes_max} are read whole here",
+            key.size_bytes()
+        )));
+    }
+    let mut reader = store.read(key, ByteRange::ALL).await?;
+    let len = reader.len();
+    let first = match reader.next().await? {
+        None => return Ok(Bytes::new()),
+        Some(chunk) if chunk.len() as u64 == len => return Ok(chunk),
+        Some(chunk) => chunk,
+    };
+    // Several chunks: gather them (`len` is at most `size_bytes_max`).
+    let mut all = BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
+    all.extend_from_slice(&first);
+    while let Some(chunk) = reader.next().await? {
+        all.extend_from_slice(&chunk);
+    }
+    Ok(all.freeze())
+}
+
+/// Writes and commits a whole blob held in memory.
+pub async fn put_all<S: CasStore + ?Sized>(store: &S, key: &CasKey, data: Bytes) -> Result<()> {
+    let mut writer = store.write(key).await?;
+    if !data.is_empty() {
+        writer.write(data).await?;
+    }
+    writer.commit().await
+}
+
+impl<S: CasStore> CasStore for Arc<S> {
+    type Reader = S::Reader;
+    type Writer = S::Writer;
+
+    fn read(&self, key: &CasKey, range: ByteRange) -> impl Future<Output = Result<Self::Reader>> + Send {
+        (**self).read(key, range)
+    }
+
+    fn write(&self, key: &CasKey) -> impl Future<Output = Result<Self::Writer>> + Send {
+        (**self).write(key)
+    }
+
+    fn find_missing(&self, keys: &[CasKey]) -> impl Future<Output = Result<Vec<CasKey>>> + Send {
+        (**self).find_missing(keys)
+    }
+}
+
+impl<S: AcStore> AcStore for Arc<S> {
+    fn get(&self, key: &AcKey) -> impl Future<Output = Result<Bytes>> + Send {
         (**self).get(key)
     }
 
-    fn put(&self, key: &Key, blob: Blob) -> impl Future<Output = Result<()>> + Send {
-        (**self).put(key, blob)
+    fn put(&self, key: &AcKey, value: Bytes) -> impl Future<Output = Result<()>> + Send {
+        (**self).put(key, value)
     }
+}
 
-    fn find_missing(&self, keys: &[Key]) -> impl Future<Output = Result<Vec<Key>>> + Send {
-        (**self).find_missing(keys)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_resolve_within_the_blob() {
+        assert_eq!(ByteRange::ALL.resolve(10).unwrap(), (0, 10));
+        assert_eq!(ByteRange { offset: 4, limit: Some(3) }.resolve(10).unwrap(), (4, 7));
+        assert_eq!(ByteRange { offset: 8, limit: Some(30) }.resolve(10).unwrap(), (8, 10));
+        assert_eq!(ByteRange { offset: 10, limit: None }.resolve(10).unwrap(), (10, 10));
+        let err = ByteRange { offset: 11, limit: None }.resolve(10).unwrap_err();
+        assert_eq!(err.code(), kiln_proto::Code::OutOfRange);
     }
 }

@@ -1,19 +1,19 @@
-//! Refuses CAS uploads whose bytes do not match their digest.
+//! Refuses CAS uploads whose bytes do not match their digest, and stored
+//! copies of the wrong length.
 //!
-//! This is the one place where upload verification happens, so no service can
-//! forget it: every CAS write path (BatchUpdateBlobs, ByteStream, compressed
-//! or not) ends in `put` on this decorator. Large blobs are hashed on the
-//! blocking pool so that one big upload does not stall other requests on the
-//! same event loop. On `get` the length is checked against the digest, so a
-//! faulty backend cannot make Kiln serve bytes of the wrong size.
+//! This is the one place where upload verification happens, so no service
+//! can forget it: every CAS write path (BatchUpdateBlobs, ByteStream,
+//! compressed or not) writes through this decorator, which hashes each chunk
+//! as it passes and lets the blob become visible only if the whole matches
+//! its digest. On reads it checks that the backend yields exactly the bytes
+//! it announced; a backend that verifies its own data (the block store's
+//! checksums) catches everything else, and a short or long read is reported
+//! back to the backend as corruption.
 
 use bytes::Bytes;
-use kiln_proto::{Error, Result};
+use kiln_proto::{Code, Digest, Error, Hasher, Result};
 
-use super::{Blob, BlobStore, Key};
-
-/// Blobs at least this large are hashed off the event loop.
-const BLOCKING_HASH_SIZE_BYTES_MIN: usize = 1 << 20;
+use super::{BlobReader, BlobWriter, ByteRange, CasKey, CasStore};
 
 #[derive(Debug, Clone)]
 pub struct Verifying<S> {
@@ -26,47 +26,119 @@ impl<S> Verifying<S> {
     }
 }
 
-impl<S: BlobStore> BlobStore for Verifying<S> {
-    async fn get(&self, key: &Key) -> Result<Bytes> {
-        let data = self.inner.get(key).await?;
-        // The full hash was checked on the way in; the length check is free
-        // and catches a backend that returns the wrong entry.
-        if data.len() as u64 != key.digest.size_bytes() {
-            tracing::error!(blob = %key, len = data.len(), "backend returned a blob of the wrong size");
-            return Err(Error::new(
-                kiln_proto::Code::DataLoss,
-                format!("blob {key}: stored copy has {} bytes; refusing to serve it", data.len()),
-            ));
-        }
-        Ok(data)
+/// A writer that hashes what passes through it.
+#[derive(Debug)]
+pub struct VerifyingWriter<W> {
+    inner: W,
+    expected: Digest,
+    hasher: Hasher,
+    written: u64,
+}
+
+impl<W: BlobWriter> BlobWriter for VerifyingWriter<W> {
+    fn written(&self) -> u64 {
+        self.written
     }
 
-    async fn put(&self, key: &Key, blob: Blob) -> Result<()> {
-        // A blob built by `BlobBuilder` carries the digest of exactly its
-        // bytes, computed as they arrived: comparing it is the verification.
-        if let Some(hashed) = blob.hashed_as() {
-            if hashed != &key.digest {
-                return Err(Error::invalid_argument(format!(
-                    "blob {}: the uploaded data has digest {hashed}; the upload does not match its digest",
-                    key.digest
-                )));
+    async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        if self.written + chunk.len() as u64 > self.expected.size_bytes() {
+            return Err(Error::invalid_argument(format!(
+                "upload of {} received more than {} bytes",
+                self.expected,
+                self.expected.size_bytes()
+            )));
+        }
+        self.hasher.update(&chunk);
+        self.written += chunk.len() as u64;
+        self.inner.write(chunk).await
+    }
+
+    async fn commit(self) -> Result<()> {
+        if self.written != self.expected.size_bytes() {
+            return Err(Error::invalid_argument(format!(
+                "upload of {} finished after {} bytes; the digest says {}",
+                self.expected,
+                self.written,
+                self.expected.size_bytes()
+            )));
+        }
+        // The uncommitted inner writer is dropped on a mismatch: its space
+        // goes back and nothing becomes visible.
+        self.expected.check_hash(self.hasher.finalize())?;
+        self.inner.commit().await
+    }
+}
+
+/// A reader that checks the backend yields exactly what it announced.
+#[derive(Debug)]
+pub struct VerifyingReader<R> {
+    inner: R,
+    key: CasKey,
+    remaining: u64,
+}
+
+impl<R: BlobReader> VerifyingReader<R> {
+    fn corrupt(&mut self, why: &str) -> Error {
+        tracing::error!(blob = %self.key, why, "backend returned wrong bytes");
+        self.inner.report_corrupt(why);
+        Error::new(Code::DataLoss, format!("blob {}: {why}; refusing to serve it", self.key))
+    }
+}
+
+impl<R: BlobReader> BlobReader for VerifyingReader<R> {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    async fn next(&mut self) -> Result<Option<Bytes>> {
+        match self.inner.next().await? {
+            Some(chunk) if chunk.len() as u64 > self.remaining => Err(self
+                .corrupt(&format!("the stored copy has more bytes than the {} announced", self.inner.len()))),
+            Some(chunk) => {
+                self.remaining -= chunk.len() as u64;
+                Ok(Some(chunk))
             }
-            return self.inner.put(key, blob).await;
+            None if self.remaining > 0 => {
+                Err(self.corrupt(&format!("the stored copy ended {} bytes early", self.remaining)))
+            }
+            None => Ok(None),
         }
-        let data = blob.data();
-        if data.len() < BLOCKING_HASH_SIZE_BYTES_MIN {
-            key.digest.verify(data)?;
-        } else {
-            let digest = key.digest;
-            let check = data.clone();
-            tokio::task::spawn_blocking(move || digest.verify(&check))
-                .await
-                .map_err(|e| Error::internal(format!("hashing task failed: {e}")))??;
-        }
-        self.inner.put(key, blob).await
     }
 
-    async fn find_missing(&self, keys: &[Key]) -> Result<Vec<Key>> {
+    fn report_corrupt(&mut self, why: &str) {
+        self.inner.report_corrupt(why);
+    }
+}
+
+impl<S: CasStore> CasStore for Verifying<S> {
+    type Reader = VerifyingReader<S::Reader>;
+    type Writer = VerifyingWriter<S::Writer>;
+
+    async fn read(&self, key: &CasKey, range: ByteRange) -> Result<Self::Reader> {
+        let inner = self.inner.read(key, range).await?;
+        let (start, end) = range.resolve(key.size_bytes())?;
+        let mut reader = VerifyingReader { remaining: inner.len(), inner, key: key.clone() };
+        if reader.inner.len() != end - start {
+            return Err(reader.corrupt(&format!(
+                "the backend offers {} bytes where the digest implies {}",
+                reader.inner.len(),
+                end - start
+            )));
+        }
+        Ok(reader)
+    }
+
+    async fn write(&self, key: &CasKey) -> Result<Self::Writer> {
+        let inner = self.inner.write(key).await?;
+        Ok(VerifyingWriter {
+            inner,
+            expected: key.digest,
+            hasher: key.digest.function().hasher(),
+            written: 0,
+        })
+    }
+
+    async fn find_missing(&self, keys: &[CasKey]) -> Result<Vec<CasKey>> {
         self.inner.find_missing(keys).await
     }
 }
@@ -74,30 +146,35 @@ impl<S: BlobStore> BlobStore for Verifying<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
-    use kiln_proto::{Code, DigestFunction};
+    use crate::store::{MemoryCas, put_all, read_all};
+    use kiln_proto::DigestFunction;
 
     #[tokio::test]
     async fn mismatched_upload_is_refused_and_not_stored() {
-        let store = Verifying::new(MemoryStore::new(8 << 20, 1));
+        let store = Verifying::new(MemoryCas::new(8 << 20, 1 << 20));
         for f in DigestFunction::ALL {
-            let k = Key::cas(f.compute(b"right"));
-            let err = store.put(&k, Blob::from(Bytes::from_static(b"wrong"))).await.unwrap_err();
+            let k = CasKey::shared(f.compute(b"right"));
+            let err = put_all(&store, &k, Bytes::from_static(b"wrong")).await.unwrap_err();
             assert_eq!(err.code(), Code::InvalidArgument);
-            assert!(store.get(&k).await.unwrap_err().is_not_found());
-            store.put(&k, Blob::from(Bytes::from_static(b"right"))).await.unwrap();
-            assert_eq!(store.get(&k).await.unwrap(), Bytes::from_static(b"right"));
+            assert!(read_all(&store, &k, 10).await.unwrap_err().is_not_found());
+            put_all(&store, &k, Bytes::from_static(b"right")).await.unwrap();
+            assert_eq!(read_all(&store, &k, 10).await.unwrap(), Bytes::from_static(b"right"));
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test]
     async fn large_blobs_are_verified_too() {
-        let store = Verifying::new(MemoryStore::new(16 << 20, 1));
-        let data = Bytes::from(vec![7u8; 2 << 20]);
-        let k = Key::cas(DigestFunction::Sha256.compute(&data));
-        let mut corrupt = data.to_vec();
-        corrupt[12345] ^= 1;
-        assert!(store.put(&k, Blob::from(Bytes::from(corrupt))).await.is_err());
-        store.put(&k, Blob::from(data)).await.unwrap();
+        let store = Verifying::new(MemoryCas::new(16 << 20, 4 << 20));
+        let data = vec![7u8; 2 << 20];
+        let k = CasKey::shared(DigestFunction::Sha256.compute(&data));
+        let mut corrupt = data.clone();
+        corrupt[1_234_567] ^= 1;
+        let mut w = store.write(&k).await.unwrap();
+        for part in corrupt.chunks(100_000) {
+            w.write(Bytes::copy_from_slice(part)).await.unwrap();
+        }
+        assert!(w.commit().await.unwrap_err().message().contains("does not match"));
+        assert!(store.find_missing(std::slice::from_ref(&k)).await.unwrap().len() == 1);
+        put_all(&store, &k, Bytes::from(data)).await.unwrap();
     }
 }
