@@ -30,6 +30,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use kiln_proto::{Digest, Error, Result};
 
+pub mod block;
 pub mod completeness_checking;
 pub mod empty_blob;
 pub mod memory;

@@ -1,0 +1,585 @@
+//! Opening a block store: devices, headers, the index loaded from disk,
+//! the storage threads and the syncer; and closing it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use futures::channel::oneshot;
+use kiln_proto::{Code, Error, Result};
+
+use super::device::{BlockDevice, FileDevice};
+use super::format::{
+    DataHeader, Fingerprint, IndexLayout, Kind, PAGE_BYTES, SLOTS_PER_PAGE, Superblock, page_crc,
+};
+use super::index::Partition;
+use super::io::{IoEngine, IoMode};
+use super::ring::Ring;
+use super::syncer::{SyncStats, Syncer, SyncerMessage};
+use super::worker::{Request, Worker, partition_of};
+
+/// Most index partitions (each a run of pages a thread owns).
+const PARTITIONS_MAX: u64 = 64;
+/// Requests queued per storage thread before senders wait.
+const QUEUE_DEPTH: usize = 1024;
+
+/// How to open a block store.
+#[derive(Debug, Clone)]
+pub struct BlockConfig {
+    pub kind: Kind,
+    /// The data: a file (created and allocated to `size_bytes`) or a block device.
+    pub data_path: PathBuf,
+    /// The index file.
+    pub index_path: PathBuf,
+    /// Size of a data file (a block device's own size wins).
+    pub size_bytes: u64,
+    /// Bytes per block of the ring; 0: a 64th of the ring, 1 MiB to 256 MiB.
+    pub block_bytes: u64,
+    /// Expected average blob size: the index holds twice the blobs that
+    /// fill the ring at this size.
+    pub expected_blob_bytes: u64,
+    pub threads: usize,
+    pub io: IoMode,
+    /// Most time between syncs: the window of possible loss.
+    pub sync_interval: Duration,
+    /// Pin storage threads to cores.
+    pub pin_threads: bool,
+    /// Allow writing a new store onto a block device that holds none.
+    pub format_device: bool,
+}
+
+/// The devices of a store, for tests that bring their own.
+#[derive(Debug, Clone)]
+pub struct Devices {
+    pub data: Arc<dyn BlockDevice>,
+    pub index: Arc<dyn BlockDevice>,
+}
+
+/// A running block store.
+pub struct Engine {
+    pub kind: Kind,
+    pub ring: Arc<Ring>,
+    pub partitions: u32,
+    workers: Vec<async_channel::Sender<Request>>,
+    syncer: Mutex<Option<mpsc::Sender<SyncerMessage>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    pub io_path: &'static str,
+    pub slots: u64,
+    pub stats: Arc<SyncStats>,
+    pub devices: Devices,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("kind", &self.kind).field("io", &self.io_path).finish_non_exhaustive()
+    }
+}
+
+fn internal(what: &str, e: &std::io::Error) -> Error {
+    Error::internal(format!("{what}: {e}"))
+}
+
+/// What opening found on disk.
+struct Loaded {
+    superblock: Superblock,
+    crc_tables: [Vec<u32>; 2],
+    partitions: Vec<Partition>,
+    loaded_slots: u64,
+}
+
+impl Engine {
+    /// Opens (or creates) the store `config` describes.
+    pub fn open(config: &BlockConfig) -> Result<Arc<Engine>> {
+        let data_is_device = FileDevice::is_block_device(&config.data_path);
+        let data = FileDevice::open(&config.data_path, config.size_bytes)
+            .map_err(|e| internal(&format!("open {}", config.data_path.display()), &e))?;
+        let data: Arc<dyn BlockDevice> = Arc::new(data);
+        let mut header = vec![0u8; 4096];
+        data.read_at(&mut header, 0).map_err(|e| internal("read the data header", &e))?;
+        if data_is_device && DataHeader::decode(&header)?.is_none() && !config.format_device {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                format!(
+                    "block device {} holds no Kiln store; set [storage] format_device = true to format it (this destroys its contents)",
+                    config.data_path.display()
+                ),
+            ));
+        }
+        let index_bytes = index_file_bytes(data.len(), config.block_bytes, config.expected_blob_bytes)?;
+        let index = FileDevice::open(&config.index_path, index_bytes)
+            .map_err(|e| internal(&format!("open {}", config.index_path.display()), &e))?;
+        Self::open_on(config, Devices { data, index: Arc::new(index) })
+    }
+
+    /// Opens the store on `devices` (tests bring fault-injecting ones).
+    pub fn open_on(config: &BlockConfig, devices: Devices) -> Result<Arc<Engine>> {
+        let started = Instant::now();
+        let (capacity, block_bytes) = geometry(devices.data.len(), config.block_bytes)?;
+        let slots = slots_for(capacity, config.expected_blob_bytes);
+        let layout = IndexLayout::new(slots);
+        if devices.index.len() < layout.file_bytes() {
+            return Err(Error::internal(format!(
+                "index {} has {} bytes; {} are needed",
+                devices.index.describe(),
+                devices.index.len(),
+                layout.file_bytes()
+            )));
+        }
+        let loaded = match load(config.kind, &devices, capacity, block_bytes, slots, &layout)? {
+            Some(loaded) => loaded,
+            None => format(config.kind, &devices, capacity, block_bytes, slots, &layout)?,
+        };
+        let sb = loaded.superblock;
+        let ring = Arc::new(Ring::new(capacity, block_bytes, sb.tail, sb.head));
+        let partition_count = loaded.partitions.len();
+        let threads = config.threads.clamp(1, partition_count.max(1));
+        let mut owned: Vec<HashMap<u32, Partition>> = (0..threads).map(|_| HashMap::new()).collect();
+        for (p, partition) in loaded.partitions.into_iter().enumerate() {
+            owned[p % threads].insert(u32::try_from(p).unwrap_or(0), partition);
+        }
+        let (syncer_tx, syncer_rx) = mpsc::channel();
+        let (space_tx, space_rx) = async_channel::unbounded::<u64>();
+        let mut senders = Vec::new();
+        let mut handles = Vec::new();
+        let mut io_path = "pread/pwrite";
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        for (t, partitions) in owned.into_iter().enumerate() {
+            let (tx, rx) = async_channel::bounded(QUEUE_DEPTH);
+            let io = IoEngine::new(config.io).map_err(|e| {
+                Error::new(
+                    Code::FailedPrecondition,
+                    format!("io_uring is not available here ({e}); set [storage] io = \"auto\" or \"pread\""),
+                )
+            })?;
+            io_path = io.path();
+            let worker = Worker::new(
+                config.kind,
+                ring.clone(),
+                devices.data.clone(),
+                devices.index.clone(),
+                layout,
+                io,
+                partitions,
+                u32::try_from(partition_count).unwrap_or(1),
+                rx,
+                space_tx.clone(),
+            );
+            let pin = config.pin_threads.then_some(t % cores);
+            let handle = std::thread::Builder::new()
+                .name(format!("kiln-{}-{t}", short(config.kind)))
+                .spawn(move || {
+                    if let Some(core) = pin {
+                        pin_to(core);
+                    }
+                    worker.run();
+                })
+                .map_err(|e| internal("start a storage thread", &e))?;
+            senders.push(tx);
+            handles.push(handle);
+        }
+        // Reservations waiting for room reach the syncer through this relay.
+        let relay_tx = syncer_tx.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("kiln-{}-space", short(config.kind)))
+                .spawn(move || {
+                    while let Ok(t) = space_rx.recv_blocking() {
+                        if relay_tx.send(SyncerMessage::NeedSpace(t)).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| internal("start a storage thread", &e))?,
+        );
+        let stats = Arc::new(SyncStats::default());
+        let syncer = Syncer {
+            ring: ring.clone(),
+            data: devices.data.clone(),
+            index_dev: devices.index.clone(),
+            layout,
+            superblock: sb,
+            crc_tables: loaded.crc_tables,
+            workers: senders.clone(),
+            messages: syncer_rx,
+            interval: config.sync_interval,
+            headroom: (capacity / 8).max(2 * block_bytes).min(capacity / 2),
+            io: IoEngine::new(if config.io == IoMode::IoUring { IoMode::Auto } else { config.io })
+                .map_err(|e| internal("start the syncer", &e))?,
+            stats: stats.clone(),
+        };
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("kiln-{}-sync", short(config.kind)))
+                .spawn(move || syncer.run())
+                .map_err(|e| internal("start the syncer", &e))?,
+        );
+        tracing::info!(
+            store = config.kind.name(),
+            data = devices.data.describe(),
+            capacity_bytes = capacity,
+            block_bytes,
+            index_slots = slots,
+            entries = loaded.loaded_slots,
+            threads,
+            io = io_path,
+            millis = started.elapsed().as_millis(),
+            "store open"
+        );
+        Ok(Arc::new(Engine {
+            kind: config.kind,
+            ring,
+            partitions: u32::try_from(partition_count).unwrap_or(1),
+            workers: senders,
+            syncer: Mutex::new(Some(syncer_tx)),
+            threads: Mutex::new(handles),
+            io_path,
+            slots,
+            stats,
+            devices,
+        }))
+    }
+
+    /// The queue of the thread that owns `fp`.
+    pub fn worker(&self, fp: &Fingerprint) -> &async_channel::Sender<Request> {
+        let p = partition_of(fp, self.partitions) as usize;
+        &self.workers[p % self.workers.len()]
+    }
+
+    /// Sends a request to the thread owning `fp` and waits for its answer.
+    pub async fn call<T>(
+        &self,
+        fp: &Fingerprint,
+        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.worker(fp).send(make(tx)).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Which of `fps` are present, in order.
+    pub async fn lookup(&self, fps: &[Fingerprint]) -> Result<Vec<bool>> {
+        let mut by_worker: HashMap<usize, Vec<(usize, Fingerprint)>> = HashMap::new();
+        for (i, fp) in fps.iter().enumerate() {
+            let w = partition_of(fp, self.partitions) as usize % self.workers.len();
+            by_worker.entry(w).or_default().push((i, *fp));
+        }
+        let mut present = vec![false; fps.len()];
+        let mut waits = Vec::new();
+        for (w, items) in by_worker {
+            let (tx, rx) = oneshot::channel();
+            let request = Request::Lookup { fps: items.iter().map(|(_, fp)| *fp).collect(), reply: tx };
+            self.workers[w].send(request).await.map_err(|_| stopped())?;
+            waits.push((items, rx));
+        }
+        for (items, rx) in waits {
+            let found = rx.await.map_err(|_| stopped())?;
+            for ((i, _), f) in items.into_iter().zip(found) {
+                present[i] = f;
+            }
+        }
+        Ok(present)
+    }
+
+    /// Sends a request that needs no answer.
+    pub fn tell(&self, fp: &Fingerprint, request: Request) {
+        let _ = self.worker(fp).try_send(request);
+    }
+
+    /// Syncs now.
+    pub fn sync(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self
+            .syncer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|s| s.send(SyncerMessage::SyncNow(tx)));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(stopped());
+        }
+        futures::executor::block_on(rx).map_err(|_| stopped())?
+    }
+
+    /// Live entries in the index.
+    pub fn entries(&self) -> usize {
+        let mut total = 0;
+        for w in &self.workers {
+            let (tx, rx) = oneshot::channel();
+            if w.send_blocking(Request::Count { reply: tx }).is_ok() {
+                total += futures::executor::block_on(rx).unwrap_or(0);
+            }
+        }
+        total
+    }
+
+    /// Syncs a last time and stops every thread.
+    pub fn close(&self) -> Result<()> {
+        let syncer = self.syncer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let result = match syncer {
+            Some(s) => {
+                let (tx, rx) = oneshot::channel();
+                let _ = s.send(SyncerMessage::Stop(tx));
+                futures::executor::block_on(rx).unwrap_or_else(|_| Err(stopped()))
+            }
+            None => Ok(()),
+        };
+        self.join();
+        result
+    }
+
+    /// Stops every thread without syncing: what a power cut leaves.
+    pub fn halt(&self) {
+        if let Some(s) = self.syncer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            let _ = s.send(SyncerMessage::Halt);
+        }
+        self.join();
+    }
+
+    fn join(&self) {
+        for w in &self.workers {
+            w.close();
+        }
+        let handles: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "store closed without a final sync");
+        }
+    }
+}
+
+fn stopped() -> Error {
+    Error::new(Code::Unavailable, "the store is shutting down")
+}
+
+fn short(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Cas => "cas",
+        Kind::Ac => "ac",
+    }
+}
+
+fn pin_to(core: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(core).is_ok()
+        && let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+    {
+        tracing::debug!(core, error = %e, "could not pin a storage thread");
+    }
+}
+
+/// The ring's capacity and block size for a data device of `len` bytes.
+fn geometry(len: u64, block_bytes: u64) -> Result<(u64, u64)> {
+    let usable = len.saturating_sub(PAGE_BYTES);
+    let block = if block_bytes == 0 {
+        (usable / 64).clamp(1 << 20, 256 << 20).next_power_of_two().min(usable.max(PAGE_BYTES)) / PAGE_BYTES
+            * PAGE_BYTES
+    } else {
+        block_bytes
+    };
+    if block == 0 || !block.is_multiple_of(PAGE_BYTES) || usable / block < 4 {
+        return Err(Error::invalid_argument(format!(
+            "a store of {len} bytes with blocks of {block} bytes has fewer than 4 blocks; make it larger or the blocks smaller (a multiple of 4096)"
+        )));
+    }
+    Ok((usable / block * block, block))
+}
+
+/// Bytes of the index file for a data device of `data_len` bytes.
+pub fn index_file_bytes(data_len: u64, block_bytes: u64, expected_blob_bytes: u64) -> Result<u64> {
+    let (capacity, _) = geometry(data_len, block_bytes)?;
+    Ok(IndexLayout::new(slots_for(capacity, expected_blob_bytes)).file_bytes())
+}
+
+/// Index slots for a ring of `capacity` bytes: twice the blobs of the
+/// expected size that fill it, in whole pages per partition.
+fn slots_for(capacity: u64, expected_blob_bytes: u64) -> u64 {
+    let blobs = capacity / expected_blob_bytes.max(64);
+    let pages = (2 * blobs).div_ceil(SLOTS_PER_PAGE).max(1);
+    let partitions = pages.min(PARTITIONS_MAX);
+    pages.next_multiple_of(partitions) * SLOTS_PER_PAGE
+}
+
+fn partition_pages(slots: u64) -> (u64, u64) {
+    let pages = slots / SLOTS_PER_PAGE;
+    let partitions = pages.min(PARTITIONS_MAX);
+    (partitions, pages / partitions)
+}
+
+/// Reads what is on disk; `None` if there is no valid store to load (a new
+/// device, a lost or foreign index), after saying why.
+fn load(
+    kind: Kind,
+    devices: &Devices,
+    capacity: u64,
+    block_bytes: u64,
+    slots: u64,
+    layout: &IndexLayout,
+) -> Result<Option<Loaded>> {
+    let mut page = vec![0u8; usize::try_from(PAGE_BYTES).unwrap_or(4096)];
+    devices.data.read_at(&mut page, 0).map_err(|e| internal("read the data header", &e))?;
+    let header = match DataHeader::decode(&page) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::error!(error = %e, data = devices.data.describe(), "the data header is damaged; starting an empty store");
+            return Ok(None);
+        }
+    };
+    if header.kind != kind || header.capacity != capacity || header.block_bytes != block_bytes {
+        tracing::warn!(
+            data = devices.data.describe(),
+            "the store's size or layout changed; starting an empty store"
+        );
+        return Ok(None);
+    }
+    let mut best: Option<Superblock> = None;
+    for copy in 0..2u8 {
+        devices
+            .index
+            .read_at(&mut page, IndexLayout::superblock_offset(copy))
+            .map_err(|e| internal("read the index", &e))?;
+        if let Some(sb) = Superblock::decode(&page)
+            && sb.store_id == header.store_id
+            && sb.kind == kind
+            && sb.capacity == capacity
+            && sb.block_bytes == block_bytes
+            && sb.slots == slots
+            && sb.tail <= sb.head
+            && sb.head - sb.tail <= capacity
+            && best.is_none_or(|b| sb.sequence > b.sequence)
+        {
+            best = Some(sb);
+        }
+    }
+    let Some(sb) = best else {
+        tracing::error!(
+            index = devices.index.describe(),
+            "no valid index for this store; starting an empty store"
+        );
+        return Ok(None);
+    };
+    let (partition_count, per_partition) = partition_pages(slots);
+    let mut crc_tables = [
+        vec![0u32; usize::try_from(layout.pages).unwrap_or(0)],
+        vec![0u32; usize::try_from(layout.pages).unwrap_or(0)],
+    ];
+    let mut table = vec![0u8; usize::try_from(layout.crc_table_bytes).unwrap_or(0)];
+    devices
+        .index
+        .read_at(&mut table, layout.crc_table_offset(sb.copy))
+        .map_err(|e| internal("read the index", &e))?;
+    for (i, c) in table.chunks_exact(4).take(crc_tables[0].len()).enumerate() {
+        crc_tables[usize::from(sb.copy)][i] = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    let mut partitions: Vec<Partition> =
+        (0..partition_count).map(|p| Partition::new(p * per_partition, per_partition, sb.seed)).collect();
+    let mut loaded_slots = 0u64;
+    let mut bad_pages = 0u64;
+    // Pages in runs of 256 (1 MiB reads).
+    let run = 256u64;
+    let mut buf = vec![0u8; usize::try_from(run * PAGE_BYTES).unwrap_or(0)];
+    let mut first = 0u64;
+    while first < layout.pages {
+        let n = run.min(layout.pages - first);
+        let bytes = &mut buf[..usize::try_from(n * PAGE_BYTES).unwrap_or(0)];
+        devices
+            .index
+            .read_at(bytes, layout.page_offset(sb.copy, first))
+            .map_err(|e| internal("read the index", &e))?;
+        for (i, page) in bytes.chunks_exact(usize::try_from(PAGE_BYTES).unwrap_or(4096)).enumerate() {
+            let p = first + i as u64;
+            if page_crc(page) != crc_tables[usize::from(sb.copy)][usize::try_from(p).unwrap_or(0)] {
+                bad_pages += 1;
+                continue;
+            }
+            let part = &mut partitions[usize::try_from(p / per_partition).unwrap_or(0)];
+            loaded_slots += part.load_page(p % per_partition, page) as u64;
+        }
+        first += n;
+    }
+    if bad_pages > 0 {
+        tracing::error!(
+            bad_pages,
+            index = devices.index.describe(),
+            "index pages failed their checksums; their entries are dropped"
+        );
+    }
+    // The other copy may hold pages a crashed sync half-wrote: rewrite it whole.
+    let other = 1 - sb.copy;
+    for p in &mut partitions {
+        p.mark_all_dirty(other);
+    }
+    let _ = partition_count;
+    Ok(Some(Loaded { superblock: sb, crc_tables, partitions, loaded_slots }))
+}
+
+/// Writes a new, empty store onto `devices`.
+fn format(
+    kind: Kind,
+    devices: &Devices,
+    capacity: u64,
+    block_bytes: u64,
+    slots: u64,
+    layout: &IndexLayout,
+) -> Result<Loaded> {
+    let store_id: [u8; 16] = rand::random();
+    let seed: u64 = rand::random();
+    let zero_page_crc = page_crc(&vec![0u8; usize::try_from(PAGE_BYTES).unwrap_or(4096)]);
+    let pages = usize::try_from(layout.pages).unwrap_or(0);
+    let mut table: Vec<u8> = std::iter::repeat_n(zero_page_crc.to_le_bytes(), pages).flatten().collect();
+    table.resize(usize::try_from(layout.crc_table_bytes).unwrap_or(0), 0);
+    let zeros = vec![0u8; usize::try_from(PAGE_BYTES).unwrap_or(4096) * 256];
+    let write = |dev: &Arc<dyn BlockDevice>, data: &[u8], at: u64| {
+        dev.write_at(data, at).map_err(|e| internal("format the store", &e))
+    };
+    for copy in 0..2u8 {
+        write(&devices.index, &table, layout.crc_table_offset(copy))?;
+        // Pages are zero (an empty table): make them so, whatever was there.
+        let mut at = layout.page_offset(copy, 0);
+        let end = layout.page_offset(copy, layout.pages);
+        while at < end {
+            let n = usize::try_from((end - at).min(zeros.len() as u64)).unwrap_or(0);
+            write(&devices.index, &zeros[..n], at)?;
+            at += n as u64;
+        }
+    }
+    let sb = Superblock {
+        kind,
+        store_id,
+        seed,
+        capacity,
+        block_bytes,
+        slots,
+        shards: 0,
+        sequence: 0,
+        copy: 0,
+        tail: 0,
+        head: 0,
+    };
+    write(&devices.index, &sb.encode(), IndexLayout::superblock_offset(0))?;
+    write(&devices.index, &vec![0u8; 4096], IndexLayout::superblock_offset(1))?;
+    devices.index.sync().map_err(|e| internal("format the store", &e))?;
+    let header = DataHeader { kind, store_id, capacity, block_bytes };
+    write(&devices.data, &header.encode(), 0)?;
+    devices.data.sync().map_err(|e| internal("format the store", &e))?;
+    let (partition_count, per_partition) = partition_pages(slots);
+    let partitions =
+        (0..partition_count).map(|p| Partition::new(p * per_partition, per_partition, seed)).collect();
+    tracing::info!(store = kind.name(), data = devices.data.describe(), capacity, "formatted a new store");
+    Ok(Loaded {
+        superblock: sb,
+        crc_tables: [vec![zero_page_crc; pages], vec![zero_page_crc; pages]],
+        partitions,
+        loaded_slots: 0,
+    })
+}

@@ -1,0 +1,305 @@
+//! The index: a fixed-size open-addressing hash table from fingerprint to
+//! record, split into partitions that storage threads own.
+//!
+//! Slots are 32 bytes ([`Slot`]). A key's bucket follows from its
+//! fingerprint; lookups and inserts probe [`PROBES`] slots from there and
+//! never more. An insert takes, in this order, the key's own slot, an empty
+//! or dead slot (its record has left the ring), or the slot of the oldest
+//! record among those probed: when the table is full, newer entries displace
+//! older ones, and an insert never fails.
+//!
+//! For persistence the table is a run of 4 KiB pages. Every change marks
+//! its page dirty for both on-disk copies. A sync first takes a *barrier*:
+//! the pages dirty for the copy being written are set aside, and from then
+//! on the first change to any slot records the slot's value at the barrier.
+//! The pages are then written as they were at the barrier, so what reaches
+//! disk is exactly the table the data sync covered.
+
+use std::collections::HashMap;
+
+use super::format::{Fingerprint, PAGE_BYTES, SLOT_BYTES, SLOTS_PER_PAGE, Slot};
+
+/// Slots probed from a key's bucket.
+pub const PROBES: usize = 16;
+
+/// One partition of the table.
+#[derive(Debug)]
+pub struct Partition {
+    slots: Vec<Slot>,
+    /// The partition's first page within the whole table.
+    first_page: u64,
+    seed: u64,
+    /// Pages changed since they were last written to each copy.
+    dirty: [Vec<bool>; 2],
+    /// During a sync: the pages being written and the slots' values at the
+    /// barrier, for slots changed since.
+    sync: Option<SyncState>,
+}
+
+#[derive(Debug)]
+struct SyncState {
+    copy: u8,
+    pages: Vec<u64>,
+    at_barrier: HashMap<usize, Slot>,
+}
+
+impl Partition {
+    /// An empty partition of `pages` pages starting at table page `first_page`.
+    pub fn new(first_page: u64, pages: u64, seed: u64) -> Partition {
+        let slots = usize::try_from(pages * SLOTS_PER_PAGE).unwrap_or(0);
+        let pages = usize::try_from(pages).unwrap_or(0);
+        Partition {
+            slots: vec![Slot::default(); slots],
+            first_page,
+            seed,
+            dirty: [vec![false; pages], vec![false; pages]],
+            sync: None,
+        }
+    }
+
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn first_page(&self) -> u64 {
+        self.first_page
+    }
+
+    /// Fills page `page` (of this partition) from its on-disk bytes.
+    pub fn load_page(&mut self, page: u64, bytes: &[u8]) -> usize {
+        let base = usize::try_from(page * SLOTS_PER_PAGE).unwrap_or(0);
+        let mut loaded = 0;
+        for (i, raw) in bytes.chunks_exact(usize::try_from(SLOT_BYTES).unwrap_or(32)).enumerate() {
+            if let Some(slot) = Slot::decode(raw, self.seed) {
+                self.slots[base + i] = slot;
+                loaded += 1;
+            }
+        }
+        loaded
+    }
+
+    /// Marks every page dirty for `copy` (after a restart from the other one).
+    pub fn mark_all_dirty(&mut self, copy: u8) {
+        self.dirty[usize::from(copy)].fill(true);
+    }
+
+    fn bucket(&self, fp: &Fingerprint) -> usize {
+        // The fingerprint's low bits choose the partition; use others here.
+        let bits = u64::from_le_bytes(fp.0[8..16].try_into().unwrap_or([0; 8]));
+        usize::try_from(bits % self.slots.len() as u64).unwrap_or(0)
+    }
+
+    fn probe(&self, fp: &Fingerprint) -> impl Iterator<Item = usize> {
+        let start = self.bucket(fp);
+        let len = self.slots.len();
+        (0..PROBES.min(len)).map(move |i| (start + i) % len)
+    }
+
+    fn set(&mut self, i: usize, slot: Slot) {
+        if let Some(sync) = &mut self.sync {
+            sync.at_barrier.entry(i).or_insert(self.slots[i]);
+        }
+        self.slots[i] = slot;
+        let page = i / usize::try_from(SLOTS_PER_PAGE).unwrap_or(128);
+        self.dirty[0][page] = true;
+        self.dirty[1][page] = true;
+    }
+
+    /// The live slot of `fp`, if any; a dead one is removed on the way.
+    pub fn lookup(&mut self, fp: &Fingerprint, live: impl Fn(&Slot) -> bool) -> Option<Slot> {
+        let found = self.probe(fp).find(|i| self.slots[*i].fingerprint == fp.0)?;
+        let slot = self.slots[found];
+        if live(&slot) {
+            return Some(slot);
+        }
+        self.set(found, Slot::default());
+        None
+    }
+
+    /// Stores `slot`, displacing the oldest probed entry if need be.
+    pub fn insert(&mut self, slot: Slot, live: impl Fn(&Slot) -> bool) {
+        let fp = Fingerprint(slot.fingerprint);
+        let probed: Vec<usize> = self.probe(&fp).collect();
+        let target = probed
+            .iter()
+            .copied()
+            .find(|i| self.slots[*i].fingerprint == slot.fingerprint)
+            .or_else(|| probed.iter().copied().find(|i| self.slots[*i].is_empty() || !live(&self.slots[*i])))
+            .or_else(|| probed.iter().copied().min_by_key(|i| self.slots[*i].logical));
+        if let Some(i) = target {
+            self.set(i, slot);
+        }
+    }
+
+    /// Removes `fp`'s entry if it still names the record at `logical`.
+    pub fn remove(&mut self, fp: &Fingerprint, logical: u64) -> bool {
+        let Some(i) =
+            self.probe(fp).find(|i| self.slots[*i].fingerprint == fp.0 && self.slots[*i].logical == logical)
+        else {
+            return false;
+        };
+        self.set(i, Slot::default());
+        true
+    }
+
+    /// Takes the barrier of a sync to `copy`: the pages to write are fixed,
+    /// and later changes keep the slots' values at this moment.
+    pub fn barrier(&mut self, copy: u8) {
+        let dirty = &mut self.dirty[usize::from(copy)];
+        let pages = dirty.iter().enumerate().filter(|(_, d)| **d).map(|(p, _)| p as u64).collect();
+        dirty.fill(false);
+        self.sync = Some(SyncState { copy, pages, at_barrier: HashMap::new() });
+    }
+
+    /// The pages of the sync in progress, as they were at its barrier:
+    /// (page within the whole table, bytes).
+    pub fn pages_at_barrier(&self) -> Vec<(u64, Vec<u8>)> {
+        let Some(sync) = &self.sync else { return Vec::new() };
+        let per_page = usize::try_from(SLOTS_PER_PAGE).unwrap_or(128);
+        let slot_bytes = usize::try_from(SLOT_BYTES).unwrap_or(32);
+        sync.pages
+            .iter()
+            .map(|&page| {
+                let mut bytes = vec![0u8; usize::try_from(PAGE_BYTES).unwrap_or(4096)];
+                let base = usize::try_from(page).unwrap_or(0) * per_page;
+                for j in 0..per_page {
+                    let slot = sync.at_barrier.get(&(base + j)).unwrap_or(&self.slots[base + j]);
+                    slot.encode(self.seed, &mut bytes[j * slot_bytes..(j + 1) * slot_bytes]);
+                }
+                (self.first_page + page, bytes)
+            })
+            .collect()
+    }
+
+    /// Ends the sync in progress; if its pages did not reach the disk,
+    /// they stay dirty for the next one.
+    pub fn end_sync(&mut self, written: bool) {
+        if let Some(sync) = self.sync.take()
+            && !written
+        {
+            for page in sync.pages {
+                self.dirty[usize::from(sync.copy)][usize::try_from(page).unwrap_or(0)] = true;
+            }
+        }
+    }
+
+    /// Live entries (for statistics and tests).
+    pub fn count(&self, live: impl Fn(&Slot) -> bool) -> usize {
+        self.slots.iter().filter(|s| !s.is_empty() && live(s)).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::cast_possible_truncation)] // Test data arithmetic.
+
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap as Model;
+
+    fn fp(n: u32) -> Fingerprint {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&n.to_le_bytes());
+        b[8..12].copy_from_slice(&n.wrapping_mul(2_654_435_761).to_le_bytes());
+        b[15] = 1;
+        Fingerprint(b)
+    }
+
+    fn slot(n: u32, logical: u64) -> Slot {
+        Slot { fingerprint: fp(n).0, logical, size: u64::from(n) }
+    }
+
+    proptest! {
+        /// Against a HashMap: while the table has room, it agrees exactly;
+        /// it never holds a key the model lacks, nor an old location.
+        #[test]
+        fn agrees_with_a_hash_map(ops in proptest::collection::vec((0u32..200, 0u8..3), 1..600)) {
+            let mut table = Partition::new(0, 8, 7);
+            let mut model: Model<u32, u64> = Model::new();
+            let mut clock = 1u64;
+            for (key, op) in ops {
+                clock += 1;
+                match op {
+                    0 | 1 => {
+                        table.insert(slot(key, clock), |_| true);
+                        model.insert(key, clock);
+                    }
+                    _ => {
+                        if let Some(at) = model.remove(&key) {
+                            prop_assert!(table.remove(&fp(key), at));
+                        }
+                    }
+                }
+                for (k, at) in &model {
+                    if let Some(found) = table.lookup(&fp(*k), |_| true) {
+                        prop_assert_eq!(found.logical, *at, "an old location for {}", k);
+                    }
+                }
+            }
+            // 1024 slots for at most 200 keys: nothing was displaced.
+            for (k, at) in &model {
+                prop_assert_eq!(table.lookup(&fp(*k), |_| true).map(|s| s.logical), Some(*at));
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_table_displaces_the_oldest_and_dead_entries_make_room() {
+        let mut table = Partition::new(0, 1, 1);
+        // Every key collides in one bucket: force it with equal high bits.
+        let colliding = |n: u32| {
+            let mut b = fp(n).0;
+            b[8..16].copy_from_slice(&[0; 8]);
+            Slot { fingerprint: b, logical: u64::from(n), size: 1 }
+        };
+        for n in 1..=u32::try_from(PROBES).unwrap() {
+            table.insert(colliding(n), |_| true);
+        }
+        table.insert(colliding(100), |_| true);
+        let find =
+            |t: &mut Partition, n: u32| t.lookup(&Fingerprint(colliding(n).fingerprint), |_| true).is_some();
+        assert!(!find(&mut table, 1), "the oldest was displaced");
+        assert!(find(&mut table, 2) && find(&mut table, 100));
+        // Entries whose records left the ring give way first and vanish on lookup.
+        table.insert(colliding(200), |s| s.logical > 10);
+        assert!(find(&mut table, 11) && find(&mut table, 200));
+        assert!(table.lookup(&Fingerprint(colliding(12).fingerprint), |s| s.logical > 12).is_none());
+        assert!(
+            table.lookup(&Fingerprint(colliding(12).fingerprint), |_| true).is_none(),
+            "removed on the way"
+        );
+    }
+
+    #[test]
+    fn pages_are_written_as_they_were_at_the_barrier() {
+        let mut table = Partition::new(3, 2, 9);
+        table.insert(slot(1, 10), |_| true);
+        table.barrier(0);
+        // Changed after the barrier: not in this sync's pages.
+        table.insert(slot(1, 20), |_| true);
+        table.insert(slot(2, 30), |_| true);
+        let pages = table.pages_at_barrier();
+        let mut copy = Partition::new(3, 2, 9);
+        for (page, bytes) in &pages {
+            assert!(*page >= 3, "pages are numbered within the whole table");
+            copy.load_page(page - 3, bytes);
+        }
+        assert_eq!(copy.lookup(&fp(1), |_| true).map(|s| s.logical), Some(10));
+        table.end_sync(true);
+        // The later changes are dirty for the next sync of that copy.
+        table.barrier(0);
+        let pages = table.pages_at_barrier();
+        for (page, bytes) in &pages {
+            copy.load_page(page - 3, bytes);
+        }
+        assert_eq!(copy.lookup(&fp(1), |_| true).map(|s| s.logical), Some(20));
+        assert_eq!(copy.lookup(&fp(2), |_| true).map(|s| s.logical), Some(30));
+        // A failed sync leaves its pages dirty.
+        table.insert(slot(3, 40), |_| true);
+        table.barrier(1);
+        let n = table.pages_at_barrier().len();
+        table.end_sync(false);
+        table.barrier(1);
+        assert_eq!(table.pages_at_barrier().len(), n);
+    }
+}

@@ -1,0 +1,694 @@
+//! A storage thread: owns some partitions of the index and an I/O engine,
+//! and serves the requests for keys in those partitions.
+//!
+//! The loop takes every request waiting in its queue (up to a batch), plans
+//! them against the index, runs all their I/O as one batch, then checks
+//! what came back (record headers, chunk checksums), updates the index and
+//! answers. A request that finds the ring full waits, without blocking the
+//! thread, until the syncer has made room. Blobs found in the oldest quarter
+//! of the ring are copied forward in the background, a bounded step at a
+//! time, so that what a read or FindMissingBlobs found keeps living.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+use kiln_proto::{Code, Error, Result};
+
+use super::device::BlockDevice;
+use super::format::{
+    CRC_CHUNK_BYTES, Fingerprint, IndexLayout, Kind, RECORD_HEADER_BYTES, RecordHeader, Slot, chunk_crc,
+    crc_chunks, crc_offset, page_crc, record_len,
+};
+use super::index::Partition;
+use super::io::{Io, IoEngine};
+use super::ring::{Pinned, Ring};
+
+/// Requests a batch takes at most.
+const BATCH_REQUESTS_MAX: usize = 64;
+/// Refresh copies waiting per thread at most; more are dropped (the blobs
+/// may then be evicted, and are uploaded again if needed).
+const REFRESH_QUEUE_MAX: usize = 1024;
+/// Bytes a refresh copies per loop turn.
+const REFRESH_STEP_BYTES: u64 = 1 << 20;
+
+/// Where a blob's record lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub logical: u64,
+    pub size: u64,
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// What a storage thread is asked to do.
+#[derive(Debug)]
+pub enum Request {
+    /// Which of these keys are present (refreshing old ones).
+    Lookup {
+        fps: Vec<Fingerprint>,
+        reply: oneshot::Sender<Vec<bool>>,
+    },
+    /// Finds a blob and checks its record header; small records come whole.
+    Open {
+        fp: Fingerprint,
+        reply: Reply<(Location, Option<Bytes>)>,
+    },
+    /// Bytes `from..to` of a blob, checked against their chunk checksums.
+    Read {
+        fp: Fingerprint,
+        loc: Location,
+        from: u64,
+        to: u64,
+        reply: Reply<Bytes>,
+    },
+    /// Space for a record of a `size`-byte blob.
+    Reserve {
+        size: u64,
+        reply: Reply<u64>,
+    },
+    /// Bytes at `offset` within the record at `logical`.
+    Write {
+        logical: u64,
+        offset: u64,
+        data: Bytes,
+        reply: Reply<()>,
+    },
+    /// Writes the record's header and makes it visible.
+    Commit {
+        fp: Fingerprint,
+        loc: Location,
+        reply: Reply<()>,
+    },
+    /// A whole small blob or value, in one go.
+    Put {
+        fp: Fingerprint,
+        data: Bytes,
+        reply: Reply<()>,
+    },
+    /// Drops a record found corrupt.
+    Forget {
+        fp: Fingerprint,
+        logical: u64,
+    },
+    /// Sync protocol (see the syncer): barrier, write pages, abandon.
+    Barrier {
+        copy: u8,
+        reply: oneshot::Sender<()>,
+    },
+    Persist {
+        reply: Reply<Vec<(u64, u32)>>,
+    },
+    AbandonSync,
+    /// The syncer persisted a newer tail: waiting reservations may go on.
+    SpaceFreed,
+    /// Statistics: live entries in this thread's partitions.
+    Count {
+        reply: oneshot::Sender<usize>,
+    },
+}
+
+/// A request that touches the index, and the I/O it waits for.
+enum Pending<'r> {
+    Open {
+        fp: Fingerprint,
+        loc: Location,
+        op: usize,
+        whole: bool,
+        _pin: Pinned<'r>,
+        reply: Reply<(Location, Option<Bytes>)>,
+    },
+    Read {
+        fp: Fingerprint,
+        loc: Location,
+        from: u64,
+        to: u64,
+        data: usize,
+        crcs: usize,
+        first_chunk: u64,
+        _pin: Pinned<'r>,
+        reply: Reply<Bytes>,
+    },
+    Write {
+        op: usize,
+        _pin: Pinned<'r>,
+        reply: Reply<()>,
+    },
+    Commit {
+        fp: Fingerprint,
+        loc: Location,
+        op: usize,
+        _pin: Pinned<'r>,
+        reply: Reply<()>,
+    },
+    Put {
+        fp: Fingerprint,
+        loc: Location,
+        op: usize,
+        _pin: Pinned<'r>,
+        reply: Reply<()>,
+    },
+    Persist {
+        ops: Vec<(u64, usize)>,
+        reply: Reply<Vec<(u64, u32)>>,
+    },
+}
+
+/// A blob being copied forward.
+#[derive(Debug)]
+struct Refresh {
+    fp: Fingerprint,
+    from: Location,
+    to: Option<u64>,
+    copied: u64,
+}
+
+/// What a storage thread owns.
+pub struct Worker {
+    pub kind: Kind,
+    pub ring: Arc<Ring>,
+    pub data: Arc<dyn BlockDevice>,
+    pub index_dev: Arc<dyn BlockDevice>,
+    pub layout: IndexLayout,
+    pub io: IoEngine,
+    /// This thread's partitions, by partition number.
+    pub partitions: HashMap<u32, Partition>,
+    pub partition_count: u32,
+    pub requests: async_channel::Receiver<Request>,
+    /// Tells the syncer that space is needed (the tail a reservation needs).
+    pub need_space: async_channel::Sender<u64>,
+    /// Which copy the sync in progress writes.
+    pub sync_copy: Option<u8>,
+    pub waiting: VecDeque<Request>,
+    refreshes: VecDeque<Refresh>,
+    refreshing: HashMap<Fingerprint, ()>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("kind", &self.kind).field("io", &self.io).finish_non_exhaustive()
+    }
+}
+
+/// The partition a fingerprint belongs to.
+pub fn partition_of(fp: &Fingerprint, partitions: u32) -> u32 {
+    u32::try_from(fp.bits() % u64::from(partitions.max(1))).unwrap_or(0)
+}
+
+fn io_error(what: &str, dev: &dyn BlockDevice, e: &std::io::Error) -> Error {
+    Error::new(Code::Unavailable, format!("{what} {}: {e}", dev.describe()))
+}
+
+fn evicted() -> Error {
+    Error::not_found("the blob was evicted from the store while it was in use; retry")
+}
+
+impl Worker {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        kind: Kind,
+        ring: Arc<Ring>,
+        data: Arc<dyn BlockDevice>,
+        index_dev: Arc<dyn BlockDevice>,
+        layout: IndexLayout,
+        io: IoEngine,
+        partitions: HashMap<u32, Partition>,
+        partition_count: u32,
+        requests: async_channel::Receiver<Request>,
+        need_space: async_channel::Sender<u64>,
+    ) -> Worker {
+        Worker {
+            kind,
+            ring,
+            data,
+            index_dev,
+            layout,
+            io,
+            partitions,
+            partition_count,
+            requests,
+            need_space,
+            sync_copy: None,
+            waiting: VecDeque::new(),
+            refreshes: VecDeque::new(),
+            refreshing: HashMap::new(),
+        }
+    }
+
+    fn partition(&mut self, fp: &Fingerprint) -> &mut Partition {
+        let p = partition_of(fp, self.partition_count);
+        self.partitions.get_mut(&p).expect("requests reach the thread that owns their partition")
+    }
+
+    fn live(ring: &Ring) -> impl Fn(&Slot) -> bool + '_ {
+        |s: &Slot| ring.is_live(s.logical, record_len(s.size))
+    }
+
+    fn lookup(&mut self, fp: &Fingerprint) -> Option<Location> {
+        let ring = self.ring.clone();
+        let slot = self.partition(fp).lookup(fp, Self::live(&ring))?;
+        let loc = Location { logical: slot.logical, size: slot.size };
+        // In the oldest quarter of the ring: copy it forward.
+        if loc.logical < ring.tail() + ring.capacity() / 4 {
+            self.queue_refresh(*fp, loc);
+        }
+        Some(loc)
+    }
+
+    fn queue_refresh(&mut self, fp: Fingerprint, from: Location) {
+        if self.refreshes.len() < REFRESH_QUEUE_MAX && self.refreshing.insert(fp, ()).is_none() {
+            self.refreshes.push_back(Refresh { fp, from, to: None, copied: 0 });
+        }
+    }
+
+    /// Serves requests until the queue closes.
+    pub fn run(mut self) {
+        loop {
+            let mut batch = Vec::new();
+            let idle = self.refreshes.is_empty();
+            if idle {
+                match self.requests.recv_blocking() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => return,
+                }
+            }
+            while batch.len() < BATCH_REQUESTS_MAX {
+                match self.requests.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(async_channel::TryRecvError::Closed) if batch.is_empty() && idle => return,
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.serve(batch);
+            }
+            self.refresh_step();
+        }
+    }
+
+    /// Plans, runs and completes one batch.
+    fn serve(&mut self, batch: Vec<Request>) {
+        let ring = self.ring.clone();
+        let mut ops = Ops::default();
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        for request in batch {
+            self.plan(&ring, request, &mut ops, &mut pending);
+        }
+        let (data, index) = (self.data.clone(), self.index_dev.clone());
+        let data_results = if ops.data.is_empty() { Vec::new() } else { self.io.run(&*data, &mut ops.data) };
+        let index_results =
+            if ops.index.is_empty() { Vec::new() } else { self.io.run(&*index, &mut ops.index) };
+        let mut done = Done {
+            data: ops.data.into_iter().map(Some).collect(),
+            data_results,
+            index: ops.index.into_iter().map(Some).collect(),
+            index_results,
+        };
+        for p in pending {
+            self.complete(&ring, p, &mut done);
+        }
+    }
+
+    /// Decides what a request needs: answers at once, or queues its I/O.
+    fn plan<'r>(&mut self, ring: &'r Ring, request: Request, ops: &mut Ops, pending: &mut Vec<Pending<'r>>) {
+        match request {
+            Request::Lookup { fps, reply } => {
+                let found = fps.iter().map(|fp| self.lookup(fp).is_some()).collect();
+                let _ = reply.send(found);
+            }
+            Request::Open { fp, reply } => {
+                let Some(loc) = self.lookup(&fp) else {
+                    let _ = reply.send(Err(Error::not_found("blob not found")));
+                    return;
+                };
+                let len = record_len(loc.size);
+                let Some(pin) = ring.pin(loc.logical, len) else {
+                    let _ = reply.send(Err(Error::not_found("blob not found")));
+                    return;
+                };
+                // Small records are read whole at once; large ones, the header.
+                let whole = len <= CRC_CHUNK_BYTES;
+                let op = ops.data(Io::read(
+                    ring.physical(loc.logical),
+                    if whole { len } else { RECORD_HEADER_BYTES },
+                ));
+                pending.push(Pending::Open { fp, loc, op, whole, _pin: pin, reply });
+            }
+            Request::Read { fp, loc, from, to, reply } => {
+                let Some(pin) = ring.pin(loc.logical, record_len(loc.size)) else {
+                    let _ = reply.send(Err(evicted()));
+                    return;
+                };
+                let first_chunk = from / CRC_CHUNK_BYTES;
+                let end_chunk = to.div_ceil(CRC_CHUNK_BYTES).min(crc_chunks(loc.size));
+                let data_from = first_chunk * CRC_CHUNK_BYTES;
+                let data_to = (end_chunk * CRC_CHUNK_BYTES).min(loc.size);
+                let data = ops.data(Io::read(
+                    ring.physical(loc.logical + RECORD_HEADER_BYTES + data_from),
+                    data_to - data_from,
+                ));
+                let crc_at = ring.physical(loc.logical + crc_offset(loc.size, first_chunk));
+                let crcs = ops.data(Io::read(crc_at, 4 * (end_chunk - first_chunk)));
+                pending.push(Pending::Read { fp, loc, from, to, data, crcs, first_chunk, _pin: pin, reply });
+            }
+            Request::Reserve { size, reply } => match ring.reserve(record_len(size)) {
+                Ok(logical) => {
+                    let _ = reply.send(Ok(logical));
+                }
+                Err(needed) => {
+                    let _ = self.need_space.try_send(needed);
+                    self.waiting.push_back(Request::Reserve { size, reply });
+                }
+            },
+            Request::Write { logical, offset, data, reply } => {
+                let Some(pin) = ring.pin(logical, offset + data.len() as u64) else {
+                    let _ = reply.send(Err(Error::new(
+                        Code::Unavailable,
+                        "the store wrapped around while this upload was in progress; retry it",
+                    )));
+                    return;
+                };
+                let op = ops.data(Io::Write { at: ring.physical(logical + offset), data });
+                pending.push(Pending::Write { op, _pin: pin, reply });
+            }
+            Request::Commit { fp, loc, reply } => {
+                let Some(pin) = ring.pin(loc.logical, record_len(loc.size)) else {
+                    let _ = reply.send(Err(Error::new(
+                        Code::Unavailable,
+                        "the store wrapped around while this upload was in progress; retry it",
+                    )));
+                    return;
+                };
+                let header =
+                    RecordHeader { kind: self.kind, fingerprint: fp, size: loc.size, logical: loc.logical };
+                let op = ops.data(Io::Write {
+                    at: ring.physical(loc.logical),
+                    data: Bytes::copy_from_slice(&header.encode()),
+                });
+                pending.push(Pending::Commit { fp, loc, op, _pin: pin, reply });
+            }
+            Request::Put { fp, data, reply } => {
+                let size = data.len() as u64;
+                let len = record_len(size);
+                let logical = match ring.reserve(len) {
+                    Ok(logical) => logical,
+                    Err(needed) => {
+                        let _ = self.need_space.try_send(needed);
+                        self.waiting.push_back(Request::Put { fp, data, reply });
+                        return;
+                    }
+                };
+                let Some(pin) = ring.pin(logical, len) else {
+                    let _ = reply
+                        .send(Err(Error::new(Code::Unavailable, "the store is too small for this write")));
+                    return;
+                };
+                let record = encode_record(self.kind, fp, logical, &data);
+                let op = ops.data(Io::Write { at: ring.physical(logical), data: record });
+                pending.push(Pending::Put { fp, loc: Location { logical, size }, op, _pin: pin, reply });
+            }
+            Request::Forget { fp, logical } => {
+                self.partition(&fp).remove(&fp, logical);
+            }
+            Request::Barrier { copy, reply } => {
+                for p in self.partitions.values_mut() {
+                    p.barrier(copy);
+                }
+                self.sync_copy = Some(copy);
+                let _ = reply.send(());
+            }
+            Request::Persist { reply } => {
+                let Some(copy) = self.sync_copy else {
+                    let _ = reply.send(Ok(Vec::new()));
+                    return;
+                };
+                let mut written = Vec::new();
+                for p in self.partitions.values() {
+                    for (page, bytes) in p.pages_at_barrier() {
+                        let op = ops.index(Io::Write {
+                            at: self.layout.page_offset(copy, page),
+                            data: Bytes::from(bytes),
+                        });
+                        written.push((page, op));
+                    }
+                }
+                pending.push(Pending::Persist { ops: written, reply });
+            }
+            Request::AbandonSync => {
+                for p in self.partitions.values_mut() {
+                    p.end_sync(false);
+                }
+                self.sync_copy = None;
+            }
+            Request::SpaceFreed => {
+                let waiting: Vec<Request> = self.waiting.drain(..).collect();
+                for r in waiting {
+                    self.plan(ring, r, ops, pending);
+                }
+            }
+            Request::Count { reply } => {
+                let live = Self::live(ring);
+                let _ = reply.send(self.partitions.values().map(|p| p.count(&live)).sum());
+            }
+        }
+    }
+
+    /// Checks what the I/O brought, updates the index, answers.
+    fn complete(&mut self, ring: &Ring, p: Pending<'_>, done: &mut Done) {
+        let mut take = |i: usize| done.data(i);
+        match p {
+            Pending::Open { fp, loc, op, whole, _pin, reply } => {
+                let answer = take(op).map_err(|e| io_error("reading", &*self.data, &e)).and_then(|bytes| {
+                    let expected = RecordHeader {
+                        kind: self.kind,
+                        fingerprint: fp,
+                        size: loc.size,
+                        logical: loc.logical,
+                    };
+                    RecordHeader::check(&bytes, &expected).map_err(|why| self.corrupt(&fp, loc, &why))?;
+                    if !whole {
+                        return Ok((loc, None));
+                    }
+                    let data = bytes.slice(64..64 + usize::try_from(loc.size).unwrap_or(0));
+                    let crcs = &bytes[usize::try_from(crc_offset(loc.size, 0)).unwrap_or(0)..];
+                    check_chunks(&data, crcs).map_err(|why| self.corrupt(&fp, loc, &why))?;
+                    Ok((loc, Some(data)))
+                });
+                let _ = reply.send(answer);
+            }
+            Pending::Read { fp, loc, from, to, data, crcs, first_chunk, _pin, reply } => {
+                let answer = take(data)
+                    .and_then(|d| take(crcs).map(|c| (d, c)))
+                    .map_err(|e| io_error("reading", &*self.data, &e))
+                    .and_then(|(bytes, crcs)| {
+                        check_chunks(&bytes, &crcs).map_err(|why| self.corrupt(&fp, loc, &why))?;
+                        let base = first_chunk * CRC_CHUNK_BYTES;
+                        let (a, b) = (
+                            usize::try_from(from - base).unwrap_or(0),
+                            usize::try_from(to - base).unwrap_or(0),
+                        );
+                        Ok(bytes.slice(a..b.min(bytes.len())))
+                    });
+                // The range was live when pinned; still live now means no
+                // block it read from was reused meanwhile.
+                let answer = answer.and_then(|b| {
+                    if ring.is_live(loc.logical, record_len(loc.size)) { Ok(b) } else { Err(evicted()) }
+                });
+                let _ = reply.send(answer);
+            }
+            Pending::Write { op, _pin, reply } => {
+                let _ = reply.send(take(op).map(drop).map_err(|e| io_error("writing", &*self.data, &e)));
+            }
+            Pending::Commit { fp, loc, op, _pin, reply } | Pending::Put { fp, loc, op, _pin, reply } => {
+                let answer = take(op).map_err(|e| io_error("writing", &*self.data, &e)).map(|_| {
+                    let live = Self::live(ring);
+                    let slot = Slot { fingerprint: fp.0, logical: loc.logical, size: loc.size };
+                    self.partition(&fp).insert(slot, live);
+                });
+                let _ = reply.send(answer);
+            }
+            Pending::Persist { ops: pages, reply } => {
+                let mut crcs = Vec::with_capacity(pages.len());
+                let mut failed = None;
+                for (page, op) in pages {
+                    match done.index(op) {
+                        Ok(bytes) => crcs.push((page, page_crc(&bytes))),
+                        Err(e) => failed = Some(io_error("writing the index", &*self.index_dev, &e)),
+                    }
+                }
+                for p in self.partitions.values_mut() {
+                    p.end_sync(failed.is_none());
+                }
+                self.sync_copy = None;
+                let _ = reply.send(failed.map_or(Ok(crcs), Err));
+            }
+        }
+    }
+
+    /// Drops a corrupt record's entry and describes the loss.
+    fn corrupt(&mut self, fp: &Fingerprint, loc: Location, why: &str) -> Error {
+        tracing::error!(
+            store = self.kind.name(),
+            ?fp,
+            logical = loc.logical,
+            size = loc.size,
+            why,
+            "corrupt record dropped"
+        );
+        self.partition(fp).remove(fp, loc.logical);
+        Error::new(
+            Code::DataLoss,
+            format!("the stored copy is damaged ({why}); it has been dropped, upload it again"),
+        )
+    }
+
+    /// Copies one step of the oldest queued refresh forward, checking the
+    /// data's chunk checksums on the way: a damaged blob is dropped, never
+    /// copied.
+    fn refresh_step(&mut self) {
+        let Some(mut job) = self.refreshes.pop_front() else { return };
+        let ring = self.ring.clone();
+        let len = record_len(job.from.size);
+        let outcome = self.copy_step(&ring, &mut job, len);
+        match outcome {
+            Ok(false) => self.refreshes.push_back(job),
+            Ok(true) => {
+                self.refreshing.remove(&job.fp);
+                if let Some(to) = job.to
+                    && job.copied == len
+                {
+                    // Only if the entry still names the old copy.
+                    let live = Self::live(&ring);
+                    let part = self.partition(&job.fp);
+                    if part.lookup(&job.fp, &live).is_some_and(|s| s.logical == job.from.logical) {
+                        part.insert(Slot { fingerprint: job.fp.0, logical: to, size: job.from.size }, live);
+                    }
+                }
+            }
+            Err(why) => {
+                self.refreshing.remove(&job.fp);
+                self.corrupt(&job.fp, job.from, &why);
+            }
+        }
+    }
+
+    /// One step of a refresh: `Ok(true)` when finished (or given up for
+    /// lack of room), `Err` when the source is damaged.
+    fn copy_step(&mut self, ring: &Ring, job: &mut Refresh, len: u64) -> std::result::Result<bool, String> {
+        let to = match job.to {
+            Some(to) => to,
+            None => match ring.reserve(len) {
+                Ok(to) => *job.to.insert(to),
+                // No room now: drop the refresh rather than wait.
+                Err(_) => return Ok(true),
+            },
+        };
+        let (Some(_from), Some(_to)) = (ring.pin(job.from.logical, len), ring.pin(to, len)) else {
+            return Ok(true);
+        };
+        let size = job.from.size;
+        let data_end = RECORD_HEADER_BYTES + size;
+        // Steps cover the header with the first data, whole checksum chunks
+        // of data, then the checksums and padding.
+        let (from, until) = if job.copied < data_end {
+            let data_from = job.copied.saturating_sub(RECORD_HEADER_BYTES);
+            (job.copied, (RECORD_HEADER_BYTES + data_from + REFRESH_STEP_BYTES).min(data_end))
+        } else {
+            (job.copied, len)
+        };
+        let io = |e: std::io::Error| format!("I/O error: {e}");
+        let mut buf = vec![0u8; usize::try_from(until - from).unwrap_or(0)];
+        self.data.read_at(&mut buf, ring.physical(job.from.logical + from)).map_err(io)?;
+        if from == 0 {
+            let expected =
+                RecordHeader { kind: self.kind, fingerprint: job.fp, size, logical: job.from.logical };
+            RecordHeader::check(&buf, &expected)?;
+            // The copy gets its own header (its own logical position).
+            let header = RecordHeader { logical: to, ..expected };
+            buf[..64].copy_from_slice(&header.encode());
+        }
+        if from < data_end {
+            let data_from = from.saturating_sub(RECORD_HEADER_BYTES);
+            let data_to = until - RECORD_HEADER_BYTES;
+            let (c0, c1) = (data_from / CRC_CHUNK_BYTES, data_to.div_ceil(CRC_CHUNK_BYTES));
+            let mut crcs = vec![0u8; usize::try_from(4 * (c1 - c0)).unwrap_or(0)];
+            self.data
+                .read_at(&mut crcs, ring.physical(job.from.logical + crc_offset(size, c0)))
+                .map_err(io)?;
+            let skip = usize::try_from(RECORD_HEADER_BYTES.saturating_sub(from)).unwrap_or(0);
+            check_chunks(&buf[skip..], &crcs)?;
+        }
+        self.data.write_at(&buf, ring.physical(to + from)).map_err(io)?;
+        job.copied = until;
+        Ok(job.copied == len)
+    }
+}
+
+/// The I/O of one batch, on the data and the index device.
+#[derive(Debug, Default)]
+pub struct Ops {
+    data: Vec<Io>,
+    index: Vec<Io>,
+}
+
+impl Ops {
+    fn data(&mut self, op: Io) -> usize {
+        self.data.push(op);
+        self.data.len() - 1
+    }
+
+    fn index(&mut self, op: Io) -> usize {
+        self.index.push(op);
+        self.index.len() - 1
+    }
+}
+
+/// The I/O of one batch, done.
+struct Done {
+    data: Vec<Option<Io>>,
+    data_results: Vec<std::io::Result<()>>,
+    index: Vec<Option<Io>>,
+    index_results: Vec<std::io::Result<()>>,
+}
+
+impl Done {
+    fn take(ops: &mut [Option<Io>], results: &mut [std::io::Result<()>], i: usize) -> std::io::Result<Bytes> {
+        std::mem::replace(&mut results[i], Ok(()))?;
+        Ok(ops[i].take().map(Io::into_bytes).unwrap_or_default())
+    }
+
+    fn data(&mut self, i: usize) -> std::io::Result<Bytes> {
+        Self::take(&mut self.data, &mut self.data_results, i)
+    }
+
+    fn index(&mut self, i: usize) -> std::io::Result<Bytes> {
+        Self::take(&mut self.index, &mut self.index_results, i)
+    }
+}
+
+/// A whole record for `data`: header, data, chunk checksums, padding.
+pub fn encode_record(kind: Kind, fp: Fingerprint, logical: u64, data: &[u8]) -> Bytes {
+    let size = data.len() as u64;
+    let mut record = Vec::with_capacity(usize::try_from(record_len(size)).unwrap_or(0));
+    record.extend_from_slice(&RecordHeader { kind, fingerprint: fp, size, logical }.encode());
+    record.extend_from_slice(data);
+    for chunk in data.chunks(usize::try_from(CRC_CHUNK_BYTES).unwrap_or(usize::MAX)) {
+        record.extend_from_slice(&chunk_crc(chunk).to_le_bytes());
+    }
+    record.resize(usize::try_from(record_len(size)).unwrap_or(0), 0);
+    Bytes::from(record)
+}
+
+/// Checks chunk-aligned `data` against its chunks' checksums.
+fn check_chunks(data: &[u8], crcs: &[u8]) -> std::result::Result<(), String> {
+    for (i, chunk) in data.chunks(usize::try_from(CRC_CHUNK_BYTES).unwrap_or(usize::MAX)).enumerate() {
+        let Some(stored) = crcs.get(i * 4..i * 4 + 4) else {
+            return Err("a chunk checksum is missing".into());
+        };
+        if u32::from_le_bytes(stored.try_into().unwrap_or([0; 4])) != chunk_crc(chunk) {
+            return Err(format!("chunk {i} of the range does not match its checksum"));
+        }
+    }
+    Ok(())
+}
