@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use kiln_auth::config::AuthConfig;
 use kiln_proto::limits::Limits;
+
+use crate::storage::StorageConfig;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -27,15 +29,6 @@ pub struct Config {
     pub auth: AuthConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    /// Bytes of memory for CAS blobs; least recently used blobs are evicted.
-    pub cas_memory_bytes: u64,
-    /// Bytes of memory for action results.
-    pub ac_memory_bytes: u64,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -50,12 +43,6 @@ impl Default for Config {
     }
 }
 
-impl Default for StorageConfig {
-    fn default() -> Self {
-        Self { cas_memory_bytes: 2 << 30, ac_memory_bytes: 64 << 20 }
-    }
-}
-
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Self> {
         let text =
@@ -66,16 +53,7 @@ impl Config {
     /// Checks the whole configuration; the message names the offending key.
     pub fn validate(&self) -> Result<()> {
         self.limits.validate().map_err(|e| anyhow::anyhow!("[limits] {e}"))?;
-        if self.storage.cas_memory_bytes < 1 << 20 || self.storage.ac_memory_bytes < 1 << 20 {
-            bail!("[storage] cas_memory_bytes and ac_memory_bytes must be at least 1 MiB");
-        }
-        if self.limits.blob_size_bytes_max > self.storage.cas_memory_bytes / 2 {
-            bail!(
-                "[limits] blob_size_bytes_max ({}) must be at most half of [storage] cas_memory_bytes ({})",
-                self.limits.blob_size_bytes_max,
-                self.storage.cas_memory_bytes
-            );
-        }
+        self.storage.validate(self.limits.blob_size_bytes_max)?;
         self.auth.validate().map_err(|e| anyhow::anyhow!("{}", e.message()))?;
         if !self.listen.ip().is_loopback() && !self.auth.authenticates() && !self.insecure_no_auth {
             bail!(
@@ -107,6 +85,9 @@ mod tests {
         assert_eq!(parsed.auth.reload_interval_ms, default.auth.reload_interval_ms);
         assert_eq!(parsed.storage.cas_memory_bytes, default.storage.cas_memory_bytes);
         assert_eq!(parsed.storage.ac_memory_bytes, default.storage.ac_memory_bytes);
+        assert_eq!(parsed.storage.backend, default.storage.backend);
+        assert_eq!(parsed.storage.sync_interval_ms, default.storage.sync_interval_ms);
+        assert_eq!(parsed.storage.io, default.storage.io);
         parsed.validate().unwrap();
     }
 

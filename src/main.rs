@@ -10,6 +10,7 @@ use kiln_tools::token;
 
 mod config;
 mod serve;
+mod storage;
 mod token_file;
 
 #[derive(Debug, Parser)]
@@ -190,6 +191,9 @@ struct ServeArgs {
     /// Serve on a non-loopback address without authentication.
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Bytes of the CAS data file ([storage] cas_size_bytes).
+    #[arg(long)]
+    cas_size: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -256,6 +260,9 @@ async fn run(cli: Cli) -> Result<()> {
                 config.data_dir = dir;
             }
             config.insecure_no_auth |= args.insecure_no_auth;
+            if let Some(size) = args.cas_size {
+                config.storage.cas_size_bytes = size;
+            }
             serve::run(config).await
         }
         Command::Config => {

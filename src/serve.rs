@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kiln_proto::google::bytestream::byte_stream_server::ByteStreamServer;
+use kiln_proto::limits::Limits;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
 use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
@@ -15,10 +16,11 @@ use kiln_storage::service::{
     ActionCacheService, ByteStreamService, CapabilitiesService, CasService, ResponseBudgetLayer,
 };
 use kiln_storage::store::completeness_checking::CheckLimits;
-use kiln_storage::store::{CompletenessChecking, EmptyBlob, MemoryAc, MemoryCas, Verifying};
+use kiln_storage::store::{AcStore, CasStore, CompletenessChecking, EmptyBlob, Verifying};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::storage::Stores;
 use kiln_auth::AuthLayer;
 use kiln_auth::admin::TokenAdmin;
 use kiln_auth::listener::{ListenerOptions, incoming};
@@ -64,26 +66,70 @@ fn raise_descriptor_limit() -> u64 {
     }
 }
 
+/// What the services need besides the stores.
+struct ServeContext {
+    config: Config,
+    limits: Limits,
+    auth: kiln_auth::config::AuthSetup,
+    connections_max: usize,
+}
+
 pub async fn run(config: Config) -> Result<()> {
     config.validate()?;
     let _lock = lock_data_dir(&config)?;
-    let limits = config.limits;
+    let mut limits = config.limits;
     let descriptors = raise_descriptor_limit();
     let connections_max = limits.connections_for(descriptors).map_err(|e| anyhow::anyhow!("[limits] {e}"))?;
     tracing::info!(descriptors, connections_max, "connection capacity");
     let auth =
         config.auth.build(&config.data_dir, &limits).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    let authorizer = auth.authorizer.clone();
 
-    let cas_memory = MemoryCas::new(config.storage.cas_memory_bytes, limits.blob_size_bytes_max);
-    let cas = Arc::new(EmptyBlob::new(Verifying::new(cas_memory)));
-    let ac_memory = MemoryAc::new(config.storage.ac_memory_bytes, limits.action_result_size_bytes_max as u64);
+    let storage = config.storage.clone();
+    let data_dir = config.data_dir.clone();
+    let (blob_max, result_max) = (limits.blob_size_bytes_max, limits.action_result_size_bytes_max as u64);
+    let stores = tokio::task::spawn_blocking(move || Stores::open(&storage, &data_dir, blob_max, result_max))
+        .await
+        .context("open the stores")??;
+    if stores.blob_size_bytes_max() < limits.blob_size_bytes_max {
+        tracing::warn!(
+            configured = limits.blob_size_bytes_max,
+            fits = stores.blob_size_bytes_max(),
+            "blob_size_bytes_max lowered to what the CAS can hold; raise [storage] cas_size_bytes for larger blobs"
+        );
+        limits.blob_size_bytes_max = stores.blob_size_bytes_max();
+    }
+    tracing::info!(
+        stores = stores.describe(),
+        max_cas_blob_size_bytes = limits.blob_size_bytes_max,
+        "storage"
+    );
+    let stores = Arc::new(stores);
+    let context = ServeContext { config, limits, auth, connections_max };
+    let result = match &*stores {
+        Stores::Memory { cas, ac } => serve_stores(context, cas.clone(), ac.clone()).await,
+        Stores::Block { cas, ac } => serve_stores(context, cas.clone(), ac.clone()).await,
+    };
+    let closing = stores.clone();
+    tokio::task::spawn_blocking(move || closing.close()).await.context("close the stores")?;
+    tracing::info!("kiln stopped");
+    result
+}
+
+/// Serves the services over `cas` and `ac` until SIGINT or SIGTERM.
+async fn serve_stores<C, A>(context: ServeContext, cas: C, ac: A) -> Result<()>
+where
+    C: CasStore + Clone,
+    A: AcStore,
+{
+    let ServeContext { config, limits, auth, connections_max } = context;
+    let authorizer = auth.authorizer.clone();
+    let cas = Arc::new(EmptyBlob::new(Verifying::new(cas)));
     let check = CheckLimits {
         referenced_blobs_max: limits.referenced_blobs_max,
         tree_fetches_max: limits.output_tree_fetches_max,
         tree_size_bytes_max: limits.output_tree_size_bytes_max,
     };
-    let ac = Arc::new(CompletenessChecking::new(ac_memory, cas.clone(), check));
+    let ac = Arc::new(CompletenessChecking::new(ac, cas.clone(), check));
 
     let message_max = limits.grpc_message_size_bytes_max;
     let capabilities = CapabilitiesServer::new(CapabilitiesService::new(limits, authorizer.clone()))
@@ -149,7 +195,6 @@ pub async fn run(config: Config) -> Result<()> {
             }
         }
     }
-    tracing::info!("kiln stopped");
     Ok(())
 }
 

@@ -103,7 +103,7 @@ async fn blobs_larger_than_the_upload_budget_stream_through() {
 #[tokio::test]
 async fn huge_declared_sizes_are_refused_without_harm() {
     let kiln = Kiln::start_with_config(
-        "[storage]\ncas_memory_bytes = 2251799813685248\n[limits]\nblob_size_bytes_max = 1125899906842624\n\
+        "[storage]\nbackend = \"memory\"\ncas_memory_bytes = 2251799813685248\n[limits]\nblob_size_bytes_max = 1125899906842624\n\
          upload_client_bytes_max = 1125899906842624\nuploads_in_flight_bytes_max = 1125899906842624\n",
     );
     let declared = 1u64 << 49;

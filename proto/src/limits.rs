@@ -31,6 +31,26 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 pub const FRAME_SIZE_BYTES_MAX: u32 = 4 << 20;
 /// Largest HTTP/2 header list accepted (gRPC metadata).
 pub const HEADER_LIST_SIZE_BYTES_MAX: u32 = 64 << 10;
+/// Block store: most index partitions (each a run of index pages one
+/// storage thread owns).
+pub const BLOCK_PARTITIONS_MAX: u64 = 64;
+/// Block store: requests queued per storage thread before callers wait.
+pub const BLOCK_QUEUE_DEPTH: usize = 1024;
+/// Block store: requests one storage thread takes into a batch.
+pub const BLOCK_BATCH_REQUESTS_MAX: usize = 64;
+/// Block store: io_uring entries per storage thread (I/O in flight at once).
+pub const BLOCK_RING_ENTRIES: u32 = 256;
+/// Block store: index slots probed from a key's bucket.
+pub const BLOCK_INDEX_PROBES: usize = 16;
+/// Block store: blobs up to this size are written in one request.
+pub const BLOCK_SMALL_BLOB_BYTES: u64 = 64 << 10;
+/// Block store: chunk checksums a writer keeps before writing them out.
+pub const BLOCK_PENDING_CRCS_MAX: usize = 1024;
+/// Block store: blobs waiting to be copied forward, per storage thread;
+/// more are dropped (such a blob may then be evicted and uploaded again).
+pub const BLOCK_REFRESH_QUEUE_MAX: usize = 1024;
+/// Block store: bytes a copy forward moves per step.
+pub const BLOCK_REFRESH_STEP_BYTES: u64 = 1 << 20;
 /// Most bytes a store hands out in one chunk of a read.
 pub const STORE_CHUNK_BYTES: u64 = 1 << 20;
 /// Responses are handed to the HTTP/2 stack in pieces of this size, so that

@@ -52,13 +52,17 @@ impl Kiln {
     }
 
     /// Starts `kiln serve` on `data_dir` (say, to restart on the same state).
+    /// Stores are 256 MiB unless `args` say otherwise: tests run several
+    /// servers at once on machines of unknown disk size.
     pub fn start_in(data_dir: tempfile::TempDir, args: &[&str]) -> Kiln {
+        let size: &[&str] = if args.contains(&"--cas-size") { &[] } else { &["--cas-size", "268435456"] };
         let mut child = Command::new(KILN)
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(data_dir.path())
+            .args(size)
             .args(args)
             .env("KILN_LOG", "info")
             .stdout(Stdio::piped())

@@ -1,6 +1,7 @@
 //! Opening a block store: devices, headers, the index loaded from disk,
 //! the storage threads and the syncer; and closing it.
 
+use kiln_proto::limits::{BLOCK_PARTITIONS_MAX as PARTITIONS_MAX, BLOCK_QUEUE_DEPTH as QUEUE_DEPTH};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
@@ -19,11 +20,6 @@ use super::io::{IoEngine, IoMode};
 use super::ring::Ring;
 use super::syncer::{SyncStats, Syncer, SyncerMessage};
 use super::worker::{Request, Worker, partition_of};
-
-/// Most index partitions (each a run of pages a thread owns).
-const PARTITIONS_MAX: u64 = 64;
-/// Requests queued per storage thread before senders wait.
-const QUEUE_DEPTH: usize = 1024;
 
 /// How to open a block store.
 #[derive(Debug, Clone)]

@@ -15,12 +15,10 @@
 //! The pages are then written as they were at the barrier, so what reaches
 //! disk is exactly the table the data sync covered.
 
+use kiln_proto::limits::BLOCK_INDEX_PROBES as PROBES;
 use std::collections::HashMap;
 
 use super::format::{Fingerprint, PAGE_BYTES, SLOT_BYTES, SLOTS_PER_PAGE, Slot};
-
-/// Slots probed from a key's bucket.
-pub const PROBES: usize = 16;
 
 /// One partition of the table.
 #[derive(Debug)]

@@ -13,6 +13,7 @@
 //! The safety argument is local: the buffers belong to `ops`, which this
 //! function borrows mutably until every submitted operation has completed.
 
+use kiln_proto::limits::BLOCK_RING_ENTRIES as RING_ENTRIES;
 use std::io;
 
 use bytes::Bytes;
@@ -70,9 +71,6 @@ impl std::fmt::Debug for IoEngine {
         f.write_str(self.path())
     }
 }
-
-/// Entries of each thread's ring: the most I/O in flight per batch.
-const RING_ENTRIES: u32 = 256;
 
 impl IoEngine {
     pub fn new(mode: IoMode) -> io::Result<IoEngine> {

@@ -15,6 +15,9 @@
 //! docs/storage-format.md describes the format, the sync protocol and the
 //! recovery rules for operators.
 
+use kiln_proto::limits::{
+    BLOCK_PENDING_CRCS_MAX as PENDING_CRCS_MAX, BLOCK_SMALL_BLOB_BYTES as SMALL_BLOB_BYTES,
+};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -42,11 +45,6 @@ use format::{
     record_len,
 };
 use worker::{Location, Request};
-
-/// Blobs up to this size are written in one request at commit.
-const SMALL_BLOB_BYTES: u64 = 64 << 10;
-/// Checksums a writer keeps before writing them out.
-const PENDING_CRCS_MAX: usize = 1024;
 
 /// The CAS on a block store.
 #[derive(Debug, Clone)]

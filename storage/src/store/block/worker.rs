@@ -9,6 +9,10 @@
 //! of the ring are copied forward in the background, a bounded step at a
 //! time, so that what a read or FindMissingBlobs found keeps living.
 
+use kiln_proto::limits::{
+    BLOCK_BATCH_REQUESTS_MAX as BATCH_REQUESTS_MAX, BLOCK_REFRESH_QUEUE_MAX as REFRESH_QUEUE_MAX,
+    BLOCK_REFRESH_STEP_BYTES as REFRESH_STEP_BYTES,
+};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -24,14 +28,6 @@ use super::format::{
 use super::index::Partition;
 use super::io::{Io, IoEngine};
 use super::ring::{Pinned, Ring};
-
-/// Requests a batch takes at most.
-const BATCH_REQUESTS_MAX: usize = 64;
-/// Refresh copies waiting per thread at most; more are dropped (the blobs
-/// may then be evicted, and are uploaded again if needed).
-const REFRESH_QUEUE_MAX: usize = 1024;
-/// Bytes a refresh copies per loop turn.
-const REFRESH_STEP_BYTES: u64 = 1 << 20;
 
 /// Where a blob's record lies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
