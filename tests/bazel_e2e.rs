@@ -223,3 +223,37 @@ fn bazel_readme_subtenant_workflow() {
     assert_eq!(alice.outputs(), expected);
     println!("kiln e2e (README tenant workflow): {hits} of {executed} hits on main.dev.alice");
 }
+
+/// The cache survives a restart of Kiln: build, stop Kiln, start it again
+/// on the same data, `bazel clean`, rebuild: every action is a hit.
+#[test]
+fn bazel_rebuild_after_a_kiln_restart_is_all_hits() {
+    let _turn = exclusive();
+    let kiln = Kiln::start();
+    let bazel = Bazel::new();
+    let flags = |k: &Kiln| vec![format!("--remote_cache={}", k.remote()), "--remote_timeout=60s".to_owned()];
+    let first_flags = flags(&kiln);
+    let first_flags: Vec<&str> = first_flags.iter().map(String::as_str).collect();
+    let first = bazel.run(&[&["test", "//..."][..], &first_flags].concat());
+    let executed: u32 =
+        process_summary(&first).iter().filter(|(k, _)| *k != "internal").map(|(_, n)| n).sum();
+    let expected = bazel.outputs();
+    let (status, log, data_dir) = kiln.stop_keeping_data();
+    assert!(status.success(), "{log}");
+
+    let kiln = Kiln::start_in(data_dir, &[]);
+    bazel.run(&["clean"]);
+    bazel.run(&["shutdown"]);
+    let second_flags = flags(&kiln);
+    let second_flags: Vec<&str> = second_flags.iter().map(String::as_str).collect();
+    let started = std::time::Instant::now();
+    let second = bazel.run(&[&["test", "//..."][..], &second_flags].concat());
+    let warm = started.elapsed();
+    let hits = assert_all_hits(&second);
+    assert_eq!(hits, executed, "every action of the first build is a hit after the restart");
+    assert_eq!(bazel.outputs(), expected, "outputs from the restarted cache are byte-identical");
+    println!(
+        "kiln e2e (restart): remote cache hits {hits} of {executed}, warm rebuild {:.1} s",
+        warm.as_secs_f64()
+    );
+}

@@ -77,6 +77,23 @@ fn store_code_knows_neither_grpc_nor_auth() {
 }
 
 #[test]
+fn unsafe_code_lives_in_one_module() {
+    let mut files = Vec::new();
+    rust_files(root(), &mut files);
+    for file in files {
+        let rel = file.strip_prefix(root()).unwrap().to_str().unwrap().to_owned();
+        if rel == "storage/src/store/block/io.rs" || rel == "tests/tidy.rs" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !text.contains("unsafe ") && !text.contains("unsafe_code"),
+            "{rel} uses unsafe code; only the io_uring submissions in storage/src/store/block/io.rs may"
+        );
+    }
+}
+
+#[test]
 fn crate_graph_keeps_its_layers() {
     let graph = crate_graph();
     let forbidden: [(&str, &[&str], &str); 5] = [

@@ -55,6 +55,11 @@ impl Kiln {
     /// Stores are 256 MiB unless `args` say otherwise: tests run several
     /// servers at once on machines of unknown disk size.
     pub fn start_in(data_dir: tempfile::TempDir, args: &[&str]) -> Kiln {
+        Self::start_logging(data_dir, args, "info")
+    }
+
+    /// Like [`Kiln::start_in`], logging at `filter` (a `KILN_LOG` value).
+    pub fn start_logging(data_dir: tempfile::TempDir, args: &[&str], filter: &str) -> Kiln {
         let size: &[&str] = if args.contains(&"--cas-size") { &[] } else { &["--cas-size", "268435456"] };
         let mut child = Command::new(KILN)
             .arg("serve")
@@ -64,7 +69,7 @@ impl Kiln {
             .arg(data_dir.path())
             .args(size)
             .args(args)
-            .env("KILN_LOG", "info")
+            .env("KILN_LOG", filter)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -146,6 +151,17 @@ impl Kiln {
 
     pub async fn capabilities(&self) -> CapabilitiesClient<Channel> {
         CapabilitiesClient::new(self.channel().await)
+    }
+
+    /// Kills the process (SIGKILL: no shutdown, no final sync) and hands
+    /// back the data directory.
+    pub fn kill(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(h) = self.stderr.take() {
+            let _ = h.join();
+        }
+        std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("tempdir"))
     }
 
     /// Sends SIGTERM and returns the exit status and everything logged.
