@@ -117,7 +117,8 @@ impl<W: BlobWriter> Upload<W> {
     }
 
     /// Hands one message's data to the store, charging what it holds in
-    /// memory to `charge` until the store has taken it.
+    /// memory to `charge` until the store has taken it; what the writer
+    /// keeps in memory until commit stays charged.
     async fn append(&mut self, data: Vec<u8>, charge: &mut Charge) -> Result<(), Error> {
         charge.grow(data.len() as u64).await?;
         match self {
@@ -139,7 +140,10 @@ impl<W: BlobWriter> Upload<W> {
                 }
             }
         }
-        charge.shrink(u64::MAX);
+        let held = match self {
+            Upload::Plain(writer) | Upload::Zstd { writer, .. } => writer.buffered(),
+        };
+        charge.shrink(charge.bytes().saturating_sub(held));
         Ok(())
     }
 

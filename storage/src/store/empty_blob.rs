@@ -57,6 +57,13 @@ impl<W: BlobWriter> BlobWriter for MaybeEmpty<W> {
         }
     }
 
+    fn buffered(&self) -> u64 {
+        match self {
+            MaybeEmpty::Empty => 0,
+            MaybeEmpty::Inner(w) => w.buffered(),
+        }
+    }
+
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
         match self {
             MaybeEmpty::Empty if chunk.is_empty() => Ok(()),

@@ -176,6 +176,12 @@ pub trait BlobWriter: Send + 'static {
     /// Bytes written so far.
     fn written(&self) -> u64;
 
+    /// Bytes of the blob this writer holds in memory (not yet in the
+    /// store) until it commits; callers keep them charged to a budget.
+    fn buffered(&self) -> u64 {
+        0
+    }
+
     fn write(&mut self, chunk: Bytes) -> impl Future<Output = Result<()>> + Send;
 
     /// Makes the blob visible; fails if it is not complete (or, behind

@@ -40,6 +40,10 @@ impl<W: BlobWriter> BlobWriter for VerifyingWriter<W> {
         self.written
     }
 
+    fn buffered(&self) -> u64 {
+        self.inner.buffered()
+    }
+
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
         if self.written + chunk.len() as u64 > self.expected.size_bytes() {
             return Err(Error::invalid_argument(format!(

@@ -183,6 +183,10 @@ impl BlobWriter for BlockWriter {
         self.written
     }
 
+    fn buffered(&self) -> u64 {
+        if self.size <= SMALL_BLOB_BYTES { self.written } else { 0 }
+    }
+
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
         if self.written + chunk.len() as u64 > self.size {
             return Err(Error::invalid_argument(format!("upload received more than {} bytes", self.size)));
