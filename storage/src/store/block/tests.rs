@@ -137,6 +137,20 @@ fn a_full_store_evicts_the_oldest_and_never_fails_a_write() {
 }
 
 #[test]
+fn reads_in_a_young_ring_copy_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = cas(dir.path(), IoMode::Auto);
+    let (key, data) = blob(7, 200_000);
+    block_on(put_all(&store, &key, data.clone())).unwrap();
+    let head = store.engine().ring.head();
+    for _ in 0..20 {
+        assert_eq!(read(&store, &key).unwrap(), data);
+        assert!(block_on(store.find_missing(std::slice::from_ref(&key))).unwrap().is_empty());
+    }
+    assert_eq!(store.engine().ring.head(), head, "a blob far from eviction was copied forward");
+}
+
+#[test]
 fn what_find_missing_reported_present_survives() {
     let dir = tempfile::tempdir().unwrap();
     let store = cas(dir.path(), IoMode::Auto);

@@ -5,7 +5,7 @@
 //! them against the index, runs all their I/O as one batch, then checks
 //! what came back (record headers, chunk checksums), updates the index and
 //! answers. A request that finds the ring full waits, without blocking the
-//! thread, until the syncer has made room. Blobs found in the oldest quarter
+//! thread, until the syncer has made room. Blobs found in the older half
 //! of the ring are copied forward in the background, a bounded step at a
 //! time, so that what a read or FindMissingBlobs found keeps living.
 
@@ -245,8 +245,10 @@ impl Worker {
         let ring = self.ring.clone();
         let slot = self.partition(fp).lookup(fp, Self::live(&ring))?;
         let loc = Location { logical: slot.logical, size: slot.size };
-        // In the oldest quarter of the ring: copy it forward.
-        if loc.logical < ring.tail() + ring.capacity() / 4 {
+        // Written more than half a ring ago, so closer to eviction than to
+        // the head: copy it forward. A ring less than half full copies
+        // nothing, and a copy is not copied again for half a ring.
+        if ring.head().saturating_sub(loc.logical) > ring.capacity() / 2 {
             self.queue_refresh(*fp, loc);
         }
         Some(loc)
