@@ -53,6 +53,9 @@ pub const BLOCK_REFRESH_QUEUE_MAX: usize = 1024;
 pub const BLOCK_REFRESH_STEP_BYTES: u64 = 1 << 20;
 /// Most bytes a store hands out in one chunk of a read.
 pub const STORE_CHUNK_BYTES: u64 = 1 << 20;
+/// Blobs of one BatchUpdateBlobs or BatchReadBlobs call handed to the store
+/// at once (the call's bytes are bounded by `batch_total_size_bytes_max`).
+pub const BATCH_BLOBS_IN_FLIGHT: usize = 64;
 /// Responses are handed to the HTTP/2 stack in pieces of this size, so that
 /// what a stalled client leaves queued beyond the response budget is at
 /// most two pieces per stream.

@@ -5,7 +5,7 @@ use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
 use kiln_proto::reapi::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse,
@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 use super::compression;
 use crate::store::{CasKey, CasStore, Scope, put_all, read_all};
 use kiln_proto::access::{Authorizer, Permission};
-use kiln_proto::limits::Limits;
+use kiln_proto::limits::{BATCH_BLOBS_IN_FLIGHT, Limits};
 use kiln_proto::{Code, text::quoted};
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,6 +109,29 @@ impl<C: CasStore + Clone> CasService<C> {
         };
         (wire, result.map_err(|e| e.context(format!("blob {digest}"))))
     }
+
+    /// One blob of a BatchReadBlobs call (its size is within the batch's,
+    /// checked before).
+    async fn read_one(&self, key: CasKey, zstd: bool) -> batch_read_blobs_response::Response {
+        let mut response =
+            batch_read_blobs_response::Response { digest: Some(key.digest.to_proto()), ..Default::default() };
+        let data = match read_all(&self.cas, &key, self.limits.batch_total_size_bytes_max).await {
+            Ok(data) if zstd && data.len() > 64 => {
+                compression::compress(data).await.map(|c| (c, compressor::Value::Zstd))
+            }
+            Ok(data) => Ok((data, compressor::Value::Identity)),
+            Err(e) => Err(e),
+        };
+        match data {
+            Ok((data, c)) => {
+                response.data = data.to_vec();
+                response.compressor = c as i32;
+                response.status = Some(Default::default());
+            }
+            Err(e) => response.status = Some(e.to_rpc_status()),
+        }
+        response
+    }
 }
 
 #[tonic::async_trait]
@@ -154,18 +177,23 @@ impl<C: CasStore + Clone> ContentAddressableStorage for CasService<C> {
             .filter_map(|r| r.digest.as_ref().and_then(|d| Digest::from_proto(function, d).ok()))
             .collect();
         self.check_batch_size("BatchUpdateBlobs", declared.iter())?;
-        let mut responses = Vec::with_capacity(req.requests.len());
+        // The store works on several blobs at once (a storage thread batches
+        // what waits in its queue); answers keep the request's order.
         let req_instance = req.instance_name;
-        for blob in req.requests {
-            let (digest, result) = self.update_one(&req_instance, function, blob).await;
-            if let Err(e) = &result {
-                tracing::debug!(error = %e, "BatchUpdateBlobs: blob refused");
-            }
-            responses.push(batch_update_blobs_response::Response {
-                digest: Some(digest),
-                status: Some(result.err().map(|e| e.to_rpc_status()).unwrap_or_default()),
-            });
-        }
+        let responses = futures::stream::iter(req.requests)
+            .map(|blob| self.update_one(&req_instance, function, blob))
+            .buffered(BATCH_BLOBS_IN_FLIGHT)
+            .map(|(digest, result)| {
+                if let Err(e) = &result {
+                    tracing::debug!(error = %e, "BatchUpdateBlobs: blob refused");
+                }
+                batch_update_blobs_response::Response {
+                    digest: Some(digest),
+                    status: Some(result.err().map(|e| e.to_rpc_status()).unwrap_or_default()),
+                }
+            })
+            .collect()
+            .await;
         Ok(Response::new(BatchUpdateBlobsResponse { responses }))
     }
 
@@ -181,30 +209,11 @@ impl<C: CasStore + Clone> ContentAddressableStorage for CasService<C> {
         let keys = parse_digests(&req.instance_name, function, &req.digests)?;
         self.check_batch_size("BatchReadBlobs", keys.iter().map(|k| &k.digest))?;
         let zstd = req.acceptable_compressors.contains(&(compressor::Value::Zstd as i32));
-        let mut responses = Vec::with_capacity(keys.len());
-        for key in keys {
-            let mut response = batch_read_blobs_response::Response {
-                digest: Some(key.digest.to_proto()),
-                ..Default::default()
-            };
-            // Within the batch size, checked above.
-            let data = match read_all(&self.cas, &key, self.limits.batch_total_size_bytes_max).await {
-                Ok(data) if zstd && data.len() > 64 => {
-                    compression::compress(data).await.map(|c| (c, compressor::Value::Zstd))
-                }
-                Ok(data) => Ok((data, compressor::Value::Identity)),
-                Err(e) => Err(e),
-            };
-            match data {
-                Ok((data, c)) => {
-                    response.data = data.to_vec();
-                    response.compressor = c as i32;
-                    response.status = Some(Default::default());
-                }
-                Err(e) => response.status = Some(e.to_rpc_status()),
-            }
-            responses.push(response);
-        }
+        let responses = futures::stream::iter(keys)
+            .map(|key| self.read_one(key, zstd))
+            .buffered(BATCH_BLOBS_IN_FLIGHT)
+            .collect()
+            .await;
         Ok(Response::new(BatchReadBlobsResponse { responses }))
     }
 
