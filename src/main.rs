@@ -11,6 +11,7 @@ use kiln_tools::token;
 mod config;
 mod serve;
 mod storage;
+mod store_bench;
 mod token_file;
 
 #[derive(Debug, Parser)]
@@ -87,6 +88,9 @@ enum BenchCommand {
         /// Digests per FindMissingBlobs call, blobs per batch.
         #[arg(long, default_value_t = 1000)]
         digests: usize,
+        /// Drop the page cache after the set-up, so reads come from the disk (needs root).
+        #[arg(long)]
+        cold: bool,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -109,6 +113,41 @@ enum BenchCommand {
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
+    /// The block store's engine without gRPC, beside the memory store:
+    /// fill, index bytes per blob, restart time, lookups.
+    Store {
+        /// Blobs to fill the store with.
+        #[arg(long, default_value_t = 10_000_000)]
+        blobs: u64,
+        /// Bytes per blob.
+        #[arg(long = "blob-size", default_value_t = 64)]
+        blob_size: u64,
+        /// Directory for the store's files (removed afterwards).
+        #[arg(long, default_value = "kiln-bench-store")]
+        dir: PathBuf,
+        /// auto, io-uring or pread.
+        #[arg(long, default_value = "auto", value_parser = parse_io)]
+        io: kiln_storage::store::block::IoMode,
+        /// Writes in flight at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Digests per find_missing call.
+        #[arg(long, default_value_t = 10_000)]
+        lookups: usize,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+}
+
+fn parse_io(s: &str) -> Result<kiln_storage::store::block::IoMode, String> {
+    use kiln_storage::store::block::IoMode;
+    match s {
+        "auto" => Ok(IoMode::Auto),
+        "io-uring" => Ok(IoMode::IoUring),
+        "pread" => Ok(IoMode::Pread),
+        _ => Err(format!("unknown I/O path {s:?}; use auto, io-uring or pread")),
+    }
 }
 
 fn parse_workload(s: &str) -> Result<kiln_tools::bench::Workload, String> {
@@ -340,6 +379,7 @@ async fn bench(command: BenchCommand) -> Result<()> {
             concurrency,
             connections,
             digests,
+            cold,
             json,
         } => {
             let options = kiln_tools::bench::BenchOptions {
@@ -351,6 +391,7 @@ async fn bench(command: BenchCommand) -> Result<()> {
                 concurrency,
                 connections,
                 digests_per_call: digests,
+                cold,
             };
             let report = kiln_tools::bench::run(&remote.options(), &options).await?;
             println!("{}", if json { report.to_json().to_string() } else { report.to_text() });
@@ -370,6 +411,24 @@ async fn bench(command: BenchCommand) -> Result<()> {
                     .with_context(|| format!("write {}", path.display()))?;
             }
             kiln_tools::bench::suite::check(&result)
+        }
+        BenchCommand::Store { blobs, blob_size, dir, io, concurrency, lookups, json_out } => {
+            let options = store_bench::StoreBenchOptions {
+                blobs,
+                blob_size,
+                dir: dir.clone(),
+                io,
+                concurrency,
+                lookups,
+            };
+            let result = store_bench::run(&options).await;
+            store_bench::clean(&dir);
+            let result = result?;
+            if let Some(path) = json_out {
+                std::fs::write(&path, serde_json::to_string_pretty(&result)?)
+                    .with_context(|| format!("write {}", path.display()))?;
+            }
+            Ok(())
         }
     }
 }

@@ -35,6 +35,9 @@ pub struct BenchOptions {
     pub connections: usize,
     /// Digests per FindMissingBlobs call, blobs per Batch* call.
     pub digests_per_call: usize,
+    /// Drop the page cache after the set-up, so reads come from the disk
+    /// (needs root).
+    pub cold: bool,
 }
 
 impl Default for BenchOptions {
@@ -48,6 +51,7 @@ impl Default for BenchOptions {
             concurrency: 64,
             connections: 4,
             digests_per_call: 1000,
+            cold: false,
         }
     }
 }
@@ -158,6 +162,9 @@ pub async fn run(client: &ClientOptions, options: &BenchOptions) -> Result<Repor
         connections.push(connect(client).await?);
     }
     let plan = Arc::new(workloads::Plan::prepare(&connections[0], options).await?);
+    if options.cold {
+        drop_page_cache()?;
+    }
 
     let workers = options.concurrency.min(usize::try_from(operations).unwrap_or(usize::MAX));
     let warned = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -212,6 +219,14 @@ pub async fn run(client: &ClientOptions, options: &BenchOptions) -> Result<Repor
         bytes,
         items,
     })
+}
+
+/// Writes dirty pages out and drops the page cache, so the next reads of
+/// a file come from its disk.
+pub fn drop_page_cache() -> Result<()> {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3")
+        .map_err(|e| anyhow::anyhow!("drop the page cache (needs root): {e}"))
 }
 
 #[cfg(test)]

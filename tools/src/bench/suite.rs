@@ -109,8 +109,8 @@ fn workloads(quick: bool) -> Vec<BenchOptions> {
         },
         BenchOptions {
             workload: Workload::FindMissing,
-            requests: scale * 1000,
-            digests_per_call: 1000,
+            requests: scale * 100,
+            digests_per_call: 10_000,
             concurrency: 8,
             connections: 2,
             ..base.clone()
@@ -181,12 +181,40 @@ pub async fn run_suite(options: &SuiteOptions) -> Result<SuiteResult> {
     }
 
     let data_dir = tempfile_dir()?;
+    let disk_bytes = if options.quick { 512 << 20 } else { 2 << 30 };
+    let disk = tokio::task::block_in_place(|| disk_write(&data_dir, disk_bytes))?;
+    println!("disk_write: {:.3} GB/s", disk / 1e9);
+    result.baselines.insert("disk_write".to_owned(), disk);
     let (_null, null_remote) = start(&options.kiln, &["null-server", "--listen", "127.0.0.1:0"])?;
-    let (_kiln, kiln_remote) = start(
-        &options.kiln,
-        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir.to_str().context("utf-8 path")?],
-    )?;
-    let mut targets = vec![("null", null_remote, String::new()), ("kiln", kiln_remote, String::new())];
+    // Kiln as `kiln serve` runs it (the block store), the memory store
+    // beside it, and in full runs the block store on the pread path.
+    let mut servers = vec![];
+    let mut targets = vec![("null", null_remote, String::new())];
+    let mut kilns = vec![("kiln", "")];
+    kilns.push(("memory", "[storage]\nbackend = \"memory\"\n"));
+    if !options.quick {
+        kilns.push(("pread", "[storage]\nio = \"pread\"\n"));
+    }
+    for (name, config) in kilns {
+        let dir = data_dir.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let config_path = dir.join("kiln.toml");
+        std::fs::write(&config_path, config)?;
+        let (server, remote) = start(
+            &options.kiln,
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                dir.to_str().context("utf-8 path")?,
+                "--config",
+                config_path.to_str().context("utf-8 path")?,
+            ],
+        )?;
+        servers.push(server);
+        targets.push((name, remote, String::new()));
+    }
     if let Some(peer) = &options.peer {
         targets.push(("peer", peer.clone(), options.peer_instance.clone()));
     }
@@ -222,6 +250,10 @@ pub async fn run_suite(options: &SuiteOptions) -> Result<SuiteResult> {
         }
     }
 
+    if !options.quick {
+        cold_reads(&mut result, &targets, &data_dir).await?;
+    }
+
     let headline = |key: &str| result.reports.get(key).map(Report::headline);
     let mut ratios = BTreeMap::new();
     if let Some(read) = headline("kiln/bytestream-read") {
@@ -236,10 +268,28 @@ pub async fn run_suite(options: &SuiteOptions) -> Result<SuiteResult> {
         else {
             continue;
         };
-        ratios.insert(format!("{}_vs_null", w.name().replace('-', "_")), k / n);
-        if let Some(p) = headline(&format!("peer/{}", w.name())) {
-            ratios.insert(format!("{}_vs_peer", w.name().replace('-', "_")), k / p);
+        let name = w.name().replace('-', "_");
+        ratios.insert(format!("{name}_vs_null"), k / n);
+        for (target, suffix) in [("peer", "vs_peer"), ("memory", "vs_memory"), ("pread", "io_uring_vs_pread")]
+        {
+            if let Some(other) = headline(&format!("{target}/{}", w.name())) {
+                ratios.insert(format!("{name}_{suffix}"), k / other);
+            }
         }
+    }
+    if let (Some(kiln), Some(disk)) = (headline("kiln/bytestream-write"), result.baselines.get("disk_write"))
+    {
+        ratios.insert("bytestream_write_vs_disk".to_owned(), kiln / disk);
+    }
+    if let (Some(kiln), Some(disk)) =
+        (headline("kiln/bytestream-read-cold"), result.baselines.get("disk_read_cold"))
+    {
+        ratios.insert("bytestream_read_cold_vs_disk".to_owned(), kiln / disk);
+    }
+    if let (Some(kiln), Some(pread)) =
+        (headline("kiln/bytestream-read-cold"), headline("pread/bytestream-read-cold"))
+    {
+        ratios.insert("bytestream_read_cold_io_uring_vs_pread".to_owned(), kiln / pread);
     }
     println!("== ratios");
     for (name, value) in &ratios {
@@ -280,6 +330,91 @@ pub fn check_floors(ratios: &BTreeMap<String, f64>, floors_toml: &str) -> Result
     Ok(failures)
 }
 
+/// Bytes of the blob read with a cold page cache, and of the file the disk
+/// baseline reads.
+const COLD_BYTES: u64 = 512 << 20;
+
+/// Writes `bytes` to a new file in 1 MiB pieces and syncs it, as
+/// `dd bs=1M conv=fdatasync` does: the disk's sequential write rate, in
+/// bytes per second, where the block store's data file lives.
+fn disk_write(dir: &Path, bytes: u64) -> Result<f64> {
+    use std::io::Write;
+    let path = dir.join("disk-write-baseline");
+    let piece = vec![0xa5u8; 1 << 20];
+    let started = std::time::Instant::now();
+    let mut file = std::fs::File::create(&path)?;
+    for _ in 0..bytes >> 20 {
+        file.write_all(&piece)?;
+    }
+    file.sync_data()?;
+    let rate = bytes as f64 / started.elapsed().as_secs_f64();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(rate)
+}
+
+/// Reads a file of `COLD_BYTES` in 1 MiB pieces right after dropping the
+/// page cache: the disk's sequential read rate, in bytes per second.
+fn disk_read_cold(dir: &Path) -> Result<f64> {
+    use std::io::{Read, Write};
+    let path = dir.join("disk-baseline");
+    let mut file = std::fs::File::create(&path)?;
+    let piece = vec![0x5au8; 1 << 20];
+    for _ in 0..COLD_BYTES >> 20 {
+        file.write_all(&piece)?;
+    }
+    file.sync_all()?;
+    drop(file);
+    super::drop_page_cache()?;
+    let started = std::time::Instant::now();
+    let mut file = std::fs::File::open(&path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    std::fs::remove_file(&path)?;
+    Ok(rate)
+}
+
+/// ByteStream reads of one large blob with the page cache dropped after
+/// the upload, against each block store target, beside the disk's own
+/// read rate. Needs root; skipped (and said so) otherwise.
+async fn cold_reads(result: &mut SuiteResult, targets: &[(&str, String, String)], dir: &Path) -> Result<()> {
+    if std::fs::OpenOptions::new().write(true).open("/proc/sys/vm/drop_caches").is_err() {
+        println!("== cold page cache: skipped (dropping the page cache needs root)");
+        return Ok(());
+    }
+    println!("== cold page cache");
+    let disk = tokio::task::block_in_place(|| disk_read_cold(dir))?;
+    println!("disk_read_cold: {:.3} GB/s", disk / 1e9);
+    result.baselines.insert("disk_read_cold".to_owned(), disk);
+    let bench = BenchOptions {
+        workload: Workload::BytestreamRead,
+        blob_size_bytes: COLD_BYTES,
+        total_bytes: COLD_BYTES,
+        concurrency: 1,
+        connections: 1,
+        cold: true,
+        ..BenchOptions::default()
+    };
+    for (target, remote, _) in targets.iter().filter(|(t, ..)| ["kiln", "pread"].contains(t)) {
+        let client = ClientOptions { remote: remote.clone(), ..ClientOptions::default() };
+        let report = run(&client, &bench).await.with_context(|| format!("cold read on {target}"))?;
+        println!("{target:>4} cold {}", report.to_text());
+        if report.errors > 0 {
+            result.failures.push(format!("cold read on {target}: {} errors", report.errors));
+        }
+        result.reports.insert(format!("{target}/bytestream-read-cold"), report);
+    }
+    Ok(())
+}
+
 fn tempfile_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -318,7 +453,7 @@ mod tests {
         let floors: Floors = toml::from_str(&text).unwrap();
         let known = ["bytestream_read_vs_iperf3", "bytestream_write_vs_sha256"];
         for name in floors.floors.keys() {
-            let workload = name.trim_end_matches("_vs_null").replace('_', "-");
+            let workload = name.trim_end_matches("_vs_null").trim_end_matches("_vs_memory").replace('_', "-");
             assert!(known.contains(&name.as_str()) || Workload::from_name(&workload).is_some(), "{name}");
         }
     }
