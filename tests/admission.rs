@@ -296,8 +296,8 @@ fn peak_rss_bytes(pid: u32) -> u64 {
 #[allow(clippy::print_stderr)] // The figure goes into docs/BENCHMARKS.md.
 async fn ten_thousand_concurrent_uploads_hold_bounded_memory() {
     // 10,000 uploads of 60,000-byte blobs (which the block store keeps in
-    // memory until they commit, charged to the upload budget) send all but
-    // the last bytes in 4 KB messages and stall: 600 MB offered. Budgets of
+    // memory until they commit, charged to the upload budget) send their
+    // bytes in 4 KB messages and never finish: 600 MB offered. Budgets of
     // 32 MiB held and 32 MiB waiting make most fail at once or after the
     // admission timeout, and the admitted ones end at the idle timeout, so
     // every call ends and the server's peak memory is known.
