@@ -272,6 +272,12 @@ fn parse_digest(s: &str) -> Result<Digest> {
 }
 
 fn main() -> Result<()> {
+    // The sandbox re-executes this binary as its stages; they must run
+    // single-threaded, before anything else starts.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = kiln_worker::sandbox::dispatch_stage(&args) {
+        std::process::exit(code);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -1,7 +1,17 @@
 //! Kiln's worker: runs actions in Linux namespaces with cgroup limits.
 //!
-//! Not implemented yet. By design the worker depends only on the worker
-//! protocol (defined in `kiln-proto`), never on the scheduler crate.
+//! - [`cas`]: what the worker needs of a CAS, and its gRPC implementation.
+//! - [`cache`]: the local content-addressed file cache inputs are
+//!   hard-linked from; [`inputs`]: materializing an input tree;
+//!   [`outputs`]: collecting and uploading what an action produced.
+//! - [`sandbox`]: namespaces, a fresh root, cgroup limits, and the
+//!   stages the `kiln` binary re-executes itself into.
+//!
+//! By design the worker depends only on the worker protocol (defined in
+//! `kiln-proto`), never on the scheduler crate.
 
-/// Whether this build of Kiln includes a worker.
-pub const WORKER_AVAILABLE: bool = false;
+pub mod cache;
+pub mod cas;
+pub mod inputs;
+pub mod outputs;
+pub mod sandbox;
