@@ -2,7 +2,7 @@
 //! into a descriptor set, tonic-prost-build generates the code.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["kiln/admin/v1/tokens.proto"];
+    let protos = ["kiln/admin/v1/tokens.proto", "kiln/worker/v1/worker.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

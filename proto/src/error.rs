@@ -21,6 +21,9 @@ pub enum Code {
     Internal,
     Unavailable,
     DataLoss,
+    DeadlineExceeded,
+    Cancelled,
+    Aborted,
 }
 
 /// An error with a gRPC code and a message a user can act on.
@@ -99,6 +102,9 @@ impl From<Code> for tonic::Code {
             Code::Internal => tonic::Code::Internal,
             Code::Unavailable => tonic::Code::Unavailable,
             Code::DataLoss => tonic::Code::DataLoss,
+            Code::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+            Code::Cancelled => tonic::Code::Cancelled,
+            Code::Aborted => tonic::Code::Aborted,
         }
     }
 }

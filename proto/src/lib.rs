@@ -32,6 +32,12 @@ pub mod kiln {
         #![allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
         tonic::include_proto!("kiln.admin.v1");
     }
+
+    /// The worker protocol between the scheduler and its workers.
+    pub mod worker {
+        #![allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("kiln.worker.v1");
+    }
 }
 
 /// Generated `google.*` messages and service stubs (ByteStream, longrunning, rpc).

@@ -56,6 +56,24 @@ pub const STORE_CHUNK_BYTES: u64 = 1 << 20;
 /// Blobs of one BatchUpdateBlobs or BatchReadBlobs call handed to the store
 /// at once (the call's bytes are bounded by `batch_total_size_bytes_max`).
 pub const BATCH_BLOBS_IN_FLIGHT: usize = 64;
+/// Scheduler: largest Action or Command message it reads.
+pub const ACTION_MESSAGE_SIZE_BYTES_MAX: u64 = 16 << 20;
+/// Scheduler: how often it looks for lost workers, stuck, orphaned and
+/// unsatisfiable executions, and old operations.
+pub const SCHEDULER_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Scheduler: waiting executions of one invocation it considers when a
+/// slot frees.
+pub const SCHEDULER_QUEUE_SCAN_MAX: usize = 64;
+/// Scheduler: time past an action's timeout before a worker that has not
+/// reported it is presumed stuck and the action requeued.
+pub const EXECUTION_REPORT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Execute and WaitExecution streams send the operation at least this
+/// often (Bazel's keepalive gives each call a 60 s deadline).
+pub const OPERATION_UPDATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+/// Scheduler: messages queued to one worker session.
+pub const WORKER_SESSION_QUEUE: usize = 1024;
+/// Most operations one ListOperations page returns.
+pub const OPERATIONS_PAGE_MAX: usize = 1000;
 /// Responses are handed to the HTTP/2 stack in pieces of this size, so that
 /// what a stalled client leaves queued beyond the response budget is at
 /// most two pieces per stream.

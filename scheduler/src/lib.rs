@@ -1,9 +1,20 @@
-//! Kiln's scheduler: REAPI Execution and Operations.
+//! Kiln's scheduler: REAPI Execution and Operations over a fair queue of
+//! executions and a set of workers.
 //!
-//! Not served yet. It will match an action's platform properties to
-//! workers, deduplicate identical in-flight actions and write execution
-//! results to the AC itself. Until then `kiln serve` advertises no execution
-//! capabilities, and Bazel must run actions locally (`--remote_cache` only).
+//! - [`core`]: the state machine (operations, executions, merging,
+//!   dispatch, lost workers, timeouts, sweeps).
+//! - [`queue`]: fairness across invocations, with priorities.
+//! - [`platform`]: matching action platforms to workers.
+//! - [`ops`]: operations as clients see them.
+//! - [`backend`]: what the scheduler needs of the CAS and action cache.
+//! - [`service`]: the gRPC Execution and Operations services;
+//!   [`workers`]: worker sessions (the worker protocol).
 
-/// Whether this build of Kiln serves the Execution API.
-pub const EXECUTION_SERVED: bool = false;
+pub mod backend;
+pub mod core;
+pub mod ops;
+pub mod platform;
+pub mod queue;
+
+pub use backend::Backend;
+pub use core::{Config, ExecuteArgs, Scheduler, Stats, Watch};
