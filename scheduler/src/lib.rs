@@ -15,6 +15,8 @@ pub mod core;
 pub mod ops;
 pub mod platform;
 pub mod queue;
+pub mod service;
+pub mod workers;
 
 pub use backend::Backend;
 pub use core::{Config, ExecuteArgs, Scheduler, Stats, Watch};

@@ -16,16 +16,19 @@ pub enum Permission {
     AcWrite,
     Execute,
     Admin,
+    /// Connect to the scheduler's worker port as a worker.
+    Worker,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 6] = [
+    pub const ALL: [Permission; 7] = [
         Permission::CasRead,
         Permission::CasWrite,
         Permission::AcRead,
         Permission::AcWrite,
         Permission::Execute,
         Permission::Admin,
+        Permission::Worker,
     ];
 
     pub fn name(self) -> &'static str {
@@ -36,6 +39,7 @@ impl Permission {
             Permission::AcWrite => "ac-write",
             Permission::Execute => "execute",
             Permission::Admin => "admin",
+            Permission::Worker => "worker",
         }
     }
 
@@ -102,9 +106,10 @@ impl Permissions {
                 "ac-write" => &[Permission::AcWrite],
                 "execute" => &[Permission::Execute],
                 "admin" => &[Permission::Admin],
+                "worker" => &[Permission::Worker],
                 other => {
                     return Err(Error::invalid_argument(format!(
-                        "unknown permission {}; use read, write, cas-read, cas-write, ac-read, ac-write, execute, admin or all",
+                        "unknown permission {}; use read, write, cas-read, cas-write, ac-read, ac-write, execute, admin, worker or all",
                         crate::text::quoted(other)
                     )));
                 }
