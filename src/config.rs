@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use kiln_auth::config::AuthConfig;
 use kiln_proto::limits::Limits;
 
+use crate::execution::ExecutionConfig;
 use crate::storage::StorageConfig;
 use serde::Deserialize;
 
@@ -27,6 +28,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub limits: Limits,
     pub auth: AuthConfig,
+    pub execution: ExecutionConfig,
 }
 
 impl Default for Config {
@@ -39,6 +41,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             limits: Limits::default(),
             auth: AuthConfig::default(),
+            execution: ExecutionConfig::default(),
         }
     }
 }
@@ -55,6 +58,18 @@ impl Config {
         self.limits.validate().map_err(|e| anyhow::anyhow!("[limits] {e}"))?;
         self.storage.validate(self.limits.blob_size_bytes_max)?;
         self.auth.validate().map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        self.execution.validate()?;
+        if self.execution.enabled
+            && !self.execution.worker_listen.ip().is_loopback()
+            && !self.auth.authenticates()
+            && !self.insecure_no_auth
+        {
+            bail!(
+                "[execution] worker_listen {} is not loopback and no authentication is configured; workers \
+                 must authenticate (client certificates or tokens with the worker permission)",
+                self.execution.worker_listen
+            );
+        }
         if !self.listen.ip().is_loopback() && !self.auth.authenticates() && !self.insecure_no_auth {
             bail!(
                 "listen address {} is not loopback and no authentication is configured ([auth] client_ca, \
@@ -88,6 +103,9 @@ mod tests {
         assert_eq!(parsed.storage.backend, default.storage.backend);
         assert_eq!(parsed.storage.sync_interval_ms, default.storage.sync_interval_ms);
         assert_eq!(parsed.storage.io, default.storage.io);
+        assert_eq!(parsed.execution.worker_listen, default.execution.worker_listen);
+        assert_eq!(parsed.execution.default_timeout_ms, default.execution.default_timeout_ms);
+        assert_eq!(parsed.execution.worker.uid_base, default.execution.worker.uid_base);
         parsed.validate().unwrap();
     }
 

@@ -9,10 +9,12 @@ use kiln_tools::cas::Cas;
 use kiln_tools::token;
 
 mod config;
+mod execution;
 mod serve;
 mod storage;
 mod store_bench;
 mod token_file;
+mod worker_cmd;
 
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about = "Remote cache and remote build execution for Bazel and Buck2")]
@@ -23,8 +25,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the cache (CAS, AC, ByteStream, Capabilities) in one process.
+    /// Run the cache (CAS, AC, ByteStream, Capabilities), the scheduler and
+    /// a local worker in one process.
     Serve(ServeArgs),
+    /// `kiln serve` without the local worker: storage and the scheduler,
+    /// for workers on other machines (`kiln worker`).
+    Scheduler(ServeArgs),
+    /// Run actions for a scheduler, in sandboxes, with a local file cache.
+    Worker(worker_cmd::WorkerArgs),
     /// Print the default configuration file.
     Config,
     /// Move blobs in and out of a CAS.
@@ -233,6 +241,9 @@ struct ServeArgs {
     /// Bytes of the CAS data file ([storage] cas_size_bytes).
     #[arg(long)]
     cas_size: Option<u64>,
+    /// Address of the worker port ([execution] worker_listen).
+    #[arg(long)]
+    worker_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -291,25 +302,36 @@ fn main() -> Result<()> {
     runtime.block_on(run(cli))
 }
 
+/// `kiln serve` and `kiln scheduler` (no local worker).
+async fn serve_command(args: ServeArgs, local_worker: bool) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => config::Config::load(path)?,
+        None => config::Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    config.insecure_no_auth |= args.insecure_no_auth;
+    if let Some(size) = args.cas_size {
+        config.storage.cas_size_bytes = size;
+    }
+    if let Some(addr) = args.worker_listen {
+        config.execution.worker_listen = addr;
+    }
+    if !local_worker {
+        config.execution.local_worker = false;
+    }
+    serve::run(config).await
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve(args) => {
-            let mut config = match &args.config {
-                Some(path) => config::Config::load(path)?,
-                None => config::Config::default(),
-            };
-            if let Some(listen) = args.listen {
-                config.listen = listen;
-            }
-            if let Some(dir) = args.data_dir {
-                config.data_dir = dir;
-            }
-            config.insecure_no_auth |= args.insecure_no_auth;
-            if let Some(size) = args.cas_size {
-                config.storage.cas_size_bytes = size;
-            }
-            serve::run(config).await
-        }
+        Command::Worker(args) => worker_cmd::run(args).await,
+        Command::Scheduler(args) => serve_command(args, false).await,
+        Command::Serve(args) => serve_command(args, true).await,
         Command::Config => {
             print!("{}", config::DEFAULT_TOML);
             Ok(())

@@ -20,11 +20,19 @@ use kiln_storage::store::{AcStore, CasStore, CompletenessChecking, EmptyBlob, Ve
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::execution::{StoreBackend, StoreCasFactory};
 use crate::storage::Stores;
 use kiln_auth::AuthLayer;
 use kiln_auth::admin::TokenAdmin;
 use kiln_auth::listener::{ListenerOptions, incoming};
+use kiln_proto::google::longrunning::operations_server::OperationsServer;
 use kiln_proto::kiln::admin::tokens_server::TokensServer;
+use kiln_proto::kiln::worker::Register;
+use kiln_proto::kiln::worker::workers_server::WorkersServer;
+use kiln_proto::reapi::execution_server::ExecutionServer;
+use kiln_scheduler::Scheduler;
+use kiln_scheduler::service::ExecutionService;
+use kiln_scheduler::workers::WorkerService;
 
 /// Holds the data directory's lock for the life of the server.
 struct DataDirLock {
@@ -131,10 +139,35 @@ where
     };
     let ac = Arc::new(CompletenessChecking::new(ac, cas.clone(), check));
 
+    let scheduler = config.execution.enabled.then(|| {
+        let backend = StoreBackend {
+            cas: cas.clone(),
+            ac: ac.clone(),
+            result_size_max: limits.action_result_size_bytes_max,
+        };
+        Scheduler::new(backend, config.execution.scheduler_config())
+    });
     let message_max = limits.grpc_message_size_bytes_max;
-    let capabilities = CapabilitiesServer::new(CapabilitiesService::new(limits, authorizer.clone()))
+    let mut capabilities_service = CapabilitiesService::new(limits, authorizer.clone());
+    if scheduler.is_some() {
+        capabilities_service = capabilities_service.with_execution(kiln_scheduler::execution_capabilities());
+    }
+    let capabilities = CapabilitiesServer::new(capabilities_service)
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);
+    let execution_services = scheduler.as_ref().map(|s| {
+        let service = ExecutionService::new(s.clone(), authorizer.clone());
+        (
+            ExecutionServer::new(service.clone())
+                .max_decoding_message_size(message_max)
+                .max_encoding_message_size(message_max),
+            OperationsServer::new(service),
+        )
+    });
+    let (execution_server, operations_server) = match execution_services {
+        Some((e, o)) => (Some(e), Some(o)),
+        None => (None, None),
+    };
     let cas_service =
         ContentAddressableStorageServer::new(CasService::new(cas.clone(), limits, authorizer.clone()))
             .max_decoding_message_size(message_max)
@@ -143,7 +176,7 @@ where
         ActionCacheServer::new(ActionCacheService::new(ac, cas.clone(), limits, authorizer.clone()))
             .max_decoding_message_size(message_max)
             .max_encoding_message_size(message_max);
-    let bytestream = ByteStreamServer::new(ByteStreamService::new(cas, limits, authorizer.clone()))
+    let bytestream = ByteStreamServer::new(ByteStreamService::new(cas.clone(), limits, authorizer.clone()))
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);
 
@@ -164,6 +197,12 @@ where
     tracing::info!(%addr, tls, data_dir = %config.data_dir.display(), "kiln serving REAPI");
     // Tests and scripts read the bound address (useful with port 0) from this line.
     println!("kiln: serving on {addr}");
+    let _workers = match &scheduler {
+        Some(scheduler) => Some(
+            start_execution(&config, &limits, &auth, connections_max, scheduler.clone(), cas.clone()).await?,
+        ),
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = kiln_proto::transport::server(&limits)
@@ -174,6 +213,8 @@ where
         .add_service(cas_service)
         .add_service(ac_service)
         .add_service(bytestream)
+        .add_optional_service(execution_server)
+        .add_optional_service(operations_server)
         .add_optional_service(token_admin);
     let stop = async {
         let _ = stop_rx.await;
@@ -196,6 +237,80 @@ where
         }
     }
     Ok(())
+}
+
+/// Aborts the worker port and the local worker when `kiln serve` ends.
+struct ExecutionTasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for ExecutionTasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Serves the worker port and starts the local worker.
+async fn start_execution<B, C>(
+    config: &Config,
+    limits: &Limits,
+    auth: &kiln_auth::config::AuthSetup,
+    connections_max: usize,
+    scheduler: Scheduler<B>,
+    cas: C,
+) -> Result<ExecutionTasks>
+where
+    B: kiln_scheduler::Backend,
+    C: CasStore + Clone,
+{
+    let execution = &config.execution;
+    let listener = TcpListener::bind(execution.worker_listen)
+        .await
+        .with_context(|| format!("listen for workers on {}", execution.worker_listen))?;
+    let addr = listener.local_addr()?;
+    println!("kiln: workers connect on {addr}");
+    tracing::info!(%addr, "worker port");
+    let workers = WorkersServer::new(WorkerService::new(scheduler.clone(), auth.authorizer.clone()));
+    let router = kiln_proto::transport::server(limits)
+        .layer(AuthLayer::new(auth.authenticator.clone()))
+        .add_service(workers);
+    let tls = auth.tls.clone().map(|tls| (tls, auth.principal_from));
+    let connections = incoming(listener, ListenerOptions::new(limits, connections_max, tls));
+    let mut tasks = vec![tokio::spawn(async move {
+        if let Err(e) = router.serve_with_incoming(connections).await {
+            tracing::error!(error = %e, "worker port failed");
+        }
+    })];
+    if execution.local_worker {
+        let slots = match execution.local_worker_slots {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        let id = format!(
+            "local-{}",
+            nix::unistd::gethostname().map_or_else(|_| "kiln".into(), |h| h.to_string_lossy().into_owned())
+        );
+        match crate::execution::runner(&execution.worker, &config.data_dir, &id, StoreCasFactory(cas)) {
+            Ok(runner) => {
+                let register = Register {
+                    worker_id: id,
+                    properties: crate::execution::worker_properties(&execution.worker, slots),
+                    slots: u32::try_from(slots).unwrap_or(u32::MAX),
+                };
+                tracing::info!(slots, "local worker starting");
+                tasks.push(tokio::spawn(crate::execution::local_worker(
+                    scheduler,
+                    Arc::new(runner),
+                    register,
+                )));
+            }
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}"),
+                "the local worker cannot start; remote execution needs workers from elsewhere"
+            ),
+        }
+    }
+    Ok(ExecutionTasks(tasks))
 }
 
 async fn shutdown_signal() {

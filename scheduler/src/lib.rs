@@ -20,3 +20,23 @@ pub mod workers;
 
 pub use backend::Backend;
 pub use core::{Config, ExecuteArgs, Scheduler, Stats, Watch};
+
+/// What the scheduler advertises in GetCapabilities: execution enabled,
+/// SHA-256 in the singular field Bazel 4 reads, every digest function in
+/// the list, and the priority range.
+#[allow(deprecated)] // digest_function: Bazel 4.2 reads the singular field
+pub fn execution_capabilities() -> kiln_proto::reapi::ExecutionCapabilities {
+    use kiln_proto::DigestFunction;
+    use kiln_proto::reapi::{
+        ExecutionCapabilities, PriorityCapabilities, priority_capabilities::PriorityRange,
+    };
+    ExecutionCapabilities {
+        digest_function: DigestFunction::Sha256.to_proto() as i32,
+        exec_enabled: true,
+        execution_priority_capabilities: Some(PriorityCapabilities {
+            priorities: vec![PriorityRange { min_priority: -1000, max_priority: 1000 }],
+        }),
+        supported_node_properties: vec![],
+        digest_functions: DigestFunction::ALL.iter().map(|f| f.to_proto() as i32).collect(),
+    }
+}

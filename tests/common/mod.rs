@@ -28,6 +28,8 @@ pub struct Kiln {
     /// Everything it logged so far.
     log: std::sync::Arc<std::sync::Mutex<String>>,
     stderr: Option<std::thread::JoinHandle<()>>,
+    /// Lines printed on standard output.
+    printed: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Kiln {
@@ -61,6 +63,8 @@ impl Kiln {
     /// Like [`Kiln::start_in`], logging at `filter` (a `KILN_LOG` value).
     pub fn start_logging(data_dir: tempfile::TempDir, args: &[&str], filter: &str) -> Kiln {
         let size: &[&str] = if args.contains(&"--cas-size") { &[] } else { &["--cas-size", "268435456"] };
+        let workers: &[&str] =
+            if args.contains(&"--worker-listen") { &[] } else { &["--worker-listen", "127.0.0.1:0"] };
         let mut child = Command::new(KILN)
             .arg("serve")
             .arg("--listen")
@@ -68,6 +72,7 @@ impl Kiln {
             .arg("--data-dir")
             .arg(data_dir.path())
             .args(size)
+            .args(workers)
             .args(args)
             .env("KILN_LOG", filter)
             .stdout(Stdio::piped())
@@ -84,22 +89,53 @@ impl Kiln {
                 all.push('\n');
             }
         });
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
+        // Standard output is read to its end, so that later lines never
+        // meet a closed pipe.
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+        let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let keep = printed.clone();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                keep.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(line.clone());
+                let _ = lines_tx.send(line);
+            }
+        });
         let deadline = Instant::now() + Duration::from_secs(60);
         let addr = loop {
-            line.clear();
-            let n = stdout.read_line(&mut line).expect("read kiln stdout");
-            if n == 0 {
-                let _ = stderr.join();
-                panic!("kiln serve exited before listening: {}", log.lock().unwrap());
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines_rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.trim().strip_prefix("kiln: serving on ") {
+                        break addr.parse().expect("address");
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = stderr.join();
+                    panic!("kiln serve exited before listening: {}", log.lock().unwrap());
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("kiln serve did not start"),
             }
-            if let Some(addr) = line.trim().strip_prefix("kiln: serving on ") {
-                break addr.parse().expect("address");
-            }
-            assert!(Instant::now() < deadline, "kiln serve did not start");
         };
-        Kiln { child, addr, data_dir, log, stderr: Some(stderr) }
+        Kiln { child, addr, data_dir, log, stderr: Some(stderr), printed }
+    }
+
+    /// The worker port, from the line `kiln serve` prints after its address.
+    pub fn worker_port(&self) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = self
+                .printed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .find_map(|l| l.trim().strip_prefix("kiln: workers connect on ").map(str::to_owned));
+            if let Some(addr) = found {
+                return addr.parse().expect("worker address");
+            }
+            assert!(Instant::now() < deadline, "kiln serve printed no worker port");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Whether the server has logged `needle` (since the last `clear_log`).

@@ -12,6 +12,9 @@
 
 pub mod cache;
 pub mod cas;
+pub mod grpc_cas;
 pub mod inputs;
 pub mod outputs;
+pub mod runner;
 pub mod sandbox;
+pub mod session;

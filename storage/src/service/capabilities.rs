@@ -5,8 +5,8 @@ use kiln_proto::access::{Authorizer, Permission};
 use kiln_proto::limits::Limits;
 use kiln_proto::reapi::capabilities_server::Capabilities;
 use kiln_proto::reapi::{
-    ActionCacheUpdateCapabilities, CacheCapabilities, GetCapabilitiesRequest, SemVer, ServerCapabilities,
-    compressor, symlink_absolute_path_strategy,
+    ActionCacheUpdateCapabilities, CacheCapabilities, ExecutionCapabilities, GetCapabilitiesRequest, SemVer,
+    ServerCapabilities, compressor, symlink_absolute_path_strategy,
 };
 use kiln_proto::text::quoted;
 use kiln_proto::{Code, Error};
@@ -21,11 +21,19 @@ use tonic::{Request, Response, Status};
 pub struct CapabilitiesService {
     limits: Limits,
     auth: Authorizer,
+    execution: Option<ExecutionCapabilities>,
 }
 
 impl CapabilitiesService {
     pub fn new(limits: Limits, auth: Authorizer) -> Self {
-        Self { limits, auth }
+        Self { limits, auth, execution: None }
+    }
+
+    /// Advertises remote execution (when the scheduler serves Execute).
+    #[must_use]
+    pub fn with_execution(mut self, execution: ExecutionCapabilities) -> Self {
+        self.execution = Some(execution);
+        self
     }
 
     /// What this storage node offers; execution capabilities are added by
@@ -47,7 +55,7 @@ impl CapabilitiesService {
                 max_cas_blob_size_bytes: i64::try_from(self.limits.blob_size_bytes_max).unwrap_or(i64::MAX),
                 ..Default::default()
             }),
-            execution_capabilities: None,
+            execution_capabilities: self.execution.clone(),
             deprecated_api_version: Some(version(2, 0)),
             low_api_version: Some(version(2, 0)),
             high_api_version: Some(version(super::HIGH_API_VERSION.0, super::HIGH_API_VERSION.1)),

@@ -52,7 +52,10 @@ fn start(kiln: &Path, args: &[&str]) -> Result<(Server, String)> {
     let stdout = child.stdout.take().expect("piped");
     let server = Server(child);
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
+    let mut stdout = BufReader::new(stdout);
+    stdout.read_line(&mut line)?;
+    // Keep reading, so that later lines never meet a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let addr = line
         .trim()
         .strip_prefix("kiln: serving on ")
@@ -210,6 +213,8 @@ pub async fn run_suite(options: &SuiteOptions) -> Result<SuiteResult> {
                 dir.to_str().context("utf-8 path")?,
                 "--config",
                 config_path.to_str().context("utf-8 path")?,
+                "--worker-listen",
+                "127.0.0.1:0",
             ],
         )?;
         servers.push(server);

@@ -1,0 +1,422 @@
+//! Remote execution in `kiln serve`: the `[execution]` section, the
+//! scheduler's view of this process's stores, the local worker's CAS, and
+//! starting the scheduler, its worker port and the local worker.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use kiln_proto::kiln::worker::{Property, Register};
+use kiln_proto::reapi::{ActionResult, Directory};
+use kiln_proto::{Digest, DigestFunction, Error};
+use kiln_scheduler::platform::{Rule, Rules};
+use kiln_storage::store::{
+    AcKey, AcStore, BlobReader, BlobWriter, ByteRange, CasKey, CasStore, put_all, read_all,
+};
+use kiln_worker::cache::FileCache;
+use kiln_worker::cas::CasClient;
+use kiln_worker::runner::{CasFactory, Runner, RunnerConfig};
+use prost::Message;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+
+/// The `[execution]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutionConfig {
+    /// Serve the Execution API.
+    pub enabled: bool,
+    /// The worker port (never the client port).
+    pub worker_listen: SocketAddr,
+    /// Run a worker inside `kiln serve`.
+    pub local_worker: bool,
+    /// The local worker's slots; 0: one per core.
+    pub local_worker_slots: usize,
+    pub default_timeout_ms: u64,
+    pub max_timeout_ms: u64,
+    pub unsatisfiable_grace_ms: u64,
+    pub queue_timeout_ms: u64,
+    pub attempts_max: u32,
+    pub heartbeat_interval_ms: u64,
+    pub worker_lost_after_ms: u64,
+    pub orphan_grace_ms: u64,
+    pub operation_retention_ms: u64,
+    pub operations_max: usize,
+    pub queued_max: usize,
+    /// How each platform property matches: "exact" (default), "minimum", "ignore".
+    pub platform: BTreeMap<String, Rule>,
+    pub worker: WorkerConfig,
+}
+
+/// `[execution.worker]`: the local worker, and `kiln worker`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Per-action directories; default DATA_DIR/worker/build.
+    pub build_dir: Option<PathBuf>,
+    /// The file cache inputs are hard-linked from (same filesystem as
+    /// build_dir); default DATA_DIR/worker/cache.
+    pub cache_dir: Option<PathBuf>,
+    pub cache_size_bytes: u64,
+    /// Host uid (and gid) the sandbox of slot i runs as: uid_base + i.
+    pub uid_base: u32,
+    /// Per action; 0: no limit.
+    pub memory_bytes: u64,
+    pub pids_max: u64,
+    pub cpu_millicores: u64,
+    /// Let actions that ask (platform property network=host) use the host network.
+    pub allow_host_network: bool,
+    /// A root filesystem directory for actions instead of the host's /usr, /bin, /lib.
+    pub root_fs: Option<PathBuf>,
+    pub kill_grace_ms: u64,
+    /// Extra platform properties the worker offers.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for ExecutionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            worker_listen: SocketAddr::from(([127, 0, 0, 1], 8981)),
+            local_worker: true,
+            local_worker_slots: 0,
+            default_timeout_ms: 3_600_000,
+            max_timeout_ms: 10_800_000,
+            unsatisfiable_grace_ms: 30_000,
+            queue_timeout_ms: 6 * 3_600_000,
+            attempts_max: 3,
+            heartbeat_interval_ms: 5_000,
+            worker_lost_after_ms: 30_000,
+            orphan_grace_ms: 60_000,
+            operation_retention_ms: 600_000,
+            operations_max: 1_000_000,
+            queued_max: 1_000_000,
+            platform: BTreeMap::new(),
+            worker: WorkerConfig::default(),
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            build_dir: None,
+            cache_dir: None,
+            cache_size_bytes: 4 << 30,
+            uid_base: 2_000_000,
+            memory_bytes: 0,
+            pids_max: 8192,
+            cpu_millicores: 0,
+            allow_host_network: false,
+            root_fs: None,
+            kill_grace_ms: 5_000,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+impl ExecutionConfig {
+    pub fn validate(&self) -> Result<()> {
+        let check =
+            |ok: bool, what: &str| if ok { Ok(()) } else { Err(anyhow::anyhow!("[execution] {what}")) };
+        check(self.default_timeout_ms > 0, "default_timeout_ms must be positive")?;
+        check(
+            self.max_timeout_ms >= self.default_timeout_ms,
+            "max_timeout_ms must be at least default_timeout_ms",
+        )?;
+        check(self.attempts_max >= 1, "attempts_max must be at least 1")?;
+        check(self.heartbeat_interval_ms >= 100, "heartbeat_interval_ms must be at least 100")?;
+        check(
+            self.worker_lost_after_ms >= 2 * self.heartbeat_interval_ms,
+            "worker_lost_after_ms must be at least twice heartbeat_interval_ms",
+        )?;
+        check(
+            self.operations_max >= 1 && self.queued_max >= 1,
+            "operations_max and queued_max must be positive",
+        )?;
+        check(self.worker.uid_base >= 1000, "worker.uid_base must be an unprivileged uid (1000 or more)")?;
+        check(self.worker.uid_base.checked_add(65_536).is_some(), "worker.uid_base is too large")?;
+        Ok(())
+    }
+
+    pub fn scheduler_config(&self) -> kiln_scheduler::Config {
+        kiln_scheduler::Config {
+            rules: Rules::new(self.platform.clone()),
+            default_timeout: ms(self.default_timeout_ms),
+            max_timeout: ms(self.max_timeout_ms),
+            unsatisfiable_grace: ms(self.unsatisfiable_grace_ms),
+            queue_timeout: ms(self.queue_timeout_ms),
+            attempts_max: self.attempts_max,
+            heartbeat_interval: ms(self.heartbeat_interval_ms),
+            worker_lost_after: ms(self.worker_lost_after_ms),
+            orphan_grace: ms(self.orphan_grace_ms),
+            operation_retention: ms(self.operation_retention_ms),
+            operations_max: self.operations_max,
+            queued_max: self.queued_max,
+        }
+    }
+}
+
+/// The instruction set name REAPI platforms use for this machine.
+pub fn isa() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "x86-64",
+        other => other,
+    }
+}
+
+/// What a worker offers: OSFamily, ISA, cores, the network choices, and
+/// the configured extras.
+pub fn worker_properties(config: &WorkerConfig, slots: usize) -> Vec<Property> {
+    let mut props: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    props.entry("OSFamily".into()).or_default().push("linux".into());
+    props.entry("ISA".into()).or_default().push(isa().into());
+    props.entry("cores".into()).or_default().push(slots.to_string());
+    let network = props.entry(kiln_worker::runner::NETWORK_PROPERTY.into()).or_default();
+    network.push("none".into());
+    if config.allow_host_network {
+        network.push("host".into());
+    }
+    for (name, value) in &config.properties {
+        props.insert(name.clone(), vec![value.clone()]);
+    }
+    props
+        .into_iter()
+        .flat_map(|(name, values)| {
+            values.into_iter().map(move |value| Property { name: name.clone(), value })
+        })
+        .collect()
+}
+
+/// The scheduler's view of this process's stores.
+pub struct StoreBackend<C, A> {
+    pub cas: C,
+    pub ac: A,
+    pub result_size_max: usize,
+}
+
+impl<C: CasStore, A: AcStore> kiln_scheduler::Backend for StoreBackend<C, A> {
+    async fn read_blob(&self, instance: &str, digest: &Digest, size_max: u64) -> kiln_proto::Result<Bytes> {
+        read_all(&self.cas, &CasKey::in_instance(instance, *digest), size_max).await
+    }
+
+    async fn get_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+    ) -> kiln_proto::Result<Option<ActionResult>> {
+        match self.ac.get(&AcKey::new(instance, *action)).await {
+            Ok(bytes) => Ok(ActionResult::decode(bytes.as_ref()).ok()),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn put_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+        result: &ActionResult,
+    ) -> kiln_proto::Result<()> {
+        let encoded = result.encode_to_vec();
+        if encoded.len() > self.result_size_max {
+            return Err(Error::resource_exhausted(format!(
+                "the result is {} bytes encoded; action_result_size_bytes_max is {}",
+                encoded.len(),
+                self.result_size_max
+            )));
+        }
+        self.ac.put(&AcKey::new(instance, *action), Bytes::from(encoded)).await
+    }
+}
+
+/// The local worker's CAS: this process's store, for one instance.
+pub struct StoreCas<C> {
+    cas: C,
+    instance: String,
+}
+
+/// Gives [`StoreCas`] clients.
+pub struct StoreCasFactory<C>(pub C);
+
+impl<C: CasStore + Clone> CasFactory for StoreCasFactory<C> {
+    type Client = StoreCas<C>;
+    fn client(&self, instance: &str, _function: DigestFunction) -> StoreCas<C> {
+        StoreCas { cas: self.0.clone(), instance: instance.to_owned() }
+    }
+}
+
+fn io(what: &str, path: &Path, e: &std::io::Error) -> Error {
+    Error::internal(format!("{what} {}: {e}", path.display()))
+}
+
+impl<C: CasStore> StoreCas<C> {
+    fn key(&self, digest: &Digest) -> CasKey {
+        CasKey::in_instance(&self.instance, *digest)
+    }
+}
+
+impl<C: CasStore> CasClient for StoreCas<C> {
+    async fn read_to_file(&self, digest: &Digest, path: &Path) -> kiln_proto::Result<()> {
+        let mut reader = self.cas.read(&self.key(digest), ByteRange::ALL).await?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .await
+            .map_err(|e| io("create", path, &e))?;
+        while let Some(chunk) = reader.next().await? {
+            file.write_all(&chunk).await.map_err(|e| io("write", path, &e))?;
+        }
+        file.flush().await.map_err(|e| io("write", path, &e))
+    }
+
+    async fn read_bytes(&self, digest: &Digest) -> kiln_proto::Result<Bytes> {
+        read_all(&self.cas, &self.key(digest), kiln_proto::limits::ACTION_MESSAGE_SIZE_BYTES_MAX).await
+    }
+
+    async fn find_missing(&self, digests: &[Digest]) -> kiln_proto::Result<Vec<Digest>> {
+        let keys: Vec<CasKey> = digests.iter().map(|d| self.key(d)).collect();
+        Ok(self.cas.find_missing(&keys).await?.into_iter().map(|k| k.digest).collect())
+    }
+
+    async fn upload_file(&self, digest: &Digest, path: &Path) -> kiln_proto::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let mut file = tokio::fs::File::open(path).await.map_err(|e| io("open", path, &e))?;
+        let mut writer = self.cas.write(&self.key(digest)).await?;
+        loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = file.read(&mut buf).await.map_err(|e| io("read", path, &e))?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            writer.write(Bytes::from(buf)).await?;
+        }
+        writer.commit().await
+    }
+
+    async fn upload_bytes(&self, digest: &Digest, data: Bytes) -> kiln_proto::Result<()> {
+        put_all(&self.cas, &self.key(digest), data).await
+    }
+
+    async fn get_tree(&self, root: &Digest) -> kiln_proto::Result<Vec<Directory>> {
+        let mut seen = std::collections::HashSet::new();
+        let mut queue = std::collections::VecDeque::from([*root]);
+        let mut out = Vec::new();
+        while let Some(d) = queue.pop_front() {
+            if !seen.insert(d) {
+                continue;
+            }
+            if out.len() as u64 > kiln_worker::inputs::InputLimits::DEFAULT.directories_max {
+                return Err(Error::invalid_argument("the input tree has too many directories"));
+            }
+            let bytes = read_all(&self.cas, &self.key(&d), kiln_proto::limits::ACTION_MESSAGE_SIZE_BYTES_MAX)
+                .await
+                .map_err(|e| {
+                    if e.is_not_found() { Error::not_found(format!("directory {d} not found")) } else { e }
+                })?;
+            let dir = Directory::decode(bytes.as_ref())
+                .map_err(|e| Error::invalid_argument(format!("directory {d} does not decode: {e}")))?;
+            for child in &dir.directories {
+                if let Some(cd) = &child.digest {
+                    queue.push_back(Digest::from_proto(Some(root.function()), cd)?);
+                }
+            }
+            out.push(dir);
+        }
+        Ok(out)
+    }
+}
+
+/// Where the worker keeps its directories.
+pub fn worker_dirs(config: &WorkerConfig, data_dir: &Path) -> (PathBuf, PathBuf) {
+    let base = data_dir.join("worker");
+    (
+        config.build_dir.clone().unwrap_or_else(|| base.join("build")),
+        config.cache_dir.clone().unwrap_or_else(|| base.join("cache")),
+    )
+}
+
+/// Builds a runner: the file cache, the sandbox, the per-action limits.
+pub fn runner<F: CasFactory>(
+    config: &WorkerConfig,
+    data_dir: &Path,
+    worker_id: &str,
+    cas: F,
+) -> Result<Runner<F>> {
+    let (build_dir, cache_dir) = worker_dirs(config, data_dir);
+    std::fs::create_dir_all(&build_dir).with_context(|| format!("create {}", build_dir.display()))?;
+    // Leftovers of a previous run are removed at start.
+    for entry in std::fs::read_dir(&build_dir)?.flatten() {
+        let _ = std::fs::remove_dir_all(entry.path());
+    }
+    let cache = FileCache::open(&cache_dir, config.cache_size_bytes)
+        .map_err(|e| anyhow::anyhow!("worker file cache: {}", e.message()))?;
+    cache.check_same_filesystem(&build_dir).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    let mut sandbox = kiln_worker::sandbox::SandboxConfig::new(
+        std::env::current_exe().context("locate the kiln binary")?,
+        config.uid_base,
+        config.uid_base,
+    )
+    .map_err(|e| anyhow::anyhow!("sandbox: {e}"))?;
+    sandbox.root_fs.clone_from(&config.root_fs);
+    kiln_worker::sandbox::probe(&sandbox).map_err(|e| anyhow::anyhow!("sandbox: {e}"))?;
+    let nonzero = |v: u64| (v > 0).then_some(v);
+    Ok(Runner {
+        config: RunnerConfig {
+            worker_id: worker_id.to_owned(),
+            build_dir,
+            sandbox,
+            uid_base: config.uid_base,
+            memory_bytes: nonzero(config.memory_bytes),
+            pids_max: nonzero(config.pids_max),
+            cpu_millicores: nonzero(config.cpu_millicores),
+            allow_host_network: config.allow_host_network,
+            kill_grace: ms(config.kill_grace_ms),
+        },
+        cache,
+        cas,
+    })
+}
+
+/// Runs the local worker against `scheduler` in this process, restarting
+/// its session if it ever ends.
+pub async fn local_worker<B, F>(
+    scheduler: kiln_scheduler::Scheduler<B>,
+    runner: Arc<Runner<F>>,
+    register: Register,
+) where
+    B: kiln_scheduler::Backend,
+    F: CasFactory,
+{
+    loop {
+        let (to_scheduler, from_worker) =
+            tokio::sync::mpsc::channel(kiln_proto::limits::WORKER_SESSION_QUEUE);
+        let sched = scheduler.clone();
+        let inbound = futures::stream::once(async move {
+            let from_worker = tokio_stream::wrappers::ReceiverStream::new(from_worker).map(Ok::<_, Error>);
+            match kiln_scheduler::workers::session(sched, from_worker).await {
+                Ok(rx) => tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Error>).left_stream(),
+                Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
+            }
+        })
+        .flatten();
+        let result =
+            kiln_worker::session::run(runner.clone(), register.clone(), to_scheduler, Box::pin(inbound))
+                .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "local worker session ended; starting a new one");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

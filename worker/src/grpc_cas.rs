@@ -1,0 +1,289 @@
+//! [`CasClient`] over gRPC: any REAPI CAS, for workers that run apart from
+//! their storage nodes. Blobs are verified against their digests on the way
+//! in; errors keep their gRPC codes (a missing blob is NOT_FOUND).
+
+use std::path::Path;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use kiln_proto::google::bytestream::byte_stream_client::ByteStreamClient;
+use kiln_proto::google::bytestream::{ReadRequest, WriteRequest};
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::{Directory, FindMissingBlobsRequest, GetTreeRequest};
+use kiln_proto::resource::{Compressor, ReadResource, WriteResource};
+use kiln_proto::{Code, Digest, DigestFunction, Error, Result};
+use kiln_tools::client::{AuthChannel, Connection, MESSAGE_SIZE_BYTES_MAX};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::cas::CasClient;
+
+/// Bytes per ByteStream upload message.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Digests per FindMissingBlobs call.
+const FIND_MISSING_BATCH: usize = 10_000;
+
+/// A CAS reached over gRPC, for one instance name and digest function.
+#[derive(Debug, Clone)]
+pub struct GrpcCas {
+    connection: Connection,
+    instance: String,
+    function: DigestFunction,
+}
+
+fn code_of(code: tonic::Code) -> Code {
+    match code {
+        tonic::Code::InvalidArgument => Code::InvalidArgument,
+        tonic::Code::NotFound => Code::NotFound,
+        tonic::Code::AlreadyExists => Code::AlreadyExists,
+        tonic::Code::PermissionDenied => Code::PermissionDenied,
+        tonic::Code::Unauthenticated => Code::Unauthenticated,
+        tonic::Code::ResourceExhausted => Code::ResourceExhausted,
+        tonic::Code::FailedPrecondition => Code::FailedPrecondition,
+        tonic::Code::OutOfRange => Code::OutOfRange,
+        tonic::Code::Unimplemented => Code::Unimplemented,
+        tonic::Code::DataLoss => Code::DataLoss,
+        tonic::Code::DeadlineExceeded => Code::DeadlineExceeded,
+        tonic::Code::Cancelled => Code::Cancelled,
+        tonic::Code::Aborted => Code::Aborted,
+        tonic::Code::Unavailable => Code::Unavailable,
+        _ => Code::Internal,
+    }
+}
+
+fn from_status(what: &str, s: &tonic::Status) -> Error {
+    Error::new(code_of(s.code()), format!("{what}: {}", s.message()))
+}
+
+fn io(what: &str, path: &Path, e: &std::io::Error) -> Error {
+    Error::internal(format!("{what} {}: {e}", path.display()))
+}
+
+impl GrpcCas {
+    pub fn new(connection: Connection, instance: &str, function: DigestFunction) -> Self {
+        GrpcCas { connection, instance: instance.to_owned(), function }
+    }
+
+    fn cas(&self) -> ContentAddressableStorageClient<AuthChannel> {
+        ContentAddressableStorageClient::new(self.connection.channel())
+            .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+    }
+
+    fn bytestream(&self) -> ByteStreamClient<AuthChannel> {
+        ByteStreamClient::new(self.connection.channel())
+            .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+    }
+
+    /// Streams blob `digest`, handing each verified-so-far chunk to `sink`;
+    /// fails if the bytes do not match the digest.
+    async fn read_stream(&self, digest: &Digest, mut sink: impl AsyncSink) -> Result<()> {
+        let resource = ReadResource {
+            instance_name: self.instance.clone(),
+            digest: *digest,
+            compressor: Compressor::Identity,
+        };
+        let request = ReadRequest { resource_name: resource.to_string(), read_offset: 0, read_limit: 0 };
+        let mut stream = self
+            .bytestream()
+            .read(request)
+            .await
+            .map_err(|s| from_status(&format!("read blob {digest}"), &s))?
+            .into_inner();
+        let mut hasher = digest.function().hasher();
+        let mut got = 0u64;
+        while let Some(message) = stream.next().await {
+            let message = message.map_err(|s| from_status(&format!("read blob {digest}"), &s))?;
+            got += message.data.len() as u64;
+            if got > digest.size_bytes() {
+                return Err(Error::new(
+                    Code::DataLoss,
+                    format!("blob {digest} came back longer than its size"),
+                ));
+            }
+            hasher.update(&message.data);
+            sink.put(message.data).await?;
+        }
+        let actual = hasher.into_digest(got)?;
+        if actual != *digest {
+            return Err(Error::new(Code::DataLoss, format!("blob {digest} came back as {actual}")));
+        }
+        Ok(())
+    }
+}
+
+/// Where streamed blob bytes go.
+trait AsyncSink: Send {
+    fn put(&mut self, data: Vec<u8>) -> impl std::future::Future<Output = Result<()>> + Send;
+}
+
+impl<T: AsyncSink> AsyncSink for &mut T {
+    async fn put(&mut self, data: Vec<u8>) -> Result<()> {
+        (**self).put(data).await
+    }
+}
+
+struct FileSink<'a> {
+    file: tokio::fs::File,
+    path: &'a Path,
+}
+
+impl AsyncSink for FileSink<'_> {
+    async fn put(&mut self, data: Vec<u8>) -> Result<()> {
+        self.file.write_all(&data).await.map_err(|e| io("write", self.path, &e))
+    }
+}
+
+struct MemorySink<'a>(&'a mut BytesMut);
+
+impl AsyncSink for MemorySink<'_> {
+    async fn put(&mut self, data: Vec<u8>) -> Result<()> {
+        self.0.extend_from_slice(&data);
+        Ok(())
+    }
+}
+
+impl CasClient for GrpcCas {
+    async fn read_to_file(&self, digest: &Digest, path: &Path) -> Result<()> {
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .await
+            .map_err(|e| io("create", path, &e))?;
+        let mut sink = FileSink { file, path };
+        self.read_stream(digest, &mut sink).await?;
+        sink.file.flush().await.map_err(|e| io("write", path, &e))
+    }
+
+    async fn read_bytes(&self, digest: &Digest) -> Result<Bytes> {
+        if digest.size_bytes() > MESSAGE_SIZE_BYTES_MAX as u64 {
+            return Err(Error::resource_exhausted(format!("blob {digest} is too large to read into memory")));
+        }
+        let mut buf = BytesMut::with_capacity(usize::try_from(digest.size_bytes()).unwrap_or(0));
+        self.read_stream(digest, MemorySink(&mut buf)).await?;
+        Ok(buf.freeze())
+    }
+
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let mut missing = Vec::new();
+        for chunk in digests.chunks(FIND_MISSING_BATCH) {
+            let request = FindMissingBlobsRequest {
+                instance_name: self.instance.clone(),
+                blob_digests: chunk.iter().map(Digest::to_proto).collect(),
+                digest_function: self.function.to_proto() as i32,
+            };
+            let response = self
+                .cas()
+                .find_missing_blobs(request)
+                .await
+                .map_err(|s| from_status("FindMissingBlobs", &s))?;
+            for d in &response.get_ref().missing_blob_digests {
+                missing.push(Digest::from_proto(Some(self.function), d)?);
+            }
+        }
+        Ok(missing)
+    }
+
+    async fn upload_file(&self, digest: &Digest, path: &Path) -> Result<()> {
+        let mut file = tokio::fs::File::open(path).await.map_err(|e| io("open", path, &e))?;
+        let name = WriteResource {
+            instance_name: self.instance.clone(),
+            upload_id: uuid::Uuid::new_v4().to_string(),
+            digest: *digest,
+            compressor: Compressor::Identity,
+        }
+        .to_string();
+        let size = digest.size_bytes();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let reader = {
+            let path = path.to_owned();
+            async move {
+                let mut offset = 0u64;
+                loop {
+                    let mut buf = vec![0u8; CHUNK_BYTES];
+                    let n = file.read(&mut buf).await.map_err(|e| io("read", &path, &e))?;
+                    buf.truncate(n);
+                    let finish = offset + n as u64 >= size;
+                    let message = WriteRequest {
+                        resource_name: if offset == 0 { name.clone() } else { String::new() },
+                        write_offset: i64::try_from(offset).unwrap_or(i64::MAX),
+                        finish_write: finish,
+                        data: buf,
+                    };
+                    offset += n as u64;
+                    if tx.send(message).await.is_err() || finish || n == 0 {
+                        return Ok::<u64, Error>(offset);
+                    }
+                }
+            }
+        };
+        let mut client = self.bytestream();
+        let upload = client.write(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let (sent, response) = tokio::join!(reader, upload);
+        let sent = sent?;
+        if sent != size {
+            return Err(Error::internal(format!("{} changed while it was uploaded", path.display())));
+        }
+        response.map_err(|s| from_status(&format!("upload {digest}"), &s))?;
+        Ok(())
+    }
+
+    async fn upload_bytes(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        let name = WriteResource {
+            instance_name: self.instance.clone(),
+            upload_id: uuid::Uuid::new_v4().to_string(),
+            digest: *digest,
+            compressor: Compressor::Identity,
+        }
+        .to_string();
+        let mut messages = Vec::new();
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + CHUNK_BYTES).min(data.len());
+            messages.push(WriteRequest {
+                resource_name: if offset == 0 { name.clone() } else { String::new() },
+                write_offset: i64::try_from(offset).unwrap_or(i64::MAX),
+                finish_write: end == data.len(),
+                data: data[offset..end].to_vec(),
+            });
+            offset = end;
+            if offset == data.len() {
+                break;
+            }
+        }
+        self.bytestream()
+            .write(futures::stream::iter(messages))
+            .await
+            .map_err(|s| from_status(&format!("upload {digest}"), &s))?;
+        Ok(())
+    }
+
+    async fn get_tree(&self, root: &Digest) -> Result<Vec<Directory>> {
+        let request = GetTreeRequest {
+            instance_name: self.instance.clone(),
+            root_digest: Some(root.to_proto()),
+            page_size: 0,
+            page_token: String::new(),
+            digest_function: self.function.to_proto() as i32,
+        };
+        let mut stream =
+            self.cas().get_tree(request).await.map_err(|s| from_status("GetTree", &s))?.into_inner();
+        let mut directories = Vec::new();
+        while let Some(page) = stream.next().await {
+            directories.extend(page.map_err(|s| from_status("GetTree", &s))?.directories);
+        }
+        Ok(directories)
+    }
+}
+
+/// Gives [`GrpcCas`] clients over one connection.
+#[derive(Debug, Clone)]
+pub struct GrpcCasFactory(pub Connection);
+
+impl crate::runner::CasFactory for GrpcCasFactory {
+    type Client = GrpcCas;
+    fn client(&self, instance: &str, function: DigestFunction) -> GrpcCas {
+        GrpcCas::new(self.0.clone(), instance, function)
+    }
+}

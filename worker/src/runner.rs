@@ -1,0 +1,280 @@
+//! Running one assigned action: fetch the Command, materialize the inputs
+//! from the file cache, run the command in the sandbox, collect and upload
+//! the outputs, and report an ActionResult with its execution metadata.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kiln_proto::kiln::worker::{Assign, Finished};
+use kiln_proto::reapi::{self, ActionResult, ExecutedActionMetadata};
+use kiln_proto::{Code, Digest, DigestFunction, Error, Result};
+use prost::Message;
+
+use crate::cache::FileCache;
+use crate::cas::CasClient;
+use crate::inputs::{self, MaterializeError};
+use crate::outputs;
+use crate::sandbox::{self, SandboxConfig, SandboxError};
+
+/// The platform property an action sets to `host` to share the host's
+/// network (workers that allow it offer `network=host`).
+pub const NETWORK_PROPERTY: &str = "network";
+
+/// Gives the CAS client for an action's instance and digest function.
+pub trait CasFactory: Send + Sync + 'static {
+    type Client: CasClient;
+    fn client(&self, instance: &str, function: DigestFunction) -> Self::Client;
+}
+
+/// What every action on this worker shares.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub worker_id: String,
+    /// Per-execution directories are made below it (same filesystem as
+    /// the file cache).
+    pub build_dir: PathBuf,
+    pub sandbox: SandboxConfig,
+    /// Host uid and gid the sandbox of slot `i` maps to: base + i.
+    pub uid_base: u32,
+    /// Per-action limits.
+    pub memory_bytes: Option<u64>,
+    pub pids_max: Option<u64>,
+    pub cpu_millicores: Option<u64>,
+    /// Whether actions may ask for the host network.
+    pub allow_host_network: bool,
+    pub kill_grace: Duration,
+}
+
+/// Runs actions; shared by the worker's slots.
+pub struct Runner<F> {
+    pub config: RunnerConfig,
+    pub cache: FileCache,
+    pub cas: F,
+}
+
+impl<F> std::fmt::Debug for Runner<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner").field("worker", &self.config.worker_id).finish_non_exhaustive()
+    }
+}
+
+fn timestamp(t: SystemTime) -> kiln_proto::google::protobuf::Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    kiln_proto::google::protobuf::Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn finished(execution_id: &str, code: tonic::Code, message: String) -> Finished {
+    Finished { execution_id: execution_id.to_owned(), code: code as i32, message, ..Default::default() }
+}
+
+fn error_code(code: Code) -> tonic::Code {
+    tonic::Code::from(code)
+}
+
+/// Keeps an execution's directory until the run ends, then removes it.
+struct ExecDir(PathBuf);
+
+impl Drop for ExecDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %self.0.display(), error = %e, "could not remove an execution directory");
+        }
+    }
+}
+
+/// Kills a sandbox whose run was abandoned.
+struct KillOnDrop {
+    config: SandboxConfig,
+    id: String,
+    armed: bool,
+}
+
+impl KillOnDrop {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            kill_sandbox(&self.config, &self.id);
+        }
+    }
+}
+
+/// Kills every process of the run `id`: its pid namespace's init dies, the
+/// kernel takes the rest, and the run's own thread cleans up.
+fn kill_sandbox(config: &SandboxConfig, id: &str) {
+    for dir in config.cgroups.run_dirs(id) {
+        let kill = dir.join("cgroup.kill");
+        if kill.exists() && std::fs::write(&kill, "1").is_ok() {
+            continue;
+        }
+        let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else { continue };
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+impl<F: CasFactory> Runner<F> {
+    /// Runs `assign` on slot `slot`; always answers with a Finished.
+    pub async fn run(self: &Arc<Self>, assign: &Assign, slot: u32) -> Finished {
+        match self.try_run(assign, slot).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(execution = %assign.execution_id, error = %e, "action could not run");
+                let code = match e.code() {
+                    // Broken requests are the client's; everything else is
+                    // this worker's trouble, which the scheduler retries.
+                    Code::InvalidArgument | Code::FailedPrecondition => error_code(e.code()),
+                    Code::NotFound => tonic::Code::FailedPrecondition,
+                    _ => tonic::Code::Internal,
+                };
+                finished(&assign.execution_id, code, e.message().to_owned())
+            }
+        }
+    }
+
+    async fn try_run(self: &Arc<Self>, assign: &Assign, slot: u32) -> Result<Finished> {
+        let worker_start = SystemTime::now();
+        let function = DigestFunction::from_name(&assign.digest_function).ok_or_else(|| {
+            Error::invalid_argument(format!("unknown digest function {}", assign.digest_function))
+        })?;
+        let action = reapi::Action::decode(assign.action.as_slice())
+            .map_err(|e| Error::invalid_argument(format!("the Action does not decode: {e}")))?;
+        let command_digest =
+            Digest::from_required(Some(function), action.command_digest.as_ref(), "command_digest")?;
+        let input_root =
+            Digest::from_required(Some(function), action.input_root_digest.as_ref(), "input_root_digest")?;
+        let cas = self.cas.client(&assign.instance_name, function);
+        let missing = |digests: Vec<Digest>| {
+            let mut f = finished(
+                &assign.execution_id,
+                tonic::Code::FailedPrecondition,
+                format!("{} blob(s) missing from the CAS", digests.len()),
+            );
+            f.missing_blobs =
+                digests.iter().map(|d| format!("{}/{}", d.hash_hex(), d.size_bytes())).collect();
+            f
+        };
+        let command = match cas.read_bytes(&command_digest).await {
+            Ok(bytes) => reapi::Command::decode(bytes.as_ref())
+                .map_err(|e| Error::invalid_argument(format!("the Command does not decode: {e}")))?,
+            Err(e) if e.is_not_found() => return Ok(missing(vec![command_digest])),
+            Err(e) => return Err(e),
+        };
+        if command.arguments.is_empty() {
+            return Err(Error::invalid_argument("the Command has no arguments"));
+        }
+
+        let name: String =
+            assign.execution_id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(64).collect();
+        let dir = self.config.build_dir.join(format!("{name}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::internal(format!("create {}: {e}", dir.display())))?;
+        let dir = ExecDir(dir);
+        let exec_root = dir.0.join("root");
+        let uid = self.config.uid_base + slot;
+        let owner = Some((uid, uid));
+
+        let fetch_start = SystemTime::now();
+        match inputs::materialize(&self.cache, &cas, function, &input_root, &exec_root, owner).await {
+            Ok(_) => {}
+            Err(MaterializeError::MissingInputs(digests)) => return Ok(missing(digests)),
+            Err(MaterializeError::Failed(e)) => return Err(e),
+        }
+        let working_directory = command.working_directory.clone();
+        {
+            let (root, cmd) = (exec_root.clone(), command.clone());
+            let wd = working_directory.clone();
+            tokio::task::spawn_blocking(move || inputs::prepare_outputs(&root, &wd, &cmd, owner))
+                .await
+                .map_err(|e| Error::internal(format!("prepare outputs: {e}")))??;
+        }
+        let fetch_done = SystemTime::now();
+
+        let network = action
+            .platform
+            .iter()
+            .flat_map(|p| p.properties.iter())
+            .any(|p| p.name == NETWORK_PROPERTY && p.value == "host");
+        if network && !self.config.allow_host_network {
+            return Err(Error::new(Code::FailedPrecondition, "this worker does not offer the host network"));
+        }
+        let stdout = dir.0.join("stdout");
+        let stderr = dir.0.join("stderr");
+        let spec = sandbox::Spec {
+            id: format!("{}-{slot}", name),
+            exec_root: exec_root.clone(),
+            working_directory: working_directory.clone(),
+            arguments: command.arguments.clone(),
+            environment: command
+                .environment_variables
+                .iter()
+                .map(|v| (v.name.clone(), v.value.clone()))
+                .collect(),
+            stdout: stdout.clone(),
+            stderr: stderr.clone(),
+            timeout: Duration::from_millis(assign.timeout_ms),
+            kill_grace: self.config.kill_grace,
+            memory_bytes: self.config.memory_bytes,
+            pids_max: self.config.pids_max,
+            cpu_millicores: self.config.cpu_millicores,
+            network,
+        };
+        let mut sandbox_config = self.config.sandbox.clone();
+        sandbox_config.uid = uid;
+        sandbox_config.gid = uid;
+        // If this run is abandoned (cancelled, or its session ended), the
+        // guard kills what the sandbox runs.
+        let guard = KillOnDrop { config: sandbox_config.clone(), id: spec.id.clone(), armed: true };
+        let outcome = tokio::task::spawn_blocking(move || sandbox::run(&sandbox_config, &spec))
+            .await
+            .map_err(|e| Error::internal(format!("sandbox thread: {e}")))?
+            .map_err(|e| match e {
+                // The request's fault: not retried elsewhere.
+                SandboxError::Invalid(_) | SandboxError::Exec(_) => Error::invalid_argument(e.to_string()),
+                // This worker's: the scheduler retries on another.
+                SandboxError::Setup(_) | SandboxError::Cleanup(_) => Error::internal(e.to_string()),
+            })?;
+        guard.disarm();
+
+        let upload_start = SystemTime::now();
+        let mut result = ActionResult { exit_code: outcome.exit_code, ..Default::default() };
+        outputs::collect(&cas, function, &exec_root, &command).await?.apply_to(&mut result);
+        result.stdout_digest = Some(outputs::upload_log(&cas, function, &stdout).await?.to_proto());
+        result.stderr_digest = Some(outputs::upload_log(&cas, function, &stderr).await?.to_proto());
+        let upload_done = SystemTime::now();
+        result.execution_metadata = Some(ExecutedActionMetadata {
+            worker: self.config.worker_id.clone(),
+            worker_start_timestamp: Some(timestamp(worker_start)),
+            input_fetch_start_timestamp: Some(timestamp(fetch_start)),
+            input_fetch_completed_timestamp: Some(timestamp(fetch_done)),
+            execution_start_timestamp: Some(timestamp(outcome.started)),
+            execution_completed_timestamp: Some(timestamp(outcome.finished)),
+            output_upload_start_timestamp: Some(timestamp(upload_start)),
+            output_upload_completed_timestamp: Some(timestamp(upload_done)),
+            worker_completed_timestamp: Some(timestamp(SystemTime::now())),
+            ..Default::default()
+        });
+        let (code, message) = if outcome.timed_out {
+            (tonic::Code::DeadlineExceeded, format!("the action timed out after {} ms", assign.timeout_ms))
+        } else if outcome.oom_killed {
+            (tonic::Code::Ok, "the action was killed: it exceeded its memory limit".to_owned())
+        } else {
+            (tonic::Code::Ok, String::new())
+        };
+        let mut f = finished(&assign.execution_id, code, message);
+        f.action_result = result.encode_to_vec();
+        Ok(f)
+    }
+}
