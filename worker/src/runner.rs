@@ -178,7 +178,9 @@ impl<F: CasFactory> Runner<F> {
 
         let name: String =
             assign.execution_id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(64).collect();
-        let dir = self.config.build_dir.join(format!("{name}-{}", uuid::Uuid::new_v4().simple()));
+        // Unique across runs and worker processes: names the run's cgroups.
+        let run_id = format!("{name}-{}", uuid::Uuid::new_v4().simple());
+        let dir = self.config.build_dir.join(&run_id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::internal(format!("create {}: {e}", dir.display())))?;
         let dir = ExecDir(dir);
@@ -213,7 +215,7 @@ impl<F: CasFactory> Runner<F> {
         let stdout = dir.0.join("stdout");
         let stderr = dir.0.join("stderr");
         let spec = sandbox::Spec {
-            id: format!("{}-{slot}", name),
+            id: run_id,
             exec_root: exec_root.clone(),
             working_directory: working_directory.clone(),
             arguments: command.arguments.clone(),

@@ -9,9 +9,9 @@
 //! worker thread (root)          stage 1                       init (pid 1)          action (pid 2)
 //! cgroups for spec.id
 //! spawn stage 1 --------------> close stray fds, drop groups
-//!                               unshare(user)
+//! cgroup.procs                  unshare(user)
 //!            <---- Ready ------
-//! uid_map/gid_map, cgroup.procs
+//! setgroups, uid_map, gid_map
 //!            ----- Go, sources, spec ------------>
 //!                               unshare(mnt), open sources
 //!                               setresuid(0) in the userns
@@ -43,6 +43,12 @@
 //! user namespace, which is an unprivileged host uid ([`SandboxConfig::uid`]):
 //! the host's files and the worker's read-only inputs are not its to change
 //! even where a mount would allow it.
+//!
+//! A known limit: the action holds every capability of its own user
+//! namespace, so it could ptrace init and forge its own report (an exit
+//! code, or an error the worker reads as its own); it gains nothing it
+//! could not have by exiting with that code, and the timeout and cgroup
+//! kill do not depend on init.
 
 mod bench;
 mod cgroup;

@@ -1,0 +1,231 @@
+//! The Execution API against a real `kiln serve` and its local worker,
+//! spoken directly: missing inputs, timeouts, unsatisfiable platforms,
+//! merging, WaitExecution, the Operations service and capabilities.
+//!
+//! Needs root: actions run in sandboxes mapped to other uids.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Kiln;
+use futures::StreamExt;
+use kiln_proto::google::longrunning::operations_client::OperationsClient;
+use kiln_proto::google::longrunning::{GetOperationRequest, Operation, operation};
+use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
+use kiln_proto::reapi::execution_client::ExecutionClient;
+use kiln_proto::reapi::{
+    self, BatchUpdateBlobsRequest, ExecuteRequest, ExecuteResponse, GetCapabilitiesRequest,
+    WaitExecutionRequest, batch_update_blobs_request,
+};
+use kiln_proto::{Digest, DigestFunction};
+use prost::Message;
+
+fn sha(data: &[u8]) -> Digest {
+    DigestFunction::Sha256.compute(data)
+}
+
+async fn upload(kiln: &Kiln, blobs: &[Vec<u8>]) {
+    let requests = blobs
+        .iter()
+        .map(|b| batch_update_blobs_request::Request {
+            digest: Some(sha(b).to_proto()),
+            data: b.clone(),
+            compressor: 0,
+        })
+        .collect();
+    let r = kiln
+        .cas()
+        .await
+        .batch_update_blobs(BatchUpdateBlobsRequest { requests, ..Default::default() })
+        .await
+        .unwrap();
+    assert!(r.into_inner().responses.iter().all(|r| r.status.as_ref().is_none_or(|s| s.code == 0)));
+}
+
+/// An action running `sh -c script` over an input root holding `files`;
+/// returns its digest and the blobs to upload (the file contents last).
+fn action(
+    script: &str,
+    files: &[(&str, &[u8])],
+    timeout_s: i64,
+    platform: &[(&str, &str)],
+) -> (Digest, Vec<Vec<u8>>) {
+    let command = reapi::Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        environment_variables: vec![reapi::command::EnvironmentVariable { name: "PATH".into(), value: "/bin:/usr/bin".into() }],
+        #[allow(deprecated)] // Bazel 4 sends output_files
+        output_files: vec!["out.txt".into()],
+        ..Default::default()
+    };
+    let dir = reapi::Directory {
+        files: files
+            .iter()
+            .map(|(name, data)| reapi::FileNode {
+                name: (*name).into(),
+                digest: Some(sha(data).to_proto()),
+                is_executable: false,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let properties = platform
+        .iter()
+        .map(|(n, v)| reapi::platform::Property { name: (*n).into(), value: (*v).into() })
+        .collect();
+    let action = reapi::Action {
+        command_digest: Some(sha(&command.encode_to_vec()).to_proto()),
+        input_root_digest: Some(sha(&dir.encode_to_vec()).to_proto()),
+        timeout: (timeout_s > 0)
+            .then_some(kiln_proto::google::protobuf::Duration { seconds: timeout_s, nanos: 0 }),
+        platform: Some(reapi::Platform { properties }),
+        ..Default::default()
+    };
+    let mut blobs = vec![action.encode_to_vec(), command.encode_to_vec(), dir.encode_to_vec()];
+    blobs.extend(files.iter().map(|(_, d)| d.to_vec()));
+    (sha(&blobs[0]), blobs)
+}
+
+fn response_of(op: &Operation) -> ExecuteResponse {
+    match &op.result {
+        Some(operation::Result::Response(any)) => ExecuteResponse::decode(any.value.as_slice()).unwrap(),
+        other => panic!("operation {} has no response: {other:?}", op.name),
+    }
+}
+
+/// Runs Execute to the end; the operations streamed.
+async fn execute(kiln: &Kiln, action: Digest, skip_cache: bool) -> Vec<Operation> {
+    let mut client = ExecutionClient::new(kiln.channel().await);
+    let request = ExecuteRequest {
+        action_digest: Some(action.to_proto()),
+        skip_cache_lookup: skip_cache,
+        ..Default::default()
+    };
+    let mut stream = client.execute(request).await.unwrap().into_inner();
+    let mut ops = Vec::new();
+    let all = async {
+        while let Some(op) = stream.next().await {
+            ops.push(op.unwrap());
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), all).await.expect("the operation ends");
+    ops
+}
+
+fn status_code(r: &ExecuteResponse) -> i32 {
+    r.status.as_ref().map_or(0, |s| s.code)
+}
+
+async fn stdout_of(kiln: &Kiln, r: &ExecuteResponse) -> Vec<u8> {
+    let d = r.result.as_ref().unwrap().stdout_digest.clone().unwrap();
+    let read = reapi::BatchReadBlobsRequest { digests: vec![d], ..Default::default() };
+    kiln.cas().await.batch_read_blobs(read).await.unwrap().into_inner().responses.remove(0).data
+}
+
+#[tokio::test]
+async fn capabilities_advertise_execution_for_bazel_4() {
+    let kiln = Kiln::start();
+    let caps = CapabilitiesClient::new(kiln.channel().await)
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let exec = caps.execution_capabilities.expect("execution capabilities");
+    assert!(exec.exec_enabled);
+    #[allow(deprecated)]
+    let singular = exec.digest_function;
+    assert_eq!(singular, DigestFunction::Sha256.to_proto() as i32, "Bazel 4.2 reads the singular field");
+    let low = caps.low_api_version.unwrap();
+    assert_eq!((low.major, low.minor), (2, 0), "Bazel 4.2 refuses servers whose low version is above 2.0");
+}
+
+#[tokio::test]
+async fn actions_run_and_missing_inputs_are_reported_all_at_once() {
+    let kiln = Kiln::start();
+    let (digest, blobs) = action("cat a b > out.txt; echo done", &[("a", b"alpha "), ("b", b"beta")], 0, &[]);
+    // Everything but the two input files.
+    upload(&kiln, &blobs[..3]).await;
+    let ops = execute(&kiln, digest, false).await;
+    assert!(!ops[0].done, "the first message comes at once");
+    let r = response_of(ops.last().unwrap());
+    assert_eq!(status_code(&r), tonic::Code::FailedPrecondition as i32, "{r:?}");
+    let details = &r.status.as_ref().unwrap().details;
+    assert_eq!(details[0].type_url, "type.googleapis.com/google.rpc.PreconditionFailure");
+    let text = String::from_utf8_lossy(&details[0].value).into_owned();
+    for data in [&b"alpha "[..], b"beta"] {
+        let d = sha(data);
+        assert!(text.contains(&format!("blobs/{}/{}", d.hash_hex(), d.size_bytes())), "{text}");
+    }
+    // Uploaded, it runs.
+    upload(&kiln, &blobs[3..]).await;
+    let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    assert_eq!(status_code(&r), 0, "{r:?}");
+    let result = r.result.clone().unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.output_files[0].path, "out.txt");
+    assert_eq!(stdout_of(&kiln, &r).await, b"done\n");
+    let meta = result.execution_metadata.unwrap();
+    assert!(meta.worker.starts_with("local-"), "{meta:?}");
+    // And again: a cache hit.
+    let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    assert!(r.cached_result);
+}
+
+#[tokio::test]
+async fn timeouts_return_partial_output_and_kill_everything() {
+    let kiln = Kiln::start();
+    let (digest, blobs) = action("echo started; sleep 1000 & sleep 1000", &[], 1, &[]);
+    upload(&kiln, &blobs).await;
+    let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    assert_eq!(status_code(&r), tonic::Code::DeadlineExceeded as i32, "{r:?}");
+    assert_eq!(stdout_of(&kiln, &r).await, b"started\n", "the partial output comes back");
+    let (big, blobs) = action("true", &[], 1_000_000, &[]);
+    upload(&kiln, &blobs).await;
+    let r = response_of(execute(&kiln, big, false).await.last().unwrap());
+    assert_eq!(status_code(&r), tonic::Code::InvalidArgument as i32, "a timeout above the maximum: {r:?}");
+}
+
+#[tokio::test]
+async fn unsatisfiable_platforms_fail_naming_the_property() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.toml");
+    std::fs::write(&path, "[execution]\nunsatisfiable_grace_ms = 0\n").unwrap();
+    let kiln = Kiln::start_with(&["--config", path.to_str().unwrap()]);
+    let (digest, blobs) = action("true", &[], 0, &[("OSFamily", "windows")]);
+    upload(&kiln, &blobs).await;
+    let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    assert_eq!(status_code(&r), tonic::Code::FailedPrecondition as i32, "{r:?}");
+    let message = &r.status.unwrap().message;
+    assert!(message.contains("OSFamily=windows") && message.contains("linux"), "{message}");
+}
+
+#[tokio::test]
+async fn waiters_and_the_operations_service_see_the_same_operation() {
+    let kiln = Kiln::start();
+    let (digest, blobs) = action("sleep 1; echo slow", &[], 0, &[]);
+    upload(&kiln, &blobs).await;
+    let mut client = ExecutionClient::new(kiln.channel().await);
+    let request = ExecuteRequest { action_digest: Some(digest.to_proto()), ..Default::default() };
+    let mut first = client.execute(request).await.unwrap().into_inner();
+    let name = first.next().await.unwrap().unwrap().name;
+    drop(first);
+    // The stream broke; the client comes back.
+    let mut waiting =
+        client.wait_execution(WaitExecutionRequest { name: name.clone() }).await.unwrap().into_inner();
+    let mut last = None;
+    while let Some(op) = waiting.next().await {
+        last = Some(op.unwrap());
+    }
+    let last = last.unwrap();
+    assert!(last.done);
+    assert_eq!(status_code(&response_of(&last)), 0, "{:?}", response_of(&last));
+    let got = OperationsClient::new(kiln.channel().await)
+        .get_operation(GetOperationRequest { name: name.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.done && got.name == name);
+    let unknown = client.wait_execution(WaitExecutionRequest { name: "operations/nope".into() }).await;
+    assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound, "Bazel then calls Execute again");
+}
