@@ -48,7 +48,7 @@ async fn capabilities_advertise_what_is_served() {
     assert_eq!(cache.supported_batch_update_compressors, vec![compressor::Value::Zstd as i32]);
     assert_eq!(cache.max_batch_total_size_bytes, 4 << 20);
     assert!(cache.action_cache_update_capabilities.unwrap().update_enabled);
-    assert!(caps.execution_capabilities.is_none());
+    assert!(caps.execution_capabilities.unwrap().exec_enabled, "kiln serve executes too");
     assert_eq!(caps.low_api_version.unwrap().major, 2);
     let high = caps.high_api_version.unwrap();
     assert_eq!((high.major, high.minor), (2, 3));

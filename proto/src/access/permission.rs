@@ -148,7 +148,8 @@ mod tests {
         assert_eq!(p.to_string(), "cas-read,ac-read,ac-write");
         assert_eq!(Permissions::parse(p.names()).unwrap(), p);
         assert!(Permissions::parse(["root"]).unwrap_err().message().contains("unknown permission"));
-        assert_eq!(Permissions::all().iter().count(), 6);
+        assert_eq!(Permissions::all().iter().count(), 7);
+        assert!(Permissions::parse(["worker"]).unwrap().contains(Permission::Worker));
         assert_eq!(Permissions::parse(["all"]).unwrap(), Permissions::all());
         let read = Permissions::parse(["read"]).unwrap();
         assert!(read.is_subset(p) && !p.is_subset(read));
