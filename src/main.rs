@@ -9,6 +9,7 @@ use kiln_tools::cas::Cas;
 use kiln_tools::token;
 
 mod config;
+mod exec_bench;
 mod execution;
 mod serve;
 mod storage;
@@ -121,6 +122,35 @@ enum BenchCommand {
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
+    /// No-op actions through the scheduler with in-process workers:
+    /// actions per second and dispatch latency.
+    Scheduler {
+        #[arg(long, default_value_t = 50_000)]
+        actions: usize,
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
+        #[arg(long, default_value_t = 8)]
+        slots: u32,
+        /// Execute calls in flight.
+        #[arg(long, default_value_t = 512)]
+        in_flight: usize,
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+    /// `/bin/true` in the sandbox against a plain fork and exec (needs root).
+    Sandbox {
+        #[arg(long, default_value_t = 50)]
+        runs: u32,
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+    /// Materializing an input tree of many files from the worker's file cache.
+    Inputs {
+        #[arg(long, default_value_t = 10_000)]
+        files: usize,
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
     /// The block store's engine without gRPC, beside the memory store:
     /// fill, index bytes per blob, restart time, lookups.
     Store {
@@ -146,6 +176,14 @@ enum BenchCommand {
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
+}
+
+fn write_json(path: Option<PathBuf>, value: &serde_json::Value) -> Result<()> {
+    if let Some(path) = path {
+        std::fs::write(&path, serde_json::to_string_pretty(value)?)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn parse_io(s: &str) -> Result<kiln_storage::store::block::IoMode, String> {
@@ -440,6 +478,14 @@ async fn bench(command: BenchCommand) -> Result<()> {
             }
             kiln_tools::bench::suite::check(&result)
         }
+        BenchCommand::Scheduler { actions, workers, slots, in_flight, json_out } => {
+            write_json(json_out, &exec_bench::scheduler(actions, workers, slots, in_flight).await?)
+        }
+        BenchCommand::Sandbox { runs, json_out } => {
+            let value = tokio::task::spawn_blocking(move || exec_bench::sandbox(runs)).await??;
+            write_json(json_out, &value)
+        }
+        BenchCommand::Inputs { files, json_out } => write_json(json_out, &exec_bench::inputs(files).await?),
         BenchCommand::Store { blobs, blob_size, dir, io, concurrency, lookups, json_out } => {
             let options = store_bench::StoreBenchOptions {
                 blobs,

@@ -39,8 +39,18 @@ fn bazel_executes_remotely_and_rebuilds_from_the_cache() {
     let flags = remote_flags(&kiln);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
 
+    // Timed from a running Bazel server, beside a local build of the same
+    // workspace, for docs/BENCHMARKS.md.
+    bazel.run(&["info", "release"]);
+    let started = std::time::Instant::now();
     let first = bazel.run(&[&["test", "//..."][..], &flags].concat());
+    let remote_time = started.elapsed();
     let executed = assert_all_remote(&first);
+    let local = Bazel::new();
+    local.run(&["info", "release"]);
+    let started = std::time::Instant::now();
+    local.run(&["test", "//..."]);
+    let local_time = started.elapsed();
     let expected = bazel.outputs();
 
     bazel.run(&["clean"]);
@@ -62,5 +72,9 @@ fn bazel_executes_remotely_and_rebuilds_from_the_cache() {
     );
     let again = assert_all_remote(&keepalive);
     assert_eq!(again, executed, "with keepalive every action ran remotely again");
-    println!("kiln remote execution: {executed} actions remote, {hits} cache hits after clean, keepalive ok");
+    println!(
+        "kiln remote execution: {executed} actions remote in {:.1} s (local build {:.1} s), {hits} cache hits after clean, keepalive ok",
+        remote_time.as_secs_f64(),
+        local_time.as_secs_f64()
+    );
 }

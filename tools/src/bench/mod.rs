@@ -95,7 +95,9 @@ impl Report {
             | Workload::BatchUpdate => self.bytes_per_second(),
             // Successful operations only: a server that refuses load does
             // not get credit for fast refusals.
-            Workload::FindMissing | Workload::AcGet | Workload::AcUpdate => self.items_per_second(),
+            Workload::FindMissing | Workload::AcGet | Workload::AcUpdate | Workload::Execute => {
+                self.items_per_second()
+            }
         }
     }
 

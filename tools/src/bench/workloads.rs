@@ -5,14 +5,17 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use kiln_proto::google::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::google::bytestream::{ReadRequest, WriteRequest};
+use kiln_proto::google::longrunning::operation;
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{
-    ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest, FindMissingBlobsRequest,
-    GetActionResultRequest, UpdateActionResultRequest, batch_update_blobs_request,
+    self, ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest, ExecuteRequest, ExecuteResponse,
+    FindMissingBlobsRequest, GetActionResultRequest, UpdateActionResultRequest, batch_update_blobs_request,
 };
 use kiln_proto::resource::{Compressor, ReadResource, WriteResource};
 use kiln_proto::{Digest, DigestFunction};
+use prost::Message;
 
 use super::BenchOptions;
 use crate::client::{Connection, MESSAGE_SIZE_BYTES_MAX};
@@ -36,10 +39,13 @@ pub enum Workload {
     AcGet,
     /// UpdateActionResult of distinct actions.
     AcUpdate,
+    /// Execute of distinct no-op actions (`/bin/true`), skipping the cache:
+    /// scheduling, sandbox and result handling end to end.
+    Execute,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::BytestreamWrite,
         Workload::BytestreamRead,
         Workload::BatchUpdate,
@@ -47,6 +53,7 @@ impl Workload {
         Workload::FindMissing,
         Workload::AcGet,
         Workload::AcUpdate,
+        Workload::Execute,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +65,7 @@ impl Workload {
             Workload::FindMissing => "find-missing",
             Workload::AcGet => "ac-get",
             Workload::AcUpdate => "ac-update",
+            Workload::Execute => "execute",
         }
     }
 
@@ -78,7 +86,9 @@ impl Workload {
             Workload::BatchUpdate | Workload::BatchRead => {
                 options.total_bytes / Self::batch_bytes(options).max(1)
             }
-            Workload::FindMissing | Workload::AcGet | Workload::AcUpdate => options.requests,
+            Workload::FindMissing | Workload::AcGet | Workload::AcUpdate | Workload::Execute => {
+                options.requests
+            }
         }
     }
 
@@ -214,6 +224,35 @@ impl Plan {
                     .context("set-up UpdateActionResult (needs ac-write)")?;
             }
             Workload::AcUpdate => {}
+            Workload::Execute => {
+                let seed = rand_seed();
+                let root = reapi::Directory::default().encode_to_vec();
+                let mut blobs = vec![(DigestFunction::Sha256.compute(&root), Bytes::from(root.clone()))];
+                let root = DigestFunction::Sha256.compute(&root);
+                for i in 0..options.requests {
+                    let command = reapi::Command {
+                        arguments: vec!["/bin/true".into(), format!("{seed}-{i}")],
+                        ..Default::default()
+                    }
+                    .encode_to_vec();
+                    let command_digest = DigestFunction::Sha256.compute(&command);
+                    let action = reapi::Action {
+                        command_digest: Some(command_digest.to_proto()),
+                        input_root_digest: Some(root.to_proto()),
+                        ..Default::default()
+                    }
+                    .encode_to_vec();
+                    let action_digest = DigestFunction::Sha256.compute(&action);
+                    plan.digests.push(action_digest.to_proto());
+                    blobs.push((command_digest, Bytes::from(command)));
+                    blobs.push((action_digest, Bytes::from(action)));
+                }
+                for chunk in blobs.chunks(512) {
+                    plan.blobs = chunk.to_vec();
+                    plan.batch_update(c).await.context("set-up upload of the actions")?;
+                }
+                plan.blobs.clear();
+            }
         }
         Ok(plan)
     }
@@ -292,6 +331,36 @@ impl Plan {
                     .await
                     .context("GetActionResult")?;
                 Ok((0, 1))
+            }
+            Workload::Execute => {
+                let action = self.digests[usize::try_from(op).expect("bounded")].clone();
+                let req = ExecuteRequest {
+                    instance_name: self.instance.clone(),
+                    action_digest: Some(action),
+                    skip_cache_lookup: true,
+                    ..Default::default()
+                };
+                let mut stream =
+                    ExecutionClient::new(c.channel()).execute(req).await.context("Execute")?.into_inner();
+                while let Some(op) = stream.message().await.context("Execute")? {
+                    if !op.done {
+                        continue;
+                    }
+                    let Some(operation::Result::Response(any)) = op.result else {
+                        bail!("done without a response")
+                    };
+                    let response =
+                        ExecuteResponse::decode(any.value.as_slice()).context("ExecuteResponse")?;
+                    if let Some(s) = response.status.filter(|s| s.code != 0) {
+                        bail!("Execute failed: {} {}", s.code, s.message);
+                    }
+                    let exit = response.result.map_or(-1, |r| r.exit_code);
+                    if exit != 0 {
+                        bail!("the action exited {exit}");
+                    }
+                    return Ok((0, 1));
+                }
+                bail!("the Execute stream ended before the operation was done")
             }
             Workload::AcUpdate => {
                 let action = DigestFunction::Sha256.compute(&op.to_le_bytes());
