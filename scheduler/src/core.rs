@@ -686,6 +686,13 @@ impl<B: Backend> Inner<B> {
                 timeout_ms: u64::try_from(e.timeout.as_millis()).unwrap_or(u64::MAX),
             })),
         };
+        tracing::debug!(
+            execution = %exec_name(id),
+            action = %e.key.action,
+            worker = %w.id,
+            attempt = e.attempts,
+            "action dispatched"
+        );
         let sent = w.tx.try_send(message).is_ok();
         let invocation = e.invocation.clone();
         let ops = e.ops.clone();

@@ -6,6 +6,7 @@
 pub mod bazel;
 pub mod h2raw;
 pub mod pki;
+pub mod proxy;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
