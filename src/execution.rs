@@ -356,6 +356,10 @@ pub fn runner<F: CasFactory>(
 ) -> Result<Runner<F>> {
     let (build_dir, cache_dir) = worker_dirs(config, data_dir);
     std::fs::create_dir_all(&build_dir).with_context(|| format!("create {}", build_dir.display()))?;
+    // Absolute, so that the prefix of its runs' cgroups does not depend on
+    // the directory the worker was started from.
+    let build_dir =
+        std::fs::canonicalize(&build_dir).with_context(|| format!("resolve {}", build_dir.display()))?;
     // Leftovers of a previous run are removed at start.
     for entry in std::fs::read_dir(&build_dir)?.flatten() {
         let _ = std::fs::remove_dir_all(entry.path());
@@ -371,6 +375,15 @@ pub fn runner<F: CasFactory>(
     .map_err(|e| anyhow::anyhow!("sandbox: {e}"))?;
     sandbox.root_fs.clone_from(&config.root_fs);
     kiln_worker::sandbox::probe(&sandbox).map_err(|e| anyhow::anyhow!("sandbox: {e}"))?;
+    // Cgroups of runs a previous worker on this build directory left
+    // behind when it died: their processes are killed, their limits freed.
+    let swept = sandbox
+        .cgroups
+        .sweep(&kiln_worker::runner::run_prefix(&build_dir), Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("sandbox: {e}"))?;
+    if swept > 0 {
+        tracing::warn!(runs = swept, "removed the cgroups of runs a previous worker left behind");
+    }
     let nonzero = |v: u64| (v > 0).then_some(v);
     Ok(Runner {
         config: RunnerConfig {

@@ -27,6 +27,17 @@ pub trait CasFactory: Send + Sync + 'static {
     fn client(&self, instance: &str, function: DigestFunction) -> Self::Client;
 }
 
+/// The prefix of this worker's run ids (and so of its runs' cgroups),
+/// apart from other workers' on the host: derived from its build
+/// directory, which a worker owns (it empties it at start) and which
+/// stays the same across restarts, unlike its id. Ends with `_`, which
+/// the rest of a run id never holds.
+pub fn run_prefix(build_dir: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let hash = kiln_proto::DigestFunction::Sha256.compute(build_dir.as_os_str().as_bytes()).hash_hex();
+    format!("{}_", &hash[..12])
+}
+
 /// What every action on this worker shares.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -178,8 +189,10 @@ impl<F: CasFactory> Runner<F> {
 
         let name: String =
             assign.execution_id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(64).collect();
-        // Unique across runs and worker processes: names the run's cgroups.
-        let run_id = format!("{name}-{}", uuid::Uuid::new_v4().simple());
+        // Unique across runs and worker processes: names the run's cgroups,
+        // which a restarted worker finds by its tag.
+        let run_id =
+            format!("{}{name}-{}", run_prefix(&self.config.build_dir), uuid::Uuid::new_v4().simple());
         let dir = self.config.build_dir.join(&run_id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::internal(format!("create {}: {e}", dir.display())))?;

@@ -153,6 +153,45 @@ impl Cgroups {
     }
 }
 
+impl Cgroups {
+    /// The directories run cgroups are created in, one per hierarchy.
+    pub fn bases(&self) -> Vec<PathBuf> {
+        let mut bases: Vec<PathBuf> = self.unified.iter().map(|u| u.base.clone()).collect();
+        bases.extend(self.v1.iter().map(|(_, b)| b.clone()));
+        bases
+    }
+
+    /// Kills whatever is left in the run cgroups whose names start with
+    /// `prefix`, and removes them: what a worker that died (SIGKILL, a
+    /// crash, a power cut) left behind. Returns how many runs it swept.
+    pub fn sweep(&self, prefix: &str, timeout: Duration) -> Result<usize, SandboxError> {
+        assert!(!prefix.is_empty(), "an empty prefix would sweep other workers' runs");
+        let bases = self.bases();
+        let mut names = std::collections::BTreeSet::new();
+        for base in &bases {
+            for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(prefix) && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    names.insert(name);
+                }
+            }
+        }
+        for name in &names {
+            let dirs = bases
+                .iter()
+                .map(|b| b.join(name))
+                .filter(|p| p.is_dir())
+                .map(|path| RunDir { path, present: true })
+                .collect();
+            let kill_file =
+                self.unified.as_ref().filter(|u| u.kill).map(|u| u.base.join(name).join("cgroup.kill"));
+            let mut run = RunCgroup { dirs, kill_file, memory: None, bases: bases.clone(), removed: false };
+            run.remove(timeout)?;
+        }
+        Ok(names.len())
+    }
+}
+
 impl Unified {
     /// Enables what it can of memory, pids and cpu for `base`'s children:
     /// in `parent`'s `subtree_control` (refused while `parent` holds
