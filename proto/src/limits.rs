@@ -74,6 +74,61 @@ pub const OPERATION_UPDATE_INTERVAL: std::time::Duration = std::time::Duration::
 pub const WORKER_SESSION_QUEUE: usize = 1024;
 /// Most operations one ListOperations page returns.
 pub const OPERATIONS_PAGE_MAX: usize = 1000;
+
+// The worker and its sandbox.
+
+/// Longest sandbox run id, in bytes: it names a directory in every cgroup
+/// hierarchy.
+pub const SANDBOX_ID_BYTES_MAX: usize = 128;
+
+/// Longest working directory of an action, in bytes.
+pub const WORKING_DIRECTORY_BYTES_MAX: usize = 4096;
+
+/// Largest spec the worker sends to the sandbox's init (argv, environment
+/// and the mount plan, as JSON), in bytes.
+pub const SANDBOX_SPEC_FRAME_BYTES_MAX: usize = 64 << 20;
+
+/// Largest report a sandbox stage sends back, in bytes; error messages are
+/// cut to fit.
+pub const SANDBOX_REPORT_FRAME_BYTES_MAX: usize = 64 << 10;
+
+/// Most mounts (bound directories, files and devices) one sandbox gets;
+/// stage 1 holds a descriptor for each until init has bound them.
+pub const SANDBOX_MOUNTS_MAX: usize = 200;
+
+/// Smallest CPU limit of a sandbox: the kernel's smallest quota is 1 ms per
+/// 100 ms period.
+pub const SANDBOX_CPU_MILLICORES_MIN: u64 = 10;
+
+/// How long the worker waits, after killing a sandbox, for its processes
+/// to be gone and its cgroups removed.
+pub const SANDBOX_CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a killed sandbox may take to report before the worker stops
+/// reading from it.
+pub const SANDBOX_KILL_REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An action's input tree: most files, directories and symlinks (every
+/// occurrence: a Directory reached twice counts twice), deepest nesting,
+/// and most bytes of files in all.
+pub const INPUT_FILES_MAX: u64 = 1_000_000;
+pub const INPUT_DIRECTORIES_MAX: u64 = 100_000;
+pub const INPUT_SYMLINKS_MAX: u64 = 100_000;
+pub const INPUT_DEPTH_MAX: usize = 128;
+pub const INPUT_TOTAL_BYTES_MAX: u64 = 64 << 30;
+
+/// An action's outputs: largest file (and log), most bytes of all files,
+/// most entries (files, directories and symlinks), deepest nesting inside
+/// an output directory.
+pub const OUTPUT_FILE_BYTES_MAX: u64 = 16 << 30;
+pub const OUTPUT_TOTAL_BYTES_MAX: u64 = 64 << 30;
+pub const OUTPUT_ENTRIES_MAX: u64 = 1_000_000;
+pub const OUTPUT_DEPTH_MAX: usize = 128;
+
+/// Output files up to this size are kept in memory between hashing and
+/// upload, up to the second figure per collection.
+pub const OUTPUT_INLINE_FILE_BYTES_MAX: u64 = 1 << 20;
+pub const OUTPUT_INLINE_TOTAL_BYTES_MAX: u64 = 64 << 20;
 /// Responses are handed to the HTTP/2 stack in pieces of this size, so that
 /// what a stalled client leaves queued beyond the response budget is at
 /// most two pieces per stream.

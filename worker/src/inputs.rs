@@ -75,11 +75,11 @@ impl InputLimits {
     /// One million files, 100,000 directories and symlinks each, 128
     /// levels, 64 GiB.
     pub const DEFAULT: InputLimits = InputLimits {
-        files_max: 1_000_000,
-        directories_max: 100_000,
-        symlinks_max: 100_000,
-        depth_max: 128,
-        total_bytes_max: 64 << 30,
+        files_max: kiln_proto::limits::INPUT_FILES_MAX,
+        directories_max: kiln_proto::limits::INPUT_DIRECTORIES_MAX,
+        symlinks_max: kiln_proto::limits::INPUT_SYMLINKS_MAX,
+        depth_max: kiln_proto::limits::INPUT_DEPTH_MAX,
+        total_bytes_max: kiln_proto::limits::INPUT_TOTAL_BYTES_MAX,
     };
 }
 

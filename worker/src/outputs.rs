@@ -89,12 +89,12 @@ impl OutputLimits {
     /// 16 GiB per file, 64 GiB in all, one million entries, 128 levels;
     /// files up to 1 MiB, 64 MiB in all, kept in memory.
     pub const DEFAULT: OutputLimits = OutputLimits {
-        file_size_bytes_max: 16 << 30,
-        total_bytes_max: 64 << 30,
-        entries_max: 1_000_000,
-        depth_max: 128,
-        inline_file_bytes_max: 1 << 20,
-        inline_total_bytes_max: 64 << 20,
+        file_size_bytes_max: kiln_proto::limits::OUTPUT_FILE_BYTES_MAX,
+        total_bytes_max: kiln_proto::limits::OUTPUT_TOTAL_BYTES_MAX,
+        entries_max: kiln_proto::limits::OUTPUT_ENTRIES_MAX,
+        depth_max: kiln_proto::limits::OUTPUT_DEPTH_MAX,
+        inline_file_bytes_max: kiln_proto::limits::OUTPUT_INLINE_FILE_BYTES_MAX,
+        inline_total_bytes_max: kiln_proto::limits::OUTPUT_INLINE_TOTAL_BYTES_MAX,
     };
 }
 

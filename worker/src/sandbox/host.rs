@@ -13,7 +13,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::cgroup::{Limits, RunCgroup};
-use super::limits::{CLEANUP_TIMEOUT, KILL_REPORT_TIMEOUT, TMPFS_SIZE_BYTES_DEFAULT};
+use super::limits::{SANDBOX_CLEANUP_TIMEOUT, SANDBOX_KILL_REPORT_TIMEOUT, TMPFS_SIZE_BYTES_DEFAULT};
 use super::plan::plan;
 use super::protocol::{Event, InitSpec, Report, ReportReader, SourcePath, send_go};
 use super::spec::{validate, validate_config};
@@ -125,7 +125,7 @@ fn execute(config: &SandboxConfig, spec: &Spec, dry_run: bool) -> Result<Outcome
     let started = SystemTime::now();
     let supervised = supervise(config, spec, &init, &plan.sources, (stdout, stderr), &cgroup);
     let oom_killed = cgroup.oom_killed();
-    let removed = cgroup.remove(CLEANUP_TIMEOUT);
+    let removed = cgroup.remove(SANDBOX_CLEANUP_TIMEOUT);
     let finished = SystemTime::now();
     // Leftovers are the graver news: the worker must stop taking work.
     removed?;
@@ -253,7 +253,7 @@ fn supervise(
             Event::Deadline if phase == 1 => {
                 cgroup.kill_all();
                 stage1.signal(Signal::SIGKILL);
-                deadline = Instant::now() + KILL_REPORT_TIMEOUT;
+                deadline = Instant::now() + SANDBOX_KILL_REPORT_TIMEOUT;
                 phase = 2;
             }
             Event::Deadline => break,

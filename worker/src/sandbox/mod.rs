@@ -148,7 +148,7 @@ impl SandboxConfig {
 #[derive(Debug, Clone)]
 pub struct Spec {
     /// Unique per run; names the run's cgroups: `[A-Za-z0-9_-]`, at most
-    /// [`SPEC_ID_BYTES_LIMIT`] bytes.
+    /// [`SANDBOX_ID_BYTES_MAX`] bytes.
     pub id: String,
     /// The host directory holding the action's inputs (directories owned by
     /// the sandbox's uid, input files read-only and not its own); mounted
@@ -176,7 +176,7 @@ pub struct Spec {
     /// `pids`; the sandbox's own two processes are added).
     pub pids_max: Option<u64>,
     /// CPU bandwidth in thousandths of a core (cgroup `cpu`), at least
-    /// [`CPU_MILLICORES_MIN`].
+    /// [`SANDBOX_CPU_MILLICORES_MIN`].
     pub cpu_millicores: Option<u64>,
     /// `true`: the action shares the host's network namespace (a platform
     /// property: it can reach whatever the host can, loopback included).

@@ -5,7 +5,7 @@
 
 use std::path::{Component, Path};
 
-use super::limits::MOUNTS_LIMIT;
+use super::limits::SANDBOX_MOUNTS_MAX;
 use super::protocol::{Mount, Source, SourcePath};
 use super::spec::is_plain_absolute;
 use super::{EXEC_ROOT, SandboxConfig, SandboxError};
@@ -131,9 +131,9 @@ pub(super) fn plan(config: &SandboxConfig, exec_root: &Path) -> Result<Plan, San
         plan.mounts.push(Mount { path: format!("/dev/{device}"), source: Source::Device { fd } });
     }
     order(&mut plan.mounts)?;
-    if plan.sources.len() > MOUNTS_LIMIT {
+    if plan.sources.len() > SANDBOX_MOUNTS_MAX {
         return Err(SandboxError::Invalid(format!(
-            "the sandbox would get {} mounts; the most is {MOUNTS_LIMIT}",
+            "the sandbox would get {} mounts; the most is {SANDBOX_MOUNTS_MAX}",
             plan.sources.len()
         )));
     }

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::limits::{REPORT_FRAME_BYTES_LIMIT, SPEC_FRAME_BYTES_LIMIT};
+use super::limits::{SANDBOX_REPORT_FRAME_BYTES_MAX, SANDBOX_SPEC_FRAME_BYTES_MAX};
 
 /// The worker's go-ahead: stage 1's id maps and cgroups are in place.
 pub(super) const GO: u8 = b'G';
@@ -89,7 +89,7 @@ fn frame(body: &[u8]) -> io::Result<Vec<u8>> {
 
 /// Cuts a message to fit a report frame.
 fn cut(message: &str) -> String {
-    let room = REPORT_FRAME_BYTES_LIMIT / 2;
+    let room = SANDBOX_REPORT_FRAME_BYTES_MAX / 2;
     if message.len() <= room {
         return message.to_owned();
     }
@@ -117,9 +117,9 @@ pub(super) fn report(mut stream: &UnixStream, report: &Report) {
 
 fn write_frame(mut stream: &UnixStream, value: &impl Serialize) -> io::Result<()> {
     let body = serde_json::to_vec(value).map_err(io::Error::other)?;
-    if body.len() > SPEC_FRAME_BYTES_LIMIT {
+    if body.len() > SANDBOX_SPEC_FRAME_BYTES_MAX {
         return Err(io::Error::other(format!(
-            "the action's spec is {} bytes; the most is {SPEC_FRAME_BYTES_LIMIT}",
+            "the action's spec is {} bytes; the most is {SANDBOX_SPEC_FRAME_BYTES_MAX}",
             body.len()
         )));
     }
@@ -130,8 +130,8 @@ fn read_frame<T: for<'de> Deserialize<'de>>(mut stream: &UnixStream, what: &str)
     let mut header = [0u8; 4];
     stream.read_exact(&mut header).map_err(|e| format!("cannot read the {what}: {e}"))?;
     let len = usize::try_from(u32::from_le_bytes(header)).unwrap_or(usize::MAX);
-    if len > SPEC_FRAME_BYTES_LIMIT {
-        return Err(format!("the {what} is {len} bytes; the most is {SPEC_FRAME_BYTES_LIMIT}"));
+    if len > SANDBOX_SPEC_FRAME_BYTES_MAX {
+        return Err(format!("the {what} is {len} bytes; the most is {SANDBOX_SPEC_FRAME_BYTES_MAX}"));
     }
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).map_err(|e| format!("cannot read the {what}: {e}"))?;
@@ -215,7 +215,7 @@ impl ReportReader {
     fn take(&mut self) -> io::Result<Option<Report>> {
         let Some(header) = self.buf.first_chunk::<4>() else { return Ok(None) };
         let len = usize::try_from(u32::from_le_bytes(*header)).unwrap_or(usize::MAX);
-        if len > REPORT_FRAME_BYTES_LIMIT {
+        if len > SANDBOX_REPORT_FRAME_BYTES_MAX {
             return Err(io::Error::other(format!("a sandbox stage sent a {len}-byte report")));
         }
         if self.buf.len() < 4 + len {
@@ -252,14 +252,14 @@ mod tests {
     fn reports_arrive_whole_and_in_order() {
         let (a, b) = UnixStream::pair().unwrap();
         report(&a, &Report::Ready);
-        report(&a, &Report::Failed("x".repeat(REPORT_FRAME_BYTES_LIMIT * 2)));
+        report(&a, &Report::Failed("x".repeat(SANDBOX_REPORT_FRAME_BYTES_MAX * 2)));
         report(&a, &Report::Signaled(9));
         drop(a);
         let mut reader = ReportReader::new(b);
         let deadline = Instant::now() + Duration::from_secs(5);
         assert_eq!(reader.next(deadline).unwrap(), Event::Report(Report::Ready));
         let Event::Report(Report::Failed(m)) = reader.next(deadline).unwrap() else { panic!("not Failed") };
-        assert!(m.len() <= REPORT_FRAME_BYTES_LIMIT && m.ends_with("..."));
+        assert!(m.len() <= SANDBOX_REPORT_FRAME_BYTES_MAX && m.ends_with("..."));
         assert_eq!(reader.next(deadline).unwrap(), Event::Report(Report::Signaled(9)));
         assert_eq!(reader.next(deadline).unwrap(), Event::Closed);
     }

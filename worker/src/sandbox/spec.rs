@@ -2,7 +2,9 @@
 
 use std::path::{Component, Path};
 
-use super::limits::{CPU_MILLICORES_MIN, CPU_PERIOD_US, SPEC_ID_BYTES_LIMIT, WORKING_DIRECTORY_BYTES_LIMIT};
+use super::limits::{
+    CPU_PERIOD_US, SANDBOX_CPU_MILLICORES_MIN, SANDBOX_ID_BYTES_MAX, WORKING_DIRECTORY_BYTES_MAX,
+};
 use super::{SandboxConfig, SandboxError, Spec};
 
 fn invalid(message: String) -> SandboxError {
@@ -43,9 +45,9 @@ pub(super) fn validate(spec: &Spec) -> Result<(), SandboxError> {
         return Err(invalid("the process limit is zero".to_owned()));
     }
     if let Some(millicores) = spec.cpu_millicores {
-        if millicores < CPU_MILLICORES_MIN {
+        if millicores < SANDBOX_CPU_MILLICORES_MIN {
             return Err(invalid(format!(
-                "the CPU limit is {millicores} millicores; the smallest is {CPU_MILLICORES_MIN}"
+                "the CPU limit is {millicores} millicores; the smallest is {SANDBOX_CPU_MILLICORES_MIN}"
             )));
         }
         if millicores.checked_mul(CPU_PERIOD_US).is_none() {
@@ -56,8 +58,8 @@ pub(super) fn validate(spec: &Spec) -> Result<(), SandboxError> {
 }
 
 fn validate_id(id: &str) -> Result<(), SandboxError> {
-    if id.is_empty() || id.len() > SPEC_ID_BYTES_LIMIT {
-        return Err(invalid(format!("sandbox id {id:?} must be 1 to {SPEC_ID_BYTES_LIMIT} bytes")));
+    if id.is_empty() || id.len() > SANDBOX_ID_BYTES_MAX {
+        return Err(invalid(format!("sandbox id {id:?} must be 1 to {SANDBOX_ID_BYTES_MAX} bytes")));
     }
     if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
         return Err(invalid(format!("sandbox id {id:?} may only hold A-Z, a-z, 0-9, '_' and '-'")));
@@ -66,9 +68,9 @@ fn validate_id(id: &str) -> Result<(), SandboxError> {
 }
 
 fn validate_working_directory(dir: &str) -> Result<(), SandboxError> {
-    if dir.len() > WORKING_DIRECTORY_BYTES_LIMIT || dir.contains('\0') {
+    if dir.len() > WORKING_DIRECTORY_BYTES_MAX || dir.contains('\0') {
         return Err(invalid(format!(
-            "working directory is longer than {WORKING_DIRECTORY_BYTES_LIMIT} bytes or holds NUL"
+            "working directory is longer than {WORKING_DIRECTORY_BYTES_MAX} bytes or holds NUL"
         )));
     }
     for component in Path::new(dir).components() {
@@ -151,11 +153,11 @@ mod tests {
 
     #[test]
     fn ids_are_bounded_names() {
-        for bad in ["", "a/b", "..", "a b", "ü", &"x".repeat(SPEC_ID_BYTES_LIMIT + 1)] {
+        for bad in ["", "a/b", "..", "a b", "ü", &"x".repeat(SANDBOX_ID_BYTES_MAX + 1)] {
             let err = validate(&Spec { id: bad.to_owned(), ..spec() }).unwrap_err();
             assert!(matches!(err, SandboxError::Invalid(_)), "{bad:?}: {err}");
         }
-        validate(&Spec { id: "x".repeat(SPEC_ID_BYTES_LIMIT), ..spec() }).unwrap();
+        validate(&Spec { id: "x".repeat(SANDBOX_ID_BYTES_MAX), ..spec() }).unwrap();
     }
 
     #[test]
@@ -177,7 +179,7 @@ mod tests {
         assert!(validate(&Spec { timeout: Duration::ZERO, ..spec() }).is_err());
         assert!(validate(&Spec { memory_bytes: Some(0), ..spec() }).is_err());
         assert!(validate(&Spec { pids_max: Some(0), ..spec() }).is_err());
-        assert!(validate(&Spec { cpu_millicores: Some(CPU_MILLICORES_MIN - 1), ..spec() }).is_err());
+        assert!(validate(&Spec { cpu_millicores: Some(SANDBOX_CPU_MILLICORES_MIN - 1), ..spec() }).is_err());
         assert!(validate(&Spec { cpu_millicores: Some(u64::MAX), ..spec() }).is_err());
     }
 
