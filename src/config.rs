@@ -12,6 +12,7 @@ use kiln_proto::limits::Limits;
 
 use crate::execution::ExecutionConfig;
 use crate::storage::StorageConfig;
+use crate::telemetry::{LogConfig, MetricsConfig};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -29,6 +30,8 @@ pub struct Config {
     pub limits: Limits,
     pub auth: AuthConfig,
     pub execution: ExecutionConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
 }
 
 impl Default for Config {
@@ -42,6 +45,8 @@ impl Default for Config {
             limits: Limits::default(),
             auth: AuthConfig::default(),
             execution: ExecutionConfig::default(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }

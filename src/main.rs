@@ -14,6 +14,7 @@ mod execution;
 mod serve;
 mod storage;
 mod store_bench;
+mod telemetry;
 mod token_file;
 mod worker_cmd;
 
@@ -34,6 +35,20 @@ enum Command {
     Scheduler(ServeArgs),
     /// Run actions for a scheduler, in sandboxes, with a local file cache.
     Worker(worker_cmd::WorkerArgs),
+    /// Print a node's status summary: stores, cache traffic, queue,
+    /// workers, recent failures (its metrics listener's /status.txt).
+    Status {
+        /// The node's metrics listener ([metrics] listen).
+        #[arg(long, default_value = "127.0.0.1:9980")]
+        metrics: String,
+        /// Bearer token holding the admin permission (when the node
+        /// authenticates).
+        #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// USER:PASSWORD for basic auth instead of a token.
+        #[arg(long, env = "KILN_BASIC_AUTH", hide_env_values = true)]
+        basic_auth: Option<String>,
+    },
     /// Print the default configuration file.
     Config,
     /// Move blobs in and out of a CAS.
@@ -282,6 +297,9 @@ struct ServeArgs {
     /// Address of the worker port ([execution] worker_listen).
     #[arg(long)]
     worker_listen: Option<std::net::SocketAddr>,
+    /// Address of the metrics listener and status page ([metrics] listen).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -320,6 +338,32 @@ fn parse_digest(s: &str) -> Result<Digest> {
     s.parse::<Digest>().map_err(|e| anyhow::anyhow!("{}", e.message()))
 }
 
+/// The log format: `KILN_LOG_FORMAT` (`text` or `json`), else the
+/// configuration file's `[log] format` (read again, with errors
+/// reported, when the command loads it).
+fn log_format(cli: &Cli) -> telemetry::LogFormat {
+    #[derive(serde::Deserialize)]
+    struct LogOnly {
+        #[serde(default)]
+        log: telemetry::LogConfig,
+    }
+    if let Ok(v) = std::env::var("KILN_LOG_FORMAT") {
+        return if v.eq_ignore_ascii_case("json") {
+            telemetry::LogFormat::Json
+        } else {
+            telemetry::LogFormat::Text
+        };
+    }
+    let path = match &cli.command {
+        Command::Serve(a) | Command::Scheduler(a) => a.config.as_ref(),
+        Command::Worker(a) => a.config.as_ref(),
+        _ => None,
+    };
+    path.and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| toml::from_str::<LogOnly>(&t).ok())
+        .map_or(telemetry::LogFormat::Text, |l| l.log.format)
+}
+
 fn main() -> Result<()> {
     // The sandbox re-executes this binary as its stages; they must run
     // single-threaded, before anything else starts.
@@ -328,13 +372,7 @@ fn main() -> Result<()> {
         std::process::exit(code);
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    telemetry::init_logging(log_format(&cli));
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
     runtime.block_on(run(cli))
@@ -356,6 +394,9 @@ async fn serve_command(args: ServeArgs, local_worker: bool) -> Result<()> {
     if let Some(size) = args.cas_size {
         config.storage.cas_size_bytes = size;
     }
+    if let Some(addr) = args.metrics_listen {
+        config.metrics.listen = addr;
+    }
     if let Some(addr) = args.worker_listen {
         config.execution.worker_listen = addr;
     }
@@ -368,6 +409,15 @@ async fn serve_command(args: ServeArgs, local_worker: bool) -> Result<()> {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Worker(args) => worker_cmd::run(args).await,
+        Command::Status { metrics, token, basic_auth } => {
+            let authorization = telemetry::client::authorization(token.as_deref(), basic_auth.as_deref());
+            let text = telemetry::client::fetch_status(&metrics, authorization).await?;
+            #[allow(clippy::print_stdout)]
+            {
+                print!("{text}");
+            }
+            Ok(())
+        }
         Command::Scheduler(args) => serve_command(args, false).await,
         Command::Serve(args) => serve_command(args, true).await,
         Command::Config => {

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::execution::{StoreBackend, StoreCasFactory};
 use crate::storage::Stores;
+use crate::telemetry::grpc::GrpcMetricsLayer;
 use kiln_auth::AuthLayer;
 use kiln_auth::admin::TokenAdmin;
 use kiln_auth::listener::{ListenerOptions, incoming};
@@ -80,6 +81,7 @@ struct ServeContext {
     limits: Limits,
     auth: kiln_auth::config::AuthSetup,
     connections_max: usize,
+    stores: Arc<Stores>,
 }
 
 pub async fn run(config: Config) -> Result<()> {
@@ -112,7 +114,8 @@ pub async fn run(config: Config) -> Result<()> {
         "storage"
     );
     let stores = Arc::new(stores);
-    let context = ServeContext { config, limits, auth, connections_max };
+    kiln_proto::metrics::set_tenants(crate::telemetry::label_tenants(&config.metrics, &config.auth.rules));
+    let context = ServeContext { config, limits, auth, connections_max, stores: stores.clone() };
     let result = match &*stores {
         Stores::Memory { cas, ac } => serve_stores(context, cas.clone(), ac.clone()).await,
         Stores::Block { cas, ac } => serve_stores(context, cas.clone(), ac.clone()).await,
@@ -129,7 +132,7 @@ where
     C: CasStore + Clone,
     A: AcStore,
 {
-    let ServeContext { config, limits, auth, connections_max } = context;
+    let ServeContext { config, limits, auth, connections_max, stores } = context;
     let authorizer = auth.authorizer.clone();
     let cas = Arc::new(EmptyBlob::new(Verifying::new(cas)));
     let check = CheckLimits {
@@ -203,9 +206,17 @@ where
         ),
         None => None,
     };
+    let _telemetry = ServingTask(
+        crate::telemetry::start(
+            &config.metrics,
+            telemetry_sources(&config, &auth, &stores, scheduler.clone(), cas.clone()),
+        )
+        .await?,
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = kiln_proto::transport::server(&limits)
+        .layer(GrpcMetricsLayer)
         .layer(AuthLayer::new(auth.authenticator.clone()))
         .layer(ResponseBudgetLayer::new(&limits))
         .add_service(health)
@@ -250,6 +261,87 @@ impl Drop for ExecutionTasks {
     }
 }
 
+/// Aborts a background task when dropped.
+struct ServingTask(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for ServingTask {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// What the metrics listener reports on: a configuration summary without
+/// secrets, the stores, the scheduler, failed actions' logs.
+fn telemetry_sources<B, C>(
+    config: &Config,
+    auth: &kiln_auth::config::AuthSetup,
+    stores: &Arc<Stores>,
+    scheduler: Option<Scheduler<B>>,
+    cas: C,
+) -> crate::telemetry::Sources
+where
+    B: kiln_scheduler::Backend,
+    C: CasStore + Clone,
+{
+    let a = &config.auth;
+    let mut methods = Vec::new();
+    if a.client_ca.is_some() {
+        methods.push("client certificates");
+    }
+    if a.tokens {
+        methods.push("bearer tokens");
+    }
+    if a.htpasswd.is_some() {
+        methods.push("basic auth (htpasswd)");
+    }
+    let execution = if !config.execution.enabled {
+        "off".to_owned()
+    } else if config.execution.local_worker {
+        format!(
+            "on, local worker with {} slots",
+            match config.execution.local_worker_slots {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            }
+        )
+    } else {
+        "on, remote workers only".to_owned()
+    };
+    let summary = vec![
+        (
+            "listen".to_owned(),
+            format!("{} ({})", config.listen, if a.tls_cert.is_some() { "TLS" } else { "plaintext" }),
+        ),
+        ("data directory".to_owned(), config.data_dir.display().to_string()),
+        ("storage".to_owned(), stores.describe()),
+        (
+            "authentication".to_owned(),
+            if methods.is_empty() { "none (loopback only)".to_owned() } else { methods.join(", ") },
+        ),
+        ("permission rules".to_owned(), a.rules.len().to_string()),
+        ("remote execution".to_owned(), execution),
+    ];
+    let fetch_log: crate::telemetry::FetchLog =
+        Arc::new(move |instance: String, digest: kiln_proto::Digest| {
+            let cas = cas.clone();
+            Box::pin(async move {
+                let key = kiln_storage::store::CasKey::in_instance(&instance, digest);
+                kiln_storage::store::read_all(&cas, &key, 16 << 20).await
+            })
+        });
+    crate::telemetry::Sources {
+        started: std::time::Instant::now(),
+        summary,
+        stores: Arc::new(crate::telemetry::StoreCollector::new(stores.clone())),
+        scheduler: scheduler.map(|s| Arc::new(move || s.snapshot()) as crate::telemetry::SchedulerView),
+        fetch_log,
+        auth: a.authenticates().then(|| (auth.authenticator.clone(), auth.authorizer.clone())),
+        history: Arc::default(),
+    }
+}
+
 /// Serves the worker port and starts the local worker.
 async fn start_execution<B, C>(
     config: &Config,
@@ -272,6 +364,7 @@ where
     tracing::info!(%addr, "worker port");
     let workers = WorkersServer::new(WorkerService::new(scheduler.clone(), auth.authorizer.clone()));
     let router = kiln_proto::transport::server(limits)
+        .layer(GrpcMetricsLayer)
         .layer(AuthLayer::new(auth.authenticator.clone()))
         .add_service(workers);
     let tls = auth.tls.clone().map(|tls| (tls, auth.principal_from));

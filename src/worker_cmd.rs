@@ -25,7 +25,7 @@ pub struct WorkerArgs {
     cas: Option<String>,
     /// TOML configuration file; only its [execution.worker] section and data_dir are used.
     #[arg(long, env = "KILN_CONFIG")]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Directory for the worker's build directories and file cache [default: ./kiln-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,

@@ -81,7 +81,16 @@ async fn connections_beyond_the_limit_are_shed() {
 fn the_descriptor_limit_is_raised_and_bounds_connections() {
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new("prlimit")
-        .args(["--nofile=1024:4096", common::KILN, "serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--nofile=1024:4096",
+            common::KILN,
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--worker-listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .env("KILN_LOG", "info")
         .stdout(std::process::Stdio::piped())

@@ -162,6 +162,23 @@ impl Authenticator {
     }
 }
 
+/// Why authentication failed, from what the request offered: the
+/// credentials it carried, by kind.
+fn failure_reason(headers: &http::HeaderMap, peer: Option<&PeerInfo>) -> &'static str {
+    let scheme = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_whitespace().next())
+        .map(str::to_ascii_lowercase);
+    match scheme.as_deref() {
+        Some("bearer") => "bad_token",
+        Some("basic") => "bad_password",
+        Some(_) => "unknown_scheme",
+        None if peer.is_some_and(|p| p.client_certificate.is_some()) => "certificate_not_accepted",
+        None => "no_credentials",
+    }
+}
+
 /// Tower layer that authenticates every request.
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
@@ -223,6 +240,9 @@ where
                     ready.call(request).await
                 }
                 Err(error) => {
+                    let reason = failure_reason(request.headers(), peer.as_ref());
+                    let labels = kiln_proto::metrics::ReasonLabels { reason };
+                    kiln_proto::metrics::global().auth_failures.get_or_create(&labels).inc();
                     authenticator.record_failure(peer.as_ref(), request.uri().path(), &error);
                     Ok(tonic::Status::from(error).into_http())
                 }

@@ -11,6 +11,7 @@ pub mod access;
 pub mod digest;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod resource;
 pub mod tenant;
 pub mod text;

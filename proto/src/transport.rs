@@ -34,3 +34,12 @@ pub fn tune(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint 
         .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
         .max_frame_size(Some(FRAME_SIZE_BYTES_MAX))
 }
+
+/// What Bazel's `requestmetadata-bin` header says, when it is present and
+/// decodes.
+pub fn request_metadata(headers: &tonic::codegen::http::HeaderMap) -> Option<crate::reapi::RequestMetadata> {
+    use prost::Message;
+    let map = tonic::metadata::MetadataMap::from_headers(headers.clone());
+    let bytes = map.get_bin("requestmetadata-bin")?.to_bytes().ok()?;
+    crate::reapi::RequestMetadata::decode(bytes.as_ref()).ok()
+}

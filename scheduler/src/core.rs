@@ -132,6 +132,7 @@ struct State {
     queue: FairQueue,
     workers: HashMap<WorkerKey, Worker>,
     worker_ids: HashMap<String, WorkerKey>,
+    failures: VecDeque<snapshot::FailureView>,
 }
 
 /// Counts for tests, logs and metrics.
@@ -631,6 +632,9 @@ impl<B: Backend> Inner<B> {
     /// Runs `id` on a free worker that can, or queues it.
     fn place(&self, s: &mut State, id: ExecId, front: bool) {
         let Some(e) = s.executions.get(&id) else { return };
+        if front {
+            kiln_proto::metrics::global().retries.inc();
+        }
         let free = s
             .workers
             .iter()
@@ -672,7 +676,11 @@ impl<B: Backend> Inner<B> {
     fn assign(&self, s: &mut State, id: ExecId, worker: WorkerKey) {
         let (Some(e), Some(w)) = (s.executions.get_mut(&id), s.workers.get_mut(&worker)) else { return };
         e.attempts += 1;
-        e.running = Some((worker, Instant::now()));
+        let now = Instant::now();
+        kiln_proto::metrics::global()
+            .dispatch_latency
+            .observe(now.saturating_duration_since(e.enqueued).as_secs_f64());
+        e.running = Some((worker, now));
         e.unsatisfiable_since = None;
         e.last_worker = w.id.clone();
         w.running.insert(id);
@@ -727,6 +735,7 @@ impl<B: Backend> Inner<B> {
     /// (if it held one) goes back, and a running worker is told to stop.
     fn finish(&self, s: &mut State, id: ExecId, response: &ExecuteResponse) {
         let Some(e) = s.executions.remove(&id) else { return };
+        snapshot::ended(s, &e, response);
         if e.merges && s.in_flight.get(&e.key) == Some(&id) {
             s.in_flight.remove(&e.key);
         }
@@ -765,6 +774,9 @@ impl<B: Backend> Inner<B> {
             return;
         }
         let e = s.executions.get_mut(&id).expect("checked");
+        if let Some((_, started)) = e.running {
+            kiln_proto::metrics::global().action_duration.observe(started.elapsed().as_secs_f64());
+        }
         e.running = None;
         let invocation = e.invocation.clone();
         s.queue.stopped(&invocation);
@@ -851,6 +863,7 @@ impl<B: Backend> Inner<B> {
             s.worker_ids.remove(&w.id);
         }
         tracing::warn!(worker = %w.id, running = w.running.len(), "worker lost: {why}");
+        kiln_proto::metrics::global().lost_workers.inc();
         for id in w.running {
             let Some(e) = s.executions.get_mut(&id) else { continue };
             e.running = None;
@@ -875,6 +888,9 @@ impl<B: Backend> Inner<B> {
 
 #[path = "sweep.rs"]
 mod sweep;
+
+#[path = "snapshot.rs"]
+pub mod snapshot;
 
 #[cfg(test)]
 #[path = "core_tests.rs"]

@@ -19,6 +19,7 @@ pub mod service;
 pub mod workers;
 
 pub use backend::Backend;
+pub use core::snapshot::{ExecutingView, FailureView, Snapshot, WorkerView};
 pub use core::{Config, ExecuteArgs, Scheduler, Stats, Watch};
 
 /// What the scheduler advertises in GetCapabilities: execution enabled,

@@ -66,6 +66,8 @@ impl Kiln {
         let size: &[&str] = if args.contains(&"--cas-size") { &[] } else { &["--cas-size", "268435456"] };
         let workers: &[&str] =
             if args.contains(&"--worker-listen") { &[] } else { &["--worker-listen", "127.0.0.1:0"] };
+        let metrics: &[&str] =
+            if args.contains(&"--metrics-listen") { &[] } else { &["--metrics-listen", "127.0.0.1:0"] };
         let mut child = Command::new(KILN)
             .arg("serve")
             .arg("--listen")
@@ -74,6 +76,7 @@ impl Kiln {
             .arg(data_dir.path())
             .args(size)
             .args(workers)
+            .args(metrics)
             .args(args)
             .env("KILN_LOG", filter)
             .stdout(Stdio::piped())
@@ -123,6 +126,16 @@ impl Kiln {
 
     /// The worker port, from the line `kiln serve` prints after its address.
     pub fn worker_port(&self) -> SocketAddr {
+        self.printed_addr("kiln: workers connect on ")
+    }
+
+    /// The metrics listener's address, from the line `kiln serve` prints.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.printed_addr("kiln: metrics on ")
+    }
+
+    /// The address on the printed line that starts with `prefix`.
+    fn printed_addr(&self, prefix: &str) -> SocketAddr {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let found = self
@@ -130,11 +143,11 @@ impl Kiln {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .iter()
-                .find_map(|l| l.trim().strip_prefix("kiln: workers connect on ").map(str::to_owned));
+                .find_map(|l| l.trim().strip_prefix(prefix).map(str::to_owned));
             if let Some(addr) = found {
-                return addr.parse().expect("worker address");
+                return addr.parse().expect("printed address");
             }
-            assert!(Instant::now() < deadline, "kiln serve printed no worker port");
+            assert!(Instant::now() < deadline, "kiln serve printed no line starting {prefix:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -257,10 +257,24 @@ impl<F: CasFactory> Runner<F> {
             .map_err(|e| Error::internal(format!("sandbox thread: {e}")))?
             .map_err(|e| match e {
                 // The request's fault: not retried elsewhere.
-                SandboxError::Invalid(_) | SandboxError::Exec(_) => Error::invalid_argument(e.to_string()),
+                SandboxError::Invalid(_) | SandboxError::Exec(_) => {
+                    run_outcome("refused");
+                    Error::invalid_argument(e.to_string())
+                }
                 // This worker's: the scheduler retries on another.
-                SandboxError::Setup(_) | SandboxError::Cleanup(_) => Error::internal(e.to_string()),
+                SandboxError::Setup(_) | SandboxError::Cleanup(_) => {
+                    run_outcome("sandbox_error");
+                    tracing::warn!(error = %e, "sandbox failed");
+                    Error::internal(e.to_string())
+                }
             })?;
+        run_outcome(if outcome.timed_out {
+            "timeout"
+        } else if outcome.oom_killed {
+            "oom"
+        } else {
+            "exited"
+        });
         guard.disarm();
 
         let upload_start = SystemTime::now();
@@ -292,4 +306,10 @@ impl<F: CasFactory> Runner<F> {
         f.action_result = result.encode_to_vec();
         Ok(f)
     }
+}
+
+/// Counts a sandboxed run by how it ended.
+fn run_outcome(outcome: &'static str) {
+    let labels = kiln_proto::metrics::OutcomeLabels { outcome };
+    kiln_proto::metrics::global().worker_runs.get_or_create(&labels).inc();
 }

@@ -151,6 +151,8 @@ impl Authorizer {
         if self.allows(&caller.principal, tenant, permission) {
             return Ok(());
         }
+        let labels = crate::metrics::ReasonLabels { reason: "permission_denied" };
+        crate::metrics::global().auth_failures.get_or_create(&labels).inc();
         let (count, log) = self.denials.count(caller.peer);
         if log {
             tracing::info!(

@@ -161,8 +161,10 @@ impl<A: AcStore, C: CasStore> ActionCache for ActionCacheService<A, C> {
                 Status::internal(format!("stored action result for {action} is unreadable: {e}"))
             })?;
             self.inline(&caller, &req.instance_name, action.function(), &req, &mut result).await;
+            lookup(&req.instance_name, "hit");
             return Ok(Response::new(result));
         }
+        lookup(&req.instance_name, "miss");
         Err(miss.map_or_else(
             || {
                 Status::not_found(format!(
@@ -210,4 +212,16 @@ impl<A: AcStore, C: CasStore> ActionCache for ActionCacheService<A, C> {
         tracing::debug!(action = %key, "action result stored");
         Ok(Response::new(returned))
     }
+}
+
+/// Counts a GetActionResult answer for the dashboards' hit ratio.
+fn lookup(instance_name: &str, result: &'static str) {
+    let labels = kiln_proto::metrics::LookupLabels {
+        tenant: kiln_proto::metrics::tenant_label(instance_name),
+        result,
+    };
+    let metrics = kiln_proto::metrics::global();
+    metrics.ac_lookups.get_or_create(&labels).inc();
+    let total = if result == "hit" { &metrics.totals.ac_hits } else { &metrics.totals.ac_misses };
+    total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }

@@ -67,7 +67,7 @@ fn usize_of(bytes: u64) -> usize {
 impl Budget {
     pub fn new(what: &'static str, key: &'static str, limits: BudgetLimits) -> Arc<Self> {
         let total = limits.total_bytes_max.min(Semaphore::MAX_PERMITS as u64);
-        Arc::new(Self {
+        let budget = Arc::new(Self {
             what,
             key,
             total_bytes_max: total,
@@ -78,7 +78,9 @@ impl Budget {
             waiting_bytes: AtomicU64::new(0),
             waiting_bytes_max: limits.waiting_bytes_max,
             timeout: limits.timeout,
-        })
+        });
+        BudgetCollector::track(&budget);
+        budget
     }
 
     /// An empty charge for `client`, to grow as bytes arrive.
@@ -96,6 +98,7 @@ impl Budget {
     }
 
     fn busy(&self, detail: &str) -> Error {
+        kiln_proto::metrics::global().admission_refusals.inc();
         Error::resource_exhausted(format!(
             "the server is busy: {detail} ({} is {}); retry later",
             self.key, self.total_bytes_max
@@ -190,6 +193,7 @@ impl Charge {
     }
 
     async fn wait(&mut self, bytes: u64, have_client_share: bool) -> Result<()> {
+        kiln_proto::metrics::global().admission_waits.inc();
         let budget = self.budget.clone();
         let deadline = tokio::time::Instant::now() + budget.timeout;
         if !have_client_share {
@@ -244,6 +248,61 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         self.shrink(u64::MAX);
+    }
+}
+
+/// Exports the bytes every live budget holds and has waiting, summed by
+/// what they hold (`uploads`, `reads`, `responses`).
+#[derive(Debug)]
+struct BudgetCollector {
+    budgets: Mutex<Vec<std::sync::Weak<Budget>>>,
+}
+
+impl BudgetCollector {
+    fn track(budget: &Arc<Budget>) {
+        static COLLECTOR: std::sync::OnceLock<Arc<BudgetCollector>> = std::sync::OnceLock::new();
+        let collector = COLLECTOR.get_or_init(|| {
+            let c = Arc::new(BudgetCollector { budgets: Mutex::new(Vec::new()) });
+            kiln_proto::metrics::global().add_collector(c.clone());
+            c
+        });
+        let mut budgets = collector.budgets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        budgets.retain(|b| b.strong_count() > 0);
+        budgets.push(Arc::downgrade(budget));
+    }
+}
+
+impl prometheus_client::collector::Collector for BudgetCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let mut sums: std::collections::BTreeMap<&'static str, (u64, u64, u64)> = Default::default();
+        for b in self.budgets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
+            if let Some(b) = b.upgrade() {
+                let sum = sums.entry(b.what).or_default();
+                sum.0 += b.held_bytes();
+                sum.1 += b.waiting_bytes.load(Ordering::Relaxed);
+                sum.2 += b.total_bytes_max;
+            }
+        }
+        type Pick = fn(&(u64, u64, u64)) -> u64;
+        let families: [(&str, &str, Pick); 3] = [
+            ("admission_held_bytes", "Bytes held in memory by uploads, reads and responses in flight", |s| {
+                s.0
+            }),
+            ("admission_waiting_bytes", "Bytes received and waiting for room in the budget", |s| s.1),
+            ("admission_budget_bytes", "The memory budgets (configured limits)", |s| s.2),
+        ];
+        for (name, help, pick) in families {
+            let gauge = ConstGauge::new(0i64);
+            let mut family = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            for (what, sum) in &sums {
+                let labels = [("budget", *what)];
+                let value = i64::try_from(pick(sum)).unwrap_or(i64::MAX);
+                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 

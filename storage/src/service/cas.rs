@@ -150,13 +150,19 @@ impl<C: CasStore + Clone> ContentAddressableStorage for CasService<C> {
         // `missing` is a subsequence of `keys`; answer with the request's own
         // (validated) digest messages rather than encoding them again.
         let mut missing = missing.into_iter().peekable();
-        let missing_blob_digests = req
+        let missing_blob_digests: Vec<_> = req
             .blob_digests
             .into_iter()
             .zip(&keys)
             .filter_map(|(wire, key)| missing.next_if(|m| m == key).map(|_| wire))
             .collect();
         debug_assert!(missing.next().is_none(), "find_missing returned keys out of order");
+        let metrics = kiln_proto::metrics::global();
+        let tenant = kiln_proto::metrics::tenant_label(&req.instance_name);
+        let absent = missing_blob_digests.len() as u64;
+        let labels = |result| kiln_proto::metrics::LookupLabels { tenant: tenant.clone(), result };
+        metrics.cas_find_missing.get_or_create(&labels("missing")).inc_by(absent);
+        metrics.cas_find_missing.get_or_create(&labels("present")).inc_by(keys.len() as u64 - absent);
         Ok(Response::new(FindMissingBlobsResponse { missing_blob_digests }))
     }
 

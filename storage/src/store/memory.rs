@@ -190,6 +190,10 @@ impl<K: Sharded> Core<K> {
             .sum()
     }
 
+    fn capacity_bytes(&self) -> u64 {
+        self.shard_capacity_bytes * self.shards.len() as u64
+    }
+
     fn len(&self) -> usize {
         self.shards
             .iter()
@@ -227,6 +231,10 @@ impl MemoryCas {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.core.capacity_bytes()
     }
 }
 
@@ -365,6 +373,22 @@ pub struct MemoryAc {
 impl MemoryAc {
     pub fn new(capacity_bytes: u64, value_size_bytes_max: u64) -> Self {
         Self { core: Arc::new(Core::new(capacity_bytes, value_size_bytes_max)) }
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.core.capacity_bytes()
+    }
+
+    pub fn charged_bytes(&self) -> u64 {
+        self.core.charged_bytes()
+    }
+
+    pub fn len(&self) -> usize {
+        self.core.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -215,6 +215,8 @@ pub async fn run_suite(options: &SuiteOptions) -> Result<SuiteResult> {
                 config_path.to_str().context("utf-8 path")?,
                 "--worker-listen",
                 "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
             ],
         )?;
         servers.push(server);

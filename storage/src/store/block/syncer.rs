@@ -69,6 +69,8 @@ pub struct SyncStats {
     pub syncs: std::sync::atomic::AtomicU64,
     pub failures: std::sync::atomic::AtomicU64,
     pub last_micros: std::sync::atomic::AtomicU64,
+    /// When the last sync finished, in milliseconds since the Unix epoch.
+    pub last_unix_ms: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Syncer {
@@ -207,6 +209,10 @@ impl Syncer {
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.stats.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.stats.last_micros.store(micros, std::sync::atomic::Ordering::Relaxed);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.stats.last_unix_ms.store(now_ms, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(sequence = next.sequence, tail, head, micros, "store synced");
         Ok(())
     }

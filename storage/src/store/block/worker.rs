@@ -535,6 +535,7 @@ impl Worker {
             "corrupt record dropped"
         );
         self.partition(fp).remove(fp, loc.logical);
+        kiln_proto::metrics::global().data_loss.inc();
         Error::new(
             Code::DataLoss,
             format!("the stored copy is damaged ({why}); it has been dropped, upload it again"),
@@ -561,6 +562,7 @@ impl Worker {
                     let part = self.partition(&job.fp);
                     if part.lookup(&job.fp, &live).is_some_and(|s| s.logical == job.from.logical) {
                         part.insert(Slot { fingerprint: job.fp.0, logical: to, size: job.from.size }, live);
+                        kiln_proto::metrics::global().store_refreshes.inc();
                     }
                 }
             }

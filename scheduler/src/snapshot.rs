@@ -1,0 +1,158 @@
+//! What the status page and `kiln status` show of the scheduler: workers,
+//! the queue by invocation and by platform, executions in progress and
+//! recent failures; and the metrics recorded when an execution ends.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use kiln_proto::Digest;
+use kiln_proto::metrics::{OutcomeLabels, code_name, global};
+use kiln_proto::reapi::ExecuteResponse;
+use tokio::time::Instant;
+
+use super::{Execution, Scheduler, State, exec_name, lock};
+use crate::backend::Backend;
+
+/// Failures kept for the status page.
+const RECENT_FAILURES: usize = 50;
+
+/// A registered worker.
+#[derive(Debug, Clone)]
+pub struct WorkerView {
+    pub id: String,
+    pub platform: String,
+    pub slots: usize,
+    pub running: usize,
+    /// Since its last message (heartbeat or report).
+    pub silent_for: Duration,
+}
+
+/// An execution on a worker.
+#[derive(Debug, Clone)]
+pub struct ExecutingView {
+    pub execution: String,
+    pub action: String,
+    pub instance: String,
+    pub invocation: String,
+    pub worker: String,
+    pub attempt: u32,
+    pub running_for: Duration,
+}
+
+/// An execution that ended with an error or a non-zero exit code.
+#[derive(Debug, Clone)]
+pub struct FailureView {
+    pub at: SystemTime,
+    pub action: String,
+    pub instance: String,
+    pub worker: String,
+    pub code: &'static str,
+    pub message: String,
+    pub exit_code: Option<i32>,
+    pub stdout: Option<Digest>,
+    pub stderr: Option<Digest>,
+}
+
+/// The scheduler at one instant.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub workers: Vec<WorkerView>,
+    /// Queued executions per invocation (`tool_invocation_id`; "" when none).
+    pub queued_by_invocation: Vec<(String, usize)>,
+    /// Queued executions per worker platform that could run them
+    /// ("unsatisfiable" when none could).
+    pub queued_by_platform: Vec<(String, usize)>,
+    pub executing: Vec<ExecutingView>,
+    /// Newest first.
+    pub failures: Vec<FailureView>,
+    pub operations: usize,
+}
+
+impl<B: Backend> Scheduler<B> {
+    /// The scheduler now, for people (bounded: at most 1,000 executions
+    /// and the last failures are listed).
+    pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let s = lock(&self.inner.state);
+        let rules = &self.inner.config.rules;
+        let mut by_invocation: BTreeMap<String, usize> = BTreeMap::new();
+        let mut by_platform: BTreeMap<String, usize> = BTreeMap::new();
+        let mut executing = Vec::new();
+        for (id, e) in &s.executions {
+            match e.running.and_then(|(w, started)| s.workers.get(&w).map(|w| (w, started))) {
+                Some((w, started)) if executing.len() < 1000 => {
+                    executing.push(ExecutingView {
+                        execution: exec_name(*id),
+                        action: e.key.action.to_string(),
+                        instance: e.key.instance.clone(),
+                        invocation: e.invocation.clone(),
+                        worker: w.id.clone(),
+                        attempt: e.attempts,
+                        running_for: now.saturating_duration_since(started),
+                    });
+                }
+                Some(_) => {}
+                None if !e.finishing => {
+                    *by_invocation.entry(e.invocation.clone()).or_default() += 1;
+                    let pool = s
+                        .workers
+                        .values()
+                        .find(|w| rules.satisfies(&w.platform, &e.platform))
+                        .map_or_else(|| "unsatisfiable".to_owned(), |w| w.platform.to_string());
+                    *by_platform.entry(pool).or_default() += 1;
+                }
+                None => {}
+            }
+        }
+        executing.sort_by_key(|e| std::cmp::Reverse(e.running_for));
+        let mut workers: Vec<WorkerView> = s
+            .workers
+            .values()
+            .map(|w| WorkerView {
+                id: w.id.clone(),
+                platform: w.platform.to_string(),
+                slots: w.slots,
+                running: w.running.len(),
+                silent_for: now.saturating_duration_since(w.last_seen),
+            })
+            .collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        Snapshot {
+            workers,
+            queued_by_invocation: by_invocation.into_iter().collect(),
+            queued_by_platform: by_platform.into_iter().collect(),
+            executing,
+            failures: s.failures.iter().rev().cloned().collect(),
+            operations: s.operations.len(),
+        }
+    }
+}
+
+/// Counts an execution's end, and keeps it if it failed.
+pub(super) fn ended(s: &mut State, e: &Execution, response: &ExecuteResponse) {
+    let code = response.status.as_ref().map_or(0, |s| s.code);
+    global().executions.get_or_create(&OutcomeLabels { outcome: code_name(code) }).inc();
+    let exit_code = response.result.as_ref().map(|r| r.exit_code);
+    if code == 0 && exit_code.unwrap_or(0) == 0 {
+        return;
+    }
+    let function = Some(e.key.action.function());
+    let digest = |d: Option<&kiln_proto::reapi::Digest>| {
+        d.and_then(|d| Digest::parse(function, &d.hash, d.size_bytes).ok()).filter(|d| d.size_bytes() > 0)
+    };
+    let message = response.status.as_ref().map(|s| s.message.chars().take(512).collect()).unwrap_or_default();
+    if s.failures.len() >= RECENT_FAILURES {
+        s.failures.pop_front();
+    }
+    s.failures.push_back(FailureView {
+        at: SystemTime::now(),
+        action: e.key.action.to_string(),
+        instance: e.key.instance.clone(),
+        worker: e.last_worker.clone(),
+        code: code_name(code),
+        message,
+        exit_code,
+        stdout: digest(response.result.as_ref().and_then(|r| r.stdout_digest.as_ref())),
+        stderr: digest(response.result.as_ref().and_then(|r| r.stderr_digest.as_ref())),
+    });
+}

@@ -1,0 +1,52 @@
+//! `kiln status`: fetches a node's status summary (`/status.txt` on its
+//! metrics listener) and prints it.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+
+/// Largest summary accepted.
+const SUMMARY_BYTES: usize = 4 << 20;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// GETs `http://ADDR/status.txt`, with `authorization` when given.
+pub async fn fetch_status(addr: &str, authorization: Option<String>) -> Result<String> {
+    let addr = addr.trim_start_matches("http://").trim_end_matches('/');
+    let work = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(connection);
+        let mut request = http::Request::get("/status.txt").header(http::header::HOST, addr);
+        if let Some(value) = authorization {
+            request = request.header(http::header::AUTHORIZATION, value);
+        }
+        let response = sender.send_request(request.body(Empty::<Bytes>::new())?).await?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), SUMMARY_BYTES)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("read the summary: {e}"))?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        if !status.is_success() {
+            bail!("{addr} answered {status}: {}", text.trim());
+        }
+        Ok(text)
+    };
+    tokio::time::timeout(TIMEOUT, work)
+        .await
+        .with_context(|| format!("{addr} did not answer within {TIMEOUT:?}"))?
+}
+
+/// The `authorization` header for a token or `user:password`.
+pub fn authorization(token: Option<&str>, basic: Option<&str>) -> Option<String> {
+    use base64::Engine as _;
+    match (token, basic) {
+        (Some(t), _) => Some(format!("Bearer {t}")),
+        (None, Some(b)) => Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(b))),
+        (None, None) => None,
+    }
+}

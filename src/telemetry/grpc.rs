@@ -1,0 +1,275 @@
+//! A tower layer that records every gRPC call: requests by service, method
+//! and status code, their duration, the body bytes received and sent; and
+//! opens a tracing span per call carrying what Bazel's
+//! `requestmetadata-bin` header says (invocation, action, target,
+//! mnemonic), so that a request's logs can be found by any of them.
+//!
+//! Methods are labelled from the fixed list Kiln serves; any other path is
+//! `unknown`, so a client cannot add series.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use kiln_proto::metrics::{CallLabels, MethodLabels, code_name, global};
+use prometheus_client::metrics::counter::Counter;
+use tonic::Status;
+use tonic::body::Body;
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+/// Every method Kiln serves, by service.
+const METHODS: &[(&str, &str, &[&str])] = &[
+    ("build.bazel.remote.execution.v2.Capabilities", "Capabilities", &["GetCapabilities"]),
+    (
+        "build.bazel.remote.execution.v2.ContentAddressableStorage",
+        "ContentAddressableStorage",
+        &["FindMissingBlobs", "BatchUpdateBlobs", "BatchReadBlobs", "GetTree"],
+    ),
+    (
+        "build.bazel.remote.execution.v2.ActionCache",
+        "ActionCache",
+        &["GetActionResult", "UpdateActionResult"],
+    ),
+    ("build.bazel.remote.execution.v2.Execution", "Execution", &["Execute", "WaitExecution"]),
+    ("google.bytestream.ByteStream", "ByteStream", &["Read", "Write", "QueryWriteStatus"]),
+    (
+        "google.longrunning.Operations",
+        "Operations",
+        &["GetOperation", "ListOperations", "CancelOperation", "DeleteOperation", "WaitOperation"],
+    ),
+    ("grpc.health.v1.Health", "Health", &["Check", "Watch"]),
+    ("kiln.admin.v1.Tokens", "Tokens", &["CreateToken", "ListTokens", "RotateToken", "RevokeToken"]),
+    ("kiln.worker.v1.Workers", "Workers", &["Session"]),
+];
+
+/// The labels of a request path: `/package.Service/Method`.
+pub fn method_labels(path: &str) -> MethodLabels {
+    let unknown = MethodLabels { service: "unknown", method: "unknown" };
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return unknown;
+    };
+    METHODS
+        .iter()
+        .find(|(full, _, _)| *full == service)
+        .and_then(|(_, short, methods)| {
+            methods.iter().find(|m| **m == method).map(|m| MethodLabels { service: short, method: m })
+        })
+        .unwrap_or(unknown)
+}
+
+/// Records every call that passes through.
+#[derive(Debug, Clone, Default)]
+pub struct GrpcMetricsLayer;
+
+impl<S> Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> GrpcMetrics<S> {
+        GrpcMetrics { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<http::Request<Body>> for GrpcMetrics<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let labels = method_labels(request.uri().path());
+        let metrics = global();
+        let received = metrics.grpc_received_bytes.get_or_create(&labels).clone();
+        let span = request_span(&labels, request.headers());
+        let request = request.map(|inner| Body::new(CountedRequest { inner, received }));
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        let started = Instant::now();
+        let call_span = span.clone();
+        Box::pin(
+            async move {
+                let response = ready.call(request).await?;
+                let mut call = Call { labels, started, span: call_span, done: false };
+                // Trailers-only: the status is in the headers, and the body is empty.
+                if let Some(code) = grpc_status(response.headers()) {
+                    call.finish(code);
+                    return Ok(response);
+                }
+                let sent = metrics.grpc_sent_bytes.get_or_create(&call.labels).clone();
+                Ok(response.map(|inner| Body::new(ObservedResponse { inner, sent, call })))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// The span of one call, with Bazel's request metadata when it sent any.
+fn request_span(labels: &MethodLabels, headers: &http::HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        "grpc",
+        service = labels.service,
+        method = labels.method,
+        invocation = tracing::field::Empty,
+        action = tracing::field::Empty,
+        target = tracing::field::Empty,
+        mnemonic = tracing::field::Empty,
+        code = tracing::field::Empty,
+        duration_ms = tracing::field::Empty,
+    );
+    if span.is_disabled() {
+        return span;
+    }
+    if let Some(m) = kiln_proto::transport::request_metadata(headers) {
+        let cut = |s: &str| kiln_proto::text::quoted(s).to_string();
+        span.record("invocation", cut(&m.tool_invocation_id));
+        span.record("action", cut(&m.action_id));
+        span.record("target", cut(&m.target_id));
+        span.record("mnemonic", cut(&m.action_mnemonic));
+    }
+    span
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+}
+
+/// One call, counted once when it ends (or is dropped: the client left).
+struct Call {
+    labels: MethodLabels,
+    started: Instant,
+    span: tracing::Span,
+    done: bool,
+}
+
+impl Call {
+    fn finish(&mut self, code: i32) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let metrics = global();
+        let code = code_name(code);
+        let elapsed = self.started.elapsed();
+        let labels = CallLabels { service: self.labels.service, method: self.labels.method, code };
+        metrics.grpc_requests.get_or_create(&labels).inc();
+        metrics.totals.requests.fetch_add(1, Ordering::Relaxed);
+        metrics.grpc_duration.get_or_create(&self.labels).observe(elapsed.as_secs_f64());
+        self.span.record("code", code);
+        self.span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
+        self.span.in_scope(|| {
+            tracing::debug!(code, duration_ms = elapsed.as_secs_f64() * 1000.0, "call finished")
+        });
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // The response body was dropped before its trailers: the client
+        // cancelled or the connection broke.
+        self.finish(tonic::Code::Cancelled as i32);
+    }
+}
+
+struct CountedRequest {
+    inner: Body,
+    received: Counter,
+}
+
+impl http_body::Body for CountedRequest {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &frame
+            && let Some(data) = f.data_ref()
+        {
+            self.received.inc_by(data.len() as u64);
+            global().totals.received_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+struct ObservedResponse {
+    inner: Body,
+    sent: Counter,
+    call: Call,
+}
+
+impl http_body::Body for ObservedResponse {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    self.sent.inc_by(data.len() as u64);
+                    global().totals.sent_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                } else if let Some(trailers) = f.trailers_ref() {
+                    let code = grpc_status(trailers).unwrap_or(tonic::Code::Unknown as i32);
+                    self.call.finish(code);
+                }
+            }
+            Some(Err(status)) => self.call.finish(status.code() as i32),
+            None => self.call.finish(tonic::Code::Unknown as i32),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_served_methods_get_their_own_labels() {
+        let l = method_labels("/build.bazel.remote.execution.v2.ActionCache/GetActionResult");
+        assert_eq!((l.service, l.method), ("ActionCache", "GetActionResult"));
+        for path in ["/build.bazel.remote.execution.v2.ActionCache/Nope", "/x.Y/Z", "", "/", "//"] {
+            let l = method_labels(path);
+            assert_eq!((l.service, l.method), ("unknown", "unknown"), "{path}");
+        }
+    }
+}

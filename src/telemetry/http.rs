@@ -1,0 +1,151 @@
+//! The metrics listener: plain HTTP/1.1 (hyper), a bounded number of
+//! connections, a deadline on request headers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use kiln_proto::access::{PeerInfo, Permission};
+use tokio::net::TcpListener;
+
+use super::Sources;
+use super::status::{self, Page};
+
+/// Connections served at once; more wait in the kernel's backlog.
+const CONNECTIONS: usize = 64;
+/// Longest wait for a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, sources: Arc<Sources>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let sources = sources.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let sources = sources.clone();
+                async move { Ok::<_, Infallible>(handle(req, &sources, peer).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+            drop(permit);
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+async fn handle(req: Request<Incoming>, sources: &Sources, peer: SocketAddr) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
+    }
+    let path = req.uri().path().to_owned();
+    if path == "/metrics" {
+        let text =
+            tokio::task::spawn_blocking(|| kiln_proto::metrics::global().encode()).await.unwrap_or_default();
+        return reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text);
+    }
+    if path == "/" {
+        let mut r = reply(StatusCode::FOUND, "text/plain", "see /status\n");
+        r.headers_mut().insert(header::LOCATION, http::HeaderValue::from_static("/status"));
+        return r;
+    }
+    if !(path == "/status" || path == "/status.txt" || path.starts_with("/logs/")) {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /status or /metrics\n");
+    }
+    if let Some(refusal) = check_admin(req.headers(), sources, peer).await {
+        return refusal;
+    }
+    if let Some(rest) = path.strip_prefix("/logs/") {
+        return log(rest, sources).await;
+    }
+    let stores = sources.stores.clone();
+    let views = tokio::task::spawn_blocking(move || stores.read()).await.unwrap_or_default();
+    let page = Page {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime: sources.started.elapsed(),
+        summary: &sources.summary,
+        history: &sources.history,
+        stores: views,
+        scheduler: sources.scheduler.as_ref().map(|s| s()),
+    };
+    if path == "/status.txt" {
+        reply(StatusCode::OK, "text/plain; charset=utf-8", status::text(&page))
+    } else {
+        reply(StatusCode::OK, "text/html; charset=utf-8", status::html(&page))
+    }
+}
+
+/// None when the visitor may see the page: no authentication configured,
+/// or a principal holding `admin` everywhere.
+async fn check_admin(
+    headers: &http::HeaderMap,
+    sources: &Sources,
+    peer: SocketAddr,
+) -> Option<Response<Full<Bytes>>> {
+    let (authenticator, authorizer) = sources.auth.as_ref()?;
+    let info = PeerInfo { remote_addr: Some(peer), client_principal: None, client_certificate: None };
+    match authenticator.authenticate(headers, Some(&info)).await {
+        Ok(principal) if authorizer.permissions_everywhere(&principal).contains(Permission::Admin) => None,
+        Ok(principal) => Some(reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            format!("{principal} lacks the admin permission on every tenant, which the status page needs\n"),
+        )),
+        Err(e) => {
+            let mut r = reply(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                format!("the status page needs the admin permission: {}\n", e.message()),
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Basic realm=\"kiln\""));
+            Some(r)
+        }
+    }
+}
+
+/// `/logs/HASH/SIZE/INSTANCE`: a log of a failed action.
+async fn log(rest: &str, sources: &Sources) -> Response<Full<Bytes>> {
+    let mut parts = rest.splitn(3, '/');
+    let (Some(hash), Some(size), instance) = (parts.next(), parts.next(), parts.next().unwrap_or("")) else {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "use /logs/HASH/SIZE/INSTANCE\n");
+    };
+    let digest = match size
+        .parse()
+        .map_err(|_| ())
+        .and_then(|s| kiln_proto::Digest::parse(None, hash, s).map_err(|_| ()))
+    {
+        Ok(d) => d,
+        Err(()) => return reply(StatusCode::BAD_REQUEST, "text/plain", "not a digest\n"),
+    };
+    match (sources.fetch_log)(instance.to_owned(), digest).await {
+        Ok(bytes) => reply(StatusCode::OK, "text/plain; charset=utf-8", bytes),
+        Err(e) => reply(StatusCode::NOT_FOUND, "text/plain", format!("{}\n", e.message())),
+    }
+}
