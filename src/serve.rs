@@ -216,7 +216,7 @@ where
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = kiln_proto::transport::server(&limits)
-        .layer(GrpcMetricsLayer)
+        .layer(GrpcMetricsLayer::new(config.metrics.enabled))
         .layer(AuthLayer::new(auth.authenticator.clone()))
         .layer(ResponseBudgetLayer::new(&limits))
         .add_service(health)
@@ -364,7 +364,7 @@ where
     tracing::info!(%addr, "worker port");
     let workers = WorkersServer::new(WorkerService::new(scheduler.clone(), auth.authorizer.clone()));
     let router = kiln_proto::transport::server(limits)
-        .layer(GrpcMetricsLayer)
+        .layer(GrpcMetricsLayer::new(config.metrics.enabled))
         .layer(AuthLayer::new(auth.authenticator.clone()))
         .add_service(workers);
     let tls = auth.tls.clone().map(|tls| (tls, auth.principal_from));

@@ -319,6 +319,7 @@ mod tests {
         let m = global();
         m.grpc_requests.get_or_create(&CallLabels { service: "s", method: "m", code: code_name(0) }).inc();
         m.ac_lookups.get_or_create(&LookupLabels { tenant: "default".into(), result: "hit" }).inc();
+        m.grpc_duration.get_or_create(&MethodLabels { service: "s", method: "m" }).observe(0.001);
         let text = m.encode();
         assert!(
             text.contains("kiln_grpc_requests_total{service=\"s\",method=\"m\",code=\"OK\"} 1"),

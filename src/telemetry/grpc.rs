@@ -62,21 +62,31 @@ pub fn method_labels(path: &str) -> MethodLabels {
         .unwrap_or(unknown)
 }
 
-/// Records every call that passes through.
+/// Records every call that passes through (unless built disabled:
+/// `[metrics] enabled = false`, which the overhead benchmark compares).
 #[derive(Debug, Clone, Default)]
-pub struct GrpcMetricsLayer;
+pub struct GrpcMetricsLayer {
+    enabled: bool,
+}
+
+impl GrpcMetricsLayer {
+    pub fn new(enabled: bool) -> Self {
+        Self { enabled }
+    }
+}
 
 impl<S> Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
 
     fn layer(&self, inner: S) -> GrpcMetrics<S> {
-        GrpcMetrics { inner }
+        GrpcMetrics { inner, enabled: self.enabled }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct GrpcMetrics<S> {
     inner: S,
+    enabled: bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -95,6 +105,11 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if !self.enabled {
+            let clone = self.inner.clone();
+            let mut ready = std::mem::replace(&mut self.inner, clone);
+            return Box::pin(async move { ready.call(request).await });
+        }
         let labels = method_labels(request.uri().path());
         let metrics = global();
         let received = metrics.grpc_received_bytes.get_or_create(&labels).clone();
@@ -123,7 +138,7 @@ where
 
 /// The span of one call, with Bazel's request metadata when it sent any.
 fn request_span(labels: &MethodLabels, headers: &http::HeaderMap) -> tracing::Span {
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "grpc",
         service = labels.service,
         method = labels.method,
