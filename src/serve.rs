@@ -328,7 +328,7 @@ where
             let cas = cas.clone();
             Box::pin(async move {
                 let key = kiln_storage::store::CasKey::in_instance(&instance, digest);
-                kiln_storage::store::read_all(&cas, &key, 16 << 20).await
+                kiln_storage::store::read_all(&cas, &key, kiln_proto::limits::STATUS_LOG_BYTES_MAX).await
             })
         });
     crate::telemetry::Sources {

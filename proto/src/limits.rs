@@ -75,6 +75,22 @@ pub const WORKER_SESSION_QUEUE: usize = 1024;
 /// Most operations one ListOperations page returns.
 pub const OPERATIONS_PAGE_MAX: usize = 1000;
 
+// The metrics listener and status page.
+
+/// Connections the metrics listener serves at once; more wait in the
+/// kernel's backlog.
+pub const METRICS_CONNECTIONS_MAX: usize = 64;
+/// Longest wait for an HTTP request's headers on the metrics listener.
+pub const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest failed-action log the status page serves, in bytes.
+pub const STATUS_LOG_BYTES_MAX: u64 = 16 << 20;
+/// Largest status summary `kiln status` accepts, in bytes.
+pub const STATUS_SUMMARY_BYTES_MAX: usize = 4 << 20;
+/// Failed executions the scheduler keeps for the status page.
+pub const RECENT_FAILURES_MAX: usize = 50;
+/// Executions in progress a status snapshot lists.
+pub const SNAPSHOT_EXECUTING_MAX: usize = 1000;
+
 // The worker and its sandbox.
 
 /// Longest sandbox run id, in bytes: it names a directory in every cgroup

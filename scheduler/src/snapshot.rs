@@ -13,8 +13,7 @@ use tokio::time::Instant;
 use super::{Execution, Scheduler, State, exec_name, lock};
 use crate::backend::Backend;
 
-/// Failures kept for the status page.
-const RECENT_FAILURES: usize = 50;
+use kiln_proto::limits::{RECENT_FAILURES_MAX, SNAPSHOT_EXECUTING_MAX};
 
 /// A registered worker.
 #[derive(Debug, Clone)]
@@ -80,7 +79,7 @@ impl<B: Backend> Scheduler<B> {
         let mut executing = Vec::new();
         for (id, e) in &s.executions {
             match e.running.and_then(|(w, started)| s.workers.get(&w).map(|w| (w, started))) {
-                Some((w, started)) if executing.len() < 1000 => {
+                Some((w, started)) if executing.len() < SNAPSHOT_EXECUTING_MAX => {
                     executing.push(ExecutingView {
                         execution: exec_name(*id),
                         action: e.key.action.to_string(),
@@ -141,7 +140,7 @@ pub(super) fn ended(s: &mut State, e: &Execution, response: &ExecuteResponse) {
         d.and_then(|d| Digest::parse(function, &d.hash, d.size_bytes).ok()).filter(|d| d.size_bytes() > 0)
     };
     let message = response.status.as_ref().map(|s| s.message.chars().take(512).collect()).unwrap_or_default();
-    if s.failures.len() >= RECENT_FAILURES {
+    if s.failures.len() >= RECENT_FAILURES_MAX {
         s.failures.pop_front();
     }
     s.failures.push_back(FailureView {

@@ -8,8 +8,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 
-/// Largest summary accepted.
-const SUMMARY_BYTES: usize = 4 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// GETs `http://ADDR/status.txt`, with `authorization` when given.
@@ -25,7 +23,7 @@ pub async fn fetch_status(addr: &str, authorization: Option<String>) -> Result<S
         }
         let response = sender.send_request(request.body(Empty::<Bytes>::new())?).await?;
         let status = response.status();
-        let body = Limited::new(response.into_body(), SUMMARY_BYTES)
+        let body = Limited::new(response.into_body(), kiln_proto::limits::STATUS_SUMMARY_BYTES_MAX)
             .collect()
             .await
             .map_err(|e| anyhow::anyhow!("read the summary: {e}"))?

@@ -17,14 +17,11 @@ use tokio::net::TcpListener;
 use super::Sources;
 use super::status::{self, Page};
 
-/// Connections served at once; more wait in the kernel's backlog.
-const CONNECTIONS: usize = 64;
-/// Longest wait for a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+use kiln_proto::limits::{METRICS_CONNECTIONS_MAX, METRICS_HEADER_TIMEOUT};
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, sources: Arc<Sources>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS_MAX));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
         let (tcp, peer) = match listener.accept().await {
@@ -43,7 +40,7 @@ pub async fn serve(listener: TcpListener, sources: Arc<Sources>) {
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
             drop(permit);
