@@ -209,7 +209,7 @@ where
     let _telemetry = ServingTask(
         crate::telemetry::start(
             &config.metrics,
-            telemetry_sources(&config, &auth, &stores, scheduler.clone(), cas.clone()),
+            telemetry_sources(&config, addr, &auth, &stores, scheduler.clone(), cas.clone()),
         )
         .await?,
     );
@@ -276,6 +276,7 @@ impl Drop for ServingTask {
 /// secrets, the stores, the scheduler, failed actions' logs.
 fn telemetry_sources<B, C>(
     config: &Config,
+    addr: std::net::SocketAddr,
     auth: &kiln_auth::config::AuthSetup,
     stores: &Arc<Stores>,
     scheduler: Option<Scheduler<B>>,
@@ -312,7 +313,7 @@ where
     let summary = vec![
         (
             "listen".to_owned(),
-            format!("{} ({})", config.listen, if a.tls_cert.is_some() { "TLS" } else { "plaintext" }),
+            format!("{addr} ({})", if a.tls_cert.is_some() { "TLS" } else { "plaintext" }),
         ),
         ("data directory".to_owned(), config.data_dir.display().to_string()),
         ("storage".to_owned(), stores.describe()),

@@ -229,3 +229,47 @@ async fn waiters_and_the_operations_service_see_the_same_operation() {
     let unknown = client.wait_execution(WaitExecutionRequest { name: "operations/nope".into() }).await;
     assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound, "Bazel then calls Execute again");
 }
+
+#[tokio::test]
+async fn an_actions_life_is_in_the_log_by_its_operation_name() {
+    let filter = "warn,kiln_scheduler=debug,kiln_worker=debug";
+    let kiln = Kiln::start_logging(tempfile::tempdir().unwrap(), &[], filter);
+    let (digest, blobs) = action("cat a > out.txt", &[("a", b"traced input")], 0, &[]);
+    upload(&kiln, &blobs).await;
+    let ops = execute(&kiln, digest, false).await;
+    assert_eq!(status_code(&response_of(ops.last().unwrap())), 0);
+    let operation = ops[0].name.clone();
+    // From the operation name to its execution, then the execution's life
+    // on the scheduler and on the worker.
+    let stages = ["action queued", "action dispatched", "inputs fetched", "executed", "outputs uploaded"];
+    let lines = common::eventually(Duration::from_secs(10), "every stage is logged", || {
+        let log = kiln.log();
+        let execution = log
+            .lines()
+            .find(|l| l.contains("action queued") && l.contains(&format!("operation={operation}")))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("execution=")))
+            .map(str::to_owned);
+        async move {
+            let execution = execution?;
+            let lines: Vec<String> = log
+                .lines()
+                .filter(|l| {
+                    l.contains(&format!("execution={execution} "))
+                        || l.contains(&format!("execution={execution}}}"))
+                })
+                .map(str::to_owned)
+                .collect();
+            (stages.iter().all(|s| lines.iter().any(|l| l.contains(s)))
+                && lines.iter().any(|l| l.contains("execution finished")))
+            .then_some(lines)
+        }
+    })
+    .await;
+    let first = |s: &str| lines.iter().position(|l| l.contains(s)).unwrap();
+    let order: Vec<usize> = stages.iter().map(|s| first(s)).collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "stages in order:\n{}", lines.join("\n"));
+    let finished = &lines[first("execution finished")];
+    assert!(finished.contains(&operation) && finished.contains("code=\"OK\""), "{finished}");
+    assert!(lines[first("inputs fetched")].contains("files=1 bytes=12"), "{}", lines.join("\n"));
+    assert!(!kiln.log().contains('\x1b'), "a log that is not a terminal has no colour codes");
+}

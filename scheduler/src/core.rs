@@ -20,8 +20,8 @@ use bytes::Bytes;
 use kiln_proto::kiln::worker::{
     Assign, Cancel, Finished, Register, SchedulerMessage, WorkerMessage, scheduler_message, worker_message,
 };
-use kiln_proto::limits::{ACTION_MESSAGE_SIZE_BYTES_MAX, SCHEDULER_SWEEP_INTERVAL};
-use kiln_proto::reapi::{self, ActionResult, ExecuteResponse, execution_stage::Value as Stage};
+use kiln_proto::limits::SCHEDULER_SWEEP_INTERVAL;
+use kiln_proto::reapi::{ActionResult, ExecuteResponse, execution_stage::Value as Stage};
 use kiln_proto::{Code, Digest, Error, Result};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -341,6 +341,7 @@ impl<B: Backend> Scheduler<B> {
             return Ok(());
         }
         let exec = op.exec.take();
+        tracing::debug!(operation = %name, execution = ?exec.map(exec_name), "operation cancelled");
         let response = ops::response(
             None,
             ops::status(tonic::Code::Cancelled, "cancelled by CancelOperation"),
@@ -431,12 +432,6 @@ impl<B: Backend> Scheduler<B> {
     }
 }
 
-/// What preparing an execution found.
-enum Prepared {
-    Cached(Box<ActionResult>),
-    Ready { action: Bytes, platform: Platform, timeout: Duration, do_not_cache: bool },
-}
-
 impl<B: Backend> Inner<B> {
     fn watch_locked(self: &Arc<Self>, s: &mut State, name: &str) -> Option<Watch> {
         let op = s.operations.get_mut(name)?;
@@ -466,6 +461,7 @@ impl<B: Backend> Inner<B> {
     async fn prepare(self: Arc<Self>, name: String, args: ExecuteArgs) {
         match self.look(&args).await {
             Ok(Prepared::Cached(result)) => {
+                tracing::debug!(operation = %name, action = %args.action, "action cache hit; nothing to run");
                 let response =
                     ops::response(Some(*result), ops::status(tonic::Code::Ok, ""), true, String::new());
                 let mut s = lock(&self.state);
@@ -476,73 +472,12 @@ impl<B: Backend> Inner<B> {
                 self.enqueue(&mut s, &name, &args, action, platform, timeout, do_not_cache);
             }
             Err(status) => {
+                tracing::debug!(operation = %name, action = %args.action, code = status.code, "refused before queueing");
                 let response = ops::response(None, status, false, String::new());
                 let mut s = lock(&self.state);
                 Self::complete_op(&mut s, &name, &response);
             }
         }
-    }
-
-    /// The action cache, then the Action and Command.
-    async fn look(&self, args: &ExecuteArgs) -> Result<Prepared, kiln_proto::google::rpc::Status> {
-        let b = &self.backend;
-        if !args.skip_cache_lookup {
-            match b.get_action_result(&args.instance, &args.action).await {
-                Ok(Some(result)) if result.exit_code == 0 => return Ok(Prepared::Cached(Box::new(result))),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "action cache lookup failed; executing"),
-            }
-        }
-        let missing = |e: Error, d: &Digest| {
-            if e.is_not_found() { ops::missing_blobs(std::slice::from_ref(d)) } else { ops::error_status(&e) }
-        };
-        let action_bytes = b
-            .read_blob(&args.instance, &args.action, ACTION_MESSAGE_SIZE_BYTES_MAX)
-            .await
-            .map_err(|e| missing(e, &args.action))?;
-        let invalid = |what: &str, e: &dyn std::fmt::Display| {
-            ops::status(tonic::Code::InvalidArgument, format!("{what} does not decode: {e}"))
-        };
-        let action = reapi::Action::decode(action_bytes.as_ref()).map_err(|e| invalid("the Action", &e))?;
-        let function = Some(args.action.function());
-        let command_digest =
-            Digest::from_required(function, action.command_digest.as_ref(), "command_digest")
-                .map_err(|e| ops::error_status(&e))?;
-        let _input_root =
-            Digest::from_required(function, action.input_root_digest.as_ref(), "input_root_digest")
-                .map_err(|e| ops::error_status(&e))?;
-        let command_bytes = b
-            .read_blob(&args.instance, &command_digest, ACTION_MESSAGE_SIZE_BYTES_MAX)
-            .await
-            .map_err(|e| missing(e, &command_digest))?;
-        let command =
-            reapi::Command::decode(command_bytes.as_ref()).map_err(|e| invalid("the Command", &e))?;
-        if command.arguments.is_empty() {
-            return Err(ops::status(tonic::Code::InvalidArgument, "the Command has no arguments"));
-        }
-        let timeout = match &action.timeout {
-            None => self.config.default_timeout,
-            Some(t) if t.seconds < 0 || t.nanos < 0 => {
-                return Err(ops::status(tonic::Code::InvalidArgument, "Action.timeout is negative"));
-            }
-            Some(t) if t.seconds == 0 && t.nanos == 0 => self.config.default_timeout,
-            Some(t) => {
-                let d = Duration::new(t.seconds.unsigned_abs(), t.nanos.unsigned_abs());
-                if d > self.config.max_timeout {
-                    return Err(ops::status(
-                        tonic::Code::InvalidArgument,
-                        format!(
-                            "Action.timeout {:?} is above the longest this scheduler allows ({:?}; [execution] max_timeout_ms)",
-                            d, self.config.max_timeout
-                        ),
-                    ));
-                }
-                d
-            }
-        };
-        let platform = Platform::of(&action, Some(&command));
-        self.config.rules.validate(&platform).map_err(|e| ops::error_status(&e))?;
-        Ok(Prepared::Ready { action: action_bytes, platform, timeout, do_not_cache: action.do_not_cache })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -581,6 +516,7 @@ impl<B: Backend> Inner<B> {
                 .map(|e| if e.running.is_some() { Stage::Executing } else { Stage::Queued });
             if let Some(stage) = stage {
                 s.executions.get_mut(&id).expect("looked up").ops.push(name.to_owned());
+                tracing::debug!(operation = %name, execution = %exec_name(id), "joined an identical execution in flight");
                 let op = s.operations.get_mut(name).expect("checked");
                 op.exec = Some(id);
                 op.tx.send_replace(OpState::at(stage));
@@ -626,6 +562,14 @@ impl<B: Backend> Inner<B> {
         if let Some(op) = s.operations.get_mut(name) {
             op.exec = Some(id);
         }
+        tracing::debug!(
+            operation = %name,
+            execution = %exec_name(id),
+            action = %args.action,
+            instance = %kiln_proto::text::quoted(&args.instance),
+            invocation = %kiln_proto::text::quoted(&args.invocation),
+            "action queued"
+        );
         self.place(s, id, false);
     }
 
@@ -735,7 +679,7 @@ impl<B: Backend> Inner<B> {
     /// (if it held one) goes back, and a running worker is told to stop.
     fn finish(&self, s: &mut State, id: ExecId, response: &ExecuteResponse) {
         let Some(e) = s.executions.remove(&id) else { return };
-        snapshot::ended(s, &e, response);
+        snapshot::ended(s, id, &e, response);
         if e.merges && s.in_flight.get(&e.key) == Some(&id) {
             s.in_flight.remove(&e.key);
         }
@@ -885,6 +829,10 @@ impl<B: Backend> Inner<B> {
         }
     }
 }
+
+#[path = "prepare.rs"]
+mod prepare;
+use prepare::Prepared;
 
 #[path = "sweep.rs"]
 mod sweep;

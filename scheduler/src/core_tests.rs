@@ -501,3 +501,35 @@ async fn finished_operations_are_kept_for_late_waiters_then_forgotten() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(s.watch(&name).is_none(), "forgotten after operation_retention");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_snapshot_shows_the_queue_by_platform_priority_and_invocation() {
+    let b = MemoryBackend::default();
+    let s = Scheduler::new(b.clone(), config());
+    let mut w = FakeWorker::attach(&s, "w1", 1, &[("OSFamily", "linux")]);
+    let linux = [("OSFamily", "linux")];
+    let mut ops = Vec::new();
+    for (i, (priority, invocation)) in [(-5, "a"), (0, "a"), (7, "b"), (i32::MAX, "b")].into_iter().enumerate() {
+        let action = b.action(&["cc", &i.to_string()], &linux, 0, false);
+        ops.push(s.execute(ExecuteArgs { priority, ..args(action, invocation) }).unwrap());
+    }
+    let first = w.assigned().await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let snap = s.snapshot();
+    let platform = snap.workers[0].platform.clone();
+    assert_eq!(snap.executing.len(), 1);
+    assert_eq!(snap.executing[0].worker, "w1");
+    assert_eq!(snap.executing[0].execution, first.execution_id);
+    assert_eq!(snap.queued_by_invocation, vec![("a".to_owned(), 1), ("b".to_owned(), 2)]);
+    assert_eq!(snap.queued_by_platform, vec![(platform.clone(), 3)]);
+    assert_eq!(
+        snap.queued_by_priority,
+        vec![((platform.clone(), "low"), 2), ((platform, "normal"), 1)],
+        "the highest priority runs first; any int32 maps to one of three labels"
+    );
+    w.finish(&s, &first, tonic::Code::Ok, ok(3));
+    let r = done(&mut ops[0]).await;
+    assert_eq!(r.result.unwrap().exit_code, 3);
+    let failure = &s.snapshot().failures[0];
+    assert_eq!((failure.exit_code, failure.worker.as_str()), (Some(3), "w1"));
+}

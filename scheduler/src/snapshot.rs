@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::{Execution, Scheduler, State, exec_name, lock};
 use crate::backend::Backend;
+use crate::queue::ExecId;
 
 use kiln_proto::limits::{RECENT_FAILURES_MAX, SNAPSHOT_EXECUTING_MAX};
 
@@ -61,6 +62,9 @@ pub struct Snapshot {
     /// Queued executions per worker platform that could run them
     /// ("unsatisfiable" when none could).
     pub queued_by_platform: Vec<(String, usize)>,
+    /// Queued executions per platform (as above) and priority class
+    /// ([`priority_class`]).
+    pub queued_by_priority: Vec<((String, &'static str), usize)>,
     pub executing: Vec<ExecutingView>,
     /// Newest first.
     pub failures: Vec<FailureView>,
@@ -76,6 +80,7 @@ impl<B: Backend> Scheduler<B> {
         let rules = &self.inner.config.rules;
         let mut by_invocation: BTreeMap<String, usize> = BTreeMap::new();
         let mut by_platform: BTreeMap<String, usize> = BTreeMap::new();
+        let mut by_priority: BTreeMap<(String, &'static str), usize> = BTreeMap::new();
         let mut executing = Vec::new();
         for (id, e) in &s.executions {
             match e.running.and_then(|(w, started)| s.workers.get(&w).map(|w| (w, started))) {
@@ -98,6 +103,7 @@ impl<B: Backend> Scheduler<B> {
                         .values()
                         .find(|w| rules.satisfies(&w.platform, &e.platform))
                         .map_or_else(|| "unsatisfiable".to_owned(), |w| w.platform.to_string());
+                    *by_priority.entry((pool.clone(), priority_class(e.priority))).or_default() += 1;
                     *by_platform.entry(pool).or_default() += 1;
                 }
                 None => {}
@@ -120,6 +126,7 @@ impl<B: Backend> Scheduler<B> {
             workers,
             queued_by_invocation: by_invocation.into_iter().collect(),
             queued_by_platform: by_platform.into_iter().collect(),
+            queued_by_priority: by_priority.into_iter().collect(),
             executing,
             failures: s.failures.iter().rev().cloned().collect(),
             operations: s.operations.len(),
@@ -127,11 +134,29 @@ impl<B: Backend> Scheduler<B> {
     }
 }
 
+/// A priority as a label value from a fixed set: REAPI priorities are
+/// any int32 (lower runs sooner), so the value itself would let clients
+/// add series.
+pub fn priority_class(priority: i32) -> &'static str {
+    match priority.cmp(&0) {
+        std::cmp::Ordering::Less => "high",
+        std::cmp::Ordering::Equal => "normal",
+        std::cmp::Ordering::Greater => "low",
+    }
+}
+
 /// Counts an execution's end, and keeps it if it failed.
-pub(super) fn ended(s: &mut State, e: &Execution, response: &ExecuteResponse) {
+pub(super) fn ended(s: &mut State, id: ExecId, e: &Execution, response: &ExecuteResponse) {
     let code = response.status.as_ref().map_or(0, |s| s.code);
     global().executions.get_or_create(&OutcomeLabels { outcome: code_name(code) }).inc();
     let exit_code = response.result.as_ref().map(|r| r.exit_code);
+    tracing::debug!(
+        execution = %exec_name(id),
+        operations = ?e.ops,
+        code = code_name(code),
+        exit_code,
+        "execution finished"
+    );
     if code == 0 && exit_code.unwrap_or(0) == 0 {
         return;
     }

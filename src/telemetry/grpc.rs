@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use kiln_proto::metrics::{CallLabels, MethodLabels, code_name, global};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
@@ -47,19 +49,76 @@ const METHODS: &[(&str, &str, &[&str])] = &[
     ("kiln.worker.v1.Workers", "Workers", &["Session"]),
 ];
 
-/// The labels of a request path: `/package.Service/Method`.
-pub fn method_labels(path: &str) -> MethodLabels {
-    let unknown = MethodLabels { service: "unknown", method: "unknown" };
-    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
-        return unknown;
-    };
-    METHODS
-        .iter()
-        .find(|(full, _, _)| *full == service)
-        .and_then(|(_, short, methods)| {
-            methods.iter().find(|m| **m == method).map(|m| MethodLabels { service: short, method: m })
+const UNKNOWN: MethodLabels = MethodLabels { service: "unknown", method: "unknown" };
+
+/// Where a request path (`/package.Service/Method`) sits in [`METHODS`]:
+/// (service, method).
+fn method_index(path: &str) -> Option<(usize, usize)> {
+    let (service, method) = path.strip_prefix('/').and_then(|p| p.split_once('/'))?;
+    let s = METHODS.iter().position(|(full, _, _)| *full == service)?;
+    let m = METHODS[s].2.iter().position(|m| *m == method)?;
+    Some((s, m))
+}
+
+/// One method's series, looked up in their families once per process
+/// rather than once per call (a family lookup hashes the labels under a
+/// lock). Each is created on first use, so methods never called export
+/// nothing.
+struct MethodHandles {
+    labels: MethodLabels,
+    received: OnceLock<Counter>,
+    sent: OnceLock<Counter>,
+    duration: OnceLock<Histogram>,
+    /// By status code; codes outside gRPC's 17 count as UNKNOWN.
+    requests: [OnceLock<Counter>; 17],
+}
+
+impl MethodHandles {
+    fn new(labels: MethodLabels) -> Self {
+        Self {
+            labels,
+            received: OnceLock::new(),
+            sent: OnceLock::new(),
+            duration: OnceLock::new(),
+            requests: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn received(&self) -> &Counter {
+        self.received.get_or_init(|| global().grpc_received_bytes.get_or_create(&self.labels).clone())
+    }
+
+    fn sent(&self) -> &Counter {
+        self.sent.get_or_init(|| global().grpc_sent_bytes.get_or_create(&self.labels).clone())
+    }
+
+    fn duration(&self) -> &Histogram {
+        self.duration.get_or_init(|| global().grpc_duration.get_or_create(&self.labels).clone())
+    }
+
+    fn requests(&self, code: i32) -> &Counter {
+        let i = usize::try_from(code).ok().filter(|c| *c < 17).unwrap_or(tonic::Code::Unknown as usize);
+        self.requests[i].get_or_init(|| {
+            let labels =
+                CallLabels { service: self.labels.service, method: self.labels.method, code: code_name(code) };
+            global().grpc_requests.get_or_create(&labels).clone()
         })
-        .unwrap_or(unknown)
+    }
+}
+
+/// The handles of a request path's method (`unknown` for any other path).
+fn handles(path: &str) -> &'static MethodHandles {
+    static ALL: OnceLock<(Vec<Vec<MethodHandles>>, MethodHandles)> = OnceLock::new();
+    let (known, unknown) = ALL.get_or_init(|| {
+        let known = METHODS
+            .iter()
+            .map(|(_, service, methods)| {
+                methods.iter().map(|method| MethodHandles::new(MethodLabels { service, method })).collect()
+            })
+            .collect();
+        (known, MethodHandles::new(UNKNOWN))
+    });
+    method_index(path).map_or(unknown, |(s, m)| &known[s][m])
 }
 
 /// Records every call that passes through (unless built disabled:
@@ -110,11 +169,9 @@ where
             let mut ready = std::mem::replace(&mut self.inner, clone);
             return Box::pin(async move { ready.call(request).await });
         }
-        let labels = method_labels(request.uri().path());
-        let metrics = global();
-        let received = metrics.grpc_received_bytes.get_or_create(&labels).clone();
-        let span = request_span(&labels, request.headers());
-        let request = request.map(|inner| Body::new(CountedRequest { inner, received }));
+        let method = handles(request.uri().path());
+        let span = request_span(&method.labels, request.headers());
+        let request = request.map(|inner| Body::new(CountedRequest { inner, received: method.received() }));
         let clone = self.inner.clone();
         let mut ready = std::mem::replace(&mut self.inner, clone);
         let started = Instant::now();
@@ -122,14 +179,13 @@ where
         Box::pin(
             async move {
                 let response = ready.call(request).await?;
-                let mut call = Call { labels, started, span: call_span, done: false };
+                let mut call = Call { method, started, span: call_span, done: false };
                 // Trailers-only: the status is in the headers, and the body is empty.
                 if let Some(code) = grpc_status(response.headers()) {
                     call.finish(code);
                     return Ok(response);
                 }
-                let sent = metrics.grpc_sent_bytes.get_or_create(&call.labels).clone();
-                Ok(response.map(|inner| Body::new(ObservedResponse { inner, sent, call })))
+                Ok(response.map(|inner| Body::new(ObservedResponse { inner, sent: method.sent(), call })))
             }
             .instrument(span),
         )
@@ -168,7 +224,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
 
 /// One call, counted once when it ends (or is dropped: the client left).
 struct Call {
-    labels: MethodLabels,
+    method: &'static MethodHandles,
     started: Instant,
     span: tracing::Span,
     done: bool,
@@ -179,13 +235,11 @@ impl Call {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let metrics = global();
-        let code = code_name(code);
         let elapsed = self.started.elapsed();
-        let labels = CallLabels { service: self.labels.service, method: self.labels.method, code };
-        metrics.grpc_requests.get_or_create(&labels).inc();
-        metrics.totals.requests.fetch_add(1, Ordering::Relaxed);
-        metrics.grpc_duration.get_or_create(&self.labels).observe(elapsed.as_secs_f64());
+        self.method.requests(code).inc();
+        global().totals.requests.fetch_add(1, Ordering::Relaxed);
+        self.method.duration().observe(elapsed.as_secs_f64());
+        let code = code_name(code);
         self.span.record("code", code);
         self.span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
         self.span.in_scope(|| {
@@ -204,7 +258,7 @@ impl Drop for Call {
 
 struct CountedRequest {
     inner: Body,
-    received: Counter,
+    received: &'static Counter,
 }
 
 impl http_body::Body for CountedRequest {
@@ -236,7 +290,7 @@ impl http_body::Body for CountedRequest {
 
 struct ObservedResponse {
     inner: Body,
-    sent: Counter,
+    sent: &'static Counter,
     call: Call,
 }
 
@@ -280,11 +334,30 @@ mod tests {
 
     #[test]
     fn only_served_methods_get_their_own_labels() {
-        let l = method_labels("/build.bazel.remote.execution.v2.ActionCache/GetActionResult");
+        let l = &handles("/build.bazel.remote.execution.v2.ActionCache/GetActionResult").labels;
         assert_eq!((l.service, l.method), ("ActionCache", "GetActionResult"));
         for path in ["/build.bazel.remote.execution.v2.ActionCache/Nope", "/x.Y/Z", "", "/", "//"] {
-            let l = method_labels(path);
+            let l = &handles(path).labels;
             assert_eq!((l.service, l.method), ("unknown", "unknown"), "{path}");
         }
+        for (full, _, methods) in METHODS {
+            for m in *methods {
+                assert_eq!(handles(&format!("/{full}/{m}")).labels.method, *m);
+            }
+        }
+    }
+
+    #[test]
+    fn codes_outside_grpcs_seventeen_count_as_unknown() {
+        let method = handles("/grpc.health.v1.Health/Watch");
+        method.requests(99).inc();
+        method.requests(-1).inc();
+        method.requests(tonic::Code::DataLoss as i32).inc();
+        let text = global().encode();
+        assert!(
+            text.contains(r#"kiln_grpc_requests_total{service="Health",method="Watch",code="UNKNOWN"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"kiln_grpc_requests_total{service="Health",method="Watch",code="DATA_LOSS"} 1"#));
     }
 }

@@ -67,7 +67,9 @@ pub enum LogFormat {
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: journald, files and pipes get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
@@ -145,13 +147,14 @@ impl prometheus_client::collector::Collector for SchedulerCollector {
         }
         let mut family = encoder.encode_descriptor(
             "scheduler_queued_actions",
-            "Queued actions, by the platform of the workers that could run them (\"unsatisfiable\": none yet)",
+            "Queued actions, by the platform of the workers that could run them (\"unsatisfiable\": none yet) and priority (high: below 0, normal: 0, low: above 0)",
             None,
             MetricType::Gauge,
         )?;
-        for (platform, n) in &s.queued_by_platform {
+        for ((platform, priority), n) in &s.queued_by_priority {
             let n = i64::try_from(*n).unwrap_or(i64::MAX);
-            ConstGauge::new(n).encode(family.encode_family(&[("platform", platform.as_str())])?)?;
+            let labels = [("platform", platform.as_str()), ("priority", priority)];
+            ConstGauge::new(n).encode(family.encode_family(&labels)?)?;
         }
         let mut family = encoder.encode_descriptor(
             "scheduler_operations",

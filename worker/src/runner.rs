@@ -10,6 +10,7 @@ use kiln_proto::kiln::worker::{Assign, Finished};
 use kiln_proto::reapi::{self, ActionResult, ExecutedActionMetadata};
 use kiln_proto::{Code, Digest, DigestFunction, Error, Result};
 use prost::Message;
+use tracing::Instrument;
 
 use crate::cache::FileCache;
 use crate::cas::CasClient;
@@ -139,7 +140,10 @@ fn kill_sandbox(config: &SandboxConfig, id: &str) {
 impl<F: CasFactory> Runner<F> {
     /// Runs `assign` on slot `slot`; always answers with a Finished.
     pub async fn run(self: &Arc<Self>, assign: &Assign, slot: u32) -> Finished {
-        match self.try_run(assign, slot).await {
+        // Every event of the run carries its execution name, which the
+        // scheduler's log ties to the client's operation name.
+        let span = tracing::info_span!("action", execution = %safe_name(&assign.execution_id));
+        match self.try_run(assign, slot).instrument(span).await {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(execution = %assign.execution_id, error = %e, "action could not run");
@@ -187,8 +191,7 @@ impl<F: CasFactory> Runner<F> {
             return Err(Error::invalid_argument("the Command has no arguments"));
         }
 
-        let name: String =
-            assign.execution_id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(64).collect();
+        let name = safe_name(&assign.execution_id);
         // Unique across runs and worker processes: names the run's cgroups,
         // which a restarted worker finds by its tag.
         let run_id =
@@ -203,7 +206,13 @@ impl<F: CasFactory> Runner<F> {
 
         let fetch_start = SystemTime::now();
         match inputs::materialize(&self.cache, &cas, function, &input_root, &exec_root, owner).await {
-            Ok(_) => {}
+            Ok(stats) => tracing::debug!(
+                files = stats.files,
+                bytes = stats.bytes,
+                fetched = stats.cache_misses,
+                ms = stats.duration.as_millis(),
+                "inputs fetched"
+            ),
             Err(MaterializeError::MissingInputs(digests)) => return Ok(missing(digests)),
             Err(MaterializeError::Failed(e)) => return Err(e),
         }
@@ -276,6 +285,13 @@ impl<F: CasFactory> Runner<F> {
             "exited"
         });
         guard.disarm();
+        tracing::debug!(
+            exit_code = outcome.exit_code,
+            timed_out = outcome.timed_out,
+            oom_killed = outcome.oom_killed,
+            ms = outcome.finished.duration_since(outcome.started).unwrap_or_default().as_millis(),
+            "executed"
+        );
 
         let upload_start = SystemTime::now();
         let mut result = ActionResult { exit_code: outcome.exit_code, ..Default::default() };
@@ -283,6 +299,12 @@ impl<F: CasFactory> Runner<F> {
         result.stdout_digest = Some(outputs::upload_log(&cas, function, &stdout).await?.to_proto());
         result.stderr_digest = Some(outputs::upload_log(&cas, function, &stderr).await?.to_proto());
         let upload_done = SystemTime::now();
+        tracing::debug!(
+            files = result.output_files.len(),
+            directories = result.output_directories.len(),
+            ms = upload_done.duration_since(upload_start).unwrap_or_default().as_millis(),
+            "outputs uploaded"
+        );
         result.execution_metadata = Some(ExecutedActionMetadata {
             worker: self.config.worker_id.clone(),
             worker_start_timestamp: Some(timestamp(worker_start)),
@@ -306,6 +328,12 @@ impl<F: CasFactory> Runner<F> {
         f.action_result = result.encode_to_vec();
         Ok(f)
     }
+}
+
+/// An execution name as the scheduler makes them (`e42`), kept to
+/// characters safe in paths and logs whatever a scheduler sends.
+fn safe_name(execution_id: &str) -> String {
+    execution_id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(64).collect()
 }
 
 /// Counts a sandboxed run by how it ended.
