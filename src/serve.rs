@@ -311,10 +311,7 @@ where
         "on, remote workers only".to_owned()
     };
     let summary = vec![
-        (
-            "listen".to_owned(),
-            format!("{addr} ({})", if a.tls_cert.is_some() { "TLS" } else { "plaintext" }),
-        ),
+        ("listen".to_owned(), format!("{addr} ({})", if a.tls_cert.is_some() { "TLS" } else { "plaintext" })),
         ("data directory".to_owned(), config.data_dir.display().to_string()),
         ("storage".to_owned(), stores.describe()),
         (

@@ -1,14 +1,19 @@
 //! What operators see, against a real `kiln serve`: `/metrics` agrees with
 //! what Bazel reports and with the bytes moved, label sets stay bounded
 //! whatever clients send, the status page and `kiln status` show the
-//! sections operators look for and refuse visitors without `admin`.
+//! sections operators look for and refuse visitors without `admin`, in a
+//! real browser (headless Chromium, its screenshot read back by OCR).
 //!
-//! Needs root (remote execution sandboxes actions) and `bazel`.
+//! Needs root (remote execution sandboxes actions), `bazel`, `chromium`
+//! and `tesseract` (`./scripts/test` installs them).
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
 use common::Kiln;
 use common::bazel::{Bazel, assert_all_hits, exclusive};
@@ -16,14 +21,19 @@ use kiln_proto::reapi::{Digest, GetActionResultRequest};
 
 /// GET over HTTP/1.1: (status, body).
 fn get(addr: SocketAddr, path: &str, authorization: Option<&str>) -> (u16, String) {
+    let (status, response) = get_with_headers(addr, path, authorization);
+    (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+/// GET over HTTP/1.1: (status, the whole response).
+fn get_with_headers(addr: SocketAddr, path: &str, authorization: Option<&str>) -> (u16, String) {
     let mut tcp = TcpStream::connect(addr).unwrap();
     let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
     write!(tcp, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
     let mut response = String::new();
     tcp.read_to_string(&mut response).unwrap();
     let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
+    (status, response)
 }
 
 /// The sum of the samples of `name` whose labels contain every one of
@@ -35,6 +45,59 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum()
+}
+
+/// Runs a tool under coreutils' `timeout`; its stdout.
+fn tool(program: &str, args: &[&str], install: &str) -> String {
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{program} failed ({}; install Debian's {install}, as ./scripts/test does):\n{stderr}",
+        out.status
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Headless Chromium's flags, with its profile under `dir`.
+fn chromium_flags(dir: &Path) -> Vec<String> {
+    let profile = format!("--user-data-dir={}", dir.join("profile").display());
+    ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", &profile].map(str::to_owned).to_vec()
+}
+
+/// `url` rendered by headless Chromium: the DOM after rendering.
+fn chromium_dom(url: &str, dir: &Path) -> String {
+    let flags = [chromium_flags(dir), vec!["--dump-dom".to_owned(), url.to_owned()]].concat();
+    tool("chromium", &flags.iter().map(String::as_str).collect::<Vec<_>>(), "chromium")
+}
+
+/// `url` rendered by headless Chromium: a screenshot (PNG) written under
+/// `dir`.
+fn chromium_screenshot(url: &str, dir: &Path) -> PathBuf {
+    let shot = dir.join("status.png");
+    let size = "--window-size=1280,2400".to_owned();
+    let flags = [chromium_flags(dir), vec![size, format!("--screenshot={}", shot.display()), url.to_owned()]]
+        .concat();
+    tool("chromium", &flags.iter().map(String::as_str).collect::<Vec<_>>(), "chromium");
+    assert!(std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000), "a screenshot was written");
+    shot
+}
+
+/// The text tesseract reads in an image.
+fn ocr(image: &Path) -> String {
+    tool("tesseract", &[image.to_str().unwrap(), "stdout"], "tesseract-ocr")
+}
+
+/// One section of the status page's HTML: from its heading to the next.
+fn section<'a>(page: &'a str, id: &str) -> &'a str {
+    let start = page.find(&format!("<h2 id=\"{id}\">")).unwrap_or_else(|| panic!("no section {id}:\n{page}"));
+    let rest = &page[start + 4..];
+    &page[start..start + 4 + rest.find("<h2").unwrap_or(rest.len())]
 }
 
 fn scrape(kiln: &Kiln) -> String {
@@ -157,8 +220,13 @@ fn the_status_page_needs_admin_when_auth_is_on() {
     let kiln = Kiln::start_with(&["--config", config.to_str().unwrap()]);
     let addr = kiln.metrics_addr();
 
-    let (status, body) = get(addr, "/status", None);
+    let (status, body) = get_with_headers(addr, "/status", None);
     assert_eq!(status, 401, "{body}");
+    assert!(body.contains("WWW-Authenticate: Bearer") || body.contains("www-authenticate: Bearer"), "{body}");
+    // A browser without credentials sees the refusal, not the page.
+    let browser = tempfile::tempdir().unwrap();
+    let dom = chromium_dom(&format!("http://{addr}/status"), browser.path());
+    assert!(dom.contains("needs the admin permission") && !dom.contains("id=\"configuration\""), "{dom}");
     let (status, _) = get(addr, "/status.txt", Some(&format!("Bearer {reader}")));
     assert_eq!(status, 403, "a token without admin is refused");
     let (status, page) = get(addr, "/status", Some(&format!("Bearer {admin}")));
@@ -175,4 +243,100 @@ fn the_status_page_needs_admin_when_auth_is_on() {
     assert!(text.contains("== Configuration") && text.contains("bearer tokens"), "{text}");
     let failures = metric(&scrape(&kiln), "kiln_auth_failures_total", &[]);
     assert_eq!(failures, 0.0, "refusals on the status page are not gRPC failures");
+}
+
+#[test]
+fn the_status_page_renders_in_chromium_during_a_remote_build() {
+    let _turn = exclusive();
+    let kiln = Kiln::start();
+    let bazel = Bazel::new();
+    let flags = [
+        format!("--remote_executor={}", kiln.remote()),
+        "--remote_default_exec_properties=OSFamily=linux".to_owned(),
+        "--spawn_strategy=remote".to_owned(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (ok, output) = bazel.try_run(&[&["build", "//gen:fails"][..], &flags].concat());
+    assert!(!ok, "the failing action fails the build:\n{output}");
+    let url = format!("http://{}/status", kiln.metrics_addr());
+    let dir = tempfile::tempdir().unwrap();
+
+    std::thread::scope(|s| {
+        let build = s.spawn(|| bazel.try_run(&[&["build", "//gen:long"][..], &flags].concat()));
+        // The long action is on the worker: the page shows it executing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(240);
+        while !section(&get(kiln.metrics_addr(), "/status", None).1, "executing").contains("local-") {
+            assert!(!build.is_finished(), "the build ended before its action was seen executing");
+            assert!(std::time::Instant::now() < deadline, "the long action never started");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let dom = chromium_dom(&url, dir.path());
+        let shot = chromium_screenshot(&url, dir.path());
+        let executing = section(&dom, "executing");
+        assert!(executing.contains("local-") && executing.contains("<td>e"), "{executing}");
+        assert!(section(&dom, "workers").contains("1 of 2 busy"), "{dom}");
+        assert!(section(&dom, "configuration").contains("local worker with"), "{dom}");
+        let failures = section(&dom, "failures");
+        assert!(failures.contains("<td>3</td>"), "the failed action's exit code:\n{failures}");
+        // What a person sees: every section's heading, read off the pixels.
+        let seen = ocr(&shot);
+        for heading in [
+            "Kiln status",
+            "Configuration",
+            "Cache and traffic",
+            "Stores",
+            "Health",
+            "Queue",
+            "Executing",
+            "Workers",
+            "Recent failed actions",
+        ] {
+            assert!(seen.contains(heading), "{heading:?} is not in the screenshot; OCR read:\n{seen}");
+        }
+        // The failure's log links fetch its output.
+        let links: Vec<&str> =
+            failures.split("href=\"").skip(1).filter_map(|h| h.split('"').next()).collect();
+        assert_eq!(links.len(), 2, "stdout and stderr links: {failures}");
+        let logs: Vec<String> = links.iter().map(|l| get(kiln.metrics_addr(), l, None).1).collect();
+        assert_eq!(logs, ["kiln-test-stdout\n", "kiln-test-stderr\n"], "{links:?}");
+
+        let (ok, output) = build.join().unwrap();
+        assert!(ok, "{output}");
+    });
+    let page = get(kiln.metrics_addr(), "/status", None).1;
+    assert!(!section(&page, "executing").contains("local-"), "{page}");
+    assert!(section(&page, "workers").contains("0 of 2 busy"), "{page}");
+}
+
+#[test]
+fn the_status_page_takes_htpasswd_users_like_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    // apr1 hash of "secret" with salt abcdefgh (openssl passwd -apr1).
+    std::fs::write(
+        &htpasswd,
+        "ops:$apr1$abcdefgh$h9FWgUz3n9YxylKLlR5SQ/\ndev:$apr1$abcdefgh$h9FWgUz3n9YxylKLlR5SQ/\n",
+    )
+    .unwrap();
+    let rule = |who: &str, perms: &str| {
+        format!("[[auth.rules]]\nprincipal = \"user:{who}\"\ntenant = \"*\"\npermissions = [{perms}]\n")
+    };
+    let config = format!(
+        "[auth]\nhtpasswd = \"{}\"\n\n{}\n{}",
+        htpasswd.display(),
+        rule("ops", "\"admin\""),
+        rule("dev", "\"read\"")
+    );
+    let kiln = Kiln::start_with_config(&config);
+    let metrics = kiln.metrics_addr().to_string();
+    let (status, response) = get_with_headers(kiln.metrics_addr(), "/status", None);
+    assert_eq!(status, 401);
+    assert!(response.to_ascii_lowercase().contains("www-authenticate: basic realm=\"kiln\""), "{response}");
+    for (user, allowed) in [("ops:secret", true), ("dev:secret", false), ("ops:wrong", false)] {
+        let (ok, text, err) = common::kiln(&["status", "--metrics", &metrics, "--basic-auth", user]);
+        assert_eq!(ok, allowed, "{user}: {text}{err}");
+        if allowed {
+            assert!(text.contains("basic auth (htpasswd)"), "{text}");
+        }
+    }
 }

@@ -509,7 +509,9 @@ async fn the_snapshot_shows_the_queue_by_platform_priority_and_invocation() {
     let mut w = FakeWorker::attach(&s, "w1", 1, &[("OSFamily", "linux")]);
     let linux = [("OSFamily", "linux")];
     let mut ops = Vec::new();
-    for (i, (priority, invocation)) in [(-5, "a"), (0, "a"), (7, "b"), (i32::MAX, "b")].into_iter().enumerate() {
+    for (i, (priority, invocation)) in
+        [(-5, "a"), (0, "a"), (7, "b"), (i32::MAX, "b")].into_iter().enumerate()
+    {
         let action = b.action(&["cc", &i.to_string()], &linux, 0, false);
         ops.push(s.execute(ExecuteArgs { priority, ..args(action, invocation) }).unwrap());
     }

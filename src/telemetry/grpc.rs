@@ -99,8 +99,11 @@ impl MethodHandles {
     fn requests(&self, code: i32) -> &Counter {
         let i = usize::try_from(code).ok().filter(|c| *c < 17).unwrap_or(tonic::Code::Unknown as usize);
         self.requests[i].get_or_init(|| {
-            let labels =
-                CallLabels { service: self.labels.service, method: self.labels.method, code: code_name(code) };
+            let labels = CallLabels {
+                service: self.labels.service,
+                method: self.labels.method,
+                code: code_name(code),
+            };
             global().grpc_requests.get_or_create(&labels).clone()
         })
     }
@@ -358,6 +361,8 @@ mod tests {
             text.contains(r#"kiln_grpc_requests_total{service="Health",method="Watch",code="UNKNOWN"} 2"#),
             "{text}"
         );
-        assert!(text.contains(r#"kiln_grpc_requests_total{service="Health",method="Watch",code="DATA_LOSS"} 1"#));
+        assert!(
+            text.contains(r#"kiln_grpc_requests_total{service="Health",method="Watch",code="DATA_LOSS"} 1"#)
+        );
     }
 }

@@ -120,8 +120,15 @@ async fn check_admin(
                 "text/plain",
                 format!("the status page needs the admin permission: {}\n", e.message()),
             );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Basic realm=\"kiln\""));
+            // Browsers ask for a user name and password on Basic; with no
+            // htpasswd file that prompt could never succeed, so they get
+            // Bearer and show the message instead.
+            let scheme = if authenticator.htpasswd.is_some() {
+                "Basic realm=\"kiln\""
+            } else {
+                "Bearer realm=\"kiln\""
+            };
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static(scheme));
             Some(r)
         }
     }

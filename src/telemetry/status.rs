@@ -225,6 +225,7 @@ fn sections(page: &Page<'_>) -> Vec<Section> {
         .iter()
         .map(|e| {
             vec![
+                e.execution.clone(),
                 e.action.clone(),
                 e.instance.clone(),
                 e.invocation.clone(),
@@ -234,7 +235,7 @@ fn sections(page: &Page<'_>) -> Vec<Section> {
             ]
         })
         .collect();
-    let header = vec!["action", "instance", "invocation", "worker", "attempt", "running for"];
+    let header = vec!["execution", "action", "instance", "invocation", "worker", "attempt", "running for"];
     out.push(plain("executing", "Executing", header, executing));
     let workers = s
         .workers
