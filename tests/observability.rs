@@ -340,3 +340,61 @@ fn the_status_page_takes_htpasswd_users_like_grpc() {
         }
     }
 }
+
+/// Sends `request` as is; the whole response (empty when the server just
+/// closed the connection).
+fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = tcp.write_all(request);
+    let mut response = Vec::new();
+    let _ = tcp.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn the_metrics_listener_answers_bad_requests_and_outlives_floods() {
+    use kiln_proto::limits::{METRICS_CONNECTIONS_MAX, METRICS_HEADER_TIMEOUT};
+    let kiln = Kiln::start();
+    let addr = kiln.metrics_addr();
+    // Wrong methods, paths, digests and bytes get precise answers.
+    let post =
+        raw(addr, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    assert_eq!(get(addr, "/nope", None).0, 404);
+    assert_eq!(get(addr, "/logs/abc", None).0, 404, "a path that is not HASH/SIZE/INSTANCE");
+    assert_eq!(get(addr, "/logs/zz/1/", None).0, 400, "not a digest");
+    assert_eq!(get(addr, &format!("/logs/{}/-5/", "0".repeat(64)), None).0, 400, "a negative size");
+    assert_eq!(get(addr, &format!("/logs/{}/5/main", "0".repeat(64)), None).0, 404, "no such log");
+    assert!(raw(addr, b"NOT HTTP AT ALL\r\n\r\n").starts_with("HTTP/1.1 400"));
+    let huge = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20));
+    let answer = raw(addr, huge.as_bytes());
+    assert!(!answer.contains(" 200 "), "a 1 MiB header is refused: {}", &answer[..answer.len().min(200)]);
+
+    // Connections that never send a request take every slot; a scrape
+    // behind them waits for the header deadline to close them, then is
+    // served.
+    let silent: Vec<TcpStream> =
+        (0..METRICS_CONNECTIONS_MAX).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let started = std::time::Instant::now();
+    let (status, body) = get(addr, "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("kiln_store_capacity_bytes"), "{body}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= METRICS_HEADER_TIMEOUT - Duration::from_secs(1) && waited < Duration::from_secs(60),
+        "the scrape waited {waited:?} for a slot"
+    );
+    for mut c in silent {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(n) => assert_eq!(n, 0, "closed without an answer"),
+            Err(e) => assert!(
+                !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+                "a silent connection was left open"
+            ),
+        }
+    }
+    assert_eq!(get(addr, "/status.txt", None).0, 200, "and the listener serves on");
+}

@@ -82,6 +82,13 @@ pub const OPERATIONS_PAGE_MAX: usize = 1000;
 pub const METRICS_CONNECTIONS_MAX: usize = 64;
 /// Longest wait for an HTTP request's headers on the metrics listener.
 pub const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest a metrics listener connection lives, however busy: a client
+/// that stops reading a response gives its slot back by then (scrapers
+/// simply reconnect).
+pub const METRICS_CONNECTION_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+/// Failed-action logs the status page reads from the CAS at once (each up
+/// to [`STATUS_LOG_BYTES_MAX`] in memory); more wait their turn.
+pub const STATUS_LOG_FETCHES_MAX: usize = 4;
 /// Largest failed-action log the status page serves, in bytes.
 pub const STATUS_LOG_BYTES_MAX: u64 = 16 << 20;
 /// Largest status summary `kiln status` accepts, in bytes.

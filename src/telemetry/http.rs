@@ -1,5 +1,6 @@
 //! The metrics listener: plain HTTP/1.1 (hyper), a bounded number of
-//! connections, a deadline on request headers.
+//! connections, a deadline on request headers and on each connection's
+//! whole life, a bounded number of log reads at once.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -8,7 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use kiln_proto::access::{PeerInfo, Permission};
@@ -17,7 +19,9 @@ use tokio::net::TcpListener;
 use super::Sources;
 use super::status::{self, Page};
 
-use kiln_proto::limits::{METRICS_CONNECTIONS_MAX, METRICS_HEADER_TIMEOUT};
+use kiln_proto::limits::{
+    METRICS_CONNECTION_TIME_MAX, METRICS_CONNECTIONS_MAX, METRICS_HEADER_TIMEOUT, STATUS_LOG_FETCHES_MAX,
+};
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, sources: Arc<Sources>) {
@@ -38,26 +42,67 @@ pub async fn serve(listener: TcpListener, sources: Arc<Sources>) {
                 let sources = sources.clone();
                 async move { Ok::<_, Infallible>(handle(req, &sources, peer).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(METRICS_HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+                .serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(METRICS_CONNECTION_TIME_MAX, connection).await;
             drop(permit);
         });
     }
 }
 
-fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Full::new(body.into()))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+/// Every response's body.
+type Body = BoxBody<Bytes, Infallible>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    reply_with(status, content_type, Full::new(body.into()).boxed())
 }
 
-async fn handle(req: Request<Incoming>, sources: &Sources, peer: SocketAddr) -> Response<Full<Bytes>> {
+fn reply_with(status: StatusCode, content_type: &str, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_str(content_type).unwrap_or(TEXT));
+    r.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    r
+}
+
+const TEXT: http::HeaderValue = http::HeaderValue::from_static("text/plain");
+
+/// A log, sent in pieces while it holds its turn: the bytes stay in
+/// memory until the last piece is taken, so the turn lasts as long.
+struct HeldLog {
+    data: Bytes,
+    _turn: tokio::sync::SemaphorePermit<'static>,
+}
+
+impl http_body::Body for HeldLog {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        const PIECE: usize = 64 << 10;
+        if self.data.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.data.len().min(PIECE);
+        let piece = self.data.split_to(n);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.len() as u64)
+    }
+}
+
+async fn handle(req: Request<Incoming>, sources: &Sources, peer: SocketAddr) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
     }
@@ -104,7 +149,7 @@ async fn check_admin(
     headers: &http::HeaderMap,
     sources: &Sources,
     peer: SocketAddr,
-) -> Option<Response<Full<Bytes>>> {
+) -> Option<Response<Body>> {
     let (authenticator, authorizer) = sources.auth.as_ref()?;
     let info = PeerInfo { remote_addr: Some(peer), client_principal: None, client_certificate: None };
     match authenticator.authenticate(headers, Some(&info)).await {
@@ -135,7 +180,7 @@ async fn check_admin(
 }
 
 /// `/logs/HASH/SIZE/INSTANCE`: a log of a failed action.
-async fn log(rest: &str, sources: &Sources) -> Response<Full<Bytes>> {
+async fn log(rest: &str, sources: &Sources) -> Response<Body> {
     let mut parts = rest.splitn(3, '/');
     let (Some(hash), Some(size), instance) = (parts.next(), parts.next(), parts.next().unwrap_or("")) else {
         return reply(StatusCode::NOT_FOUND, "text/plain", "use /logs/HASH/SIZE/INSTANCE\n");
@@ -148,8 +193,14 @@ async fn log(rest: &str, sources: &Sources) -> Response<Full<Bytes>> {
         Ok(d) => d,
         Err(()) => return reply(StatusCode::BAD_REQUEST, "text/plain", "not a digest\n"),
     };
+    static FETCHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(STATUS_LOG_FETCHES_MAX);
+    let Ok(turn) = FETCHES.acquire().await else {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n");
+    };
     match (sources.fetch_log)(instance.to_owned(), digest).await {
-        Ok(bytes) => reply(StatusCode::OK, "text/plain; charset=utf-8", bytes),
+        Ok(data) => {
+            reply_with(StatusCode::OK, "text/plain; charset=utf-8", HeldLog { data, _turn: turn }.boxed())
+        }
         Err(e) => reply(StatusCode::NOT_FOUND, "text/plain", format!("{}\n", e.message())),
     }
 }
