@@ -200,7 +200,7 @@ where
     tracing::info!(%addr, tls, data_dir = %config.data_dir.display(), "kiln serving REAPI");
     // Tests and scripts read the bound address (useful with port 0) from this line.
     println!("kiln: serving on {addr}");
-    let _workers = match &scheduler {
+    let workers = match &scheduler {
         Some(scheduler) => Some(
             start_execution(&config, &limits, &auth, connections_max, scheduler.clone(), cas.clone()).await?,
         ),
@@ -209,7 +209,15 @@ where
     let _telemetry = ServingTask(
         crate::telemetry::start(
             &config.metrics,
-            telemetry_sources(&config, addr, &auth, &stores, scheduler.clone(), cas.clone()),
+            telemetry_sources(
+                &config,
+                addr,
+                &auth,
+                &stores,
+                scheduler.clone(),
+                workers.as_ref().and_then(|w| w.worker.clone()),
+                cas.clone(),
+            ),
         )
         .await?,
     );
@@ -251,18 +259,22 @@ where
 }
 
 /// Aborts the worker port and the local worker when `kiln serve` ends.
-struct ExecutionTasks(Vec<tokio::task::JoinHandle<()>>);
+struct ExecutionTasks {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The local worker's figures, when it started.
+    worker: Option<Arc<crate::telemetry::WorkerCollector>>,
+}
 
 impl Drop for ExecutionTasks {
     fn drop(&mut self) {
-        for t in &self.0 {
+        for t in &self.tasks {
             t.abort();
         }
     }
 }
 
 /// Aborts a background task when dropped.
-struct ServingTask(Option<tokio::task::JoinHandle<()>>);
+pub struct ServingTask(pub Option<tokio::task::JoinHandle<()>>);
 
 impl Drop for ServingTask {
     fn drop(&mut self) {
@@ -280,6 +292,7 @@ fn telemetry_sources<B, C>(
     auth: &kiln_auth::config::AuthSetup,
     stores: &Arc<Stores>,
     scheduler: Option<Scheduler<B>>,
+    worker: Option<Arc<crate::telemetry::WorkerCollector>>,
     cas: C,
 ) -> crate::telemetry::Sources
 where
@@ -332,9 +345,10 @@ where
     crate::telemetry::Sources {
         started: std::time::Instant::now(),
         summary,
-        stores: Arc::new(crate::telemetry::StoreCollector::new(stores.clone())),
+        stores: Some(Arc::new(crate::telemetry::StoreCollector::new(stores.clone()))),
         scheduler: scheduler.map(|s| Arc::new(move || s.snapshot()) as crate::telemetry::SchedulerView),
-        fetch_log,
+        fetch_log: Some(fetch_log),
+        worker,
         auth: a.authenticates().then(|| (auth.authenticator.clone(), auth.authorizer.clone())),
         history: Arc::default(),
     }
@@ -372,6 +386,7 @@ where
             tracing::error!(error = %e, "worker port failed");
         }
     })];
+    let mut worker = None;
     if execution.local_worker {
         let slots = match execution.local_worker_slots {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
@@ -383,6 +398,8 @@ where
         );
         match crate::execution::runner(&execution.worker, &config.data_dir, &id, StoreCasFactory(cas)) {
             Ok(runner) => {
+                worker =
+                    Some(Arc::new(crate::telemetry::WorkerCollector::new(id.clone(), runner.cache.clone())));
                 let register = Register {
                     worker_id: id,
                     properties: crate::execution::worker_properties(&execution.worker, slots),
@@ -401,7 +418,7 @@ where
             ),
         }
     }
-    Ok(ExecutionTasks(tasks))
+    Ok(ExecutionTasks { tasks, worker })
 }
 
 async fn shutdown_signal() {

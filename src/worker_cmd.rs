@@ -47,6 +47,11 @@ pub struct WorkerArgs {
     /// cas-read and cas-write where actions run).
     #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Address of the worker's metrics listener and status page (no
+    /// authentication: keep it on loopback or a private network);
+    /// `[metrics] enabled = false` turns it off.
+    #[arg(long, default_value = "127.0.0.1:9981")]
+    metrics_listen: std::net::SocketAddr,
 }
 
 fn default_cas(scheduler: &str) -> String {
@@ -88,6 +93,8 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         slots: u32::try_from(slots).unwrap_or(u32::MAX),
     };
     tracing::info!(worker = %id, slots, scheduler = %args.scheduler, cas = %cas_remote, "worker starting");
+    let _telemetry =
+        start_telemetry(&config, &args, &register, &data_dir, &cas_remote, &runner.cache).await?;
     let mut backoff = Duration::from_millis(200);
     loop {
         let result = async {
@@ -133,4 +140,42 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         }
         tokio::time::sleep(backoff).await;
     }
+}
+
+/// The worker's metrics listener: its slots, runs and file cache; the
+/// status page shows the same with its configuration.
+async fn start_telemetry(
+    config: &Config,
+    args: &WorkerArgs,
+    register: &Register,
+    data_dir: &std::path::Path,
+    cas: &str,
+    cache: &kiln_worker::cache::FileCache,
+) -> Result<crate::serve::ServingTask> {
+    let mut metrics = config.metrics.clone();
+    metrics.listen = args.metrics_listen;
+    let properties: Vec<String> =
+        register.properties.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
+    let summary = vec![
+        ("worker".to_owned(), register.worker_id.clone()),
+        ("scheduler".to_owned(), args.scheduler.clone()),
+        ("CAS".to_owned(), cas.to_owned()),
+        ("slots".to_owned(), register.slots.to_string()),
+        ("properties".to_owned(), properties.join(",")),
+        ("data directory".to_owned(), data_dir.display().to_string()),
+    ];
+    let sources = crate::telemetry::Sources {
+        started: std::time::Instant::now(),
+        summary,
+        stores: None,
+        scheduler: None,
+        fetch_log: None,
+        worker: Some(Arc::new(crate::telemetry::WorkerCollector::new(
+            register.worker_id.clone(),
+            cache.clone(),
+        ))),
+        auth: None,
+        history: Arc::default(),
+    };
+    Ok(crate::serve::ServingTask(crate::telemetry::start(&metrics, sources).await?))
 }

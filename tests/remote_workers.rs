@@ -1,7 +1,8 @@
 //! Workers in their own processes (`kiln worker`) against a scheduler
 //! without a local worker: a worker SIGKILLed mid-action loses nothing (the
 //! action runs again elsewhere), and an action whose worker dies every time
-//! fails after the bounded attempts instead of hanging.
+//! fails after the bounded attempts instead of hanging; a worker serves
+//! its own metrics and status page.
 //!
 //! Needs root: actions run in sandboxes mapped to other uids.
 
@@ -35,6 +36,8 @@ fn scheduler(extra: &str) -> Kiln {
 /// A `kiln worker` process, killed on drop.
 struct Worker {
     child: Child,
+    /// What it printed on stdout (its metrics address).
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
     _dir: tempfile::TempDir,
 }
 
@@ -49,12 +52,32 @@ impl Worker {
             .arg(kiln.remote())
             .arg("--data-dir")
             .arg(dir.path())
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .env("KILN_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("start kiln worker");
-        Worker { child, _dir: dir }
+        let mut child = child;
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (pipe, sink) = (child.stdout.take().unwrap(), stdout.clone());
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        Worker { child, stdout, _dir: dir }
+    }
+
+    /// The address its metrics listener printed.
+    async fn metrics_addr(&self) -> std::net::SocketAddr {
+        common::eventually(Duration::from_secs(30), "the worker's metrics address", || {
+            let printed = self.stdout.lock().unwrap().clone();
+            let addr = printed.lines().find_map(|l| l.strip_prefix("kiln: metrics on ")?.parse().ok());
+            async move { addr }
+        })
+        .await
     }
 
     /// Starts a worker and waits until the scheduler has registered it.
@@ -62,7 +85,7 @@ impl Worker {
         let worker = Worker::start(kiln, id);
         let needle = format!("worker registered worker={id}");
         common::eventually(Duration::from_secs(60), "the worker to register", || {
-            let seen = plain(&kiln.log()).contains(&needle);
+            let seen = kiln.log().contains(&needle);
             async move { seen.then_some(()) }
         })
         .await;
@@ -79,24 +102,6 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// A log without its terminal colours.
-fn plain(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Uploads an action running `sh -c script`; its digest.
@@ -198,4 +203,41 @@ async fn an_action_whose_worker_dies_every_time_fails_after_the_bounded_attempts
     let status = r.status.unwrap();
     assert_eq!(status.code, tonic::Code::Unavailable as i32, "{status:?}");
     assert!(status.message.contains("3 times"), "{}", status.message);
+}
+
+/// GET `path` from an HTTP listener; the body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    write!(tcp, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_worker_serves_its_own_metrics_and_status() {
+    let kiln = scheduler("");
+    let worker = Worker::registered(&kiln, "observed").await;
+    let addr = worker.metrics_addr().await;
+    let digest = action(&kiln, "echo observed").await;
+    let r = execute(&kiln, digest, |_| {}).await;
+    assert_eq!(r.result.unwrap().exit_code, 0);
+    let metrics = http_get(addr, "/metrics");
+    for line in [
+        "kiln_worker_slots 1",
+        "kiln_worker_running_actions 0",
+        "kiln_worker_runs_total{outcome=\"exited\"} 1",
+        "kiln_worker_file_cache_capacity_bytes ",
+        "kiln_worker_file_cache_entries ",
+    ] {
+        assert!(metrics.contains(line), "{line:?} in\n{metrics}");
+    }
+    assert!(!metrics.contains("kiln_store_capacity_bytes"), "a worker has no stores");
+    let status = http_get(addr, "/status.txt");
+    for want in ["== Configuration", "observed", "== Worker", "0 of 1 busy", "exited 1"] {
+        assert!(status.contains(want), "{want:?} in\n{status}");
+    }
+    assert!(!status.contains("== Stores") && !status.contains("== Queue"), "{status}");
 }

@@ -22,6 +22,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
@@ -91,6 +92,11 @@ pub struct Metrics {
     pub retries: Counter,
     pub lost_workers: Counter,
     pub worker_runs: Family<OutcomeLabels, Counter>,
+    /// Slots of this process's workers, set when they start.
+    pub worker_slots: Gauge,
+    /// Actions running on this process's workers (sandbox, inputs and
+    /// outputs included).
+    pub worker_running: Gauge,
     /// Collectors added by the binary: read at scrape time.
     extra: Mutex<Vec<Arc<dyn Collector>>>,
 }
@@ -121,8 +127,19 @@ impl Metrics {
             retries: Counter::default(),
             lost_workers: Counter::default(),
             worker_runs: Family::default(),
+            worker_slots: Gauge::default(),
+            worker_running: Gauge::default(),
             extra: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Sandboxed runs by outcome, for the status page.
+    pub fn worker_runs_by_outcome(&self) -> Vec<(&'static str, u64)> {
+        ["exited", "timeout", "oom", "sandbox_error", "refused"]
+            .into_iter()
+            .map(|outcome| (outcome, self.worker_runs.get_or_create(&OutcomeLabels { outcome }).get()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     /// Adds a collector, read on every scrape.
@@ -229,6 +246,12 @@ impl Metrics {
             "worker_runs",
             "Sandboxed runs on this process's workers, by outcome (exited, timeout, oom, sandbox_error, refused)",
             self.worker_runs.clone(),
+        );
+        r.register("worker_slots", "Execution slots of this process's workers", self.worker_slots.clone());
+        r.register(
+            "worker_running_actions",
+            "Actions this process's workers are running (fetching inputs, executing or uploading outputs)",
+            self.worker_running.clone(),
         );
         r.register(
             "scheduler_lost_workers",

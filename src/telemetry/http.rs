@@ -126,8 +126,10 @@ async fn handle(req: Request<Incoming>, sources: &Sources, peer: SocketAddr) -> 
     if let Some(rest) = path.strip_prefix("/logs/") {
         return log(rest, sources).await;
     }
-    let stores = sources.stores.clone();
-    let views = tokio::task::spawn_blocking(move || stores.read()).await.unwrap_or_default();
+    let views = match sources.stores.clone() {
+        Some(stores) => Some(tokio::task::spawn_blocking(move || stores.read()).await.unwrap_or_default()),
+        None => None,
+    };
     let page = Page {
         version: env!("CARGO_PKG_VERSION"),
         uptime: sources.started.elapsed(),
@@ -135,6 +137,7 @@ async fn handle(req: Request<Incoming>, sources: &Sources, peer: SocketAddr) -> 
         history: &sources.history,
         stores: views,
         scheduler: sources.scheduler.as_ref().map(|s| s()),
+        worker: sources.worker.as_ref().map(|w| w.read()),
     };
     if path == "/status.txt" {
         reply(StatusCode::OK, "text/plain; charset=utf-8", status::text(&page))
@@ -197,7 +200,10 @@ async fn log(rest: &str, sources: &Sources) -> Response<Body> {
     let Ok(turn) = FETCHES.acquire().await else {
         return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n");
     };
-    match (sources.fetch_log)(instance.to_owned(), digest).await {
+    let Some(fetch_log) = &sources.fetch_log else {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "this node keeps no logs\n");
+    };
+    match fetch_log(instance.to_owned(), digest).await {
         Ok(data) => {
             reply_with(StatusCode::OK, "text/plain; charset=utf-8", HeldLog { data, _turn: turn }.boxed())
         }

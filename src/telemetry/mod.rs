@@ -14,6 +14,7 @@ pub mod grpc;
 mod http;
 mod status;
 mod stores;
+mod worker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use serde::Deserialize;
 pub use http::serve;
 pub use status::History;
 pub use stores::StoreCollector;
+pub use worker::WorkerCollector;
 
 /// The `[metrics]` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -89,9 +91,13 @@ pub struct Sources {
     pub started: Instant,
     /// Configuration lines for the page: no secrets, only what and where.
     pub summary: Vec<(String, String)>,
-    pub stores: Arc<StoreCollector>,
+    /// None on a worker process.
+    pub stores: Option<Arc<StoreCollector>>,
     pub scheduler: Option<SchedulerView>,
-    pub fetch_log: FetchLog,
+    /// None where there is no CAS to read failed actions' logs from.
+    pub fetch_log: Option<FetchLog>,
+    /// The worker of this process, if it runs one.
+    pub worker: Option<Arc<WorkerCollector>>,
     /// None when Kiln runs without authentication.
     pub auth: Option<(kiln_auth::Authenticator, kiln_proto::access::Authorizer)>,
     pub history: Arc<History>,
@@ -177,7 +183,12 @@ pub async fn start(
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     use anyhow::Context as _;
     let metrics = kiln_proto::metrics::global();
-    metrics.add_collector(sources.stores.clone());
+    if let Some(stores) = &sources.stores {
+        metrics.add_collector(stores.clone());
+    }
+    if let Some(worker) = &sources.worker {
+        metrics.add_collector(worker.clone());
+    }
     if let Some(view) = &sources.scheduler {
         metrics.add_collector(Arc::new(SchedulerCollector(view.clone())));
     }

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use kiln_scheduler::Snapshot;
 
 use super::stores::StoreView;
+use super::worker::WorkerView;
 
 /// How often the history takes a sample, and how many it keeps (15
 /// minutes).
@@ -78,8 +79,10 @@ pub struct Page<'a> {
     pub uptime: Duration,
     pub summary: &'a [(String, String)],
     pub history: &'a History,
-    pub stores: Vec<StoreView>,
+    /// None on a worker process.
+    pub stores: Option<Vec<StoreView>>,
     pub scheduler: Option<Snapshot>,
+    pub worker: Option<WorkerView>,
 }
 
 fn esc(text: &str) -> String {
@@ -145,14 +148,38 @@ struct Section {
 }
 
 fn sections(page: &Page<'_>) -> Vec<Section> {
-    let plain = |id, title, header: Vec<&'static str>, rows: Vec<Vec<String>>| {
-        let links = vec![Vec::new(); rows.len()];
-        Section { id, title, header, rows, links }
-    };
     let mut out = Vec::new();
     let summary = page.summary.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
     out.push(plain("configuration", "Configuration", vec!["setting", "value"], summary));
 
+    if let Some(stores) = &page.stores {
+        server_sections(page, stores, &mut out);
+    }
+    match &page.scheduler {
+        Some(s) => scheduler_sections(s, &mut out),
+        None if page.stores.is_some() => {
+            out.push(plain("queue", "Queue", vec!["state"], vec![vec!["remote execution is off".into()]]));
+        }
+        None => {}
+    }
+    if let Some(w) = &page.worker {
+        out.push(worker_section(w));
+    }
+    out
+}
+
+fn plain(
+    id: &'static str,
+    title: &'static str,
+    header: Vec<&'static str>,
+    rows: Vec<Vec<String>>,
+) -> Section {
+    let links = vec![Vec::new(); rows.len()];
+    Section { id, title, header, rows, links }
+}
+
+/// Traffic, stores and their health: what a node with a CAS shows.
+fn server_sections(page: &Page<'_>, stores: &[StoreView], out: &mut Vec<Section>) {
     let now = Sample::now();
     let mut traffic = vec![vec![
         "since start".to_owned(),
@@ -177,8 +204,7 @@ fn sections(page: &Page<'_>) -> Vec<Section> {
     let header = vec!["window", "requests", "AC hit ratio", "AC hits / lookups", "received", "sent"];
     out.push(plain("cache", "Cache and traffic", header, traffic));
 
-    let stores = page
-        .stores
+    let stores = stores
         .iter()
         .map(|v| {
             let fill = if v.capacity_bytes > 0 { v.used_bytes as f64 / v.capacity_bytes as f64 } else { 0.0 };
@@ -202,11 +228,10 @@ fn sections(page: &Page<'_>) -> Vec<Section> {
         vec!["check", "value"],
         vec![vec!["damaged records found (DATA_LOSS)".into(), data_loss.to_string()]],
     ));
+}
 
-    let Some(s) = &page.scheduler else {
-        out.push(plain("queue", "Queue", vec!["state"], vec![vec!["remote execution is off".into()]]));
-        return out;
-    };
+/// The queue, executions, workers and recent failures.
+fn scheduler_sections(s: &Snapshot, out: &mut Vec<Section>) {
     let queue = s
         .queued_by_platform
         .iter()
@@ -271,7 +296,44 @@ fn sections(page: &Page<'_>) -> Vec<Section> {
     }
     let header = vec!["when", "action", "worker", "exit code", "status", "message", "stdout", "stderr"];
     out.push(Section { id: "failures", title: "Recent failed actions", header, rows, links });
-    out
+}
+
+/// This process's worker: slots, file cache, runs by outcome.
+fn worker_section(w: &WorkerView) -> Section {
+    let c = &w.cache;
+    let fill = if w.cache_capacity_bytes > 0 { c.bytes as f64 / w.cache_capacity_bytes as f64 } else { 0.0 };
+    let runs = kiln_proto::metrics::global().worker_runs_by_outcome();
+    let runs = if runs.is_empty() {
+        "none yet".to_owned()
+    } else {
+        runs.iter().map(|(o, n)| format!("{o} {n}")).collect::<Vec<_>>().join(", ")
+    };
+    let rows = vec![
+        vec!["worker".into(), w.id.clone()],
+        vec!["slots".into(), format!("{} of {} busy", w.running, w.slots)],
+        vec![
+            "file cache".into(),
+            format!(
+                "{} of {} ({:.1}%), {} files",
+                mib(c.bytes),
+                mib(w.cache_capacity_bytes),
+                fill * 100.0,
+                c.entries
+            ),
+        ],
+        vec![
+            "file cache hits".into(),
+            format!(
+                "{} ({} of {} files; {} evicted)",
+                ratio(c.hits, c.misses),
+                c.hits,
+                c.hits + c.misses,
+                c.evictions
+            ),
+        ],
+        vec!["runs".into(), runs],
+    ];
+    plain("worker", "Worker", vec!["", "value"], rows)
 }
 
 /// The page as HTML: server-rendered, no script, readable in a text browser.

@@ -101,6 +101,22 @@ impl Drop for ExecDir {
 }
 
 /// Kills a sandbox whose run was abandoned.
+/// Counts a run in `kiln_worker_running_actions` while it lives.
+struct Running;
+
+impl Running {
+    fn start() -> Running {
+        kiln_proto::metrics::global().worker_running.inc();
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        kiln_proto::metrics::global().worker_running.dec();
+    }
+}
+
 struct KillOnDrop {
     config: SandboxConfig,
     id: String,
@@ -143,6 +159,7 @@ impl<F: CasFactory> Runner<F> {
         // Every event of the run carries its execution name, which the
         // scheduler's log ties to the client's operation name.
         let span = tracing::info_span!("action", execution = %safe_name(&assign.execution_id));
+        let _running = Running::start();
         match self.try_run(assign, slot).instrument(span).await {
             Ok(f) => f,
             Err(e) => {

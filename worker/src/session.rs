@@ -55,6 +55,7 @@ where
         }
     };
     tracing::info!(slots, "worker session accepted");
+    kiln_proto::metrics::global().worker_slots.set(i64::from(slots));
     let heartbeat = {
         let outbound = outbound.clone();
         tokio::spawn(async move {
