@@ -338,30 +338,33 @@ fn parse_digest(s: &str) -> Result<Digest> {
     s.parse::<Digest>().map_err(|e| anyhow::anyhow!("{}", e.message()))
 }
 
-/// The log format: `KILN_LOG_FORMAT` (`text` or `json`), else the
-/// configuration file's `[log] format` (read again, with errors
-/// reported, when the command loads it).
-fn log_format(cli: &Cli) -> telemetry::LogFormat {
+/// The `[log]` section of the configuration file (read again, with
+/// errors reported, when the command loads it), its format overridden by
+/// `KILN_LOG_FORMAT` (`text` or `json`).
+fn log_config(cli: &Cli) -> telemetry::LogConfig {
     #[derive(serde::Deserialize)]
     struct LogOnly {
         #[serde(default)]
         log: telemetry::LogConfig,
-    }
-    if let Ok(v) = std::env::var("KILN_LOG_FORMAT") {
-        return if v.eq_ignore_ascii_case("json") {
-            telemetry::LogFormat::Json
-        } else {
-            telemetry::LogFormat::Text
-        };
     }
     let path = match &cli.command {
         Command::Serve(a) | Command::Scheduler(a) => a.config.as_ref(),
         Command::Worker(a) => a.config.as_ref(),
         _ => None,
     };
-    path.and_then(|p| std::fs::read_to_string(p).ok())
+    let mut config = path
+        .and_then(|p| std::fs::read_to_string(p).ok())
         .and_then(|t| toml::from_str::<LogOnly>(&t).ok())
-        .map_or(telemetry::LogFormat::Text, |l| l.log.format)
+        .map(|l| l.log)
+        .unwrap_or_default();
+    if let Ok(v) = std::env::var("KILN_LOG_FORMAT") {
+        config.format = if v.eq_ignore_ascii_case("json") {
+            telemetry::LogFormat::Json
+        } else {
+            telemetry::LogFormat::Text
+        };
+    }
+    config
 }
 
 fn main() -> Result<()> {
@@ -372,9 +375,12 @@ fn main() -> Result<()> {
         std::process::exit(code);
     }
     let cli = Cli::parse();
-    telemetry::init_logging(log_format(&cli));
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
+    let _logging = {
+        let _inside = runtime.enter();
+        telemetry::init_logging(&log_config(&cli))?
+    };
     runtime.block_on(run(cli))
 }
 

@@ -333,6 +333,18 @@ where
         ),
         ("permission rules".to_owned(), a.rules.len().to_string()),
         ("remote execution".to_owned(), execution),
+        (
+            "trace export".to_owned(),
+            if config.log.otlp_endpoint.is_empty() {
+                "off".to_owned()
+            } else {
+                format!(
+                    "OTLP to {} ({:.0}% of traces)",
+                    config.log.otlp_endpoint,
+                    config.log.otlp_sample_ratio * 100.0
+                )
+            },
+        ),
     ];
     let fetch_log: crate::telemetry::FetchLog =
         Arc::new(move |instance: String, digest: kiln_proto::Digest| {

@@ -233,6 +233,8 @@ where
             let peer = request.extensions().get::<PeerInfo>().cloned();
             match authenticator.authenticate(request.headers(), peer.as_ref()).await {
                 Ok(principal) => {
+                    // The call's span (when enabled) names who made it.
+                    tracing::Span::current().record("principal", tracing::field::display(&principal));
                     if let Some(identity) = principal.identity() {
                         tracing::debug!(%principal, identity, path = request.uri().path(), "request");
                     }

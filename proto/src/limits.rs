@@ -86,6 +86,9 @@ pub const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::fro
 /// that stops reading a response gives its slot back by then (scrapers
 /// simply reconnect).
 pub const METRICS_CONNECTION_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+/// Spans waiting for the OTLP exporter; beyond it new spans are dropped
+/// (a slow collector costs traces, never memory).
+pub const OTLP_QUEUED_SPANS_MAX: usize = 8192;
 /// Failed-action logs the status page reads from the CAS at once (each up
 /// to [`STATUS_LOG_BYTES_MAX`] in memory); more wait their turn.
 pub const STATUS_LOG_FETCHES_MAX: usize = 4;

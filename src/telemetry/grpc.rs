@@ -2,7 +2,8 @@
 //! and status code, their duration, the body bytes received and sent; and
 //! opens a tracing span per call carrying what Bazel's
 //! `requestmetadata-bin` header says (invocation, action, target,
-//! mnemonic), so that a request's logs can be found by any of them.
+//! mnemonic), so that a request's logs can be found by any of them; the
+//! authentication layer adds the principal, the authorizer the tenant.
 //!
 //! Methods are labelled from the fixed list Kiln serves; any other path is
 //! `unknown`, so a client cannot add series.
@@ -203,8 +204,10 @@ fn request_span(labels: &MethodLabels, headers: &http::HeaderMap) -> tracing::Sp
         method = labels.method,
         invocation = tracing::field::Empty,
         action = tracing::field::Empty,
-        target = tracing::field::Empty,
+        build_target = tracing::field::Empty,
         mnemonic = tracing::field::Empty,
+        principal = tracing::field::Empty,
+        tenant = tracing::field::Empty,
         code = tracing::field::Empty,
         duration_ms = tracing::field::Empty,
     );
@@ -215,7 +218,7 @@ fn request_span(labels: &MethodLabels, headers: &http::HeaderMap) -> tracing::Sp
         let cut = |s: &str| kiln_proto::text::quoted(s).to_string();
         span.record("invocation", cut(&m.tool_invocation_id));
         span.record("action", cut(&m.action_id));
-        span.record("target", cut(&m.target_id));
+        span.record("build_target", cut(&m.target_id));
         span.record("mnemonic", cut(&m.action_mnemonic));
     }
     span

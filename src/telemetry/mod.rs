@@ -1,6 +1,6 @@
 //! What operators see: Prometheus metrics and the status page on their own
 //! HTTP listener (`[metrics] listen`, loopback by default), the gRPC
-//! metrics layer, and the log format.
+//! metrics layer, the logs and the optional OpenTelemetry export.
 //!
 //! Routes: `/metrics` (Prometheus text format, open to whoever can reach
 //! the listener, like every exporter), `/status` (HTML) and `/status.txt`
@@ -12,6 +12,7 @@
 pub mod client;
 pub mod grpc;
 mod http;
+mod logging;
 mod status;
 mod stores;
 mod worker;
@@ -25,6 +26,7 @@ use kiln_proto::Digest;
 use serde::Deserialize;
 
 pub use http::serve;
+pub use logging::{LogConfig, LogFormat, init_logging};
 pub use status::History;
 pub use stores::StoreCollector;
 pub use worker::WorkerCollector;
@@ -45,37 +47,6 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self { enabled: true, listen: SocketAddr::from(([127, 0, 0, 1], 9980)), tenants: Vec::new() }
-    }
-}
-
-/// The `[log]` section.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// `text` (default) or `json` (one object per line, with the spans).
-    pub format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-/// Starts logging to stderr in `format`, filtered by `KILN_LOG` (default
-/// `info`).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: journald, files and pipes get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
     }
 }
 

@@ -148,6 +148,8 @@ impl Authorizer {
     /// PERMISSION_DENIED naming what is missing, logged (rate-limited per
     /// address).
     pub fn require(&self, caller: &Caller, tenant: &str, permission: Permission) -> Result<()> {
+        // The call's span (when enabled) names the tenant it acts on.
+        tracing::Span::current().record("tenant", tracing::field::display(quoted(tenant)));
         if self.allows(&caller.principal, tenant, permission) {
             return Ok(());
         }
