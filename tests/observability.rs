@@ -200,8 +200,19 @@ fn label_sets_stay_bounded_under_ten_thousand_instance_names() {
         });
         let results = futures::future::join_all(calls).await;
         assert!(results.iter().all(|r| r.as_ref().is_err_and(|s| s.code() == tonic::Code::NotFound)));
+        // An upload whose bytes do not match its digest is counted.
+        let wrong = kiln_proto::reapi::batch_update_blobs_request::Request {
+            digest: Some(Digest { hash: "0".repeat(64), size_bytes: 5 }),
+            data: b"hello".to_vec(),
+            compressor: 0,
+        };
+        let request =
+            kiln_proto::reapi::BatchUpdateBlobsRequest { requests: vec![wrong], ..Default::default() };
+        let response = kiln.cas().await.batch_update_blobs(request).await.unwrap().into_inner();
+        assert_eq!(response.responses[0].status.as_ref().unwrap().code, tonic::Code::InvalidArgument as i32);
     });
     let text = scrape(&kiln);
+    assert_eq!(metric(&text, "kiln_cas_upload_verification_failures_total", &[]), 1.0, "{text}");
     let series = |name: &str| text.lines().filter(|l| l.starts_with(&format!("{name}{{"))).count();
     assert_eq!(series("kiln_ac_lookups_total"), 1, "every unconfigured tenant is \"other\"");
     assert_eq!(metric(&text, "kiln_ac_lookups_total", &["tenant=\"other\"", "result=\"miss\""]), 10_000.0);

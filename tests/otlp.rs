@@ -144,3 +144,43 @@ fn a_malformed_endpoint_refuses_start_up() {
         assert!(err.contains("[log] otlp_"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn a_sample_ratio_traces_that_share_of_calls() {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = TraceServiceServer::new(collector.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    });
+    let kiln = Kiln::start_with_config(&format!(
+        "[log]\notlp_endpoint = \"http://{addr}\"\notlp_sample_ratio = 0.25\n"
+    ));
+    let mut ac = kiln.ac().await;
+    for i in 0..200u32 {
+        let digest = kiln_proto::DigestFunction::Sha256.compute(&i.to_le_bytes()).to_proto();
+        let request = GetActionResultRequest { action_digest: Some(digest), ..Default::default() };
+        assert_eq!(ac.get_action_result(request).await.unwrap_err().code(), tonic::Code::NotFound);
+    }
+    let count = || {
+        collector
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| attribute(&s.attributes, "method").as_deref() == Some("GetActionResult"))
+            .count()
+    };
+    common::eventually(Duration::from_secs(30), "a quarter of the calls' spans", || {
+        let n = count();
+        async move { (n >= 45).then_some(()) }
+    })
+    .await;
+    // One call in four: 50, give or take the other calls the node saw.
+    let settled = count();
+    assert!((45..=55).contains(&settled), "{settled} spans for 200 calls at 0.25");
+}

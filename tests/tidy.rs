@@ -242,3 +242,38 @@ fn readme_test_command_is_what_ci_runs() {
     assert!(readme.contains("./scripts/test"), "README.md must give the test command");
     assert!(ci.contains("scripts/test"), ".ci/run must run README.md's test command");
 }
+
+/// Metric names README's table documents, with its `_rest` shorthands
+/// expanded against the full names on the same row.
+fn documented_metrics() -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for row in read("README.md").lines().filter(|l| l.starts_with("| `kiln_")) {
+        let first_cell = row.split('|').nth(1).unwrap();
+        let ticked: Vec<&str> = first_cell.split('`').skip(1).step_by(2).collect();
+        let full: Vec<&str> = ticked.iter().copied().filter(|t| t.starts_with("kiln_")).collect();
+        names.extend(full.iter().map(|f| (*f).to_owned()));
+        for short in ticked.iter().filter(|t| t.starts_with('_')) {
+            for f in &full {
+                for (i, _) in f.match_indices('_') {
+                    names.insert(format!("{}{short}", &f[..i]));
+                }
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_uses_documented_metrics() {
+    let documented = documented_metrics();
+    let dashboard = read("docs/grafana/kiln.json");
+    let mut used = BTreeSet::new();
+    for (i, _) in dashboard.match_indices("kiln_") {
+        let name: String =
+            dashboard[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        used.insert(name.strip_suffix("_bucket").map_or(name.clone(), str::to_owned));
+    }
+    assert!(used.len() > 20, "{used:?}");
+    let unknown: Vec<&String> = used.iter().filter(|n| !documented.contains(*n)).collect();
+    assert!(unknown.is_empty(), "the dashboard uses metrics README does not document: {unknown:?}");
+}

@@ -10,6 +10,7 @@
 pub mod access;
 pub mod digest;
 pub mod error;
+pub mod grpc_metrics;
 pub mod limits;
 pub mod metrics;
 pub mod resource;

@@ -85,6 +85,7 @@ pub struct Metrics {
     pub admission_waits: Counter,
     pub admission_refusals: Counter,
     pub data_loss: Counter,
+    pub upload_verification_failures: Counter,
     pub store_refreshes: Counter,
     pub dispatch_latency: Histogram,
     pub action_duration: Histogram,
@@ -120,6 +121,7 @@ impl Metrics {
             admission_waits: Counter::default(),
             admission_refusals: Counter::default(),
             data_loss: Counter::default(),
+            upload_verification_failures: Counter::default(),
             store_refreshes: Counter::default(),
             dispatch_latency: seconds_histogram(),
             action_duration: seconds_histogram(),
@@ -214,6 +216,11 @@ impl Metrics {
             "store_data_loss",
             "Reads that found damaged bytes (a checksum or header mismatch) and answered DATA_LOSS",
             self.data_loss.clone(),
+        );
+        r.register(
+            "cas_upload_verification_failures",
+            "Uploads refused because their bytes did not match their digest (hash or size); nothing was stored",
+            self.upload_verification_failures.clone(),
         );
         r.register(
             "store_refreshes",

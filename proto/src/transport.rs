@@ -38,8 +38,37 @@ pub fn tune(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint 
 /// What Bazel's `requestmetadata-bin` header says, when it is present and
 /// decodes.
 pub fn request_metadata(headers: &tonic::codegen::http::HeaderMap) -> Option<crate::reapi::RequestMetadata> {
+    use base64::Engine as _;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
     use prost::Message;
-    let map = tonic::metadata::MetadataMap::from_headers(headers.clone());
-    let bytes = map.get_bin("requestmetadata-bin")?.to_bytes().ok()?;
-    crate::reapi::RequestMetadata::decode(bytes.as_ref()).ok()
+    // gRPC binary headers are base64, padded or not.
+    const BASE64: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let bytes = BASE64.decode(headers.get("requestmetadata-bin")?.as_bytes()).ok()?;
+    crate::reapi::RequestMetadata::decode(bytes.as_slice()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_metadata_decodes_padded_and_unpadded_headers() {
+        use base64::Engine as _;
+        use prost::Message;
+        let m = crate::reapi::RequestMetadata { tool_invocation_id: "inv-1".into(), ..Default::default() };
+        let bytes = m.encode_to_vec();
+        for engine in
+            [base64::engine::general_purpose::STANDARD, base64::engine::general_purpose::STANDARD_NO_PAD]
+        {
+            let mut headers = tonic::codegen::http::HeaderMap::new();
+            headers.insert("requestmetadata-bin", engine.encode(&bytes).parse().unwrap());
+            assert_eq!(request_metadata(&headers).unwrap().tool_invocation_id, "inv-1");
+        }
+        let mut headers = tonic::codegen::http::HeaderMap::new();
+        headers.insert("requestmetadata-bin", "not base64!".parse().unwrap());
+        assert!(request_metadata(&headers).is_none());
+    }
 }

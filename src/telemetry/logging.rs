@@ -4,8 +4,8 @@
 //! Two layers over one registry, each with its own filter: stderr follows
 //! `KILN_LOG` (default `info`); the exporter always receives the per-call
 //! `grpc` span (debug level, off on stderr by default) and the worker's
-//! `action` span with their events, sampled by trace at
-//! `otlp_sample_ratio`. Spans wait in a bounded queue and are sent in
+//! `action` span with their events; `otlp_sample_ratio` of the calls get
+//! a span at all (every action does). Spans wait in a bounded queue and are sent in
 //! batches from a background thread: a slow or absent collector costs
 //! dropped spans, never memory or request latency.
 
@@ -128,16 +128,29 @@ fn otlp_layer(config: &LogConfig) -> Result<(BoxedLayer, opentelemetry_sdk::trac
         .build();
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_span_processor(BatchSpanProcessor::builder(exporter).with_batch_config(batch).build())
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.otlp_sample_ratio))))
+        // Calls are sampled where their spans are made (creating a span
+        // costs what exporting saves); what is made is exported.
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
         .with_resource(resource)
         .build();
+    kiln_proto::grpc_metrics::sample_spans(config.otlp_sample_ratio);
     let tracer = provider.tracer("kiln");
-    // The call and action spans and what happens inside them; nothing
-    // else is exported.
-    let filter = tracing_subscriber::filter::Targets::new()
-        .with_target("kiln::telemetry::grpc", tracing::Level::DEBUG)
-        .with_target("kiln_worker::runner", tracing::Level::DEBUG)
-        .with_default(tracing::Level::INFO);
-    let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(filter).boxed();
+    // The call and action spans, the worker's stages inside actions, and
+    // what is logged at info and above; not the per-call debug line (its
+    // figures are the span's attributes already).
+    let filter = tracing_subscriber::filter::filter_fn(|meta| {
+        let target = meta.target();
+        if meta.is_span() {
+            return target == "kiln_proto::grpc_metrics" || target == "kiln_worker::runner";
+        }
+        *meta.level() <= tracing::Level::INFO || target == "kiln_worker::runner"
+    });
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_filter(filter)
+        .boxed();
     Ok((layer, provider))
 }

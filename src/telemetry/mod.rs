@@ -10,7 +10,7 @@
 //! basic auth; the listener speaks plain HTTP, so not certificates).
 
 pub mod client;
-pub mod grpc;
+
 mod http;
 mod logging;
 mod status;

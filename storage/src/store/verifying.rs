@@ -58,7 +58,11 @@ impl<W: BlobWriter> BlobWriter for VerifyingWriter<W> {
     }
 
     async fn commit(self) -> Result<()> {
+        let refused = || {
+            kiln_proto::metrics::global().upload_verification_failures.inc();
+        };
         if self.written != self.expected.size_bytes() {
+            refused();
             return Err(Error::invalid_argument(format!(
                 "upload of {} finished after {} bytes; the digest says {}",
                 self.expected,
@@ -68,7 +72,7 @@ impl<W: BlobWriter> BlobWriter for VerifyingWriter<W> {
         }
         // The uncommitted inner writer is dropped on a mismatch: its space
         // goes back and nothing becomes visible.
-        self.expected.check_hash(self.hasher.finalize())?;
+        self.expected.check_hash(self.hasher.finalize()).inspect_err(|_| refused())?;
         self.inner.commit().await
     }
 }
@@ -83,6 +87,7 @@ pub struct VerifyingReader<R> {
 
 impl<R: BlobReader> VerifyingReader<R> {
     fn corrupt(&mut self, why: &str) -> Error {
+        kiln_proto::metrics::global().data_loss.inc();
         tracing::error!(blob = %self.key, why, "backend returned wrong bytes");
         self.inner.report_corrupt(why);
         Error::new(Code::DataLoss, format!("blob {}: {why}; refusing to serve it", self.key))

@@ -11,13 +11,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
+use crate::metrics::{CallLabels, MethodLabels, code_name, global};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
-use kiln_proto::metrics::{CallLabels, MethodLabels, code_name, global};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tonic::Status;
@@ -180,24 +180,42 @@ where
         let mut ready = std::mem::replace(&mut self.inner, clone);
         let started = Instant::now();
         let call_span = span.clone();
-        Box::pin(
-            async move {
-                let response = ready.call(request).await?;
-                let mut call = Call { method, started, span: call_span, done: false };
-                // Trailers-only: the status is in the headers, and the body is empty.
-                if let Some(code) = grpc_status(response.headers()) {
-                    call.finish(code);
-                    return Ok(response);
-                }
-                Ok(response.map(|inner| Body::new(ObservedResponse { inner, sent: method.sent(), call })))
+        let call = async move {
+            let response = ready.call(request).await?;
+            let mut call = Call { method, started, span: call_span, done: false };
+            // Trailers-only: the status is in the headers, and the body is empty.
+            if let Some(code) = grpc_status(response.headers()) {
+                call.finish(code);
+                return Ok(response);
             }
-            .instrument(span),
-        )
+            Ok(response.map(|inner| Body::new(ObservedResponse { inner, sent: method.sent(), call })))
+        };
+        // A disabled span (the default) costs nothing to leave out.
+        if span.is_disabled() { Box::pin(call) } else { Box::pin(call.instrument(span)) }
     }
+}
+
+/// One call in this many gets a span (0: none); see [`sample_spans`].
+static SPAN_EVERY: AtomicU64 = AtomicU64::new(1);
+static CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// Creates the per-call span for a share of calls only (`ratio`, 0.0 to
+/// 1.0, as one call in `round(1 / ratio)`): a span that some layer
+/// records (the trace exporter) costs far more than the call's metrics,
+/// and sampling at the exporter would not save that cost.
+pub fn sample_spans(ratio: f64) {
+    // 1 / ratio is at least 1 here, and `as` saturates for tiny ratios.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let every = if ratio > 0.0 { (1.0 / ratio.min(1.0)).round() as u64 } else { 0 };
+    SPAN_EVERY.store(every, Ordering::Relaxed);
 }
 
 /// The span of one call, with Bazel's request metadata when it sent any.
 fn request_span(labels: &MethodLabels, headers: &http::HeaderMap) -> tracing::Span {
+    let every = SPAN_EVERY.load(Ordering::Relaxed);
+    if every != 1 && (every == 0 || !CALLS.fetch_add(1, Ordering::Relaxed).is_multiple_of(every)) {
+        return tracing::Span::none();
+    }
     let span = tracing::debug_span!(
         "grpc",
         service = labels.service,
@@ -214,8 +232,8 @@ fn request_span(labels: &MethodLabels, headers: &http::HeaderMap) -> tracing::Sp
     if span.is_disabled() {
         return span;
     }
-    if let Some(m) = kiln_proto::transport::request_metadata(headers) {
-        let cut = |s: &str| kiln_proto::text::quoted(s).to_string();
+    if let Some(m) = crate::transport::request_metadata(headers) {
+        let cut = |s: &str| crate::text::quoted(s).to_string();
         span.record("invocation", cut(&m.tool_invocation_id));
         span.record("action", cut(&m.action_id));
         span.record("build_target", cut(&m.target_id));
@@ -225,7 +243,17 @@ fn request_span(labels: &MethodLabels, headers: &http::HeaderMap) -> tracing::Sp
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
-    headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+    // A constant name: no parsing of the key on every lookup.
+    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    let value = headers.get(&GRPC_STATUS)?.as_bytes();
+    // One or two ASCII digits (0 to 16); anything else is not a status.
+    match value {
+        [d] if d.is_ascii_digit() => Some(i32::from(d - b'0')),
+        [a, b] if a.is_ascii_digit() && b.is_ascii_digit() => {
+            Some(i32::from(a - b'0') * 10 + i32::from(b - b'0'))
+        }
+        _ => std::str::from_utf8(value).ok()?.parse().ok(),
+    }
 }
 
 /// One call, counted once when it ends (or is dropped: the client left).
