@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::Kiln;
-use common::bazel::{Bazel, assert_all_hits, exclusive};
+use common::bazel::{Bazel, assert_all_hits, exclusive, remote_execution_flags};
 use kiln_proto::reapi::{Digest, GetActionResultRequest};
 
 /// GET over HTTP/1.1: (status, body).
@@ -111,11 +111,7 @@ fn action_cache_hits_and_bytes_match_what_clients_saw() {
     let _turn = exclusive();
     let kiln = Kiln::start();
     let bazel = Bazel::new();
-    let flags = [
-        format!("--remote_executor={}", kiln.remote()),
-        "--remote_default_exec_properties=OSFamily=linux".to_owned(),
-        "--spawn_strategy=remote".to_owned(),
-    ];
+    let flags = remote_execution_flags(&kiln.remote());
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     bazel.run(&[&["build", "//..."][..], &flags].concat());
     let before = scrape(&kiln);
@@ -175,6 +171,7 @@ fn action_cache_hits_and_bytes_match_what_clients_saw() {
         assert!(page.contains(&format!("<h2 id=\"{id}\">")), "section {id} is on the page");
     }
     assert!(page.contains("OSFamily=linux"), "the local worker and its properties are listed");
+    assert!(!page.to_ascii_lowercase().contains("<script"), "no script: text browsers read it too");
     let (ok, text, err) = common::kiln(&["status", "--metrics", &kiln.metrics_addr().to_string()]);
     assert!(ok, "{err}");
     for heading in ["== Stores", "== Cache and traffic", "== Workers", "== Recent failed actions"] {
@@ -261,11 +258,7 @@ fn the_status_page_renders_in_chromium_during_a_remote_build() {
     let _turn = exclusive();
     let kiln = Kiln::start();
     let bazel = Bazel::new();
-    let flags = [
-        format!("--remote_executor={}", kiln.remote()),
-        "--remote_default_exec_properties=OSFamily=linux".to_owned(),
-        "--spawn_strategy=remote".to_owned(),
-    ];
+    let flags = remote_execution_flags(&kiln.remote());
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let (ok, output) = bazel.try_run(&[&["build", "//gen:fails"][..], &flags].concat());
     assert!(!ok, "the failing action fails the build:\n{output}");

@@ -29,6 +29,23 @@ struct Collector {
     spans: Arc<Mutex<Vec<Received>>>,
 }
 
+impl Collector {
+    /// A collector listening on a loopback port.
+    async fn serve() -> (Collector, std::net::SocketAddr) {
+        let collector = Collector::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = TraceServiceServer::new(collector.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        (collector, addr)
+    }
+}
+
 #[tonic::async_trait]
 impl TraceService for Collector {
     async fn export(
@@ -55,16 +72,7 @@ fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
 
 #[tokio::test]
 async fn calls_are_exported_with_bazels_metadata_principal_and_tenant() {
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let service = TraceServiceServer::new(collector.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-    });
+    let (collector, addr) = Collector::serve().await;
     let kiln = Kiln::start_with_config(&format!("[log]\notlp_endpoint = \"http://{addr}\"\n"));
 
     let metadata = RequestMetadata {
@@ -147,16 +155,7 @@ fn a_malformed_endpoint_refuses_start_up() {
 
 #[tokio::test]
 async fn a_sample_ratio_traces_that_share_of_calls() {
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let service = TraceServiceServer::new(collector.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-    });
+    let (collector, addr) = Collector::serve().await;
     let kiln = Kiln::start_with_config(&format!(
         "[log]\notlp_endpoint = \"http://{addr}\"\notlp_sample_ratio = 0.25\n"
     ));

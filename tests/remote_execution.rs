@@ -15,24 +15,9 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::Kiln;
-use common::bazel::{Bazel, assert_all_hits, exclusive, process_summary};
+use common::bazel::{Bazel, assert_all_hits, exclusive, process_summary, remote_execution_flags};
 use common::proxy::{Fault, Proxy};
 use kiln_proto::reapi::{Digest, FindMissingBlobsRequest};
-
-/// Flags for remote execution on `kiln`.
-fn remote_flags(kiln: &Kiln) -> Vec<String> {
-    remote_flags_to(&kiln.remote())
-}
-
-/// Flags for remote execution on the endpoint `remote`.
-fn remote_flags_to(remote: &str) -> Vec<String> {
-    vec![
-        format!("--remote_executor={remote}"),
-        "--remote_timeout=60s".to_owned(),
-        "--spawn_strategy=remote".to_owned(),
-        "--remote_default_exec_properties=OSFamily=linux".to_owned(),
-    ]
-}
 
 /// Asserts that every action of a build ran remotely; returns how many.
 fn assert_all_remote(output: &str) -> u32 {
@@ -50,7 +35,7 @@ fn bazel_executes_remotely_and_rebuilds_from_the_cache() {
     let _turn = exclusive();
     let kiln = Kiln::start();
     let bazel = Bazel::new();
-    let flags = remote_flags(&kiln);
+    let flags = remote_execution_flags(&kiln.remote());
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
 
     // Timed from a running Bazel server, beside a local build of the same
@@ -99,7 +84,7 @@ fn an_input_gone_between_find_missing_and_execute_is_uploaded_again() {
     let kiln = Kiln::start();
     let proxy = Proxy::start(kiln.addr, Fault::HideOneMissingBlob);
     let bazel = Bazel::new();
-    let flags = remote_flags_to(&proxy.remote());
+    let flags = remote_execution_flags(&proxy.remote());
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
 
     // One action at a time, so that the hidden blob belongs to one action
@@ -132,7 +117,7 @@ fn a_cut_execute_stream_resumes_with_wait_execution_and_runs_once() {
     let kiln = Kiln::start_logging(tempfile::tempdir().unwrap(), &[], "info,kiln_scheduler=debug");
     let proxy = Proxy::start(kiln.addr, Fault::CutExecuteWhenExecuting);
     let bazel = Bazel::new();
-    let flags = remote_flags_to(&proxy.remote());
+    let flags = remote_execution_flags(&proxy.remote());
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
 
     let output = bazel.run(&[&["build", "//..."][..], &flags].concat());

@@ -175,7 +175,10 @@ where
         }
         let method = handles(request.uri().path());
         let span = request_span(&method.labels, request.headers());
-        let request = request.map(|inner| Body::new(CountedRequest { inner, received: method.received() }));
+        let totals = &global().totals;
+        let request = request.map(|inner| {
+            Body::new(Observed { inner, bytes: method.received(), total: &totals.received_bytes, call: None })
+        });
         let clone = self.inner.clone();
         let mut ready = std::mem::replace(&mut self.inner, clone);
         let started = Instant::now();
@@ -188,7 +191,8 @@ where
                 call.finish(code);
                 return Ok(response);
             }
-            Ok(response.map(|inner| Body::new(ObservedResponse { inner, sent: method.sent(), call })))
+            let (bytes, total) = (method.sent(), &totals.sent_bytes);
+            Ok(response.map(|inner| Body::new(Observed { inner, bytes, total, call: Some(call) })))
         };
         // A disabled span (the default) costs nothing to leave out.
         if span.is_disabled() { Box::pin(call) } else { Box::pin(call.instrument(span)) }
@@ -273,6 +277,11 @@ impl Call {
         self.method.requests(code).inc();
         global().totals.requests.fetch_add(1, Ordering::Relaxed);
         self.method.duration().observe(elapsed.as_secs_f64());
+        // Calls without a span (not sampled, or nobody listening) log
+        // nothing either: an event some layer might want costs a dispatch.
+        if self.span.is_disabled() {
+            return;
+        }
         let code = code_name(code);
         self.span.record("code", code);
         self.span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
@@ -290,12 +299,16 @@ impl Drop for Call {
     }
 }
 
-struct CountedRequest {
+/// A body whose data bytes are counted as they pass; a response's body
+/// also finishes its call (with the status in its trailers).
+struct Observed {
     inner: Body,
-    received: &'static Counter,
+    bytes: &'static Counter,
+    total: &'static AtomicU64,
+    call: Option<Call>,
 }
 
-impl http_body::Body for CountedRequest {
+impl http_body::Body for Observed {
     type Data = Bytes;
     type Error = Status;
 
@@ -304,51 +317,19 @@ impl http_body::Body for CountedRequest {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if let Some(Ok(f)) = &frame
-            && let Some(data) = f.data_ref()
-        {
-            self.received.inc_by(data.len() as u64);
-            global().totals.received_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-struct ObservedResponse {
-    inner: Body,
-    sent: &'static Counter,
-    call: Call,
-}
-
-impl http_body::Body for ObservedResponse {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        match &frame {
+        let code = match &frame {
             Some(Ok(f)) => {
                 if let Some(data) = f.data_ref() {
-                    self.sent.inc_by(data.len() as u64);
-                    global().totals.sent_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                } else if let Some(trailers) = f.trailers_ref() {
-                    let code = grpc_status(trailers).unwrap_or(tonic::Code::Unknown as i32);
-                    self.call.finish(code);
+                    self.bytes.inc_by(data.len() as u64);
+                    self.total.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
+                f.trailers_ref().map(|t| grpc_status(t).unwrap_or(tonic::Code::Unknown as i32))
             }
-            Some(Err(status)) => self.call.finish(status.code() as i32),
-            None => self.call.finish(tonic::Code::Unknown as i32),
+            Some(Err(status)) => Some(status.code() as i32),
+            None => Some(tonic::Code::Unknown as i32),
+        };
+        if let (Some(code), Some(call)) = (code, &mut self.call) {
+            call.finish(code);
         }
         Poll::Ready(frame)
     }

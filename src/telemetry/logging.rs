@@ -135,16 +135,14 @@ fn otlp_layer(config: &LogConfig) -> Result<(BoxedLayer, opentelemetry_sdk::trac
         .build();
     kiln_proto::grpc_metrics::sample_spans(config.otlp_sample_ratio);
     let tracer = provider.tracer("kiln");
-    // The call and action spans, the worker's stages inside actions, and
-    // what is logged at info and above; not the per-call debug line (its
-    // figures are the span's attributes already).
-    let filter = tracing_subscriber::filter::filter_fn(|meta| {
-        let target = meta.target();
-        if meta.is_span() {
-            return target == "kiln_proto::grpc_metrics" || target == "kiln_worker::runner";
-        }
-        *meta.level() <= tracing::Level::INFO || target == "kiln_worker::runner"
-    });
+    // The call and action spans with what happens inside them, and what
+    // is logged at info and above. A static filter: each callsite is
+    // asked once, so the many disabled trace and debug events of the HTTP
+    // stack stay free (a dynamic filter would be asked on every one).
+    let filter = tracing_subscriber::filter::Targets::new()
+        .with_target("kiln_proto::grpc_metrics", tracing::Level::DEBUG)
+        .with_target("kiln_worker::runner", tracing::Level::DEBUG)
+        .with_default(tracing::Level::INFO);
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_location(false)

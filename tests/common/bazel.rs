@@ -27,6 +27,16 @@ pub const OUTPUTS: &[&str] = &[
     "app/app",
 ];
 
+/// Flags for remote execution on the endpoint `remote`.
+pub fn remote_execution_flags(remote: &str) -> Vec<String> {
+    vec![
+        format!("--remote_executor={remote}"),
+        "--remote_timeout=60s".to_owned(),
+        "--spawn_strategy=remote".to_owned(),
+        "--remote_default_exec_properties=OSFamily=linux".to_owned(),
+    ]
+}
+
 pub struct Bazel {
     pub workspace: PathBuf,
     pub output_user_root: PathBuf,
