@@ -100,6 +100,9 @@ pub const STATUS_SUMMARY_BYTES_MAX: usize = 4 << 20;
 pub const RECENT_FAILURES_MAX: usize = 50;
 /// Executions in progress a status snapshot lists.
 pub const SNAPSHOT_EXECUTING_MAX: usize = 1000;
+/// Invocations the status page lists in the queue (the most queued
+/// first); the rest are summed in one row.
+pub const SNAPSHOT_INVOCATIONS_MAX: usize = 100;
 
 // The worker and its sandbox.
 

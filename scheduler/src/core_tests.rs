@@ -535,3 +535,13 @@ async fn the_snapshot_shows_the_queue_by_platform_priority_and_invocation() {
     let failure = &s.snapshot().failures[0];
     assert_eq!((failure.exit_code, failure.worker.as_str()), (Some(3), "w1"));
 }
+
+#[test]
+fn the_queue_by_invocation_lists_the_busiest_and_sums_the_rest() {
+    let by_invocation = (0..150usize).map(|i| (format!("inv-{i:03}"), i + 1)).collect();
+    let rows = super::snapshot::busiest(by_invocation);
+    assert_eq!(rows.len(), kiln_proto::limits::SNAPSHOT_INVOCATIONS_MAX + 1);
+    assert_eq!(rows[0], ("inv-050".to_owned(), 51), "the busiest, in name order");
+    assert_eq!(rows[99], ("inv-149".to_owned(), 150));
+    assert_eq!(rows[100], ("(50 more invocations)".to_owned(), (1..=50).sum::<usize>()));
+}

@@ -14,7 +14,7 @@ use super::{Execution, Scheduler, State, exec_name, lock};
 use crate::backend::Backend;
 use crate::queue::ExecId;
 
-use kiln_proto::limits::{RECENT_FAILURES_MAX, SNAPSHOT_EXECUTING_MAX};
+use kiln_proto::limits::{RECENT_FAILURES_MAX, SNAPSHOT_EXECUTING_MAX, SNAPSHOT_INVOCATIONS_MAX};
 
 /// A registered worker.
 #[derive(Debug, Clone)]
@@ -81,6 +81,7 @@ impl<B: Backend> Scheduler<B> {
         let mut by_invocation: BTreeMap<String, usize> = BTreeMap::new();
         let mut by_platform: BTreeMap<String, usize> = BTreeMap::new();
         let mut by_priority: BTreeMap<(String, &'static str), usize> = BTreeMap::new();
+        let mut pools: std::collections::HashMap<&crate::platform::Platform, String> = Default::default();
         let mut executing = Vec::new();
         for (id, e) in &s.executions {
             match e.running.and_then(|(w, started)| s.workers.get(&w).map(|w| (w, started))) {
@@ -98,11 +99,17 @@ impl<B: Backend> Scheduler<B> {
                 Some(_) => {}
                 None if !e.finishing => {
                     *by_invocation.entry(e.invocation.clone()).or_default() += 1;
-                    let pool = s
-                        .workers
-                        .values()
-                        .find(|w| rules.satisfies(&w.platform, &e.platform))
-                        .map_or_else(|| "unsatisfiable".to_owned(), |w| w.platform.to_string());
+                    // Once per distinct platform: a long queue of few
+                    // platforms must not cost queue × workers under the lock.
+                    let pool = pools
+                        .entry(&e.platform)
+                        .or_insert_with(|| {
+                            s.workers
+                                .values()
+                                .find(|w| rules.satisfies(&w.platform, &e.platform))
+                                .map_or_else(|| "unsatisfiable".to_owned(), |w| w.platform.to_string())
+                        })
+                        .clone();
                     *by_priority.entry((pool.clone(), priority_class(e.priority))).or_default() += 1;
                     *by_platform.entry(pool).or_default() += 1;
                 }
@@ -124,7 +131,7 @@ impl<B: Backend> Scheduler<B> {
         workers.sort_by(|a, b| a.id.cmp(&b.id));
         Snapshot {
             workers,
-            queued_by_invocation: by_invocation.into_iter().collect(),
+            queued_by_invocation: busiest(by_invocation),
             queued_by_platform: by_platform.into_iter().collect(),
             queued_by_priority: by_priority.into_iter().collect(),
             executing,
@@ -132,6 +139,21 @@ impl<B: Backend> Scheduler<B> {
             operations: s.operations.len(),
         }
     }
+}
+
+/// The invocations with the most queued executions, at most
+/// [`SNAPSHOT_INVOCATIONS_MAX`] in name order, the rest summed in one row.
+pub(super) fn busiest(by_invocation: BTreeMap<String, usize>) -> Vec<(String, usize)> {
+    let mut all: Vec<(String, usize)> = by_invocation.into_iter().collect();
+    if all.len() <= SNAPSHOT_INVOCATIONS_MAX {
+        return all;
+    }
+    all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let rest = all.split_off(SNAPSHOT_INVOCATIONS_MAX);
+    all.sort();
+    let queued = rest.iter().map(|(_, n)| n).sum();
+    all.push((format!("({} more invocations)", rest.len()), queued));
+    all
 }
 
 /// A priority as a label value from a fixed set: REAPI priorities are
