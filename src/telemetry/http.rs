@@ -188,6 +188,9 @@ async fn log(rest: &str, sources: &Sources) -> Response<Body> {
     let (Some(hash), Some(size), instance) = (parts.next(), parts.next(), parts.next().unwrap_or("")) else {
         return reply(StatusCode::NOT_FOUND, "text/plain", "use /logs/HASH/SIZE/INSTANCE\n");
     };
+    let Ok(instance) = percent_encoding::percent_decode_str(instance).decode_utf8() else {
+        return reply(StatusCode::BAD_REQUEST, "text/plain", "the instance name is not UTF-8\n");
+    };
     let digest = match size
         .parse()
         .map_err(|_| ())
@@ -203,7 +206,7 @@ async fn log(rest: &str, sources: &Sources) -> Response<Body> {
     let Some(fetch_log) = &sources.fetch_log else {
         return reply(StatusCode::NOT_FOUND, "text/plain", "this node keeps no logs\n");
     };
-    match fetch_log(instance.to_owned(), digest).await {
+    match fetch_log(instance.into_owned(), digest).await {
         Ok(data) => {
             reply_with(StatusCode::OK, "text/plain; charset=utf-8", HeldLog { data, _turn: turn }.boxed())
         }

@@ -279,7 +279,7 @@ fn scheduler_sections(s: &Snapshot, out: &mut Vec<Section>) {
     let mut links = Vec::new();
     for f in &s.failures {
         let log = |d: &Option<kiln_proto::Digest>| {
-            d.map(|d| format!("/logs/{}/{}/{}", d.hash_hex(), d.size_bytes(), f.instance))
+            d.map(|d| format!("/logs/{}/{}/{}", d.hash_hex(), d.size_bytes(), path_segment(&f.instance)))
         };
         let (stdout, stderr) = (log(&f.stdout), log(&f.stderr));
         rows.push(vec![
@@ -407,7 +407,31 @@ pub fn text(page: &Page<'_>) -> String {
     out
 }
 
+/// An instance name as a URL path tail: `/` kept (instance names have
+/// segments), everything else but unreserved characters percent-encoded.
+fn path_segment(instance: &str) -> String {
+    const KEEP: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'/').remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+    percent_encoding::utf8_percent_encode(instance, KEEP).to_string()
+}
+
 fn uptime(d: Duration) -> String {
     let s = d.as_secs();
     format!("{}h {:02}m {:02}s", s / 3600, s / 60 % 60, s % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_links_carry_any_instance_name_intact() {
+        for instance in ["", "main", "main/dev.alice", "a b?c#d%e\"<f>", "ünïcode/ok"] {
+            let link = path_segment(instance);
+            assert!(link.bytes().all(|b| b.is_ascii_graphic() && !b"?#\"<> ".contains(&b)), "{link}");
+            let back = percent_encoding::percent_decode_str(&link).decode_utf8().unwrap();
+            assert_eq!(back, instance);
+        }
+        assert_eq!(path_segment("main/dev.alice"), "main/dev.alice");
+    }
 }
