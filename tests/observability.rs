@@ -282,6 +282,10 @@ fn the_status_page_renders_in_chromium_during_a_remote_build() {
         assert!(section(&dom, "configuration").contains("local worker with"), "{dom}");
         let failures = section(&dom, "failures");
         assert!(failures.contains("<td>3</td>"), "the failed action's exit code:\n{failures}");
+        // KILN_STATUS_SCREENSHOT=FILE keeps the picture, to look at.
+        if let Some(keep) = std::env::var_os("KILN_STATUS_SCREENSHOT") {
+            std::fs::copy(&shot, keep).unwrap();
+        }
         // What a person sees: every section's heading, read off the pixels.
         let seen = ocr(&shot);
         for heading in [
@@ -306,6 +310,13 @@ fn the_status_page_renders_in_chromium_during_a_remote_build() {
 
         let (ok, output) = build.join().unwrap();
         assert!(ok, "{output}");
+        // The executing action carried the invocation id Bazel printed
+        // (from its RequestMetadata header): the queue is fair per build.
+        let invocation = output
+            .lines()
+            .find_map(|l| l.strip_prefix("INFO: Invocation ID: "))
+            .unwrap_or_else(|| panic!("no invocation id in\n{output}"));
+        assert!(executing.contains(invocation.trim()), "{invocation} in {executing}");
     });
     let page = get(kiln.metrics_addr(), "/status", None).1;
     assert!(!section(&page, "executing").contains("local-"), "{page}");

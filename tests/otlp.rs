@@ -89,7 +89,7 @@ async fn calls_are_exported_with_bazels_metadata_principal_and_tenant() {
         ..Default::default()
     });
     request.metadata_mut().insert_bin(
-        "requestmetadata-bin",
+        kiln_proto::transport::REQUEST_METADATA_HEADER,
         tonic::metadata::MetadataValue::from_bytes(&metadata.encode_to_vec()),
     );
     let miss = kiln.ac().await.get_action_result(request).await.unwrap_err();

@@ -1,7 +1,7 @@
 //! A tower layer that records every gRPC call: requests by service, method
 //! and status code, their duration, the body bytes received and sent; and
 //! opens a tracing span per call carrying what Bazel's
-//! `requestmetadata-bin` header says (invocation, action, target,
+//! `RequestMetadata` header says (invocation, action, target,
 //! mnemonic), so that a request's logs can be found by any of them; the
 //! authentication layer adds the principal, the authorizer the tenant.
 //!

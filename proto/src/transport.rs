@@ -35,8 +35,12 @@ pub fn tune(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint 
         .max_frame_size(Some(FRAME_SIZE_BYTES_MAX))
 }
 
-/// What Bazel's `requestmetadata-bin` header says, when it is present and
-/// decodes.
+/// The header REAPI clients send their `RequestMetadata` in (gRPC's name
+/// for the message's full name with `-bin`; Bazel's `ProtoUtils.keyForProto`).
+pub const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
+
+/// What the client's [`REQUEST_METADATA_HEADER`] says, when it is present
+/// and decodes.
 pub fn request_metadata(headers: &tonic::codegen::http::HeaderMap) -> Option<crate::reapi::RequestMetadata> {
     use base64::Engine as _;
     use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
@@ -46,7 +50,7 @@ pub fn request_metadata(headers: &tonic::codegen::http::HeaderMap) -> Option<cra
         &base64::alphabet::STANDARD,
         GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
     );
-    let bytes = BASE64.decode(headers.get("requestmetadata-bin")?.as_bytes()).ok()?;
+    let bytes = BASE64.decode(headers.get(REQUEST_METADATA_HEADER)?.as_bytes()).ok()?;
     crate::reapi::RequestMetadata::decode(bytes.as_slice()).ok()
 }
 
@@ -64,11 +68,11 @@ mod tests {
             [base64::engine::general_purpose::STANDARD, base64::engine::general_purpose::STANDARD_NO_PAD]
         {
             let mut headers = tonic::codegen::http::HeaderMap::new();
-            headers.insert("requestmetadata-bin", engine.encode(&bytes).parse().unwrap());
+            headers.insert(REQUEST_METADATA_HEADER, engine.encode(&bytes).parse().unwrap());
             assert_eq!(request_metadata(&headers).unwrap().tool_invocation_id, "inv-1");
         }
         let mut headers = tonic::codegen::http::HeaderMap::new();
-        headers.insert("requestmetadata-bin", "not base64!".parse().unwrap());
+        headers.insert(REQUEST_METADATA_HEADER, "not base64!".parse().unwrap());
         assert!(request_metadata(&headers).is_none());
     }
 }

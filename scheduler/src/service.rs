@@ -63,12 +63,12 @@ impl<B: Backend> ExecutionService<B> {
     }
 }
 
-/// The tool invocation a request belongs to, from Bazel's
-/// `requestmetadata-bin` header ("" when absent or unreadable).
+/// The tool invocation a request belongs to, from the client's
+/// `RequestMetadata` header ("" when absent or unreadable).
 fn invocation_of<T>(request: &Request<T>) -> String {
     request
         .metadata()
-        .get_bin("requestmetadata-bin")
+        .get_bin(kiln_proto::transport::REQUEST_METADATA_HEADER)
         .and_then(|v| v.to_bytes().ok())
         .and_then(|b| RequestMetadata::decode(b.as_ref()).ok())
         .map(|m| m.tool_invocation_id.chars().take(256).collect())
