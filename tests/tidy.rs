@@ -264,16 +264,18 @@ fn documented_metrics() -> BTreeSet<String> {
 }
 
 #[test]
-fn the_dashboard_uses_documented_metrics() {
+fn the_dashboard_and_alerts_use_documented_metrics() {
     let documented = documented_metrics();
-    let dashboard = read("docs/grafana/kiln.json");
-    let mut used = BTreeSet::new();
-    for (i, _) in dashboard.match_indices("kiln_") {
-        let name: String =
-            dashboard[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-        used.insert(name.strip_suffix("_bucket").map_or(name.clone(), str::to_owned));
+    for (file, least) in [("docs/grafana/kiln.json", 20), ("docs/prometheus/alerts.yml", 10)] {
+        let text = read(file);
+        let mut used = BTreeSet::new();
+        for (i, _) in text.match_indices("kiln_") {
+            let name: String =
+                text[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            used.insert(name.strip_suffix("_bucket").map_or(name.clone(), str::to_owned));
+        }
+        assert!(used.len() >= least, "{file}: {used:?}");
+        let unknown: Vec<&String> = used.iter().filter(|n| !documented.contains(*n)).collect();
+        assert!(unknown.is_empty(), "{file} uses metrics README does not document: {unknown:?}");
     }
-    assert!(used.len() > 20, "{used:?}");
-    let unknown: Vec<&String> = used.iter().filter(|n| !documented.contains(*n)).collect();
-    assert!(unknown.is_empty(), "the dashboard uses metrics README does not document: {unknown:?}");
 }
