@@ -1,7 +1,8 @@
 //! Traces exported over OTLP/gRPC (`[log] otlp_endpoint`) to a collector
 //! (a minimal OTLP trace service in the test): each call's span carries
-//! Bazel's request metadata, the principal, the tenant and the status;
-//! a malformed endpoint refuses start-up.
+//! Bazel's request metadata, the principal, the tenant and the status; a
+//! sample ratio traces that share of calls; a dead collector neither
+//! slows calls nor holds a stop; a malformed endpoint refuses start-up.
 
 mod common;
 
@@ -182,4 +183,24 @@ async fn a_sample_ratio_traces_that_share_of_calls() {
     // One call in four: 50, give or take the other calls the node saw.
     let settled = count();
     assert!((45..=55).contains(&settled), "{settled} spans for 200 calls at 0.25");
+}
+
+#[tokio::test]
+async fn a_dead_collector_neither_slows_calls_nor_holds_the_stop() {
+    // Port 9 (discard) refuses: every export fails.
+    let kiln = Kiln::start_with_config("[log]\notlp_endpoint = \"http://127.0.0.1:9\"\n");
+    let mut ac = kiln.ac().await;
+    let calls = async {
+        for i in 0..500u32 {
+            let digest = kiln_proto::DigestFunction::Sha256.compute(&i.to_le_bytes()).to_proto();
+            let request = GetActionResultRequest { action_digest: Some(digest), ..Default::default() };
+            assert_eq!(ac.get_action_result(request).await.unwrap_err().code(), tonic::Code::NotFound);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), calls).await.expect("calls are not held by the exporter");
+    drop(ac);
+    let started = std::time::Instant::now();
+    let (status, log) = tokio::task::spawn_blocking(move || kiln.stop()).await.unwrap();
+    assert!(status.success(), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(15), "the stop took {:?}", started.elapsed());
 }

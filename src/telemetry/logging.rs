@@ -112,7 +112,9 @@ fn otlp_layer(config: &LogConfig) -> Result<(BoxedLayer, opentelemetry_sdk::trac
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(config.otlp_endpoint.clone())
-        .with_timeout(std::time::Duration::from_secs(10))
+        // Bounds each export, and so how long a stop waits to flush when
+        // the collector is gone.
+        .with_timeout(std::time::Duration::from_secs(5))
         .build()
         .with_context(|| format!("[log] otlp_endpoint {}", config.otlp_endpoint))?;
     let batch = BatchConfigBuilder::default()
