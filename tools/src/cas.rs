@@ -2,13 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::client::{AuthChannel, Connection, MESSAGE_SIZE_BYTES_MAX};
+use crate::client::Connection;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_proto::google::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::google::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::reapi::FindMissingBlobsRequest;
-use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::resource::{Compressor, ReadResource, WriteResource};
 use kiln_proto::{Digest, DigestFunction};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,18 +32,6 @@ impl Cas {
         Self { connection, instance: instance.to_owned(), function }
     }
 
-    fn cas(&self) -> ContentAddressableStorageClient<AuthChannel> {
-        ContentAddressableStorageClient::new(self.connection.channel())
-            .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-    }
-
-    fn bytestream(&self) -> ByteStreamClient<AuthChannel> {
-        ByteStreamClient::new(self.connection.channel())
-            .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-    }
-
     /// The digests among `digests` that the CAS does not hold.
     pub async fn missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         let function = digests.first().map_or(self.function, Digest::function);
@@ -57,7 +43,7 @@ impl Cas {
             blob_digests: digests.iter().map(Digest::to_proto).collect(),
             digest_function: function.to_proto() as i32,
         };
-        let response = self.cas().find_missing_blobs(request).await.context("FindMissingBlobs")?;
+        let response = self.connection.cas().find_missing_blobs(request).await.context("FindMissingBlobs")?;
         response
             .into_inner()
             .missing_blob_digests
@@ -82,7 +68,7 @@ impl Cas {
         let bar = progress(digest.size_bytes(), &format!("put {}", path.display()));
         let (tx, rx) = mpsc::channel(4);
         let reader = tokio::spawn(send_file(path.to_owned(), resource.to_string(), tx, bar.clone()));
-        let response = self.bytestream().write(ReceiverStream::new(rx)).await;
+        let response = self.connection.bytestream().write(ReceiverStream::new(rx)).await;
         reader.await.context("file reader task")??;
         let committed = response.with_context(|| format!("ByteStream Write of {}", path.display()))?;
         bar.finish_and_clear();
@@ -106,6 +92,7 @@ impl Cas {
         };
         let request = ReadRequest { resource_name: resource.to_string(), read_offset: 0, read_limit: 0 };
         let mut stream = self
+            .connection
             .bytestream()
             .read(request)
             .await

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use kiln_proto::google::bytestream::byte_stream_client::ByteStreamClient;
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -54,6 +56,20 @@ pub struct Connection {
 impl Connection {
     pub fn channel(&self) -> AuthChannel {
         InterceptedService::new(self.channel.clone(), self.credentials.clone())
+    }
+
+    /// A CAS client whose messages may be as large as Kiln's tools allow.
+    pub fn cas(&self) -> ContentAddressableStorageClient<AuthChannel> {
+        ContentAddressableStorageClient::new(self.channel())
+            .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+    }
+
+    /// A ByteStream client, likewise.
+    pub fn bytestream(&self) -> ByteStreamClient<AuthChannel> {
+        ByteStreamClient::new(self.channel())
+            .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
     }
 }
 

@@ -6,13 +6,11 @@ use std::path::Path;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use kiln_proto::google::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::google::bytestream::{ReadRequest, WriteRequest};
-use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::{Directory, FindMissingBlobsRequest, GetTreeRequest};
 use kiln_proto::resource::{Compressor, ReadResource, WriteResource};
 use kiln_proto::{Code, Digest, DigestFunction, Error, Result};
-use kiln_tools::client::{AuthChannel, Connection, MESSAGE_SIZE_BYTES_MAX};
+use kiln_tools::client::{Connection, MESSAGE_SIZE_BYTES_MAX};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cas::CasClient;
@@ -63,18 +61,6 @@ impl GrpcCas {
         GrpcCas { connection, instance: instance.to_owned(), function }
     }
 
-    fn cas(&self) -> ContentAddressableStorageClient<AuthChannel> {
-        ContentAddressableStorageClient::new(self.connection.channel())
-            .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-    }
-
-    fn bytestream(&self) -> ByteStreamClient<AuthChannel> {
-        ByteStreamClient::new(self.connection.channel())
-            .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-    }
-
     /// Streams blob `digest`, handing each verified-so-far chunk to `sink`;
     /// fails if the bytes do not match the digest.
     async fn read_stream(&self, digest: &Digest, mut sink: impl AsyncSink) -> Result<()> {
@@ -85,6 +71,7 @@ impl GrpcCas {
         };
         let request = ReadRequest { resource_name: resource.to_string(), read_offset: 0, read_limit: 0 };
         let mut stream = self
+            .connection
             .bytestream()
             .read(request)
             .await
@@ -174,6 +161,7 @@ impl CasClient for GrpcCas {
                 digest_function: self.function.to_proto() as i32,
             };
             let response = self
+                .connection
                 .cas()
                 .find_missing_blobs(request)
                 .await
@@ -218,7 +206,7 @@ impl CasClient for GrpcCas {
                 }
             }
         };
-        let mut client = self.bytestream();
+        let mut client = self.connection.bytestream();
         let upload = client.write(tokio_stream::wrappers::ReceiverStream::new(rx));
         let (sent, response) = tokio::join!(reader, upload);
         let sent = sent?;
@@ -252,7 +240,8 @@ impl CasClient for GrpcCas {
                 break;
             }
         }
-        self.bytestream()
+        self.connection
+            .bytestream()
             .write(futures::stream::iter(messages))
             .await
             .map_err(|s| from_status(&format!("upload {digest}"), &s))?;
@@ -267,8 +256,13 @@ impl CasClient for GrpcCas {
             page_token: String::new(),
             digest_function: self.function.to_proto() as i32,
         };
-        let mut stream =
-            self.cas().get_tree(request).await.map_err(|s| from_status("GetTree", &s))?.into_inner();
+        let mut stream = self
+            .connection
+            .cas()
+            .get_tree(request)
+            .await
+            .map_err(|s| from_status("GetTree", &s))?
+            .into_inner();
         let mut directories = Vec::new();
         while let Some(page) = stream.next().await {
             directories.extend(page.map_err(|s| from_status("GetTree", &s))?.directories);

@@ -3,11 +3,9 @@
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use kiln_proto::google::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::google::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::google::longrunning::operation;
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
-use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{
     self, ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest, ExecuteRequest, ExecuteResponse,
@@ -18,7 +16,7 @@ use kiln_proto::{Digest, DigestFunction};
 use prost::Message;
 
 use super::BenchOptions;
-use crate::client::{Connection, MESSAGE_SIZE_BYTES_MAX};
+use crate::client::Connection;
 
 /// Bytes per ByteStream Write message.
 const WRITE_CHUNK_BYTES: usize = 1 << 20;
@@ -141,18 +139,6 @@ pub(super) struct Plan {
     action: Digest,
 }
 
-fn cas(c: &Connection) -> ContentAddressableStorageClient<crate::client::AuthChannel> {
-    ContentAddressableStorageClient::new(c.channel())
-        .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-        .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-}
-
-fn bytestream(c: &Connection) -> ByteStreamClient<crate::client::AuthChannel> {
-    ByteStreamClient::new(c.channel())
-        .max_decoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-        .max_encoding_message_size(MESSAGE_SIZE_BYTES_MAX)
-}
-
 async fn write(c: &Connection, instance: &str, digest: Digest, data: &Bytes) -> Result<u64> {
     let name = WriteResource {
         instance_name: instance.to_owned(),
@@ -173,7 +159,7 @@ async fn write(c: &Connection, instance: &str, digest: Digest, data: &Bytes) -> 
             data: data[start..end].to_vec(),
         }
     }));
-    let response = bytestream(c).write(requests).await.context("ByteStream Write")?.into_inner();
+    let response = c.bytestream().write(requests).await.context("ByteStream Write")?.into_inner();
     if response.committed_size != digest.size_bytes_i64() {
         bail!("committed {} of {} bytes", response.committed_size, digest.size_bytes());
     }
@@ -269,7 +255,7 @@ impl Plan {
             .collect();
         let req =
             BatchUpdateBlobsRequest { instance_name: self.instance.clone(), requests, ..Default::default() };
-        let resp = cas(c).batch_update_blobs(req).await.context("BatchUpdateBlobs")?.into_inner();
+        let resp = c.cas().batch_update_blobs(req).await.context("BatchUpdateBlobs")?.into_inner();
         if let Some(bad) = resp.responses.iter().find(|r| r.status.as_ref().is_some_and(|s| s.code != 0)) {
             bail!("BatchUpdateBlobs refused a blob: {:?}", bad.status);
         }
@@ -291,7 +277,7 @@ impl Plan {
                     digest,
                 };
                 let req = ReadRequest { resource_name: name.to_string(), read_offset: 0, read_limit: 0 };
-                let mut stream = bytestream(c).read(req).await.context("ByteStream Read")?.into_inner();
+                let mut stream = c.bytestream().read(req).await.context("ByteStream Read")?.into_inner();
                 let mut received = 0u64;
                 while let Some(chunk) = stream.message().await.context("ByteStream Read")? {
                     received += chunk.data.len() as u64;
@@ -308,7 +294,7 @@ impl Plan {
                     digests: self.blobs.iter().map(|(d, _)| d.to_proto()).collect(),
                     ..Default::default()
                 };
-                let resp = cas(c).batch_read_blobs(req).await.context("BatchReadBlobs")?.into_inner();
+                let resp = c.cas().batch_read_blobs(req).await.context("BatchReadBlobs")?.into_inner();
                 Ok((resp.responses.iter().map(|r| r.data.len() as u64).sum(), resp.responses.len() as u64))
             }
             Workload::FindMissing => {
@@ -317,7 +303,7 @@ impl Plan {
                     blob_digests: self.digests.clone(),
                     digest_function: 0,
                 };
-                cas(c).find_missing_blobs(req).await.context("FindMissingBlobs")?;
+                c.cas().find_missing_blobs(req).await.context("FindMissingBlobs")?;
                 Ok((0, self.digests.len() as u64))
             }
             Workload::AcGet => {
