@@ -6,10 +6,7 @@
 mod common;
 
 use common::Kiln;
-use kiln_proto::reapi::{
-    ActionResult, BatchUpdateBlobsRequest, GetActionResultRequest, OutputFile, UpdateActionResultRequest,
-    batch_update_blobs_request,
-};
+use kiln_proto::reapi::{ActionResult, GetActionResultRequest, OutputFile, UpdateActionResultRequest};
 use kiln_proto::{Digest, DigestFunction};
 use tonic::Code;
 
@@ -22,17 +19,7 @@ async fn upload(kiln: &Kiln, blobs: &[&[u8]]) {
 }
 
 async fn upload_to(kiln: &Kiln, instance: &str, blobs: &[&[u8]]) {
-    let requests = blobs
-        .iter()
-        .map(|b| batch_update_blobs_request::Request {
-            digest: Some(sha(b).to_proto()),
-            data: b.to_vec(),
-            compressor: 0,
-        })
-        .collect();
-    let req = BatchUpdateBlobsRequest { instance_name: instance.into(), requests, ..Default::default() };
-    let resp = kiln.cas().await.batch_update_blobs(req).await;
-    assert!(resp.unwrap().into_inner().responses.iter().all(|r| r.status.as_ref().unwrap().code == 0));
+    kiln.upload(instance, blobs).await;
 }
 
 fn result_with(out: &[u8], stdout: &[u8]) -> ActionResult {

@@ -15,8 +15,7 @@ use kiln_proto::google::longrunning::{GetOperationRequest, Operation, operation}
 use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
 use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{
-    self, BatchUpdateBlobsRequest, ExecuteRequest, ExecuteResponse, GetCapabilitiesRequest,
-    WaitExecutionRequest, batch_update_blobs_request,
+    self, ExecuteRequest, ExecuteResponse, GetCapabilitiesRequest, WaitExecutionRequest,
 };
 use kiln_proto::{Digest, DigestFunction};
 use prost::Message;
@@ -26,21 +25,7 @@ fn sha(data: &[u8]) -> Digest {
 }
 
 async fn upload(kiln: &Kiln, blobs: &[Vec<u8>]) {
-    let requests = blobs
-        .iter()
-        .map(|b| batch_update_blobs_request::Request {
-            digest: Some(sha(b).to_proto()),
-            data: b.clone(),
-            compressor: 0,
-        })
-        .collect();
-    let r = kiln
-        .cas()
-        .await
-        .batch_update_blobs(BatchUpdateBlobsRequest { requests, ..Default::default() })
-        .await
-        .unwrap();
-    assert!(r.into_inner().responses.iter().all(|r| r.status.as_ref().is_none_or(|s| s.code == 0)));
+    kiln.upload("", &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>()).await;
 }
 
 /// An action running `sh -c script` over an input root holding `files`;

@@ -15,10 +15,7 @@ use common::{KILN, Kiln};
 use futures::StreamExt;
 use kiln_proto::google::longrunning::{Operation, operation};
 use kiln_proto::reapi::execution_client::ExecutionClient;
-use kiln_proto::reapi::{
-    self, BatchUpdateBlobsRequest, ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse,
-    batch_update_blobs_request, execution_stage,
-};
+use kiln_proto::reapi::{self, ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse, execution_stage};
 use kiln_proto::{Digest, DigestFunction};
 use prost::Message;
 
@@ -117,19 +114,7 @@ async fn action(kiln: &Kiln, script: &str) -> Digest {
         ..Default::default()
     };
     let blobs = [action.encode_to_vec(), command.encode_to_vec(), dir.encode_to_vec()];
-    let requests = blobs
-        .iter()
-        .map(|b| batch_update_blobs_request::Request {
-            digest: Some(sha(b).to_proto()),
-            data: b.clone(),
-            compressor: 0,
-        })
-        .collect();
-    kiln.cas()
-        .await
-        .batch_update_blobs(BatchUpdateBlobsRequest { requests, ..Default::default() })
-        .await
-        .unwrap();
+    kiln.upload("", &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>()).await;
     sha(&blobs[0])
 }
 

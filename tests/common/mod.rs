@@ -191,6 +191,27 @@ impl Kiln {
         ContentAddressableStorageClient::new(self.channel().await).max_decoding_message_size(64 << 20)
     }
 
+    /// Uploads `blobs` (SHA-256) to `instance` with BatchUpdateBlobs;
+    /// asserts every one was stored.
+    pub async fn upload(&self, instance: &str, blobs: &[&[u8]]) {
+        use kiln_proto::reapi::{BatchUpdateBlobsRequest, batch_update_blobs_request};
+        let requests = blobs
+            .iter()
+            .map(|b| batch_update_blobs_request::Request {
+                digest: Some(kiln_proto::DigestFunction::Sha256.compute(b).to_proto()),
+                data: b.to_vec(),
+                compressor: 0,
+            })
+            .collect();
+        let request =
+            BatchUpdateBlobsRequest { instance_name: instance.into(), requests, ..Default::default() };
+        let response = self.cas().await.batch_update_blobs(request).await.unwrap().into_inner();
+        assert!(
+            response.responses.iter().all(|r| r.status.as_ref().is_some_and(|s| s.code == 0)),
+            "{response:?}"
+        );
+    }
+
     pub async fn ac(&self) -> ActionCacheClient<Channel> {
         ActionCacheClient::new(self.channel().await)
     }
