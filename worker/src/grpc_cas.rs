@@ -61,6 +61,17 @@ impl GrpcCas {
         GrpcCas { connection, instance: instance.to_owned(), function }
     }
 
+    /// A fresh upload's ByteStream resource name for `digest`.
+    fn write_name(&self, digest: &Digest) -> String {
+        WriteResource {
+            instance_name: self.instance.clone(),
+            upload_id: uuid::Uuid::new_v4().to_string(),
+            digest: *digest,
+            compressor: Compressor::Identity,
+        }
+        .to_string()
+    }
+
     /// Streams blob `digest`, handing each verified-so-far chunk to `sink`;
     /// fails if the bytes do not match the digest.
     async fn read_stream(&self, digest: &Digest, mut sink: impl AsyncSink) -> Result<()> {
@@ -175,13 +186,7 @@ impl CasClient for GrpcCas {
 
     async fn upload_file(&self, digest: &Digest, path: &Path) -> Result<()> {
         let mut file = tokio::fs::File::open(path).await.map_err(|e| io("open", path, &e))?;
-        let name = WriteResource {
-            instance_name: self.instance.clone(),
-            upload_id: uuid::Uuid::new_v4().to_string(),
-            digest: *digest,
-            compressor: Compressor::Identity,
-        }
-        .to_string();
+        let name = self.write_name(digest);
         let size = digest.size_bytes();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let reader = {
@@ -218,13 +223,7 @@ impl CasClient for GrpcCas {
     }
 
     async fn upload_bytes(&self, digest: &Digest, data: Bytes) -> Result<()> {
-        let name = WriteResource {
-            instance_name: self.instance.clone(),
-            upload_id: uuid::Uuid::new_v4().to_string(),
-            digest: *digest,
-            compressor: Compressor::Identity,
-        }
-        .to_string();
+        let name = self.write_name(digest);
         let mut messages = Vec::new();
         let mut offset = 0usize;
         loop {
