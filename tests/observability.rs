@@ -381,6 +381,17 @@ fn the_metrics_listener_answers_bad_requests_and_outlives_floods() {
     assert_eq!(get(addr, "/logs/zz/1/", None).0, 400, "not a digest");
     assert_eq!(get(addr, &format!("/logs/{}/-5/", "0".repeat(64)), None).0, 400, "a negative size");
     assert_eq!(get(addr, &format!("/logs/{}/5/main", "0".repeat(64)), None).0, 404, "no such log");
+    // A log above the 16 MiB the page serves is refused, naming the way.
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.log");
+    std::fs::write(&big, vec![b'x'; usize::try_from(kiln_proto::limits::STATUS_LOG_BYTES_MAX + 1).unwrap()])
+        .unwrap();
+    let (ok, out, err) = common::kiln(&["cas", "--remote", &kiln.remote(), "put", big.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let digest = out.split_whitespace().next().unwrap().to_owned();
+    let (status, body) = get(addr, &format!("/logs/{digest}/"), None);
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("kiln cas get"), "{body}");
     assert!(raw(addr, b"NOT HTTP AT ALL\r\n\r\n").starts_with("HTTP/1.1 400"));
     let huge = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20));
     let answer = raw(addr, huge.as_bytes());

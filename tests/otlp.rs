@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::Kiln;
+use futures::StreamExt;
 use kiln_proto::reapi::{GetActionResultRequest, RequestMetadata};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -189,15 +190,18 @@ async fn a_sample_ratio_traces_that_share_of_calls() {
 async fn a_dead_collector_neither_slows_calls_nor_holds_the_stop() {
     // Port 9 (discard) refuses: every export fails.
     let kiln = Kiln::start_with_config("[log]\notlp_endpoint = \"http://127.0.0.1:9\"\n");
-    let mut ac = kiln.ac().await;
-    let calls = async {
-        for i in 0..500u32 {
+    let ac = kiln.ac().await;
+    // More spans than the exporter's queue holds (8,192): the rest are
+    // dropped, and no call waits for them.
+    let calls = futures::stream::iter(0..10_000u32).for_each_concurrent(32, |i| {
+        let mut ac = ac.clone();
+        async move {
             let digest = kiln_proto::DigestFunction::Sha256.compute(&i.to_le_bytes()).to_proto();
             let request = GetActionResultRequest { action_digest: Some(digest), ..Default::default() };
             assert_eq!(ac.get_action_result(request).await.unwrap_err().code(), tonic::Code::NotFound);
         }
-    };
-    tokio::time::timeout(Duration::from_secs(30), calls).await.expect("calls are not held by the exporter");
+    });
+    tokio::time::timeout(Duration::from_secs(60), calls).await.expect("calls are not held by the exporter");
     drop(ac);
     let started = std::time::Instant::now();
     let (status, log) = tokio::task::spawn_blocking(move || kiln.stop()).await.unwrap();

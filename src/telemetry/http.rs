@@ -210,6 +210,16 @@ async fn log(rest: &str, sources: &Sources) -> Response<Body> {
         Ok(data) => {
             reply_with(StatusCode::OK, "text/plain; charset=utf-8", HeldLog { data, _turn: turn }.boxed())
         }
-        Err(e) => reply(StatusCode::NOT_FOUND, "text/plain", format!("{}\n", e.message())),
+        Err(e) => {
+            let (status, hint) = match e.code() {
+                kiln_proto::Code::NotFound => (StatusCode::NOT_FOUND, ""),
+                kiln_proto::Code::ResourceExhausted => {
+                    (StatusCode::PAYLOAD_TOO_LARGE, "; fetch it with `kiln cas get`")
+                }
+                kiln_proto::Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, ""),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, ""),
+            };
+            reply(status, "text/plain", format!("{}{hint}\n", e.message()))
+        }
     }
 }
