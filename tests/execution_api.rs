@@ -258,3 +258,34 @@ async fn an_actions_life_is_in_the_log_by_its_operation_name() {
     assert!(lines[first("inputs fetched")].contains("files=1 bytes=12"), "{}", lines.join("\n"));
     assert!(!kiln.log().contains('\x1b'), "a log that is not a terminal has no colour codes");
 }
+
+#[tokio::test]
+async fn a_cancelled_action_gives_its_slot_back() {
+    use kiln_proto::google::longrunning::CancelOperationRequest;
+    let kiln = Kiln::start_with_config("[execution]\nlocal_worker_slots = 1\n");
+    let (long, blobs) = action("sleep 300", &[], 0, &[]);
+    upload(&kiln, &blobs).await;
+    let mut client = ExecutionClient::new(kiln.channel().await);
+    let request = ExecuteRequest { action_digest: Some(long.to_proto()), ..Default::default() };
+    let mut stream = client.execute(request).await.unwrap().into_inner();
+    let executing = reapi::execution_stage::Value::Executing as i32;
+    let name = loop {
+        let op = stream.next().await.expect("the operation goes on").unwrap();
+        let meta =
+            reapi::ExecuteOperationMetadata::decode(op.metadata.as_ref().unwrap().value.as_slice()).unwrap();
+        if meta.stage == executing {
+            break op.name;
+        }
+    };
+    OperationsClient::new(kiln.channel().await)
+        .cancel_operation(CancelOperationRequest { name })
+        .await
+        .unwrap();
+    drop(stream);
+    // The worker's only slot is free again: the next action runs.
+    let (quick, blobs) = action("echo after > out.txt", &[], 0, &[]);
+    upload(&kiln, &blobs).await;
+    let r = response_of(execute(&kiln, quick, false).await.last().unwrap());
+    assert_eq!(status_code(&r), 0, "{r:?}");
+    assert_eq!(r.result.unwrap().exit_code, 0);
+}

@@ -85,13 +85,16 @@ where
                     tracing::warn!(execution = %assign.execution_id, "assigned more actions than slots; ignored");
                     continue;
                 };
-                let (runner, outbound, free) = (runner.clone(), outbound.clone(), free.clone());
+                let (runner, outbound) = (runner.clone(), outbound.clone());
+                // The slot comes back when the run ends or is aborted
+                // (cancelled): either way the task is dropped.
+                let held = SlotGuard { free: free.clone(), slot };
                 let id = assign.execution_id.clone();
                 let task = tokio::spawn(async move {
                     let started = Started { execution_id: assign.execution_id.clone() };
                     let _ = outbound.send(message(worker_message::Kind::Started(started))).await;
-                    let finished = runner.run(&assign, slot).await;
-                    free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(slot);
+                    let finished = runner.run(&assign, held.slot).await;
+                    drop(held);
                     let _ = outbound.send(message(worker_message::Kind::Finished(finished))).await;
                 });
                 running.insert(id, task);
@@ -111,4 +114,16 @@ where
         task.abort();
     }
     result
+}
+
+/// A slot taken by a run; given back to the free list when dropped.
+struct SlotGuard {
+    free: Arc<Mutex<Vec<u32>>>,
+    slot: u32,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(self.slot);
+    }
 }
