@@ -2,7 +2,8 @@
 //! without a local worker: a worker SIGKILLed mid-action loses nothing (the
 //! action runs again elsewhere), and an action whose worker dies every time
 //! fails after the bounded attempts instead of hanging; a worker serves
-//! its own metrics and status page.
+//! its own metrics and status page; its CAS client takes an early answer
+//! for a blob the CAS already holds.
 //!
 //! Needs root: actions run in sandboxes mapped to other uids.
 
@@ -225,4 +226,23 @@ async fn a_worker_serves_its_own_metrics_and_status() {
         assert!(status.contains(want), "{want:?} in\n{status}");
     }
     assert!(!status.contains("== Stores") && !status.contains("== Queue"), "{status}");
+}
+
+#[tokio::test]
+async fn a_worker_uploading_a_blob_the_cas_already_holds_succeeds() {
+    use kiln_worker::cas::CasClient;
+    let kiln = Kiln::start();
+    let connection =
+        kiln_tools::client::connect(&common::calls::opts(kiln.remote())).await.expect("connect to the CAS");
+    let cas = kiln_worker::grpc_cas::GrpcCas::new(connection, "", DigestFunction::Sha256);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("output.bin");
+    let data: Vec<u8> = (0..32u32 << 20).map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[3]).collect();
+    std::fs::write(&file, &data).unwrap();
+    let digest = sha(&data);
+    cas.upload_file(&digest, &file).await.expect("the first upload");
+    // Another action's identical output: the CAS answers after the first
+    // chunk, and the rest of the file is never sent.
+    cas.upload_file(&digest, &file).await.expect("an upload the CAS already holds");
+    cas.upload_bytes(&digest, bytes::Bytes::from(data)).await.expect("the same, from memory");
 }

@@ -52,6 +52,17 @@ fn from_status(what: &str, s: &tonic::Status) -> Error {
     Error::new(code_of(s.code()), format!("{what}: {}", s.message()))
 }
 
+/// An upload's answer must commit the whole blob.
+fn check_committed(digest: &Digest, committed: i64) -> Result<()> {
+    if committed == digest.size_bytes_i64() {
+        return Ok(());
+    }
+    Err(Error::internal(format!(
+        "the CAS committed {committed} bytes of {digest} ({} sent)",
+        digest.size_bytes()
+    )))
+}
+
 fn io(what: &str, path: &Path, e: &std::io::Error) -> Error {
     Error::internal(format!("{what} {}: {e}", path.display()))
 }
@@ -214,37 +225,41 @@ impl CasClient for GrpcCas {
         let mut client = self.connection.bytestream();
         let upload = client.write(tokio_stream::wrappers::ReceiverStream::new(rx));
         let (sent, response) = tokio::join!(reader, upload);
-        let sent = sent?;
-        if sent != size {
-            return Err(Error::internal(format!("{} changed while it was uploaded", path.display())));
+        // The server's answer first: it may answer before the last byte
+        // when it holds the blob already (another action uploaded it), and
+        // then the rest of the file is rightly never sent.
+        match response {
+            Ok(r) => check_committed(digest, r.get_ref().committed_size),
+            Err(status) => {
+                if sent? != size {
+                    return Err(Error::internal(format!("{} changed while it was uploaded", path.display())));
+                }
+                Err(from_status(&format!("upload {digest}"), &status))
+            }
         }
-        response.map_err(|s| from_status(&format!("upload {digest}"), &s))?;
-        Ok(())
     }
 
     async fn upload_bytes(&self, digest: &Digest, data: Bytes) -> Result<()> {
         let name = self.write_name(digest);
-        let mut messages = Vec::new();
-        let mut offset = 0usize;
-        loop {
-            let end = (offset + CHUNK_BYTES).min(data.len());
-            messages.push(WriteRequest {
-                resource_name: if offset == 0 { name.clone() } else { String::new() },
-                write_offset: i64::try_from(offset).unwrap_or(i64::MAX),
-                finish_write: end == data.len(),
-                data: data[offset..end].to_vec(),
-            });
-            offset = end;
-            if offset == data.len() {
-                break;
+        // Chunks are made as the stream is read: the blob is not held twice.
+        let len = data.len();
+        let messages = (0..len.div_ceil(CHUNK_BYTES).max(1)).map(move |i| {
+            let start = i * CHUNK_BYTES;
+            let end = (start + CHUNK_BYTES).min(len);
+            WriteRequest {
+                resource_name: if i == 0 { name.clone() } else { String::new() },
+                write_offset: i64::try_from(start).unwrap_or(i64::MAX),
+                finish_write: end == len,
+                data: data[start..end].to_vec(),
             }
-        }
-        self.connection
+        });
+        let response = self
+            .connection
             .bytestream()
             .write(futures::stream::iter(messages))
             .await
             .map_err(|s| from_status(&format!("upload {digest}"), &s))?;
-        Ok(())
+        check_committed(digest, response.get_ref().committed_size)
     }
 
     async fn get_tree(&self, root: &Digest) -> Result<Vec<Directory>> {
