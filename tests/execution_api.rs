@@ -289,3 +289,27 @@ async fn a_cancelled_action_gives_its_slot_back() {
     assert_eq!(status_code(&r), 0, "{r:?}");
     assert_eq!(r.result.unwrap().exit_code, 0);
 }
+
+#[tokio::test]
+async fn priorities_outside_the_advertised_range_are_refused() {
+    let kiln = Kiln::start();
+    let (digest, blobs) = action("true", &[], 0, &[]);
+    upload(&kiln, &blobs).await;
+    let mut client = ExecutionClient::new(kiln.channel().await);
+    for priority in [i32::MIN, -1001, 1001, i32::MAX] {
+        let request = ExecuteRequest {
+            action_digest: Some(digest.to_proto()),
+            execution_policy: Some(reapi::ExecutionPolicy { priority }),
+            ..Default::default()
+        };
+        let refused = client.execute(request).await.map(|_| ()).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{priority}: {refused:?}");
+        assert!(refused.message().contains("-1000..=1000"), "{}", refused.message());
+    }
+    let request = ExecuteRequest {
+        action_digest: Some(digest.to_proto()),
+        execution_policy: Some(reapi::ExecutionPolicy { priority: -1000 }),
+        ..Default::default()
+    };
+    assert!(client.execute(request).await.is_ok(), "the range's ends are accepted");
+}

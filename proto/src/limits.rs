@@ -96,6 +96,10 @@ pub const STATUS_LOG_FETCHES_MAX: usize = 4;
 pub const STATUS_LOG_BYTES_MAX: u64 = 16 << 20;
 /// Largest status summary `kiln status` accepts, in bytes.
 pub const STATUS_SUMMARY_BYTES_MAX: usize = 4 << 20;
+/// Execution priorities a client may ask for (advertised in Capabilities;
+/// others are INVALID_ARGUMENT): the fair queue weighs a build by
+/// `2^(priority / 100)`, so this bounds one build's advantage to 2^10.
+pub const EXECUTION_PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
 /// Failed executions the scheduler keeps for the status page.
 pub const RECENT_FAILURES_MAX: usize = 50;
 /// Executions in progress a status snapshot lists.

@@ -35,7 +35,10 @@ pub fn execution_capabilities() -> kiln_proto::reapi::ExecutionCapabilities {
         digest_function: DigestFunction::Sha256.to_proto() as i32,
         exec_enabled: true,
         execution_priority_capabilities: Some(PriorityCapabilities {
-            priorities: vec![PriorityRange { min_priority: -1000, max_priority: 1000 }],
+            priorities: vec![PriorityRange {
+                min_priority: *kiln_proto::limits::EXECUTION_PRIORITY_RANGE.start(),
+                max_priority: *kiln_proto::limits::EXECUTION_PRIORITY_RANGE.end(),
+            }],
         }),
         supported_node_properties: vec![],
         digest_functions: DigestFunction::ALL.iter().map(|f| f.to_proto() as i32).collect(),

@@ -110,6 +110,14 @@ impl<B: Backend> Execution for ExecutionService<B> {
         let function = DigestFunction::from_proto(req.digest_function).map_err(Status::from)?;
         let action = Digest::from_required(function, req.action_digest.as_ref(), "action_digest")?;
         let priority = req.execution_policy.as_ref().map_or(0, |p| p.priority);
+        let range = kiln_proto::limits::EXECUTION_PRIORITY_RANGE;
+        if !range.contains(&priority) {
+            return Err(Status::invalid_argument(format!(
+                "execution_policy.priority {priority} is outside {}..={} (GetCapabilities lists the range)",
+                range.start(),
+                range.end()
+            )));
+        }
         let args = ExecuteArgs {
             instance: req.instance_name,
             action,
