@@ -82,6 +82,16 @@ impl Config {
                 self.listen
             );
         }
+        if self.metrics.enabled
+            && !self.metrics.listen.ip().is_loopback()
+            && !self.auth.authenticates()
+            && !self.insecure_no_auth
+        {
+            bail!(
+                "[metrics] listen {} is not loopback and no authentication is configured: the status page                  and failed actions' logs (read from the CAS) would be open to the network; configure [auth]                  (they then need admin; /metrics stays open to scrapers) or pass --insecure-no-auth",
+                self.metrics.listen
+            );
+        }
         Ok(())
     }
 }
@@ -124,6 +134,12 @@ mod tests {
     fn public_address_needs_explicit_opt_in() {
         let mut c = Config { listen: "0.0.0.0:8980".parse().unwrap(), ..Config::default() };
         assert!(c.validate().unwrap_err().to_string().contains("--insecure-no-auth"));
+        c.insecure_no_auth = true;
+        c.validate().unwrap();
+        let mut c = Config::default();
+        c.metrics.listen = "0.0.0.0:9980".parse().unwrap();
+        let refused = c.validate().unwrap_err().to_string();
+        assert!(refused.contains("[metrics] listen") && refused.contains("--insecure-no-auth"), "{refused}");
         c.insecure_no_auth = true;
         c.validate().unwrap();
     }
