@@ -1,6 +1,8 @@
 //! The scheduler's once-a-second sweep: lost workers, stuck, orphaned,
 //! unsatisfiable and long-queued executions, and old finished operations.
 
+use std::collections::HashMap;
+
 use kiln_proto::kiln::worker::{Cancel, SchedulerMessage, scheduler_message};
 use kiln_proto::limits::EXECUTION_REPORT_GRACE;
 use tokio::time::Instant;
@@ -8,6 +10,7 @@ use tokio::time::Instant;
 use super::{ExecId, Inner, State, WorkerKey, exec_name, lock};
 use crate::backend::Backend;
 use crate::ops;
+use crate::platform::Platform;
 
 impl<B: Backend> Inner<B> {
     /// Once a second: lost workers, stuck, orphaned, unsatisfiable and
@@ -25,8 +28,12 @@ impl<B: Backend> Inner<B> {
             self.lose_worker(&mut s, worker, "it missed its heartbeats");
         }
         let ids: Vec<ExecId> = s.executions.keys().copied().collect();
+        // Whether some worker can run a platform, asked once per distinct
+        // platform: a long queue of few platforms must not cost queue ×
+        // workers under the lock every second.
+        let mut satisfiable = HashMap::new();
         for id in ids {
-            self.sweep_one(&mut s, id, now);
+            self.sweep_one(&mut s, id, now, &mut satisfiable);
         }
         let retention = self.config.operation_retention;
         while let Some((at, name)) = s.done.front().cloned() {
@@ -40,7 +47,7 @@ impl<B: Backend> Inner<B> {
         }
     }
 
-    fn sweep_one(&self, s: &mut State, id: ExecId, now: Instant) {
+    fn sweep_one(&self, s: &mut State, id: ExecId, now: Instant, satisfiable: &mut HashMap<Platform, bool>) {
         let Some(e) = s.executions.get(&id) else { return };
         if e.finishing {
             return;
@@ -101,10 +108,17 @@ impl<B: Backend> Inner<B> {
                     self.finish(s, id, &ops::response(None, status, false, String::new()));
                     return;
                 }
-                let satisfiable =
-                    s.workers.values().any(|w| self.config.rules.satisfies(&w.platform, &e.platform));
+                let can_run = match satisfiable.get(&e.platform) {
+                    Some(&known) => known,
+                    None => {
+                        let known =
+                            s.workers.values().any(|w| self.config.rules.satisfies(&w.platform, &e.platform));
+                        satisfiable.insert(e.platform.clone(), known);
+                        known
+                    }
+                };
                 let e = s.executions.get_mut(&id).expect("present");
-                if satisfiable {
+                if can_run {
                     e.unsatisfiable_since = None;
                     return;
                 }
