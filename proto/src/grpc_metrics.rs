@@ -181,11 +181,17 @@ where
         });
         let clone = self.inner.clone();
         let mut ready = std::mem::replace(&mut self.inner, clone);
-        let started = Instant::now();
-        let call_span = span.clone();
+        // Made before the handler runs: a client that leaves while it does
+        // drops this future, and the call counts as CANCELLED.
+        let mut call = Call { method, started: Instant::now(), span: span.clone(), done: false };
         let call = async move {
-            let response = ready.call(request).await?;
-            let mut call = Call { method, started, span: call_span, done: false };
+            let response = match ready.call(request).await {
+                Ok(response) => response,
+                Err(e) => {
+                    call.finish(tonic::Code::Unknown as i32);
+                    return Err(e);
+                }
+            };
             // Trailers-only: the status is in the headers, and the body is empty.
             if let Some(code) = grpc_status(response.headers()) {
                 call.finish(code);
@@ -360,6 +366,41 @@ mod tests {
                 assert_eq!(handles(&format!("/{full}/{m}")).labels.method, *m);
             }
         }
+    }
+
+    /// A handler that never answers.
+    #[derive(Clone)]
+    struct Pending;
+
+    impl Service<http::Request<Body>> for Pending {
+        type Response = http::Response<Body>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Pending<Result<http::Response<Body>, std::convert::Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            std::future::pending()
+        }
+    }
+
+    #[test]
+    fn calls_left_before_their_answer_count_as_cancelled() {
+        let mut service = GrpcMetricsLayer::new(true).layer(Pending);
+        let request = http::Request::builder()
+            .uri("/google.bytestream.ByteStream/QueryWriteStatus")
+            .body(Body::empty())
+            .unwrap();
+        let mut call = service.call(request);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(call.as_mut().poll(&mut cx).is_pending(), "the handler is still at work");
+        drop(call);
+        let text = global().encode();
+        let line =
+            r#"kiln_grpc_requests_total{service="ByteStream",method="QueryWriteStatus",code="CANCELLED"} 1"#;
+        assert!(text.contains(line), "{text}");
     }
 
     #[test]
