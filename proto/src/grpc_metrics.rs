@@ -255,15 +255,7 @@ fn request_span(labels: &MethodLabels, headers: &http::HeaderMap) -> tracing::Sp
 fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
     // A constant name: no parsing of the key on every lookup.
     static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-    let value = headers.get(&GRPC_STATUS)?.as_bytes();
-    // One or two ASCII digits (0 to 16); anything else is not a status.
-    match value {
-        [d] if d.is_ascii_digit() => Some(i32::from(d - b'0')),
-        [a, b] if a.is_ascii_digit() && b.is_ascii_digit() => {
-            Some(i32::from(a - b'0') * 10 + i32::from(b - b'0'))
-        }
-        _ => std::str::from_utf8(value).ok()?.parse().ok(),
-    }
+    headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// One call, counted once when it ends (or is dropped: the client left).
