@@ -313,3 +313,58 @@ async fn priorities_outside_the_advertised_range_are_refused() {
     };
     assert!(client.execute(request).await.is_ok(), "the range's ends are accepted");
 }
+
+#[tokio::test]
+async fn listing_operations_shows_only_the_callers_tenants_and_refuses_bad_pages() {
+    use kiln_proto::google::longrunning::{ListOperationsRequest, WaitOperationRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.json");
+    let ops = common::bootstrap_token(&tokens, "ops", "*", "all", "1d");
+    let ci = common::bootstrap_token(&tokens, "ci", "main", "read,write,execute", "1d");
+    let kiln = Kiln::start_with_config(&common::token_config(&tokens, ""));
+    let connect = |token: &str| {
+        let options = kiln_tools::client::ClientOptions {
+            token: Some(token.to_owned()),
+            ..common::calls::opts(kiln.remote())
+        };
+        async move { kiln_tools::client::connect(&options).await.unwrap() }
+    };
+    let (ops, ci) = (connect(&ops).await, connect(&ci).await);
+    // ops runs an action on another tenant.
+    let (digest, blobs) = action("true", &[], 0, &[]);
+    let upload = common::upload_request("other", &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>());
+    ops.cas().batch_update_blobs(upload).await.unwrap();
+    let request = ExecuteRequest {
+        instance_name: "other".into(),
+        action_digest: Some(digest.to_proto()),
+        ..Default::default()
+    };
+    let mut stream = ExecutionClient::new(ops.channel()).execute(request).await.unwrap().into_inner();
+    let name = stream.next().await.unwrap().unwrap().name;
+    while stream.next().await.is_some() {}
+
+    let mut listing = OperationsClient::new(ci.channel());
+    let page = listing.list_operations(ListOperationsRequest::default()).await.unwrap().into_inner();
+    assert!(page.operations.iter().all(|o| o.name != name), "ci sees no operation of another tenant");
+    let all = OperationsClient::new(ops.channel()).list_operations(ListOperationsRequest::default()).await;
+    assert!(all.unwrap().into_inner().operations.iter().any(|o| o.name == name), "ops does");
+    let bad_page = ListOperationsRequest { page_size: -1, ..Default::default() };
+    assert_eq!(listing.list_operations(bad_page).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let negative = WaitOperationRequest {
+        name,
+        timeout: Some(kiln_proto::google::protobuf::Duration { seconds: -5, nanos: 0 }),
+    };
+    let mut waiting = OperationsClient::new(ops.channel());
+    assert_eq!(waiting.wait_operation(negative).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // Skipping what ci may not see is not a refusal.
+    let (status, metrics) = {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(kiln.metrics_addr()).unwrap();
+        write!(tcp, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).unwrap();
+        (text.starts_with("HTTP/1.1 200"), text)
+    };
+    assert!(status);
+    assert!(!metrics.contains("kiln_auth_failures_total{"), "{metrics}");
+}

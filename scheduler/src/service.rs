@@ -154,15 +154,19 @@ impl<B: Backend> Operations for ExecutionService<B> {
                 "ListOperations filters are not supported; leave filter empty",
             ));
         }
-        let size = usize::try_from(request.get_ref().page_size).unwrap_or(0);
+        let Ok(size) = usize::try_from(request.get_ref().page_size) else {
+            return Err(Status::invalid_argument("page_size must not be negative"));
+        };
         let size = if size == 0 { OPERATIONS_PAGE_MAX } else { size.min(OPERATIONS_PAGE_MAX) };
         let after = request.get_ref().page_token.clone();
-        // Only operations of instances the caller may execute on.
+        // Only operations of instances the caller may execute on; the
+        // others are skipped quietly (they are not refusals to count).
+        let caller = kiln_proto::access::Authorizer::caller(&request)?;
         let mut operations = Vec::new();
         let mut last = after.clone();
         for (instance, operation) in self.scheduler.list(&after, size * 4) {
             last.clone_from(&operation.name);
-            if self.auth.check(&request, &instance, Permission::Execute).is_ok() {
+            if self.auth.allows(&caller.principal, &instance, Permission::Execute) {
                 operations.push(operation);
                 if operations.len() == size {
                     break;
@@ -207,10 +211,14 @@ impl<B: Backend> Operations for ExecutionService<B> {
     ) -> Result<Response<Operation>, Status> {
         let name = request.get_ref().name.clone();
         self.authorized(&request, &name)?;
-        let timeout = request.get_ref().timeout.as_ref().map_or(OPERATION_UPDATE_INTERVAL, |t| {
-            std::time::Duration::new(t.seconds.unsigned_abs(), t.nanos.unsigned_abs())
-                .min(OPERATION_UPDATE_INTERVAL)
-        });
+        let timeout = match request.get_ref().timeout.as_ref() {
+            None => OPERATION_UPDATE_INTERVAL,
+            Some(t) if t.seconds < 0 || t.nanos < 0 => {
+                return Err(Status::invalid_argument("WaitOperation timeout must not be negative"));
+            }
+            Some(t) => std::time::Duration::new(t.seconds.unsigned_abs(), t.nanos.unsigned_abs())
+                .min(OPERATION_UPDATE_INTERVAL),
+        };
         let mut watch = self
             .scheduler
             .watch(&name)

@@ -194,17 +194,7 @@ impl Kiln {
     /// Uploads `blobs` (SHA-256) to `instance` with BatchUpdateBlobs;
     /// asserts every one was stored.
     pub async fn upload(&self, instance: &str, blobs: &[&[u8]]) {
-        use kiln_proto::reapi::{BatchUpdateBlobsRequest, batch_update_blobs_request};
-        let requests = blobs
-            .iter()
-            .map(|b| batch_update_blobs_request::Request {
-                digest: Some(kiln_proto::DigestFunction::Sha256.compute(b).to_proto()),
-                data: b.to_vec(),
-                compressor: 0,
-            })
-            .collect();
-        let request =
-            BatchUpdateBlobsRequest { instance_name: instance.into(), requests, ..Default::default() };
+        let request = upload_request(instance, blobs);
         let response = self.cas().await.batch_update_blobs(request).await.unwrap().into_inner();
         assert!(
             response.responses.iter().all(|r| r.status.as_ref().is_some_and(|s| s.code == 0)),
@@ -394,6 +384,24 @@ pub fn bootstrap_token(
     assert!(ok, "{err}");
     assert!(err.contains("created"), "{err}");
     out.trim().to_owned()
+}
+
+/// A BatchUpdateBlobs request storing `blobs` (SHA-256) in `instance`.
+pub fn upload_request(instance: &str, blobs: &[&[u8]]) -> kiln_proto::reapi::BatchUpdateBlobsRequest {
+    use kiln_proto::reapi::batch_update_blobs_request;
+    let requests = blobs
+        .iter()
+        .map(|b| batch_update_blobs_request::Request {
+            digest: Some(kiln_proto::DigestFunction::Sha256.compute(b).to_proto()),
+            data: b.to_vec(),
+            compressor: 0,
+        })
+        .collect();
+    kiln_proto::reapi::BatchUpdateBlobsRequest {
+        instance_name: instance.into(),
+        requests,
+        ..Default::default()
+    }
 }
 
 /// `[auth]` for bearer tokens from `file`, reloaded every 200 ms, plus `extra`.
