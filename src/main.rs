@@ -416,7 +416,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Worker(args) => worker_cmd::run(args).await,
         Command::Status { metrics, token, basic_auth } => {
-            let authorization = telemetry::client::authorization(token.as_deref(), basic_auth.as_deref());
+            let authorization = kiln_tools::client::authorization(token.as_deref(), basic_auth.as_deref())?;
             let text = telemetry::client::fetch_status(&metrics, authorization).await?;
             #[allow(clippy::print_stdout)]
             {

@@ -38,13 +38,3 @@ pub async fn fetch_status(addr: &str, authorization: Option<String>) -> Result<S
         .await
         .with_context(|| format!("{addr} did not answer within {TIMEOUT:?}"))?
 }
-
-/// The `authorization` header for a token or `user:password`.
-pub fn authorization(token: Option<&str>, basic: Option<&str>) -> Option<String> {
-    use base64::Engine as _;
-    match (token, basic) {
-        (Some(t), _) => Some(format!("Bearer {t}")),
-        (None, Some(b)) => Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(b))),
-        (None, None) => None,
-    }
-}

@@ -77,6 +77,18 @@ fn read(path: &PathBuf) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("read {}", path.display()))
 }
 
+/// The `authorization` header value for a bearer token or `user:password`
+/// (basic auth), if either is given; both at once are refused.
+pub fn authorization(token: Option<&str>, basic: Option<&str>) -> Result<Option<String>> {
+    use base64::Engine as _;
+    Ok(match (token, basic) {
+        (Some(_), Some(_)) => bail!("give a token or basic auth, not both"),
+        (Some(token), None) => Some(format!("Bearer {}", token.trim())),
+        (None, Some(basic)) => Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(basic))),
+        (None, None) => None,
+    })
+}
+
 /// Opens a connection as `options` say.
 pub async fn connect(options: &ClientOptions) -> Result<Connection> {
     let remote = &options.remote;
@@ -109,16 +121,7 @@ pub async fn connect(options: &ClientOptions) -> Result<Connection> {
     } else if options.tls_ca.is_some() || options.tls_cert.is_some() {
         bail!("TLS options need a grpcs:// remote");
     }
-    let credentials = match (&options.token, &options.basic) {
-        (Some(_), Some(_)) => bail!("give a token or basic auth, not both"),
-        (Some(token), None) => Some(format!("Bearer {}", token.trim())),
-        (None, Some(basic)) => {
-            use base64::Engine as _;
-            Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(basic)))
-        }
-        (None, None) => None,
-    };
-    let credentials = match credentials {
+    let credentials = match authorization(options.token.as_deref(), options.basic.as_deref())? {
         Some(value) => Credentials(Some(
             MetadataValue::try_from(value).context("credentials are not valid header text")?,
         )),
