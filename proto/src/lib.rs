@@ -46,3 +46,12 @@ pub mod kiln {
 pub mod google {
     pub use bazel_remote_apis::google::*;
 }
+
+/// A wall-clock time as a protobuf Timestamp (times before 1970 as 1970).
+pub fn timestamp(t: std::time::SystemTime) -> google::protobuf::Timestamp {
+    let d = t.duration_since(std::time::SystemTime::UNIX_EPOCH).unwrap_or_default();
+    google::protobuf::Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}

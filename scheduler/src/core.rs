@@ -219,14 +219,6 @@ fn parse_exec_name(name: &str) -> Option<ExecId> {
     name.strip_prefix('e')?.parse().ok()
 }
 
-fn timestamp(t: SystemTime) -> kiln_proto::google::protobuf::Timestamp {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    kiln_proto::google::protobuf::Timestamp {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
-}
-
 impl<B: Backend> Scheduler<B> {
     /// A scheduler; its sweeper runs on the current tokio runtime until
     /// the last clone is dropped.
@@ -744,7 +736,7 @@ impl<B: Backend> Inner<B> {
         let e = s.executions.get(&id).expect("checked");
         if let Some(r) = result.as_mut() {
             let meta = r.execution_metadata.get_or_insert_with(Default::default);
-            meta.queued_timestamp = Some(timestamp(e.queued_wall));
+            meta.queued_timestamp = Some(kiln_proto::timestamp(e.queued_wall));
         }
         let retry = matches!(code, tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::Unknown)
             && e.attempts < self.config.attempts_max;

@@ -84,7 +84,9 @@ pub fn authorization(token: Option<&str>, basic: Option<&str>) -> Result<Option<
     Ok(match (token, basic) {
         (Some(_), Some(_)) => bail!("give a token or basic auth, not both"),
         (Some(token), None) => Some(format!("Bearer {}", token.trim())),
-        (None, Some(basic)) => Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(basic))),
+        (None, Some(basic)) => {
+            Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(basic)))
+        }
         (None, None) => None,
     })
 }

@@ -71,14 +71,6 @@ impl<F> std::fmt::Debug for Runner<F> {
     }
 }
 
-fn timestamp(t: SystemTime) -> kiln_proto::google::protobuf::Timestamp {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    kiln_proto::google::protobuf::Timestamp {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
-}
-
 fn finished(execution_id: &str, code: tonic::Code, message: String) -> Finished {
     Finished { execution_id: execution_id.to_owned(), code: code as i32, message, ..Default::default() }
 }
@@ -324,14 +316,14 @@ impl<F: CasFactory> Runner<F> {
         );
         result.execution_metadata = Some(ExecutedActionMetadata {
             worker: self.config.worker_id.clone(),
-            worker_start_timestamp: Some(timestamp(worker_start)),
-            input_fetch_start_timestamp: Some(timestamp(fetch_start)),
-            input_fetch_completed_timestamp: Some(timestamp(fetch_done)),
-            execution_start_timestamp: Some(timestamp(outcome.started)),
-            execution_completed_timestamp: Some(timestamp(outcome.finished)),
-            output_upload_start_timestamp: Some(timestamp(upload_start)),
-            output_upload_completed_timestamp: Some(timestamp(upload_done)),
-            worker_completed_timestamp: Some(timestamp(SystemTime::now())),
+            worker_start_timestamp: Some(kiln_proto::timestamp(worker_start)),
+            input_fetch_start_timestamp: Some(kiln_proto::timestamp(fetch_start)),
+            input_fetch_completed_timestamp: Some(kiln_proto::timestamp(fetch_done)),
+            execution_start_timestamp: Some(kiln_proto::timestamp(outcome.started)),
+            execution_completed_timestamp: Some(kiln_proto::timestamp(outcome.finished)),
+            output_upload_start_timestamp: Some(kiln_proto::timestamp(upload_start)),
+            output_upload_completed_timestamp: Some(kiln_proto::timestamp(upload_done)),
+            worker_completed_timestamp: Some(kiln_proto::timestamp(SystemTime::now())),
             ..Default::default()
         });
         let (code, message) = if outcome.timed_out {
