@@ -124,23 +124,9 @@ impl KillOnDrop {
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if self.armed {
-            kill_sandbox(&self.config, &self.id);
-        }
-    }
-}
-
-/// Kills every process of the run `id`: its pid namespace's init dies, the
-/// kernel takes the rest, and the run's own thread cleans up.
-fn kill_sandbox(config: &SandboxConfig, id: &str) {
-    for dir in config.cgroups.run_dirs(id) {
-        let kill = dir.join("cgroup.kill");
-        if kill.exists() && std::fs::write(&kill, "1").is_ok() {
-            continue;
-        }
-        let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else { continue };
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            // Its pid namespace's init dies, the kernel takes the rest, and
+            // the run's own thread cleans up.
+            self.config.cgroups.kill_run(&self.id);
         }
     }
 }

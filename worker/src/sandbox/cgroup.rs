@@ -134,6 +134,22 @@ impl Cgroups {
         dirs
     }
 
+    /// Kills every process of the run `id` from outside it (its thread may
+    /// still be setting it up or waiting): `cgroup.kill` where there is
+    /// one, else SIGKILL to each pid listed.
+    pub fn kill_run(&self, id: &str) {
+        for dir in self.run_dirs(id) {
+            let kill_file = dir.join("cgroup.kill");
+            if kill_file.exists() && std::fs::write(&kill_file, "1").is_ok() {
+                continue;
+            }
+            let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else { continue };
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+
     /// One line for logs: which hierarchy serves what.
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
