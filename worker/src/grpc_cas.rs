@@ -17,8 +17,6 @@ use crate::cas::CasClient;
 
 /// Bytes per ByteStream upload message.
 const CHUNK_BYTES: usize = 1 << 20;
-/// Digests per FindMissingBlobs call.
-const FIND_MISSING_BATCH: usize = 10_000;
 
 /// A CAS reached over gRPC, for one instance name and digest function.
 #[derive(Debug, Clone)]
@@ -176,7 +174,8 @@ impl CasClient for GrpcCas {
 
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         let mut missing = Vec::new();
-        for chunk in digests.chunks(FIND_MISSING_BATCH) {
+        // Callers batch already; any length still works here.
+        for chunk in digests.chunks(crate::inputs::FIND_MISSING_BATCH) {
             let request = FindMissingBlobsRequest {
                 instance_name: self.instance.clone(),
                 blob_digests: chunk.iter().map(Digest::to_proto).collect(),
