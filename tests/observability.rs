@@ -376,6 +376,7 @@ fn the_metrics_listener_answers_bad_requests_and_outlives_floods() {
     let post =
         raw(addr, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    assert!(post.to_ascii_lowercase().contains("allow: get, head"), "{post}");
     assert_eq!(get(addr, "/nope", None).0, 404);
     assert_eq!(get(addr, "/logs/abc", None).0, 404, "a path that is not HASH/SIZE/INSTANCE");
     assert_eq!(get(addr, "/logs/zz/1/", None).0, 400, "not a digest");

@@ -104,7 +104,9 @@ impl http_body::Body for HeldLog {
 
 async fn handle(req: Request<Incoming>, sources: &Sources, peer: SocketAddr) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
+        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET and HEAD\n");
+        r.headers_mut().insert(header::ALLOW, http::HeaderValue::from_static("GET, HEAD"));
+        return r;
     }
     let path = req.uri().path().to_owned();
     if path == "/metrics" {
