@@ -545,3 +545,14 @@ fn the_queue_by_invocation_lists_the_busiest_and_sums_the_rest() {
     assert_eq!(rows[99], ("inv-149".to_owned(), 150));
     assert_eq!(rows[100], ("(50 more invocations)".to_owned(), (1..=50).sum::<usize>()));
 }
+
+#[tokio::test(start_paused = true)]
+async fn sessions_without_register_end_with_deadline_exceeded() {
+    let s = Scheduler::new(MemoryBackend::default(), config());
+    let silent = futures::stream::pending::<std::result::Result<WorkerMessage, String>>();
+    let refused = crate::workers::session(s.clone(), silent).await.unwrap_err();
+    assert_eq!(refused.code(), kiln_proto::Code::DeadlineExceeded, "{refused:?}");
+    let broken = futures::stream::iter([Err::<WorkerMessage, _>("reset".to_owned())]);
+    let refused = crate::workers::session(s, broken).await.unwrap_err();
+    assert_eq!(refused.code(), kiln_proto::Code::Unavailable, "{refused:?}");
+}

@@ -16,7 +16,7 @@ use kiln_proto::kiln::worker::{
     Accepted, SchedulerMessage, WorkerMessage, scheduler_message, worker_message,
 };
 use kiln_proto::limits::WORKER_SESSION_QUEUE;
-use kiln_proto::{Error, Result};
+use kiln_proto::{Code, Error, Result};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -38,12 +38,15 @@ where
     S: Stream<Item = std::result::Result<WorkerMessage, E>> + Send + Unpin + 'static,
     E: std::fmt::Display + Send + 'static,
 {
-    let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.next())
-        .await
-        .map_err(|_| Error::invalid_argument("a worker session must start with Register"))?;
+    let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.next()).await.map_err(|_| {
+        Error::new(
+            Code::DeadlineExceeded,
+            format!("a worker session must start with Register within {REGISTER_TIMEOUT:?}"),
+        )
+    })?;
     let register = match first {
         Some(Ok(WorkerMessage { kind: Some(worker_message::Kind::Register(r)) })) => r,
-        Some(Err(e)) => return Err(Error::invalid_argument(format!("worker session failed: {e}"))),
+        Some(Err(e)) => return Err(Error::new(Code::Unavailable, format!("worker session failed: {e}"))),
         _ => return Err(Error::invalid_argument("a worker session must start with Register")),
     };
     let config = scheduler.config();
