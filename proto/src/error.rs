@@ -109,6 +109,30 @@ impl From<Code> for tonic::Code {
     }
 }
 
+/// The other way: every code Kiln has maps back to itself; OK, UNKNOWN
+/// and codes Kiln does not use become INTERNAL.
+impl From<tonic::Code> for Code {
+    fn from(code: tonic::Code) -> Self {
+        match code {
+            tonic::Code::InvalidArgument => Code::InvalidArgument,
+            tonic::Code::NotFound => Code::NotFound,
+            tonic::Code::AlreadyExists => Code::AlreadyExists,
+            tonic::Code::PermissionDenied => Code::PermissionDenied,
+            tonic::Code::Unauthenticated => Code::Unauthenticated,
+            tonic::Code::ResourceExhausted => Code::ResourceExhausted,
+            tonic::Code::FailedPrecondition => Code::FailedPrecondition,
+            tonic::Code::OutOfRange => Code::OutOfRange,
+            tonic::Code::Unimplemented => Code::Unimplemented,
+            tonic::Code::Unavailable => Code::Unavailable,
+            tonic::Code::DataLoss => Code::DataLoss,
+            tonic::Code::DeadlineExceeded => Code::DeadlineExceeded,
+            tonic::Code::Cancelled => Code::Cancelled,
+            tonic::Code::Aborted => Code::Aborted,
+            _ => Code::Internal,
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
         tonic::Status::new(error.code.into(), crate::text::clip_message(error.message))
@@ -129,6 +153,31 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn codes_survive_the_round_trip_through_tonic() {
+        use Code::*;
+        for code in [
+            InvalidArgument,
+            NotFound,
+            AlreadyExists,
+            PermissionDenied,
+            Unauthenticated,
+            ResourceExhausted,
+            FailedPrecondition,
+            OutOfRange,
+            Unimplemented,
+            Internal,
+            Unavailable,
+            DataLoss,
+            DeadlineExceeded,
+            Cancelled,
+            Aborted,
+        ] {
+            assert_eq!(Code::from(tonic::Code::from(code)), code);
+        }
+        assert_eq!(Code::from(tonic::Code::Unknown), Internal);
+    }
 
     #[test]
     fn context_keeps_code() {

@@ -26,28 +26,8 @@ pub struct GrpcCas {
     function: DigestFunction,
 }
 
-fn code_of(code: tonic::Code) -> Code {
-    match code {
-        tonic::Code::InvalidArgument => Code::InvalidArgument,
-        tonic::Code::NotFound => Code::NotFound,
-        tonic::Code::AlreadyExists => Code::AlreadyExists,
-        tonic::Code::PermissionDenied => Code::PermissionDenied,
-        tonic::Code::Unauthenticated => Code::Unauthenticated,
-        tonic::Code::ResourceExhausted => Code::ResourceExhausted,
-        tonic::Code::FailedPrecondition => Code::FailedPrecondition,
-        tonic::Code::OutOfRange => Code::OutOfRange,
-        tonic::Code::Unimplemented => Code::Unimplemented,
-        tonic::Code::DataLoss => Code::DataLoss,
-        tonic::Code::DeadlineExceeded => Code::DeadlineExceeded,
-        tonic::Code::Cancelled => Code::Cancelled,
-        tonic::Code::Aborted => Code::Aborted,
-        tonic::Code::Unavailable => Code::Unavailable,
-        _ => Code::Internal,
-    }
-}
-
 fn from_status(what: &str, s: &tonic::Status) -> Error {
-    Error::new(code_of(s.code()), format!("{what}: {}", s.message()))
+    Error::new(Code::from(s.code()), format!("{what}: {}", s.message()))
 }
 
 /// An upload's answer must commit the whole blob.
