@@ -84,15 +84,23 @@ struct ExecDir(PathBuf);
 
 impl Drop for ExecDir {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(dir = %self.0.display(), error = %e, "could not remove an execution directory");
+        let dir = std::mem::take(&mut self.0);
+        let remove = move || {
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove an execution directory");
+            }
+        };
+        // An input tree can hold a million links: remove it on the
+        // blocking pool, not on an async thread.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+            Err(_) => remove(),
         }
     }
 }
 
-/// Kills a sandbox whose run was abandoned.
 /// Counts a run in `kiln_worker_running_actions` while it lives.
 struct Running;
 
@@ -109,6 +117,7 @@ impl Drop for Running {
     }
 }
 
+/// Kills a sandbox whose run was abandoned.
 struct KillOnDrop {
     config: SandboxConfig,
     id: String,
