@@ -309,7 +309,7 @@ impl<C: CasStore> CasClient for StoreCas<C> {
         put_all(&self.cas, &self.key(digest), data).await
     }
 
-    async fn get_tree(&self, root: &Digest) -> kiln_proto::Result<Vec<Directory>> {
+    async fn get_tree(&self, root: &Digest, count_max: u64) -> kiln_proto::Result<Vec<Directory>> {
         let mut seen = std::collections::HashSet::new();
         let mut queue = std::collections::VecDeque::from([*root]);
         let mut out = Vec::new();
@@ -317,8 +317,8 @@ impl<C: CasStore> CasClient for StoreCas<C> {
             if !seen.insert(d) {
                 continue;
             }
-            if out.len() as u64 > kiln_worker::inputs::InputLimits::DEFAULT.directories_max {
-                return Err(Error::invalid_argument("the input tree has too many directories"));
+            if out.len() as u64 > count_max {
+                break;
             }
             let bytes = read_all(&self.cas, &self.key(&d), kiln_proto::limits::ACTION_MESSAGE_SIZE_BYTES_MAX)
                 .await

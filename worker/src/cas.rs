@@ -28,6 +28,8 @@ pub trait CasClient: Send + Sync + 'static {
     fn upload_bytes(&self, digest: &Digest, data: Bytes) -> impl Future<Output = Result<()>> + Send;
 
     /// Every directory of the tree under `root` (the root first), each
-    /// once; NOT_FOUND naming the first directory that is absent.
-    fn get_tree(&self, root: &Digest) -> impl Future<Output = Result<Vec<Directory>>> + Send;
+    /// once; NOT_FOUND naming the first directory that is absent. Stops
+    /// after `count_max` directories (returning them): a larger tree is the
+    /// caller's to refuse, and must not be held first.
+    fn get_tree(&self, root: &Digest, count_max: u64) -> impl Future<Output = Result<Vec<Directory>>> + Send;
 }

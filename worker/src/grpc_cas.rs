@@ -241,7 +241,7 @@ impl CasClient for GrpcCas {
         check_committed(digest, response.get_ref().committed_size)
     }
 
-    async fn get_tree(&self, root: &Digest) -> Result<Vec<Directory>> {
+    async fn get_tree(&self, root: &Digest, count_max: u64) -> Result<Vec<Directory>> {
         let request = GetTreeRequest {
             instance_name: self.instance.clone(),
             root_digest: Some(root.to_proto()),
@@ -259,6 +259,9 @@ impl CasClient for GrpcCas {
         let mut directories = Vec::new();
         while let Some(page) = stream.next().await {
             directories.extend(page.map_err(|s| from_status("GetTree", &s))?.directories);
+            if directories.len() as u64 > count_max {
+                break;
+            }
         }
         Ok(directories)
     }

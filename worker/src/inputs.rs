@@ -274,7 +274,9 @@ async fn fetch_tree<C: CasClient>(
     root: &Digest,
     limits: &InputLimits,
 ) -> Result<HashMap<Digest, Directory>, MaterializeError> {
-    let directories = match cas.get_tree(root).await {
+    // The root and `directories_max` below it: a client stops one past
+    // that, which is refused below without holding the rest.
+    let directories = match cas.get_tree(root, limits.directories_max.saturating_add(1)).await {
         Ok(directories) => directories,
         Err(e) if e.is_not_found() => return walk_tree(cas, function, root, limits).await,
         Err(e) => return Err(e.context(format!("input root {root}")).into()),

@@ -339,3 +339,27 @@ async fn directories_prost_would_encode_differently_are_found() {
     materialize(&s.cache, &s.cas, DigestFunction::Sha256, &root, &exec_root, None).await.unwrap();
     assert_eq!(std::fs::read(exec_root.join("sub/f")).unwrap(), b"in a foreign directory");
 }
+
+#[tokio::test]
+async fn a_tree_with_too_many_directories_is_refused_without_being_fetched_whole() {
+    let s = setup();
+    let leaves: Vec<Digest> = (0..200)
+        .map(|i| {
+            let f = s.cas.put(format!("leaf {i}").as_bytes());
+            s.cas
+                .put_directory(DigestFunction::Sha256, &directory(vec![file("f", &f, false)], vec![], vec![]))
+        })
+        .collect();
+    let children = leaves.iter().enumerate().map(|(i, d)| dir(&format!("d{i}"), d)).collect();
+    let root = s.cas.put_directory(DigestFunction::Sha256, &directory(vec![], children, vec![]));
+    let limits = InputLimits { directories_max: 10, ..InputLimits::DEFAULT };
+    let exec_root = s.work.path().join("exec");
+    let error =
+        materialize_with_limits(&s.cache, &s.cas, DigestFunction::Sha256, &root, &exec_root, None, &limits)
+            .await
+            .unwrap_err();
+    let MaterializeError::Failed(error) = error else { panic!("{error:?}") };
+    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    assert!(error.message().contains("directories"), "{error}");
+    assert!(s.cas.tree_returned() <= 12, "the CAS client stopped early: {}", s.cas.tree_returned());
+}

@@ -27,6 +27,8 @@ pub struct TestCas {
     /// Digests uploaded, in order.
     uploads: Mutex<Vec<Digest>>,
     find_missing_calls: Mutex<u64>,
+    /// Directories the last `get_tree` returned.
+    tree_returned: Mutex<u64>,
     /// `read_to_file` waits while this is false.
     gate: watch::Sender<bool>,
 }
@@ -38,6 +40,7 @@ impl TestCas {
             reads: Mutex::new(HashMap::new()),
             uploads: Mutex::new(Vec::new()),
             find_missing_calls: Mutex::new(0),
+            tree_returned: Mutex::new(0),
             gate: watch::channel(true).0,
         }
     }
@@ -99,6 +102,10 @@ impl TestCas {
         self.uploads.lock().unwrap().clone()
     }
 
+    pub fn tree_returned(&self) -> u64 {
+        *self.tree_returned.lock().unwrap()
+    }
+
     pub fn find_missing_calls(&self) -> u64 {
         *self.find_missing_calls.lock().unwrap()
     }
@@ -150,7 +157,7 @@ impl CasClient for TestCas {
         self.store_verified(digest, &data)
     }
 
-    async fn get_tree(&self, root: &Digest) -> Result<Vec<Directory>> {
+    async fn get_tree(&self, root: &Digest, count_max: u64) -> Result<Vec<Directory>> {
         let mut out = Vec::new();
         let mut seen = HashSet::from([*root]);
         let mut queue = VecDeque::from([*root]);
@@ -165,7 +172,11 @@ impl CasClient for TestCas {
                 }
             }
             out.push(directory);
+            if out.len() as u64 > count_max {
+                break;
+            }
         }
+        *self.tree_returned.lock().unwrap() = out.len() as u64;
         Ok(out)
     }
 }
