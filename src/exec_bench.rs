@@ -10,7 +10,7 @@
 //!   cold and warm.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -25,13 +25,6 @@ use prost::Message;
 use serde_json::json;
 
 use crate::execution::{ExecutionConfig, StoreBackend, StoreCas, StoreCasFactory};
-
-fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
-    sorted
-        .get((sorted.len() * per_mille / 1000).min(sorted.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or_default()
-}
 
 async fn put(cas: &MemoryCas, data: Vec<u8>) -> Result<Digest> {
     let d = DigestFunction::Sha256.compute(&data);
@@ -165,7 +158,8 @@ pub async fn scheduler(n: usize, workers: usize, slots: u32, in_flight: usize) -
         }
     }
     latencies.sort();
-    let (p50, p99) = (percentile(&latencies, 500), percentile(&latencies, 990));
+    let (p50, p99) =
+        (kiln_tools::bench::percentile(&latencies, 500), kiln_tools::bench::percentile(&latencies, 990));
     println!("dispatch latency (Execute to assigned, idle workers): p50 {p50:?}, p99 {p99:?}");
     Ok(json!({
         "actions": n, "workers": workers, "slots": slots, "in_flight": in_flight,

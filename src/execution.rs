@@ -78,6 +78,16 @@ pub struct WorkerConfig {
     pub properties: BTreeMap<String, String>,
 }
 
+impl ExecutionConfig {
+    /// The local worker's slots: `local_worker_slots`, or one per core.
+    pub fn local_slots(&self) -> usize {
+        match self.local_worker_slots {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
+}
+
 impl Default for ExecutionConfig {
     fn default() -> Self {
         Self {

@@ -313,13 +313,7 @@ where
     let execution = if !config.execution.enabled {
         "off".to_owned()
     } else if config.execution.local_worker {
-        format!(
-            "on, local worker with {} slots",
-            match config.execution.local_worker_slots {
-                0 => std::thread::available_parallelism().map_or(1, usize::from),
-                n => n,
-            }
-        )
+        format!("on, local worker with {} slots", config.execution.local_slots())
     } else {
         "on, remote workers only".to_owned()
     };
@@ -400,10 +394,7 @@ where
     })];
     let mut worker = None;
     if execution.local_worker {
-        let slots = match execution.local_worker_slots {
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
-            n => n,
-        };
+        let slots = execution.local_slots();
         let id = format!(
             "local-{}",
             nix::unistd::gethostname().map_or_else(|_| "kiln".into(), |h| h.to_string_lossy().into_owned())

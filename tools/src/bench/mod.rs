@@ -137,7 +137,7 @@ impl Report {
 }
 
 /// The `per_mille`-th latency of a sorted list (500: median, 999: p99.9).
-fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
+pub fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
