@@ -84,9 +84,18 @@ impl StreamDecoder {
         let mut out = Vec::with_capacity(room.saturating_add(1).min(DECODE_CHUNK_BYTES));
         let mut inb = InBuffer { src: input, pos: *pos };
         let mut outb = OutBuffer::around(&mut out);
+        // A frame that ended with all input consumed has nothing left to
+        // flush: running the decoder again would start reading a new frame's
+        // header and make the finished frame look incomplete.
+        if *pos == input.len() && self.frame_complete {
+            return Ok((Bytes::new(), false));
+        }
         let full = loop {
             let hint = self.decoder.run(&mut inb, &mut outb).map_err(invalid)?;
             self.frame_complete = hint == 0;
+            if self.frame_complete && inb.pos == input.len() {
+                break false;
+            }
             if outb.pos() == outb.capacity() {
                 break true;
             }
@@ -286,5 +295,71 @@ mod tests {
             stream.extend(encoder.chunk(chunk, i + 1 == chunks.len()).unwrap());
         }
         assert_eq!(zstd::stream::decode_all(&stream[..]).unwrap(), data);
+    }
+
+    /// Data that compresses at every ratio, from none (random) to extreme
+    /// (zeros), at sizes around the decoder's step.
+    fn corpus() -> Vec<(&'static str, Vec<u8>)> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+        let mut random = vec![0u8; 3 << 20];
+        rng.fill(&mut random[..]);
+        let text: Vec<u8> = b"INFO building //pkg:target\n".iter().copied().cycle().take(2 << 20).collect();
+        let mut padded = random[..300_000].to_vec();
+        padded.resize(5 << 20, 0);
+        vec![
+            ("zeros 8 MiB", vec![0u8; 8 << 20]),
+            ("zeros one step", vec![0u8; DECODE_CHUNK_BYTES]),
+            ("zeros one step and a byte", vec![0u8; DECODE_CHUNK_BYTES + 1]),
+            ("text 2 MiB", text),
+            ("random 3 MiB", random),
+            ("random then zeros", padded),
+            ("one byte", vec![7]),
+        ]
+    }
+
+    /// Every ratio, in one message and in many, at two levels and as several
+    /// frames: the decoder yields exactly the data in bounded steps, and a
+    /// declared size one byte off either way is refused.
+    #[test]
+    fn every_ratio_decodes_in_one_message_and_in_many() {
+        for (name, data) in corpus() {
+            for level in [1, 19] {
+                let one = zstd::bulk::compress(&data, level).unwrap();
+                let half = data.len() / 2;
+                let mut frames = zstd::bulk::compress(&data[..half], level).unwrap();
+                frames.extend(zstd::bulk::compress(&data[half..], level).unwrap());
+                for (how, stream) in [("one frame", &one), ("two frames", &frames)] {
+                    for piece in [usize::MAX, 1 << 20, 4096, 7] {
+                        if piece == 7 && stream.len() > 200_000 {
+                            continue; // Millions of messages prove nothing more.
+                        }
+                        let mut decoder = StreamDecoder::new(data.len() as u64).unwrap();
+                        let mut out = Vec::with_capacity(data.len());
+                        let mut largest = 0;
+                        for part in stream.chunks(piece.min(stream.len()).max(1)) {
+                            decode_all(&mut decoder, part, |c| {
+                                largest = largest.max(c.len());
+                                out.extend_from_slice(&c);
+                            })
+                            .unwrap_or_else(|e| {
+                                panic!("{name}, level {level}, {how}, pieces of {piece}: {e:?}")
+                            });
+                        }
+                        decoder
+                            .finish()
+                            .unwrap_or_else(|e| panic!("{name}, level {level}, {how}, {piece}: {e:?}"));
+                        assert!(out == data, "{name}, level {level}, {how}, pieces of {piece}");
+                        assert!(largest <= DECODE_CHUNK_BYTES);
+                    }
+                }
+                let mut short = StreamDecoder::new(data.len() as u64 - 1).unwrap();
+                let err = decode_all(&mut short, &one, |_| {}).unwrap_err();
+                assert!(err.message().contains("more than the digest"), "{name}: {}", err.message());
+                let mut long = StreamDecoder::new(data.len() as u64 + 1).unwrap();
+                decode_all(&mut long, &one, |_| {}).unwrap();
+                assert!(long.finish().unwrap_err().message().contains("decompressed to"), "{name}");
+            }
+        }
     }
 }
