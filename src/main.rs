@@ -294,6 +294,11 @@ struct ServeArgs {
     /// Bytes of the CAS data file ([storage] cas_size_bytes).
     #[arg(long)]
     cas_size: Option<u64>,
+    /// Discard the CAS and the action cache and start them empty: once, on
+    /// purpose (a store keeps its size and block size otherwise, and a
+    /// store that cannot be read is refused, never silently replaced).
+    #[arg(long)]
+    reformat_stores: bool,
     /// Address of the worker port ([execution] worker_listen).
     #[arg(long)]
     worker_listen: Option<std::net::SocketAddr>,
@@ -403,6 +408,7 @@ async fn serve_command(args: ServeArgs, local_worker: bool) -> Result<()> {
     if let Some(addr) = args.metrics_listen {
         config.metrics.listen = addr;
     }
+    config.storage.reformat = args.reformat_stores;
     if let Some(addr) = args.worker_listen {
         config.execution.worker_listen = addr;
     }

@@ -47,6 +47,10 @@ pub struct StorageConfig {
     pub pin_threads: bool,
     /// Allow formatting a block device that holds no Kiln store.
     pub format_device: bool,
+    /// Discard both stores and start empty (only from the command line:
+    /// `kiln serve --reformat-stores`, never from a file that stays set).
+    #[serde(skip)]
+    pub reformat: bool,
     /// Memory backend: bytes for CAS blobs, and for action results.
     pub cas_memory_bytes: u64,
     pub ac_memory_bytes: u64,
@@ -69,14 +73,16 @@ impl Default for StorageConfig {
             sync_interval_ms: 10_000,
             pin_threads: true,
             format_device: false,
+            reformat: false,
             cas_memory_bytes: 2 << 30,
             ac_memory_bytes: 64 << 20,
         }
     }
 }
 
-/// The default CAS size: 8 GiB, or a quarter of the free space when less
-/// than 32 GiB is free (at least 256 MiB).
+/// The default size of a new CAS: 8 GiB, or a quarter of the free space
+/// when less than 32 GiB is free (at least 256 MiB). Only a new store is
+/// sized so: an existing one keeps the size it was formatted with.
 fn automatic_cas_size(data_dir: &Path) -> u64 {
     let free = nix::sys::statvfs::statvfs(data_dir)
         .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
@@ -139,11 +145,16 @@ impl StorageConfig {
             Kind::Ac => self.ac_size_bytes,
         };
         let threads = if self.threads == 0 { cores } else { self.threads };
+        let size_configured = match kind {
+            Kind::Cas => self.cas_size_bytes != 0,
+            Kind::Ac => self.ac_size_bytes != 0,
+        };
         BlockConfig {
             kind,
             data_path: path.clone().unwrap_or_else(|| data_dir.join(format!("{name}.data"))),
             index_path: index.clone().unwrap_or_else(|| data_dir.join(format!("{name}.index"))),
             size_bytes,
+            size_configured,
             block_bytes: self.block_bytes,
             // Action results are small: size the AC's index for them.
             expected_blob_bytes: if kind == Kind::Ac { 2048 } else { self.expected_blob_bytes },
@@ -152,6 +163,7 @@ impl StorageConfig {
             sync_interval: Duration::from_millis(self.sync_interval_ms),
             pin_threads: self.pin_threads,
             format_device: self.format_device,
+            reformat: self.reformat,
         }
     }
 }

@@ -52,6 +52,7 @@ fn config(o: &StoreBenchOptions) -> BlockConfig {
         data_path: o.dir.join("cas.data"),
         index_path: o.dir.join("cas.index"),
         size_bytes: size,
+        size_configured: true,
         block_bytes: 0,
         expected_blob_bytes: (size / o.blobs.max(1)).max(1),
         threads: std::thread::available_parallelism().map_or(1, usize::from),
@@ -59,6 +60,7 @@ fn config(o: &StoreBenchOptions) -> BlockConfig {
         sync_interval: Duration::from_secs(10),
         pin_threads: true,
         format_device: false,
+        reformat: false,
     }
 }
 
@@ -160,7 +162,8 @@ pub async fn run(o: &StoreBenchOptions) -> Result<serde_json::Value> {
         index_bytes >> 20
     );
 
-    let engine = Engine::open(&c)?;
+    // A store left by an earlier run is replaced; the restarts below keep it.
+    let engine = Engine::open(&BlockConfig { reformat: true, ..c.clone() })?;
     let io_path = engine.io_path;
     let cas = BlockCas::new(engine.clone());
     let fill_time = fill(&cas, o.blobs, o.blob_size, o.concurrency).await?;

@@ -277,4 +277,80 @@ async fn a_raw_block_device_through_a_loop_device() {
         assert_eq!(&download(&kiln, d).await.unwrap(), bytes);
     }
     assert!(kiln.log().contains(&device), "the store names its device");
+    // The device grows: the store keeps its size and every blob.
+    let (status, log, data) = kiln.stop_keeping_data();
+    assert!(status.success(), "{log}");
+    std::fs::OpenOptions::new().write(true).open(&backing).unwrap().set_len(128 << 20).unwrap();
+    assert!(std::process::Command::new("losetup").args(["-c", &device]).status().unwrap().success());
+    let kiln = Kiln::start_in(data, &["--config", &cfg]);
+    for (d, bytes) in &blobs {
+        assert_eq!(&download(&kiln, d).await.unwrap(), bytes, "lost when the device grew");
+    }
+    assert!(kiln.log().contains("larger than its store"), "{}", kiln.log());
+}
+
+/// With no size configured, a new store is sized from the free space; a
+/// restart after the free space changed keeps the store as it is. On a
+/// 2 GiB tmpfs, where the automatic size is a quarter of what is free.
+#[tokio::test]
+async fn the_automatic_size_never_empties_the_store_on_restart() {
+    let mount = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2g", "kiln-test", mount.path().to_str().unwrap()])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("cannot mount a tmpfs here; the automatic size is covered by the store's unit tests only");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.path().to_owned());
+    let data = tempfile::tempdir_in(mount.path()).unwrap();
+    let kiln = Kiln::start_in(data, &["--cas-size", "0"]);
+    let (d, bytes) = blob(42, 100_000);
+    upload(&kiln, &d, &bytes).await.unwrap();
+    let (status, log, data) = kiln.stop_keeping_data();
+    assert!(status.success(), "{log}");
+    // 300 MB written elsewhere on the same filesystem.
+    std::fs::write(mount.path().join("other"), vec![1u8; 300 << 20]).unwrap();
+    let kiln = Kiln::start_in(data, &["--cas-size", "0"]);
+    assert!(missing(&kiln, &[d]).await.is_empty(), "the blob was lost: {}", kiln.log());
+    assert_eq!(download(&kiln, &d).await.unwrap(), bytes);
+}
+
+/// Two nodes given the same store file: the second is refused, naming the
+/// first, and the first keeps serving what it acknowledged.
+#[tokio::test]
+async fn two_nodes_never_share_a_store_file() {
+    let shared = tempfile::tempdir().unwrap();
+    let cas = shared.path().join("cas.data");
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = config_file(cfg_dir.path(), &format!("cas_path = \"{}\"", cas.display()));
+    let first = Kiln::start_with(&["--config", &cfg]);
+    let (d, bytes) = blob(7, 50_000);
+    upload(&first, &d, &bytes).await.unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = common::kiln(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--worker-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--cas-size",
+        "268435456",
+        "--config",
+        &cfg,
+        "--data-dir",
+        other.path().to_str().unwrap(),
+    ]);
+    assert!(!ok, "a second node opened the same store");
+    assert!(stderr.contains("is locked by process") && stderr.contains("kiln"), "{stderr}");
+    assert_eq!(download(&first, &d).await.unwrap(), bytes);
 }

@@ -8,7 +8,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+
+use nix::fcntl::{Flock, FlockArg};
 use std::path::{Path, PathBuf};
 
 /// Positioned I/O on a fixed-size device.
@@ -39,12 +41,14 @@ pub trait BlockDevice: std::fmt::Debug + Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
-/// A preallocated file or a raw block device.
+/// A preallocated file or a raw block device, held under an exclusive
+/// lock for as long as it is open.
 #[derive(Debug)]
 pub struct FileDevice {
-    file: File,
+    file: Flock<File>,
     path: PathBuf,
     len: u64,
+    block_device: bool,
 }
 
 impl FileDevice {
@@ -52,29 +56,108 @@ impl FileDevice {
     /// grown) to `size_bytes` with every block allocated, so that writes
     /// never find the disk full later.
     pub fn open(path: &Path, size_bytes: u64) -> io::Result<FileDevice> {
+        let mut dev = Self::open_locked(path)?;
+        if !dev.block_device {
+            dev.allocate(size_bytes.max(dev.len))?;
+            dev.len = size_bytes;
+        }
+        Ok(dev)
+    }
+
+    /// Opens `path` as it is (a regular file is created empty if missing),
+    /// locked: a second process (or a second open in this one) is refused
+    /// with a message naming the holder. A block device is also opened with
+    /// `O_EXCL`, which the kernel refuses while anything else holds it so
+    /// (a mounted filesystem, another exclusive opener).
+    pub fn open_locked(path: &Path) -> io::Result<FileDevice> {
+        let block_device = Self::is_block_device(path);
+        let mut flags = nix::libc::O_CLOEXEC;
+        if block_device {
+            flags |= nix::libc::O_EXCL;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(!block_device)
             .truncate(false)
-            .custom_flags(nix::libc::O_CLOEXEC)
-            .open(path)?;
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| {
+                if block_device && e.raw_os_error() == Some(nix::libc::EBUSY) {
+                    io::Error::new(
+                        io::ErrorKind::ResourceBusy,
+                        format!(
+                            "{} is in use (mounted, or opened exclusively by another process)",
+                            path.display()
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })?;
+        let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!(
+                        "{} is locked by {}; two Kiln processes must not share a store file: give each its own paths",
+                        path.display(),
+                        lock_holder(&file)
+                    ),
+                ));
+            }
+            Err((_, e)) => return Err(io::Error::from(e)),
+        };
         let meta = file.metadata()?;
-        let len = if meta.file_type().is_block_device() {
-            let mut f = &file;
+        let len = if block_device {
+            let mut f: &File = &file;
             f.seek(SeekFrom::End(0))?
         } else {
-            if meta.len() < size_bytes {
-                allocate(&file, size_bytes)?;
-            }
-            size_bytes
+            meta.len()
         };
-        Ok(FileDevice { file, path: path.to_owned(), len })
+        Ok(FileDevice { file, path: path.to_owned(), len, block_device })
     }
 
     /// Whether `path` names a block device.
     pub fn is_block_device(path: &Path) -> bool {
         std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+    }
+
+    /// Whether this is a raw block device (not a regular file).
+    pub fn block_device(&self) -> bool {
+        self.block_device
+    }
+
+    /// Bytes the filesystem has allocated to a regular file (holes not
+    /// counted); a block device's length.
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        if self.block_device {
+            return Ok(self.len);
+        }
+        Ok(self.file.metadata()?.blocks().saturating_mul(512))
+    }
+
+    /// Makes a regular file `size_bytes` long with every block allocated,
+    /// filling any holes (their bytes read as zeros, as before); the data
+    /// already there is kept.
+    pub fn allocate(&mut self, size_bytes: u64) -> io::Result<()> {
+        if self.block_device {
+            return Ok(());
+        }
+        allocate(&self.file, size_bytes)?;
+        self.len = self.len.max(size_bytes);
+        Ok(())
+    }
+
+    /// Names the file by its new path after a rename.
+    pub fn renamed(&mut self, path: &Path) {
+        path.clone_into(&mut self.path);
+    }
+
+    /// Uses only the first `len` bytes (a store smaller than its file).
+    pub fn limit(&mut self, len: u64) {
+        self.len = self.len.min(len);
     }
 }
 
@@ -83,6 +166,29 @@ impl FileDevice {
 fn allocate(file: &File, size_bytes: u64) -> io::Result<()> {
     let len = i64::try_from(size_bytes).map_err(|_| io::Error::other("store size does not fit in off_t"))?;
     nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len).map_err(io::Error::from)
+}
+
+/// Who holds the lock on `file`, from /proc/locks: "process 123 (kiln)",
+/// or "another process" when it cannot be told.
+fn lock_holder(file: &File) -> String {
+    let Ok(meta) = file.metadata() else { return "another process".into() };
+    let dev = meta.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let wanted = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    for line in locks.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+        if fields.len() >= 6 && fields[1] == "FLOCK" && fields[5] == wanted {
+            let pid = fields[4];
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            return match comm.trim() {
+                "" => format!("process {pid}"),
+                name => format!("process {pid} ({name})"),
+            };
+        }
+    }
+    "another process".into()
 }
 
 impl BlockDevice for FileDevice {

@@ -13,10 +13,12 @@ use kiln_proto::{Code, Error, Result};
 
 use super::device::{BlockDevice, FileDevice};
 use super::format::{
-    DataHeader, Fingerprint, IndexLayout, Kind, PAGE_BYTES, SLOTS_PER_PAGE, Superblock, page_crc,
+    DataHeader, Fingerprint, IndexLayout, Kind, PAGE_BYTES, SLOTS_PER_PAGE, Slot, Superblock, page_crc,
+    record_len,
 };
 use super::index::Partition;
 use super::io::{IoEngine, IoMode};
+use super::open;
 use super::ring::Ring;
 use super::syncer::{SyncStats, Syncer, SyncerMessage};
 use super::worker::{Request, Worker, partition_of};
@@ -29,8 +31,13 @@ pub struct BlockConfig {
     pub data_path: PathBuf,
     /// The index file.
     pub index_path: PathBuf,
-    /// Size of a data file (a block device's own size wins).
+    /// Size of a new data file (a block device's own size wins; an
+    /// existing store keeps the size it was formatted with).
     pub size_bytes: u64,
+    /// Whether `size_bytes` was set by the operator (then a store of
+    /// another size is refused) or chosen automatically (then an existing
+    /// store's own size is used).
+    pub size_configured: bool,
     /// Bytes per block of the ring; 0: a 64th of the ring, 1 MiB to 256 MiB.
     pub block_bytes: u64,
     /// Expected average blob size: the index holds twice the blobs that
@@ -44,6 +51,8 @@ pub struct BlockConfig {
     pub pin_threads: bool,
     /// Allow writing a new store onto a block device that holds none.
     pub format_device: bool,
+    /// Discard whatever the devices hold and format a new, empty store.
+    pub reformat: bool,
 }
 
 /// The devices of a store, for tests that bring their own.
@@ -86,33 +95,28 @@ struct Loaded {
 }
 
 impl Engine {
-    /// Opens (or creates) the store `config` describes.
+    /// Opens (or creates) the store `config` describes, its files locked.
     pub fn open(config: &BlockConfig) -> Result<Arc<Engine>> {
-        let data_is_device = FileDevice::is_block_device(&config.data_path);
-        let data = FileDevice::open(&config.data_path, config.size_bytes)
-            .map_err(|e| internal(&format!("open {}", config.data_path.display()), &e))?;
-        let data: Arc<dyn BlockDevice> = Arc::new(data);
-        let mut header = vec![0u8; 4096];
-        data.read_at(&mut header, 0).map_err(|e| internal("read the data header", &e))?;
-        if data_is_device && DataHeader::decode(&header)?.is_none() && !config.format_device {
-            return Err(Error::new(
-                Code::FailedPrecondition,
-                format!(
-                    "block device {} holds no Kiln store; set [storage] format_device = true to format it (this destroys its contents)",
-                    config.data_path.display()
-                ),
-            ));
-        }
-        let index_bytes = index_file_bytes(data.len(), config.block_bytes, config.expected_blob_bytes)?;
-        let index = FileDevice::open(&config.index_path, index_bytes)
-            .map_err(|e| internal(&format!("open {}", config.index_path.display()), &e))?;
-        Self::open_on(config, Devices { data, index: Arc::new(index) })
+        let devices = open::open_files(config)?;
+        // A block device's own size wins over a configured one.
+        let size_configured = config.size_configured && !FileDevice::is_block_device(&config.data_path);
+        Self::open_on(&BlockConfig { size_configured, ..config.clone() }, devices)
     }
 
     /// Opens the store on `devices` (tests bring fault-injecting ones).
     pub fn open_on(config: &BlockConfig, devices: Devices) -> Result<Arc<Engine>> {
         let started = Instant::now();
-        let (capacity, block_bytes) = geometry(devices.data.len(), config.block_bytes)?;
+        let found = open::read_header(&*devices.data)?;
+        let plan = open::plan(config, &found, &devices)?;
+        let (capacity, block_bytes) = (plan.capacity, plan.block_bytes);
+        if devices.data.len() >= PAGE_BYTES + capacity + block_bytes {
+            tracing::warn!(
+                data = devices.data.describe(),
+                device_bytes = devices.data.len(),
+                store_bytes = PAGE_BYTES + capacity,
+                "the device is larger than its store; the rest stays unused (a store keeps its size)"
+            );
+        }
         let slots = slots_for(capacity, config.expected_blob_bytes);
         let layout = IndexLayout::new(slots);
         if devices.index.len() < layout.file_bytes() {
@@ -123,9 +127,10 @@ impl Engine {
                 layout.file_bytes()
             )));
         }
-        let loaded = match load(config.kind, &devices, capacity, block_bytes, slots, &layout)? {
-            Some(loaded) => loaded,
-            None => format(config.kind, &devices, capacity, block_bytes, slots, &layout)?,
+        let loaded = if plan.format {
+            format(config.kind, &devices, capacity, block_bytes, slots, &layout)?
+        } else {
+            load(config.kind, &devices, capacity, block_bytes, slots, &layout)?
         };
         let sb = loaded.superblock;
         let ring = Arc::new(Ring::new(capacity, block_bytes, sb.tail, sb.head));
@@ -374,7 +379,7 @@ fn pin_to(core: usize) {
 }
 
 /// The ring's capacity and block size for a data device of `len` bytes.
-fn geometry(len: u64, block_bytes: u64) -> Result<(u64, u64)> {
+pub(super) fn geometry(len: u64, block_bytes: u64) -> Result<(u64, u64)> {
     let usable = len.saturating_sub(PAGE_BYTES);
     let block = if block_bytes == 0 {
         (usable / 64).clamp(1 << 20, 256 << 20).next_power_of_two().min(usable.max(PAGE_BYTES)) / PAGE_BYTES
@@ -398,7 +403,7 @@ pub fn index_file_bytes(data_len: u64, block_bytes: u64, expected_blob_bytes: u6
 
 /// Index slots for a ring of `capacity` bytes: twice the blobs of the
 /// expected size that fill it, in whole pages per partition.
-fn slots_for(capacity: u64, expected_blob_bytes: u64) -> u64 {
+pub(super) fn slots_for(capacity: u64, expected_blob_bytes: u64) -> u64 {
     let blobs = capacity / expected_blob_bytes.max(64);
     let pages = (2 * blobs).div_ceil(SLOTS_PER_PAGE).max(1);
     let partitions = pages.min(PARTITIONS_MAX);
@@ -411,8 +416,9 @@ fn partition_pages(slots: u64) -> (u64, u64) {
     (partitions, pages / partitions)
 }
 
-/// Reads what is on disk; `None` if there is no valid store to load (a new
-/// device, a lost or foreign index), after saying why.
+/// Reads the index of the store on `devices`, which `plan` found valid.
+/// An index that does not describe the store (lost, damaged, another
+/// store's) is refused: the ring's records are never given up for it.
 fn load(
     kind: Kind,
     devices: &Devices,
@@ -420,24 +426,11 @@ fn load(
     block_bytes: u64,
     slots: u64,
     layout: &IndexLayout,
-) -> Result<Option<Loaded>> {
+) -> Result<Loaded> {
     let mut page = vec![0u8; usize::try_from(PAGE_BYTES).unwrap_or(4096)];
     devices.data.read_at(&mut page, 0).map_err(|e| internal("read the data header", &e))?;
-    let header = match DataHeader::decode(&page) {
-        Ok(Some(h)) => h,
-        Ok(None) => return Ok(None),
-        Err(e) => {
-            tracing::error!(error = %e, data = devices.data.describe(), "the data header is damaged; starting an empty store");
-            return Ok(None);
-        }
-    };
-    if header.kind != kind || header.capacity != capacity || header.block_bytes != block_bytes {
-        tracing::warn!(
-            data = devices.data.describe(),
-            "the store's size or layout changed; starting an empty store"
-        );
-        return Ok(None);
-    }
+    let header = DataHeader::decode(&page)?
+        .ok_or_else(|| Error::internal("the data header vanished while the store was opened"))?;
     let mut best: Option<Superblock> = None;
     for copy in 0..2u8 {
         devices
@@ -449,7 +442,6 @@ fn load(
             && sb.kind == kind
             && sb.capacity == capacity
             && sb.block_bytes == block_bytes
-            && sb.slots == slots
             && sb.tail <= sb.head
             && sb.head - sb.tail <= capacity
             && best.is_none_or(|b| sb.sequence > b.sequence)
@@ -458,12 +450,23 @@ fn load(
         }
     }
     let Some(sb) = best else {
-        tracing::error!(
-            index = devices.index.describe(),
-            "no valid index for this store; starting an empty store"
-        );
-        return Ok(None);
+        return Err(Error::new(
+            Code::FailedPrecondition,
+            format!(
+                "the index {} does not describe the store in {} (lost, damaged, or another store's); restore it, or {}",
+                devices.index.describe(),
+                devices.data.describe(),
+                open::REFORMAT_HINT
+            ),
+        ));
     };
+    if sb.slots != slots {
+        return Err(Error::internal(format!(
+            "the index {} has {} slots where {slots} are configured; it is resized when opened by path",
+            devices.index.describe(),
+            sb.slots
+        )));
+    }
     let (partition_count, per_partition) = partition_pages(slots);
     let mut crc_tables = [
         vec![0u32; usize::try_from(layout.pages).unwrap_or(0)],
@@ -515,8 +518,72 @@ fn load(
     for p in &mut partitions {
         p.mark_all_dirty(other);
     }
-    let _ = partition_count;
-    Ok(Some(Loaded { superblock: sb, crc_tables, partitions, loaded_slots }))
+    Ok(Loaded { superblock: sb, crc_tables, partitions, loaded_slots })
+}
+
+/// Rewrites the index of the store on `devices` for `slots` slots: the
+/// entries are read from the old index, put into a table of the new size,
+/// written to a new file beside the old one, which is synced and renamed
+/// over it. A crash at any point leaves one whole index, old or new.
+pub(super) fn resize_index(
+    config: &BlockConfig,
+    devices: Devices,
+    (capacity, block_bytes): (u64, u64),
+    slots: u64,
+) -> Result<Devices> {
+    let old_sb = open::best_superblock(&*devices.index)
+        .ok_or_else(|| Error::internal("the index superblock vanished while the store was opened"))?;
+    let old =
+        load(config.kind, &devices, capacity, block_bytes, old_sb.slots, &IndexLayout::new(old_sb.slots))?;
+    let sb = old.superblock;
+    let layout = IndexLayout::new(slots);
+    let (partition_count, per_partition) = partition_pages(slots);
+    let mut partitions: Vec<Partition> =
+        (0..partition_count).map(|p| Partition::new(p * per_partition, per_partition, sb.seed)).collect();
+    let count = u32::try_from(partition_count).unwrap_or(1);
+    let live = |s: &Slot| s.logical >= sb.tail && s.logical + record_len(s.size) <= sb.head;
+    let mut moved = 0u64;
+    for slot in old.partitions.iter().flat_map(Partition::entries).filter(|s| live(s)) {
+        let fp = Fingerprint(slot.fingerprint);
+        partitions[partition_of(&fp, count) as usize].insert(*slot, live);
+        moved += 1;
+    }
+    let path = &config.index_path;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(".resizing");
+    let tmp_path = path.with_file_name(tmp_name);
+    let describe = |e: &std::io::Error| internal(&format!("write {}", tmp_path.display()), e);
+    let mut tmp = FileDevice::open(&tmp_path, layout.file_bytes()).map_err(|e| describe(&e))?;
+    let mut crcs = vec![0u8; usize::try_from(layout.crc_table_bytes).unwrap_or(0)];
+    for part in &mut partitions {
+        part.mark_all_dirty(0);
+        part.barrier(0);
+        for (page, bytes) in part.pages_at_barrier() {
+            tmp.write_at(&bytes, layout.page_offset(0, page)).map_err(|e| describe(&e))?;
+            let at = usize::try_from(page * 4).unwrap_or(0);
+            crcs[at..at + 4].copy_from_slice(&page_crc(&bytes).to_le_bytes());
+        }
+        part.end_sync(true);
+    }
+    let next = Superblock { slots, sequence: sb.sequence + 1, copy: 0, ..sb };
+    tmp.write_at(&crcs, layout.crc_table_offset(0))
+        .and_then(|()| tmp.write_at(&next.encode(), IndexLayout::superblock_offset(0)))
+        .and_then(|()| tmp.write_at(&vec![0u8; 4096], IndexLayout::superblock_offset(1)))
+        .and_then(|()| tmp.sync())
+        .map_err(|e| describe(&e))?;
+    std::fs::rename(&tmp_path, path)
+        .and_then(|()| std::fs::File::open(path.parent().unwrap_or(std::path::Path::new("."))))
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| internal(&format!("rename {} over {}", tmp_path.display(), path.display()), &e))?;
+    tmp.renamed(path);
+    tracing::info!(
+        index = %path.display(),
+        old_slots = old_sb.slots,
+        slots,
+        entries = moved,
+        "the index was resized for the configured expected_blob_bytes; every entry kept"
+    );
+    Ok(Devices { data: devices.data, index: Arc::new(tmp) })
 }
 
 /// Writes a new, empty store onto `devices`.

@@ -181,6 +181,11 @@ impl Partition {
         }
     }
 
+    /// Every entry held, live or not.
+    pub fn entries(&self) -> impl Iterator<Item = &Slot> {
+        self.slots.iter().filter(|s| !s.is_empty())
+    }
+
     /// Live entries (for statistics and tests).
     pub fn count(&self, live: impl Fn(&Slot) -> bool) -> usize {
         self.slots.iter().filter(|s| !s.is_empty() && live(s)).count()

@@ -32,6 +32,7 @@ pub mod faulty;
 pub mod format;
 pub mod index;
 pub mod io;
+pub mod open;
 pub mod ring;
 pub mod syncer;
 pub mod worker;
@@ -323,3 +324,7 @@ impl AcStore for BlockAc {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_open;
+#[cfg(test)]
+mod tests_promises;

@@ -30,6 +30,7 @@ fn config(dir: &Path, kind: Kind, io: IoMode) -> BlockConfig {
         data_path: dir.join(format!("{kind:?}.data")),
         index_path: dir.join(format!("{kind:?}.index")),
         size_bytes: SIZE,
+        size_configured: true,
         block_bytes: BLOCK,
         expected_blob_bytes: 4096,
         threads: 2,
@@ -37,6 +38,7 @@ fn config(dir: &Path, kind: Kind, io: IoMode) -> BlockConfig {
         sync_interval: Duration::from_secs(3600),
         pin_threads: false,
         format_device: false,
+        reformat: false,
     }
 }
 

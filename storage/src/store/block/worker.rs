@@ -196,6 +196,10 @@ fn io_error(what: &str, dev: &dyn BlockDevice, e: &std::io::Error) -> Error {
     Error::new(Code::Unavailable, format!("{what} {}: {e}", dev.describe()))
 }
 
+fn wrapped() -> Error {
+    Error::new(Code::Unavailable, "the store wrapped around while this upload was in progress; retry it")
+}
+
 fn evicted() -> Error {
     Error::not_found("the blob was evicted from the store while it was in use; retry")
 }
@@ -361,10 +365,7 @@ impl Worker {
             },
             Request::Write { logical, offset, data, reply } => {
                 let Some(pin) = ring.pin(logical, offset + data.len() as u64) else {
-                    let _ = reply.send(Err(Error::new(
-                        Code::Unavailable,
-                        "the store wrapped around while this upload was in progress; retry it",
-                    )));
+                    let _ = reply.send(Err(wrapped()));
                     return;
                 };
                 let op = ops.data(Io::Write { at: ring.physical(logical + offset), data });
@@ -372,10 +373,7 @@ impl Worker {
             }
             Request::Commit { fp, loc, reply } => {
                 let Some(pin) = ring.pin(loc.logical, record_len(loc.size)) else {
-                    let _ = reply.send(Err(Error::new(
-                        Code::Unavailable,
-                        "the store wrapped around while this upload was in progress; retry it",
-                    )));
+                    let _ = reply.send(Err(wrapped()));
                     return;
                 };
                 let header =
@@ -499,10 +497,18 @@ impl Worker {
                 let _ = reply.send(take(op).map(drop).map_err(|e| io_error("writing", &*self.data, &e)));
             }
             Pending::Commit { fp, loc, op, _pin, reply } | Pending::Put { fp, loc, op, _pin, reply } => {
-                let answer = take(op).map_err(|e| io_error("writing", &*self.data, &e)).map(|_| {
+                let answer = take(op).map_err(|e| io_error("writing", &*self.data, &e)).and_then(|_| {
+                    // The tail may have passed the record while its header
+                    // was being written (the pin only keeps its blocks from
+                    // reuse): then it is dead, and acknowledging it would
+                    // promise a blob the store does not have.
+                    if !ring.is_live(loc.logical, record_len(loc.size)) {
+                        return Err(wrapped());
+                    }
                     let live = Self::live(ring);
                     let slot = Slot { fingerprint: fp.0, logical: loc.logical, size: loc.size };
                     self.partition(&fp).insert(slot, live);
+                    Ok(())
                 });
                 let _ = reply.send(answer);
             }

@@ -1,0 +1,181 @@
+//! Opening a store that exists: it keeps its geometry whatever the
+//! configuration now says, it is never replaced by an empty one, and only
+//! one process holds it.
+
+#![allow(clippy::cast_possible_truncation)] // Test data arithmetic.
+
+use std::path::Path;
+
+use futures::executor::block_on;
+use kiln_proto::Code;
+
+use super::tests_promises::{blob, config};
+use super::*;
+use crate::store::{put_all, read_all};
+
+fn fill(dir: &Path, n: u64) -> Vec<(CasKey, Bytes)> {
+    let store = BlockCas::new(Engine::open(&config(dir, Kind::Cas)).unwrap());
+    let blobs: Vec<_> = (0..n).map(|i| blob(i, 500 + 37 * i as usize)).collect();
+    for (k, d) in &blobs {
+        block_on(put_all(&store, k, d.clone())).unwrap();
+    }
+    store.engine().close().unwrap();
+    blobs
+}
+
+fn all_present(cfg: &BlockConfig, blobs: &[(CasKey, Bytes)]) -> BlockCas {
+    let store = BlockCas::new(Engine::open(cfg).unwrap());
+    for (k, d) in blobs {
+        assert_eq!(block_on(read_all(&store, k, u64::MAX)).unwrap(), *d);
+    }
+    store
+}
+
+fn refused(cfg: &BlockConfig, needle: &str) {
+    let err = Engine::open(cfg).unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains(needle), "{}", err.message());
+}
+
+/// The automatic size is recomputed from the free space at every start:
+/// an existing store ignores it and keeps its own.
+#[test]
+fn a_store_keeps_its_size_whatever_the_automatic_size_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = fill(dir.path(), 50);
+    for size in [16 << 20, 6 << 20] {
+        let cfg = BlockConfig { size_bytes: size, size_configured: false, ..config(dir.path(), Kind::Cas) };
+        let store = all_present(&cfg, &blobs);
+        assert_eq!(store.engine().ring.capacity(), (8 << 20) - (256 << 10), "its own size");
+        store.engine().close().unwrap();
+    }
+}
+
+/// A configured size or block size that contradicts the store is refused
+/// with what to do, and the store is untouched; only `reformat` discards it.
+#[test]
+fn a_contradicting_size_is_refused_and_only_reformat_discards() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = fill(dir.path(), 20);
+    let base = config(dir.path(), Kind::Cas);
+    refused(&BlockConfig { size_bytes: 16 << 20, ..base.clone() }, "keeps the size it was formatted with");
+    refused(&BlockConfig { block_bytes: 512 << 10, ..base.clone() }, "blocks of 262144 bytes");
+    refused(&config(dir.path(), Kind::Ac).clone_with_paths(&base), "not a action cache");
+    all_present(&base, &blobs).engine().close().unwrap();
+    let bigger = BlockConfig { size_bytes: 16 << 20, reformat: true, ..base.clone() };
+    let store = BlockCas::new(Engine::open(&bigger).unwrap());
+    assert_eq!(store.engine().entries(), 0);
+    assert!(store.engine().ring.capacity() > 15 << 20);
+}
+
+/// Lowering `expected_blob_bytes` re-sizes the index and keeps every
+/// entry, across the resize and the restarts after it.
+#[test]
+fn resizing_the_index_keeps_every_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = fill(dir.path(), 300);
+    for (i, expected) in [512, 512, 16 << 10].into_iter().enumerate() {
+        let cfg = BlockConfig { expected_blob_bytes: expected, ..config(dir.path(), Kind::Cas) };
+        let store = all_present(&cfg, &blobs);
+        assert_eq!(store.engine().entries(), 300 + i);
+        let (k, d) = blob(10_000 + i as u64, 3000);
+        block_on(put_all(&store, &k, d)).unwrap();
+        store.engine().close().unwrap();
+        assert!(!dir.path().join("Cas.index.resizing").exists());
+    }
+}
+
+/// A damaged data header is rewritten from the index superblock; with the
+/// superblocks gone too, the store is refused, never replaced.
+#[test]
+fn a_damaged_header_is_repaired_or_refused_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = fill(dir.path(), 40);
+    let base = config(dir.path(), Kind::Cas);
+    let flip = |path: &Path, at: usize| {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[at] ^= 0x20;
+        std::fs::write(path, bytes).unwrap();
+    };
+    flip(&base.data_path, 35);
+    all_present(&base, &blobs).engine().close().unwrap();
+    flip(&base.data_path, 35);
+    flip(&base.index_path, 70);
+    flip(&base.index_path, 4096 + 70);
+    refused(&base, "no index superblock describes the store");
+    refused(&base, "no index superblock describes the store");
+    // A lost index alone is refused too (the data is still there).
+    flip(&base.data_path, 35);
+    flip(&base.index_path, 70);
+    flip(&base.index_path, 4096 + 70);
+    all_present(&base, &blobs).engine().close().unwrap();
+    std::fs::remove_file(&base.index_path).unwrap();
+    refused(&base, "does not describe the store");
+}
+
+/// A truncated data file is refused; a sparse copy of the right length is
+/// allocated again and serves everything.
+#[test]
+fn truncated_files_are_refused_and_sparse_ones_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = fill(dir.path(), 30);
+    let base = config(dir.path(), Kind::Cas);
+    let bytes = std::fs::read(&base.data_path).unwrap();
+    // A sparse copy: zero pages become holes.
+    let sparse = dir.path().join("sparse");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&sparse).unwrap();
+        f.set_len(bytes.len() as u64).unwrap();
+        for (i, page) in bytes.chunks(4096).enumerate() {
+            if page.iter().any(|b| *b != 0) {
+                f.write_all_at(page, i as u64 * 4096).unwrap();
+            }
+        }
+    }
+    let blocks = |p: &Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap()) * 512;
+    assert!(blocks(&sparse) < bytes.len() as u64 / 2);
+    std::fs::rename(&sparse, &base.data_path).unwrap();
+    all_present(&base, &blobs).engine().close().unwrap();
+    assert!(blocks(&base.data_path) >= bytes.len() as u64, "the holes were allocated");
+    std::fs::OpenOptions::new().write(true).open(&base.data_path).unwrap().set_len(4 << 20).unwrap();
+    refused(&base, "truncated");
+    assert_eq!(std::fs::metadata(&base.data_path).unwrap().len(), 4 << 20, "left as it was");
+}
+
+/// Files that are not a Kiln store are refused and left alone.
+#[test]
+fn a_foreign_file_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = config(dir.path(), Kind::Cas);
+    std::fs::write(&base.data_path, b"precious data that is not a store").unwrap();
+    refused(&base, "not a Kiln CAS");
+    assert_eq!(std::fs::read(&base.data_path).unwrap(), b"precious data that is not a store");
+}
+
+/// A second opener of the same files (another process, or this one) is
+/// refused, naming the holder.
+#[test]
+fn a_second_opener_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = config(dir.path(), Kind::Cas);
+    let first = Engine::open(&base).unwrap();
+    let other_index = BlockConfig { index_path: dir.path().join("other.index"), ..base.clone() };
+    refused(&other_index, &format!("locked by process {}", std::process::id()));
+    let other_data = BlockConfig { data_path: dir.path().join("other.data"), ..base.clone() };
+    refused(&other_data, "two Kiln processes must not share a store file");
+    first.close().unwrap();
+    drop(first);
+    Engine::open(&base).unwrap().close().unwrap();
+}
+
+impl BlockConfig {
+    /// This configuration's kind on `other`'s files.
+    fn clone_with_paths(&self, other: &BlockConfig) -> BlockConfig {
+        BlockConfig {
+            data_path: other.data_path.clone(),
+            index_path: other.index_path.clone(),
+            ..self.clone()
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Tests of the block store's promises to its clients: what it
+//! acknowledged it has, and what it cannot keep it refuses to acknowledge.
+
+#![allow(clippy::cast_possible_truncation)] // Test data arithmetic.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::executor::block_on;
+use kiln_proto::{Code, DigestFunction};
+
+use super::device::BlockDevice;
+use super::engine::index_file_bytes;
+use super::faulty::FaultyDevice;
+use super::*;
+use crate::store::{CasStore, read_all};
+
+const SIZE: u64 = 8 << 20;
+const BLOCK: u64 = 256 << 10;
+
+pub(super) fn config(dir: &Path, kind: Kind) -> BlockConfig {
+    BlockConfig {
+        kind,
+        data_path: dir.join(format!("{kind:?}.data")),
+        index_path: dir.join(format!("{kind:?}.index")),
+        size_bytes: SIZE,
+        size_configured: true,
+        block_bytes: BLOCK,
+        expected_blob_bytes: 4096,
+        threads: 2,
+        io: IoMode::Pread,
+        sync_interval: Duration::from_secs(3600),
+        pin_threads: false,
+        format_device: false,
+        reformat: false,
+    }
+}
+
+pub(super) fn blob(seed: u64, len: usize) -> (CasKey, Bytes) {
+    let data: Vec<u8> =
+        (0..len as u64).map(|i| (i.wrapping_mul(seed | 1).wrapping_add(seed) >> 3) as u8).collect();
+    (CasKey::shared(DigestFunction::Sha256.compute(&data)), Bytes::from(data))
+}
+
+/// A device that stops the first 64-byte write (a record header, written
+/// at commit) until the test lets it go.
+#[derive(Debug)]
+struct GatedDevice {
+    inner: FaultyDevice,
+    armed: AtomicBool,
+    entered: Barrier,
+    release: Barrier,
+}
+
+impl BlockDevice for GatedDevice {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        if data.len() == 64 && self.armed.swap(false, Ordering::SeqCst) {
+            self.entered.wait();
+            self.release.wait();
+        }
+        self.inner.write_at(data, offset)
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+
+    fn describe(&self) -> String {
+        "gated device".into()
+    }
+}
+
+/// A commit whose record the tail passed while its header was being
+/// written is refused (UNAVAILABLE, retry), never acknowledged dead.
+#[test]
+fn a_commit_overtaken_by_the_tail_is_not_acknowledged() {
+    let data = Arc::new(GatedDevice {
+        inner: FaultyDevice::new(SIZE, 1),
+        armed: AtomicBool::new(false),
+        entered: Barrier::new(2),
+        release: Barrier::new(2),
+    });
+    let index = Arc::new(FaultyDevice::new(index_file_bytes(SIZE, BLOCK, 4096).unwrap(), 2));
+    let cfg = config(Path::new("/nonexistent"), Kind::Cas);
+    let store = BlockCas::new(Engine::open_on(&cfg, Devices { data: data.clone(), index }).unwrap());
+    let (key, bytes) = blob(1, 300_000);
+    let mut writer = block_on(store.write(&key)).unwrap();
+    block_on(writer.write(bytes.clone())).unwrap();
+    let logical = writer.logical.unwrap();
+    data.armed.store(true, Ordering::SeqCst);
+    let committing = std::thread::spawn(move || block_on(writer.commit()));
+    data.entered.wait();
+    // The header write is in flight: the tail passes the record.
+    let ring = store.engine().ring.clone();
+    let mover = std::thread::spawn(move || ring.advance_tail(logical + 1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.engine().ring.tail() <= logical {
+        assert!(std::time::Instant::now() < deadline, "the tail never moved");
+        std::thread::yield_now();
+    }
+    data.release.wait();
+    let err = committing.join().unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    mover.join().unwrap();
+    assert_eq!(block_on(store.find_missing(std::slice::from_ref(&key))).unwrap(), vec![key.clone()]);
+    assert!(block_on(read_all(&store, &key, u64::MAX)).unwrap_err().is_not_found());
+}
