@@ -24,7 +24,7 @@ use crate::store::{CasStore, put_all, read_all};
 const SIZE: u64 = 8 << 20;
 const BLOCK: u64 = 256 << 10;
 
-fn config(dir: &Path, kind: Kind, io: IoMode) -> BlockConfig {
+pub(super) fn config(dir: &Path, kind: Kind, io: IoMode) -> BlockConfig {
     BlockConfig {
         kind,
         data_path: dir.join(format!("{kind:?}.data")),

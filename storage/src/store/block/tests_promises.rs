@@ -22,21 +22,7 @@ const SIZE: u64 = 8 << 20;
 const BLOCK: u64 = 256 << 10;
 
 pub(super) fn config(dir: &Path, kind: Kind) -> BlockConfig {
-    BlockConfig {
-        kind,
-        data_path: dir.join(format!("{kind:?}.data")),
-        index_path: dir.join(format!("{kind:?}.index")),
-        size_bytes: SIZE,
-        size_configured: true,
-        block_bytes: BLOCK,
-        expected_blob_bytes: 4096,
-        threads: 2,
-        io: IoMode::Pread,
-        sync_interval: Duration::from_secs(3600),
-        pin_threads: false,
-        format_device: false,
-        reformat: false,
-    }
+    super::tests::config(dir, kind, IoMode::Pread)
 }
 
 pub(super) fn blob(seed: u64, len: usize) -> (CasKey, Bytes) {
