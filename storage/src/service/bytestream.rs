@@ -262,6 +262,7 @@ impl<C: CasStore + Clone> ByteStreamService<C> {
         if let Err((status, keep)) = outcome {
             if let Upload::Plain(writer) = upload
                 && keep
+                && writer.resumable()
             {
                 self.partial.keep(resource.to_string(), writer);
             }

@@ -64,6 +64,13 @@ impl<W: BlobWriter> BlobWriter for MaybeEmpty<W> {
         }
     }
 
+    fn resumable(&self) -> bool {
+        match self {
+            MaybeEmpty::Empty => true,
+            MaybeEmpty::Inner(w) => w.resumable(),
+        }
+    }
+
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
         match self {
             MaybeEmpty::Empty if chunk.is_empty() => Ok(()),

@@ -182,6 +182,17 @@ pub trait BlobWriter: Send + 'static {
         0
     }
 
+    /// Whether the upload can go on from [`BlobWriter::written`] bytes: false
+    /// once the store has given up the space the bytes so far are in (an
+    /// interrupted upload is then not kept for resumption; the client starts
+    /// again from 0).
+    fn resumable(&self) -> bool {
+        true
+    }
+
+    /// Writes the next bytes. On an error nothing of `chunk` counts as
+    /// written: [`BlobWriter::written`] is unchanged, so a resumption at
+    /// that offset sends the chunk again.
     fn write(&mut self, chunk: Bytes) -> impl Future<Output = Result<()>> + Send;
 
     /// Makes the blob visible; fails if it is not complete (or, behind

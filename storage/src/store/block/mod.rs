@@ -170,10 +170,12 @@ impl BlockWriter {
         if self.crcs.is_empty() {
             return Ok(());
         }
-        let bytes: Vec<u8> = self.crcs.drain(..).flat_map(u32::to_le_bytes).collect();
-        let count = bytes.len() as u64 / 4;
+        // Dropped only once written: a failed flush is tried again.
+        let bytes: Vec<u8> = self.crcs.iter().copied().flat_map(u32::to_le_bytes).collect();
+        let count = self.crcs.len() as u64;
         let offset = crc_offset(self.size, self.crcs_written);
         self.send(offset, Bytes::from(bytes)).await?;
+        self.crcs.clear();
         self.crcs_written += count;
         Ok(())
     }
@@ -188,6 +190,10 @@ impl BlobWriter for BlockWriter {
         if self.size <= SMALL_BLOB_BYTES { self.written } else { 0 }
     }
 
+    fn resumable(&self) -> bool {
+        self.logical.is_none_or(|logical| logical >= self.engine.ring.tail())
+    }
+
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
         if self.written + chunk.len() as u64 > self.size {
             return Err(Error::invalid_argument(format!("upload received more than {} bytes", self.size)));
@@ -200,13 +206,14 @@ impl BlobWriter for BlockWriter {
             self.buffered.push(chunk);
             return Ok(());
         }
-        let at = self.written;
-        self.checksum(at, &chunk);
-        self.send(RECORD_HEADER_BYTES + at, chunk.clone()).await?;
-        self.written += chunk.len() as u64;
         if self.crcs.len() >= PENDING_CRCS_MAX {
             self.flush_crcs().await?;
         }
+        let at = self.written;
+        // Checksummed once stored, so that a failed write changes nothing.
+        self.send(RECORD_HEADER_BYTES + at, chunk.clone()).await?;
+        self.checksum(at, &chunk);
+        self.written += chunk.len() as u64;
         Ok(())
     }
 

@@ -102,3 +102,42 @@ fn a_commit_overtaken_by_the_tail_is_not_acknowledged() {
     assert_eq!(block_on(store.find_missing(std::slice::from_ref(&key))).unwrap(), vec![key.clone()]);
     assert!(block_on(read_all(&store, &key, u64::MAX)).unwrap_err().is_not_found());
 }
+
+/// A write the store failed counts for nothing: the offset a resumption
+/// is told (and the hash behind `Verifying`) stay where they were, so
+/// resuming there succeeds; and once the ring has passed an upload's space,
+/// the upload says it cannot be resumed.
+#[test]
+fn a_failed_write_counts_nothing_and_a_resumption_there_succeeds() {
+    use super::faulty::Faults;
+    use crate::store::{BlobWriter, Verifying};
+    let data = Arc::new(FaultyDevice::new(SIZE, 3));
+    let index = Arc::new(FaultyDevice::new(index_file_bytes(SIZE, BLOCK, 4096).unwrap(), 4));
+    let cfg = config(Path::new("/nonexistent"), Kind::Cas);
+    let engine = Engine::open_on(&cfg, Devices { data: data.clone(), index }).unwrap();
+    let store = Verifying::new(BlockCas::new(engine.clone()));
+    let (key, bytes) = blob(9, 3 << 19);
+    let mut writer = block_on(store.write(&key)).unwrap();
+    let piece = 1 << 19;
+    block_on(writer.write(bytes.slice(..piece))).unwrap();
+    data.set_faults(Faults { write_error_rate: 1.0, ..Faults::default() });
+    let err = block_on(writer.write(bytes.slice(piece..2 * piece))).unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(writer.written(), piece as u64, "a chunk the store failed was counted");
+    assert!(writer.resumable());
+    data.set_faults(Faults::default());
+    for at in [piece, 2 * piece] {
+        block_on(writer.write(bytes.slice(at..at + piece))).unwrap();
+    }
+    block_on(writer.commit()).unwrap();
+    assert_eq!(block_on(read_all(&store, &key, u64::MAX)).unwrap(), bytes);
+
+    // Overtaken by the ring: not resumable, and writing on is refused.
+    let (key, bytes) = blob(10, 2 << 19);
+    let mut writer = block_on(store.write(&key)).unwrap();
+    block_on(writer.write(bytes.slice(..piece))).unwrap();
+    let head = engine.ring.head();
+    engine.ring.advance_tail(head);
+    assert!(!writer.resumable());
+    assert_eq!(block_on(writer.write(bytes.slice(piece..))).unwrap_err().code(), Code::Unavailable);
+}
