@@ -189,6 +189,7 @@ where
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<CapabilitiesServer<CapabilitiesService>>().await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let _store_health = ServingTask(Some(tokio::spawn(watch_store_health(stores.clone(), health_reporter))));
 
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
@@ -274,6 +275,42 @@ impl Drop for ExecutionTasks {
 }
 
 /// Aborts a background task when dropped.
+/// Reports NOT_SERVING on the health service (overall and for the storage
+/// services) while a store cannot sync, logging why once per change; and
+/// SERVING again when it can.
+async fn watch_store_health(stores: Arc<Stores>, reporter: tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus;
+    let services = [
+        "",
+        "build.bazel.remote.execution.v2.ContentAddressableStorage",
+        "build.bazel.remote.execution.v2.ActionCache",
+        "google.bytestream.ByteStream",
+    ];
+    let mut was: Option<String> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = stores.unhealthy();
+        if now.is_some() == was.is_some() {
+            continue;
+        }
+        let status = match &now {
+            Some(why) => {
+                tracing::error!(why, "reporting NOT_SERVING: a store cannot make writes durable");
+                ServingStatus::NotServing
+            }
+            None => {
+                tracing::info!("the stores sync again; reporting SERVING");
+                ServingStatus::Serving
+            }
+        };
+        for service in services {
+            reporter.set_service_status(service, status).await;
+        }
+        was = now;
+    }
+}
+
 pub struct ServingTask(pub Option<tokio::task::JoinHandle<()>>);
 
 impl Drop for ServingTask {

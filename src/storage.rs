@@ -164,6 +164,7 @@ impl StorageConfig {
             pin_threads: self.pin_threads,
             format_device: self.format_device,
             reformat: self.reformat,
+            room_wait: Duration::from_millis(kiln_proto::limits::BLOCK_ROOM_WAIT_MS),
         }
     }
 }
@@ -195,6 +196,17 @@ impl Stores {
                     .map_err(|e| anyhow::anyhow!("action cache store: {}", e.message()))?;
                 Ok(Stores::Block { cas: BlockCas::new(cas), ac: BlockAc::new(ac) })
             }
+        }
+    }
+
+    /// Why a store cannot make writes durable (its syncs keep failing);
+    /// `None` while both are healthy.
+    pub fn unhealthy(&self) -> Option<String> {
+        match self {
+            Stores::Memory { .. } => None,
+            Stores::Block { cas, ac } => [("CAS", cas.engine()), ("action cache", ac.engine())]
+                .into_iter()
+                .find_map(|(name, e)| e.unhealthy().map(|why| format!("{name} store: {why}"))),
         }
     }
 

@@ -61,6 +61,7 @@ fn config(o: &StoreBenchOptions) -> BlockConfig {
         pin_threads: true,
         format_device: false,
         reformat: false,
+        room_wait: Duration::from_millis(kiln_proto::limits::BLOCK_ROOM_WAIT_MS),
     }
 }
 

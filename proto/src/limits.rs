@@ -51,6 +51,12 @@ pub const BLOCK_PENDING_CRCS_MAX: usize = 1024;
 pub const BLOCK_REFRESH_QUEUE_MAX: usize = 1024;
 /// Block store: bytes a copy forward moves per step.
 pub const BLOCK_REFRESH_STEP_BYTES: u64 = 1 << 20;
+/// Longest a write waits for room in the ring (a sync that frees space);
+/// then it fails with UNAVAILABLE instead of waiting on a store whose
+/// syncs keep failing.
+pub const BLOCK_ROOM_WAIT_MS: u64 = 20_000;
+/// How often waiting writes are checked against their deadline.
+pub const BLOCK_TICK_MS: u64 = 250;
 /// Most bytes a store hands out in one chunk of a read.
 pub const STORE_CHUNK_BYTES: u64 = 1 << 20;
 /// Blobs of one BatchUpdateBlobs or BatchReadBlobs call handed to the store

@@ -204,7 +204,7 @@ fn server_sections(page: &Page<'_>, stores: &[StoreView], out: &mut Vec<Section>
     let header = vec!["window", "requests", "AC hit ratio", "AC hits / lookups", "received", "sent"];
     out.push(plain("cache", "Cache and traffic", header, traffic));
 
-    let stores = stores
+    let rows = stores
         .iter()
         .map(|v| {
             let fill = if v.capacity_bytes > 0 { v.used_bytes as f64 / v.capacity_bytes as f64 } else { 0.0 };
@@ -220,13 +220,20 @@ fn server_sections(page: &Page<'_>, stores: &[StoreView], out: &mut Vec<Section>
         })
         .collect();
     let header = vec!["store", "backend", "fill", "entries", "evicted", "last sync", "syncs"];
-    out.push(plain("stores", "Stores", header, stores));
+    out.push(plain("stores", "Stores", header, rows));
     let data_loss = kiln_proto::metrics::global().data_loss.get();
     out.push(plain(
         "health",
         "Health",
         vec!["check", "value"],
-        vec![vec!["damaged records found (DATA_LOSS)".into(), data_loss.to_string()]],
+        std::iter::once(vec!["damaged records found (DATA_LOSS)".into(), data_loss.to_string()])
+            .chain(stores.iter().map(|v| {
+                vec![
+                    format!("{} writes durable", v.store.to_uppercase()),
+                    v.unhealthy.as_ref().map_or_else(|| "yes".to_owned(), |why| format!("NO: {why}")),
+                ]
+            }))
+            .collect(),
     ));
 }
 

@@ -31,6 +31,8 @@ pub struct StoreView {
     pub last_sync_seconds: f64,
     /// Since the last sync; none before the first.
     pub epoch_age_seconds: Option<f64>,
+    /// Why the store cannot sync, while its syncs keep failing.
+    pub unhealthy: Option<String>,
 }
 
 /// Reads the stores for `/metrics` and the status page.
@@ -93,6 +95,7 @@ fn block(store: &'static str, e: &Arc<Engine>) -> StoreView {
         sync_failures: e.stats.failures.load(Ordering::Relaxed),
         last_sync_seconds: e.stats.last_micros.load(Ordering::Relaxed) as f64 / 1e6,
         epoch_age_seconds: (last_ms > 0).then(|| now_ms.saturating_sub(last_ms) as f64 / 1000.0),
+        unhealthy: e.unhealthy(),
     }
 }
 

@@ -1,7 +1,9 @@
 //! Opening a block store: devices, headers, the index loaded from disk,
 //! the storage threads and the syncer; and closing it.
 
-use kiln_proto::limits::{BLOCK_PARTITIONS_MAX as PARTITIONS_MAX, BLOCK_QUEUE_DEPTH as QUEUE_DEPTH};
+use kiln_proto::limits::{
+    BLOCK_PARTITIONS_MAX as PARTITIONS_MAX, BLOCK_QUEUE_DEPTH as QUEUE_DEPTH, BLOCK_TICK_MS,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
@@ -53,6 +55,9 @@ pub struct BlockConfig {
     pub format_device: bool,
     /// Discard whatever the devices hold and format a new, empty store.
     pub reformat: bool,
+    /// Longest a write waits for room in the ring before it fails with
+    /// UNAVAILABLE (a store whose syncs keep failing frees none).
+    pub room_wait: Duration,
 }
 
 /// The devices of a store, for tests that bring their own.
@@ -69,6 +74,7 @@ pub struct Engine {
     pub partitions: u32,
     workers: Vec<async_channel::Sender<Request>>,
     syncer: Mutex<Option<mpsc::Sender<SyncerMessage>>>,
+    ticker: Mutex<Option<mpsc::Sender<()>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     pub io_path: &'static str,
     pub slots: u64,
@@ -155,7 +161,7 @@ impl Engine {
                 )
             })?;
             io_path = io.path();
-            let worker = Worker::new(
+            let mut worker = Worker::new(
                 config.kind,
                 ring.clone(),
                 devices.data.clone(),
@@ -167,6 +173,7 @@ impl Engine {
                 rx,
                 space_tx.clone(),
             );
+            worker.room_wait = config.room_wait;
             let pin = config.pin_threads.then_some(t % cores);
             let handle = std::thread::Builder::new()
                 .name(format!("kiln-{}-{t}", short(config.kind)))
@@ -189,6 +196,26 @@ impl Engine {
                     while let Ok(t) = space_rx.recv_blocking() {
                         if relay_tx.send(SyncerMessage::NeedSpace(t)).is_err() {
                             return;
+                        }
+                    }
+                })
+                .map_err(|e| internal("start a storage thread", &e))?,
+        );
+        // Parked writes are failed past their deadline even while the
+        // syncer is stuck in a hung device call: time reaches the storage
+        // threads from here.
+        let tick_to = senders.clone();
+        let (ticker_tx, ticker_rx) = mpsc::channel::<()>();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("kiln-{}-tick", short(config.kind)))
+                .spawn(move || {
+                    // Ends when the engine drops the sender.
+                    while let Err(mpsc::RecvTimeoutError::Timeout) =
+                        ticker_rx.recv_timeout(Duration::from_millis(BLOCK_TICK_MS))
+                    {
+                        for w in &tick_to {
+                            let _ = w.try_send(Request::Tick);
                         }
                     }
                 })
@@ -234,6 +261,7 @@ impl Engine {
             partitions: u32::try_from(partition_count).unwrap_or(1),
             workers: senders,
             syncer: Mutex::new(Some(syncer_tx)),
+            ticker: Mutex::new(Some(ticker_tx)),
             threads: Mutex::new(handles),
             io_path,
             slots,
@@ -288,6 +316,12 @@ impl Engine {
         let _ = self.worker(fp).try_send(request);
     }
 
+    /// Why the store cannot make its writes durable, while its syncs keep
+    /// failing; `None` when healthy.
+    pub fn unhealthy(&self) -> Option<String> {
+        self.stats.unhealthy()
+    }
+
     /// Syncs now.
     pub fn sync(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
@@ -339,6 +373,7 @@ impl Engine {
     }
 
     fn join(&self) {
+        self.ticker.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         for w in &self.workers {
             w.close();
         }

@@ -71,7 +71,42 @@ pub struct SyncStats {
     pub last_micros: std::sync::atomic::AtomicU64,
     /// When the last sync finished, in milliseconds since the Unix epoch.
     pub last_unix_ms: std::sync::atomic::AtomicU64,
+    /// Syncs failed in a row since the last good one.
+    pub failing: std::sync::atomic::AtomicU64,
+    /// Why the last sync failed, while they fail.
+    pub last_error: std::sync::Mutex<Option<String>>,
 }
+
+impl SyncStats {
+    /// Why the store cannot sync, while its syncs keep failing (the last
+    /// [`SYNC_FAILURES_UNHEALTHY`] or more in a row).
+    pub fn unhealthy(&self) -> Option<String> {
+        let failing = self.failing.load(std::sync::atomic::Ordering::Relaxed);
+        if failing < SYNC_FAILURES_UNHEALTHY {
+            return None;
+        }
+        let why = self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        Some(format!("{failing} syncs in a row failed: {}", why.unwrap_or_default()))
+    }
+
+    fn record(&self, result: &Result<()>) {
+        let mut last = self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match result {
+            Ok(()) => {
+                self.failing.store(0, std::sync::atomic::Ordering::Relaxed);
+                *last = None;
+            }
+            Err(e) => {
+                self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.failing.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                *last = Some(e.message().to_owned());
+            }
+        }
+    }
+}
+
+/// Failed syncs in a row after which the store reports itself unhealthy.
+pub const SYNC_FAILURES_UNHEALTHY: u64 = 3;
 
 impl std::fmt::Debug for Syncer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -88,6 +123,9 @@ impl Syncer {
     pub fn run(mut self) {
         let mut last = Instant::now();
         let mut synced = (self.ring.tail(), self.ring.head());
+        // After a failure the next try waits, doubling up to 5 s, so that a
+        // failing disk is not hammered nor the log flooded.
+        let mut backoff = Duration::ZERO;
         loop {
             let wait = self.interval.min(Duration::from_millis(100));
             let mut needed = 0u64;
@@ -115,12 +153,16 @@ impl Syncer {
                     needed.max((self.ring.head() + self.headroom).saturating_sub(self.ring.capacity()));
                 self.ring.advance_tail(target);
             }
-            if needed > 0 || short || due || !now_replies.is_empty() || stop.is_some() {
+            let asked = !now_replies.is_empty() || stop.is_some();
+            let waited = last.elapsed() >= backoff;
+            if asked || ((needed > 0 || short || due) && waited) {
                 let result = self.sync();
+                self.stats.record(&result);
                 if let Err(e) = &result {
-                    self.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(error = %e, "store sync failed; the last synced state stays in force");
+                    backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                    tracing::error!(error = %e, retry_in = ?backoff, "store sync failed; the last synced state stays in force");
                 } else {
+                    backoff = Duration::ZERO;
                     synced = (self.superblock.tail, self.superblock.head);
                 }
                 last = Instant::now();
@@ -160,7 +202,7 @@ impl Syncer {
         let (tail, head) = (self.ring.tail(), self.ring.head());
         // 3. Data.
         if let Err(e) = self.io.sync(&*self.data) {
-            self.broadcast(|| Request::AbandonSync);
+            self.broadcast(|| Request::AbandonSync { data_lost: true });
             return Err(unavailable("syncing", &*self.data, &e));
         }
         // 4. Index pages, checksums.
@@ -192,16 +234,25 @@ impl Syncer {
             self.crc_tables[usize::from(copy)].iter().flat_map(|c| c.to_le_bytes()).collect();
         let mut padded = table;
         padded.resize(usize::try_from(self.layout.crc_table_bytes).unwrap_or(0), 0);
+        // The pages went out; if what follows fails, they may not be on the
+        // disk: the next sync of this copy writes every page again.
+        let workers = self.workers.clone();
+        let rewrite = |e: Error| {
+            for w in &workers {
+                let _ = w.send_blocking(Request::Rewrite { copy });
+            }
+            e
+        };
         self.index_dev
             .write_at(&padded, self.layout.crc_table_offset(copy))
             .and_then(|()| self.io.sync(&*self.index_dev))
-            .map_err(|e| unavailable("writing the index of", &*self.index_dev, &e))?;
+            .map_err(|e| rewrite(unavailable("writing the index of", &*self.index_dev, &e)))?;
         // 5. Superblock.
         let next = Superblock { sequence: self.superblock.sequence + 1, copy, tail, head, ..self.superblock };
         self.index_dev
             .write_at(&next.encode(), IndexLayout::superblock_offset(copy))
             .and_then(|()| self.io.sync(&*self.index_dev))
-            .map_err(|e| unavailable("writing the superblock of", &*self.index_dev, &e))?;
+            .map_err(|e| rewrite(unavailable("writing the superblock of", &*self.index_dev, &e)))?;
         self.superblock = next;
         // 6. Room.
         self.ring.set_persisted_tail(tail);

@@ -39,6 +39,7 @@ pub(super) fn config(dir: &Path, kind: Kind, io: IoMode) -> BlockConfig {
         pin_threads: false,
         format_device: false,
         reformat: false,
+        room_wait: Duration::from_millis(kiln_proto::limits::BLOCK_ROOM_WAIT_MS),
     }
 }
 

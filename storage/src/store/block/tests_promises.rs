@@ -141,3 +141,70 @@ fn a_failed_write_counts_nothing_and_a_resumption_there_succeeds() {
     assert!(!writer.resumable());
     assert_eq!(block_on(writer.write(bytes.slice(piece..))).unwrap_err().code(), Code::Unavailable);
 }
+
+/// A store whose syncs keep failing frees no room: writes that need room
+/// fail with UNAVAILABLE at their deadline instead of hanging, the store
+/// says it is unhealthy and why, and it recovers when the disk does.
+#[test]
+fn writes_end_at_their_deadline_when_syncs_keep_failing() {
+    use super::faulty::Faults;
+    let data = Arc::new(FaultyDevice::new(SIZE, 5));
+    let index = Arc::new(FaultyDevice::new(index_file_bytes(SIZE, BLOCK, 4096).unwrap(), 6));
+    let cfg =
+        BlockConfig { room_wait: Duration::from_millis(500), ..config(Path::new("/nonexistent"), Kind::Cas) };
+    let store = BlockCas::new(Engine::open_on(&cfg, Devices { data: data.clone(), index }).unwrap());
+    assert!(store.engine().unhealthy().is_none());
+    data.set_faults(Faults { sync_error_rate: 1.0, ..Faults::default() });
+    let started = std::time::Instant::now();
+    let mut refused = None;
+    for i in 0..200 {
+        let (k, d) = blob(100 + i, 200_000);
+        if let Err(e) = block_on(crate::store::put_all(&store, &k, d)) {
+            refused = Some(e);
+            break;
+        }
+    }
+    let err = refused.expect("40 MB went into an 8 MiB store that cannot sync");
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.message().contains("syncs are failing"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "the write waited {:?}", started.elapsed());
+    let why = store.engine().unhealthy().expect("unhealthy while syncs fail");
+    assert!(why.contains("injected sync error"), "{why}");
+    data.set_faults(Faults::default());
+    store.engine().sync().unwrap();
+    assert!(store.engine().unhealthy().is_none());
+    let (k, d) = blob(999, 200_000);
+    block_on(crate::store::put_all(&store, &k, d.clone())).unwrap();
+    assert_eq!(block_on(read_all(&store, &k, u64::MAX)).unwrap(), d);
+}
+
+/// After the data device fails a sync, the entries written since the last
+/// good sync are dropped, never persisted by a later sync that "succeeds"
+/// (Linux reports a writeback error once): what was synced before stays.
+#[test]
+fn a_failed_data_sync_drops_what_it_covered() {
+    use super::faulty::Faults;
+    let data = Arc::new(FaultyDevice::new(SIZE, 7));
+    let index = Arc::new(FaultyDevice::new(index_file_bytes(SIZE, BLOCK, 4096).unwrap(), 8));
+    let cfg = config(Path::new("/nonexistent"), Kind::Cas);
+    let store =
+        BlockCas::new(Engine::open_on(&cfg, Devices { data: data.clone(), index: index.clone() }).unwrap());
+    let (synced, synced_bytes) = blob(1, 100_000);
+    block_on(crate::store::put_all(&store, &synced, synced_bytes.clone())).unwrap();
+    store.engine().sync().unwrap();
+    let (lost, lost_bytes) = blob(2, 100_000);
+    block_on(crate::store::put_all(&store, &lost, lost_bytes)).unwrap();
+    data.set_faults(Faults { sync_error_rate: 1.0, ..Faults::default() });
+    assert!(store.engine().sync().is_err());
+    data.set_faults(Faults::default());
+    store.engine().sync().unwrap();
+    let both = [synced.clone(), lost.clone()];
+    assert_eq!(block_on(store.find_missing(&both)).unwrap(), vec![lost.clone()]);
+    store.engine().close().unwrap();
+    let store = BlockCas::new(
+        Engine::open_on(&cfg, Devices { data: Arc::new(data.restart(1)), index: Arc::new(index.restart(2)) })
+            .unwrap(),
+    );
+    assert_eq!(block_on(store.find_missing(&both)).unwrap(), vec![lost]);
+    assert_eq!(block_on(read_all(&store, &synced, u64::MAX)).unwrap(), synced_bytes);
+}

@@ -11,10 +11,11 @@
 
 use kiln_proto::limits::{
     BLOCK_BATCH_REQUESTS_MAX as BATCH_REQUESTS_MAX, BLOCK_REFRESH_QUEUE_MAX as REFRESH_QUEUE_MAX,
-    BLOCK_REFRESH_STEP_BYTES as REFRESH_STEP_BYTES,
+    BLOCK_REFRESH_STEP_BYTES as REFRESH_STEP_BYTES, BLOCK_ROOM_WAIT_MS,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::channel::oneshot;
@@ -96,7 +97,20 @@ pub enum Request {
     Persist {
         reply: Reply<Vec<(u64, u32)>>,
     },
-    AbandonSync,
+    /// The sync was abandoned. With `data_lost`, the data device failed
+    /// its sync: every entry committed since the last good sync may name
+    /// bytes that never reached the disk (Linux reports such an error
+    /// once), so those entries are dropped rather than persisted later.
+    AbandonSync {
+        data_lost: bool,
+    },
+    /// A sync failed after the pages were written: they are written again
+    /// whole at the next sync of `copy`.
+    Rewrite {
+        copy: u8,
+    },
+    /// Time passed: writes waiting for room past their deadline fail.
+    Tick,
     /// The syncer persisted a newer tail: waiting reservations may go on.
     SpaceFreed,
     /// Statistics: live entries in this thread's partitions.
@@ -176,7 +190,16 @@ pub struct Worker {
     pub need_space: async_channel::Sender<u64>,
     /// Which copy the sync in progress writes.
     pub sync_copy: Option<u8>,
-    pub waiting: VecDeque<Request>,
+    /// Writes waiting for room, since when.
+    pub waiting: VecDeque<(Instant, Request)>,
+    /// Longest a write waits for room.
+    pub room_wait: Duration,
+    /// Entries inserted since the last barrier, and those the sync in
+    /// progress covers: dropped if the data device fails its sync.
+    unsynced: Vec<(Fingerprint, u64)>,
+    in_sync: Vec<(Fingerprint, u64)>,
+    /// While re-planning parked writes: when they first waited.
+    since: Option<Instant>,
     refreshes: VecDeque<Refresh>,
     refreshing: HashMap<Fingerprint, ()>,
 }
@@ -231,6 +254,10 @@ impl Worker {
             need_space,
             sync_copy: None,
             waiting: VecDeque::new(),
+            room_wait: Duration::from_millis(BLOCK_ROOM_WAIT_MS),
+            unsynced: Vec::new(),
+            in_sync: Vec::new(),
+            since: None,
             refreshes: VecDeque::new(),
             refreshing: HashMap::new(),
         }
@@ -360,7 +387,7 @@ impl Worker {
                 }
                 Err(needed) => {
                     let _ = self.need_space.try_send(needed);
-                    self.waiting.push_back(Request::Reserve { size, reply });
+                    self.wait_for_room(Request::Reserve { size, reply });
                 }
             },
             Request::Write { logical, offset, data, reply } => {
@@ -391,7 +418,7 @@ impl Worker {
                     Ok(logical) => logical,
                     Err(needed) => {
                         let _ = self.need_space.try_send(needed);
-                        self.waiting.push_back(Request::Put { fp, data, reply });
+                        self.wait_for_room(Request::Put { fp, data, reply });
                         return;
                     }
                 };
@@ -411,6 +438,8 @@ impl Worker {
                 for p in self.partitions.values_mut() {
                     p.barrier(copy);
                 }
+                let unsynced = std::mem::take(&mut self.unsynced);
+                self.in_sync.extend(unsynced);
                 self.sync_copy = Some(copy);
                 let _ = reply.send(());
             }
@@ -431,18 +460,29 @@ impl Worker {
                 }
                 pending.push(Pending::Persist { ops: written, reply });
             }
-            Request::AbandonSync => {
+            Request::AbandonSync { data_lost } => {
                 for p in self.partitions.values_mut() {
                     p.end_sync(false);
                 }
                 self.sync_copy = None;
-            }
-            Request::SpaceFreed => {
-                let waiting: Vec<Request> = self.waiting.drain(..).collect();
-                for r in waiting {
-                    self.plan(ring, r, ops, pending);
+                if data_lost {
+                    self.drop_unsynced();
                 }
             }
+            Request::Rewrite { copy } => {
+                for p in self.partitions.values_mut() {
+                    p.mark_all_dirty(copy);
+                }
+            }
+            Request::SpaceFreed => {
+                let waiting: Vec<(Instant, Request)> = self.waiting.drain(..).collect();
+                for (since, r) in waiting {
+                    self.since = Some(since);
+                    self.plan(ring, r, ops, pending);
+                }
+                self.since = None;
+            }
+            Request::Tick => self.expire_waiting(),
             Request::Count { reply } => {
                 let live = Self::live(ring);
                 let _ = reply.send(self.partitions.values().map(|p| p.count(&live)).sum());
@@ -508,6 +548,7 @@ impl Worker {
                     let live = Self::live(ring);
                     let slot = Slot { fingerprint: fp.0, logical: loc.logical, size: loc.size };
                     self.partition(&fp).insert(slot, live);
+                    self.unsynced.push((fp, loc.logical));
                     Ok(())
                 });
                 let _ = reply.send(answer);
@@ -524,9 +565,61 @@ impl Worker {
                 for p in self.partitions.values_mut() {
                     p.end_sync(failed.is_none());
                 }
+                if failed.is_none() {
+                    self.in_sync.clear();
+                }
                 self.sync_copy = None;
                 let _ = reply.send(failed.map_or(Ok(crcs), Err));
             }
+        }
+    }
+
+    /// Parks a write until the syncer makes room (or its deadline passes).
+    fn wait_for_room(&mut self, request: Request) {
+        let since = self.since.unwrap_or_else(Instant::now);
+        self.waiting.push_back((since, request));
+    }
+
+    /// Fails the writes that waited for room past their deadline.
+    fn expire_waiting(&mut self) {
+        let deadline = self.room_wait;
+        while self.waiting.front().is_some_and(|(since, _)| since.elapsed() >= deadline) {
+            let Some((_, request)) = self.waiting.pop_front() else { break };
+            let err = Error::new(
+                Code::Unavailable,
+                format!(
+                    "the store found no room for this write within {deadline:?}: its syncs are failing (see the server log); retry later"
+                ),
+            );
+            match request {
+                Request::Reserve { reply, .. } => {
+                    let _ = reply.send(Err(err));
+                }
+                Request::Put { reply, .. } => {
+                    let _ = reply.send(Err(err));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Drops every entry committed since the last good sync: the data
+    /// device failed to sync, so their bytes may not be on the disk.
+    fn drop_unsynced(&mut self) {
+        let entries: Vec<(Fingerprint, u64)> =
+            self.in_sync.drain(..).chain(self.unsynced.drain(..)).collect();
+        let mut dropped = 0u64;
+        for (fp, logical) in entries {
+            if self.partition(&fp).remove(&fp, logical) {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            tracing::error!(
+                store = self.kind.name(),
+                dropped,
+                "the data device failed to sync: entries written since the last good sync are dropped (clients upload them again)"
+            );
         }
     }
 
@@ -568,6 +661,7 @@ impl Worker {
                     let part = self.partition(&job.fp);
                     if part.lookup(&job.fp, &live).is_some_and(|s| s.logical == job.from.logical) {
                         part.insert(Slot { fingerprint: job.fp.0, logical: to, size: job.from.size }, live);
+                        self.unsynced.push((job.fp, to));
                         kiln_proto::metrics::global().store_refreshes.inc();
                     }
                 }
