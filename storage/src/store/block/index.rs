@@ -114,8 +114,9 @@ impl Partition {
         None
     }
 
-    /// Stores `slot`, displacing the oldest probed entry if need be.
-    pub fn insert(&mut self, slot: Slot, live: impl Fn(&Slot) -> bool) {
+    /// Stores `slot`, displacing the oldest probed entry if need be;
+    /// returns the entry it took the place of, if any.
+    pub fn insert(&mut self, slot: Slot, live: impl Fn(&Slot) -> bool) -> Option<Slot> {
         let fp = Fingerprint(slot.fingerprint);
         let probed: Vec<usize> = self.probe(&fp).collect();
         let target = probed
@@ -124,9 +125,10 @@ impl Partition {
             .find(|i| self.slots[*i].fingerprint == slot.fingerprint)
             .or_else(|| probed.iter().copied().find(|i| self.slots[*i].is_empty() || !live(&self.slots[*i])))
             .or_else(|| probed.iter().copied().min_by_key(|i| self.slots[*i].logical));
-        if let Some(i) = target {
-            self.set(i, slot);
-        }
+        let i = target?;
+        let old = self.slots[i];
+        self.set(i, slot);
+        (!old.is_empty()).then_some(old)
     }
 
     /// Removes `fp`'s entry if it still names the record at `logical`.

@@ -17,7 +17,7 @@
 //!   handed out only up to `persisted_tail + capacity`. Moving the tail
 //!   further needs a sync that persists the new tail first.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use super::format::PAGE_BYTES;
 
@@ -30,6 +30,11 @@ pub struct Ring {
     persisted_tail: AtomicU64,
     /// In-flight I/O per physical block.
     pins: Box<[AtomicU32]>,
+    /// Index entries whose records start in each physical block, and their
+    /// sum over the live blocks: the store's entry count in O(1). Moving the
+    /// tail past a block takes its entries off the sum.
+    block_entries: Box<[AtomicI64]>,
+    entries: AtomicI64,
 }
 
 /// Blocks pinned by one I/O; unpinned on drop.
@@ -62,7 +67,31 @@ impl Ring {
             tail: AtomicU64::new(tail),
             persisted_tail: AtomicU64::new(tail),
             pins: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
+            block_entries: (0..blocks).map(|_| AtomicI64::new(0)).collect(),
+            entries: AtomicI64::new(0),
         }
+    }
+
+    /// Counts an index entry for the live record at `logical`.
+    pub fn entry_added(&self, logical: u64) {
+        self.block_entries[self.block_index(logical / self.block_bytes)].fetch_add(1, Ordering::SeqCst);
+        self.entries.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Uncounts the entry of the record at `logical`, if it is still live
+    /// (a dead one was uncounted when the tail passed its block).
+    pub fn entry_removed(&self, logical: u64) {
+        if logical >= self.tail() {
+            self.block_entries[self.block_index(logical / self.block_bytes)].fetch_sub(1, Ordering::SeqCst);
+            self.entries.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Index entries of live records. A race between an entry's change
+    /// and the tail passing its block may leave it off by a few until the
+    /// tail passes that block again.
+    pub fn entries(&self) -> u64 {
+        u64::try_from(self.entries.load(Ordering::SeqCst)).unwrap_or(0)
     }
 
     pub fn capacity(&self) -> u64 {
@@ -147,6 +176,8 @@ impl Ring {
         let target = tail.next_multiple_of(self.block_bytes).min(self.head());
         let old = self.tail.fetch_max(target, Ordering::SeqCst);
         for b in old / self.block_bytes..target.div_ceil(self.block_bytes) {
+            let gone = self.block_entries[self.block_index(b)].swap(0, Ordering::SeqCst);
+            self.entries.fetch_sub(gone, Ordering::SeqCst);
             let pins = &self.pins[self.block_index(b)];
             while pins.load(Ordering::SeqCst) != 0 {
                 std::thread::yield_now();

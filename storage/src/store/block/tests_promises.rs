@@ -208,3 +208,40 @@ fn a_failed_data_sync_drops_what_it_covered() {
     assert_eq!(block_on(store.find_missing(&both)).unwrap(), vec![lost]);
     assert_eq!(block_on(read_all(&store, &synced, u64::MAX)).unwrap(), synced_bytes);
 }
+
+/// The entry count a scrape reads is a counter, and it agrees with a walk
+/// of the index through puts, replacements, drops, eviction and restarts.
+#[test]
+fn the_entry_counter_agrees_with_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Kind::Cas);
+    let store = BlockCas::new(Engine::open(&cfg).unwrap());
+    let agree = |store: &BlockCas, what: &str| {
+        assert_eq!(store.engine().entries(), store.engine().count_entries(), "{what}");
+    };
+    for i in 0..40 {
+        let (k, d) = blob(i, 1000 + 100 * i as usize);
+        block_on(crate::store::put_all(&store, &k, d.clone())).unwrap();
+        block_on(crate::store::put_all(&store, &k, d)).unwrap(); // the same again
+    }
+    agree(&store, "after puts");
+    assert_eq!(store.engine().entries(), 40);
+    let (k, _) = blob(3, 1300);
+    let fp = format::Fingerprint::cas(&k);
+    let logical =
+        block_on(store.engine().call(&fp, |reply| worker::Request::Open { fp, reply })).unwrap().0.logical;
+    store.engine().tell(&fp, worker::Request::Forget { fp, logical });
+    assert_eq!(block_on(store.find_missing(std::slice::from_ref(&k))).unwrap().len(), 1);
+    agree(&store, "after a drop");
+    // Through the ring several times: eviction takes entries off.
+    for i in 100..400 {
+        let (k, d) = blob(i, 60_000);
+        block_on(crate::store::put_all(&store, &k, d)).unwrap();
+    }
+    agree(&store, "after eviction");
+    assert!(store.engine().entries() < 200);
+    store.engine().close().unwrap();
+    drop(store);
+    let store = BlockCas::new(Engine::open(&cfg).unwrap());
+    agree(&store, "after a restart");
+}

@@ -432,7 +432,7 @@ impl Worker {
                 pending.push(Pending::Put { fp, loc: Location { logical, size }, op, _pin: pin, reply });
             }
             Request::Forget { fp, logical } => {
-                self.partition(&fp).remove(&fp, logical);
+                self.remove(&fp, logical);
             }
             Request::Barrier { copy, reply } => {
                 for p in self.partitions.values_mut() {
@@ -545,10 +545,7 @@ impl Worker {
                     if !ring.is_live(loc.logical, record_len(loc.size)) {
                         return Err(wrapped());
                     }
-                    let live = Self::live(ring);
-                    let slot = Slot { fingerprint: fp.0, logical: loc.logical, size: loc.size };
-                    self.partition(&fp).insert(slot, live);
-                    self.unsynced.push((fp, loc.logical));
+                    self.insert(Slot { fingerprint: fp.0, logical: loc.logical, size: loc.size });
                     Ok(())
                 });
                 let _ = reply.send(answer);
@@ -572,6 +569,28 @@ impl Worker {
                 let _ = reply.send(failed.map_or(Ok(crcs), Err));
             }
         }
+    }
+
+    /// Puts a live record's entry into the index, keeping the entry count
+    /// and the list of what the next sync covers.
+    fn insert(&mut self, slot: Slot) {
+        let ring = self.ring.clone();
+        let fp = Fingerprint(slot.fingerprint);
+        let replaced = self.partition(&fp).insert(slot, Self::live(&ring));
+        if let Some(old) = replaced {
+            ring.entry_removed(old.logical);
+        }
+        ring.entry_added(slot.logical);
+        self.unsynced.push((fp, slot.logical));
+    }
+
+    /// Removes `fp`'s entry if it still names the record at `logical`.
+    fn remove(&mut self, fp: &Fingerprint, logical: u64) -> bool {
+        let removed = self.partition(fp).remove(fp, logical);
+        if removed {
+            self.ring.entry_removed(logical);
+        }
+        removed
     }
 
     /// Parks a write until the syncer makes room (or its deadline passes).
@@ -610,7 +629,7 @@ impl Worker {
             self.in_sync.drain(..).chain(self.unsynced.drain(..)).collect();
         let mut dropped = 0u64;
         for (fp, logical) in entries {
-            if self.partition(&fp).remove(&fp, logical) {
+            if self.remove(&fp, logical) {
                 dropped += 1;
             }
         }
@@ -633,7 +652,7 @@ impl Worker {
             why,
             "corrupt record dropped"
         );
-        self.partition(fp).remove(fp, loc.logical);
+        self.remove(fp, loc.logical);
         kiln_proto::metrics::global().data_loss.inc();
         Error::new(
             Code::DataLoss,
@@ -658,10 +677,12 @@ impl Worker {
                 {
                     // Only if the entry still names the old copy.
                     let live = Self::live(&ring);
-                    let part = self.partition(&job.fp);
-                    if part.lookup(&job.fp, &live).is_some_and(|s| s.logical == job.from.logical) {
-                        part.insert(Slot { fingerprint: job.fp.0, logical: to, size: job.from.size }, live);
-                        self.unsynced.push((job.fp, to));
+                    if self
+                        .partition(&job.fp)
+                        .lookup(&job.fp, &live)
+                        .is_some_and(|s| s.logical == job.from.logical)
+                    {
+                        self.insert(Slot { fingerprint: job.fp.0, logical: to, size: job.from.size });
                         kiln_proto::metrics::global().store_refreshes.inc();
                     }
                 }
