@@ -47,8 +47,10 @@ pub const BLOCK_SMALL_BLOB_BYTES: u64 = 64 << 10;
 /// Block store: chunk checksums a writer keeps before writing them out.
 pub const BLOCK_PENDING_CRCS_MAX: usize = 1024;
 /// Block store: blobs waiting to be copied forward, per storage thread;
-/// more are dropped (such a blob may then be evicted and uploaded again).
-pub const BLOCK_REFRESH_QUEUE_MAX: usize = 1024;
+/// past it (or past the backlog in bytes the ring allows) an old blob that
+/// FindMissingBlobs asks about is reported missing, never silently left to
+/// be evicted.
+pub const BLOCK_REFRESH_QUEUE_MAX: usize = 65_536;
 /// Block store: bytes a copy forward moves per step.
 pub const BLOCK_REFRESH_STEP_BYTES: u64 = 1 << 20;
 /// Longest a write waits for room in the ring (a sync that frees space);

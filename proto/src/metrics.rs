@@ -87,6 +87,7 @@ pub struct Metrics {
     pub data_loss: Counter,
     pub upload_verification_failures: Counter,
     pub store_refreshes: Counter,
+    pub store_refreshes_skipped: Counter,
     pub dispatch_latency: Histogram,
     pub action_duration: Histogram,
     pub executions: Family<OutcomeLabels, Counter>,
@@ -123,6 +124,7 @@ impl Metrics {
             data_loss: Counter::default(),
             upload_verification_failures: Counter::default(),
             store_refreshes: Counter::default(),
+            store_refreshes_skipped: Counter::default(),
             dispatch_latency: seconds_histogram(),
             action_duration: seconds_histogram(),
             executions: Family::default(),
@@ -226,6 +228,11 @@ impl Metrics {
             "store_refreshes",
             "Blobs copied forward in the ring because they were used while old (so eviction spares them)",
             self.store_refreshes.clone(),
+        );
+        r.register(
+            "store_refreshes_skipped",
+            "Old blobs that were touched but could not be copied forward (backlog full, too near eviction, or the copy failed); FindMissingBlobs reported them missing",
+            self.store_refreshes_skipped.clone(),
         );
         r.register_with_unit(
             "scheduler_dispatch_latency",

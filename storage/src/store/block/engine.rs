@@ -237,7 +237,7 @@ impl Engine {
             workers: senders.clone(),
             messages: syncer_rx,
             interval: config.sync_interval,
-            headroom: (capacity / 8).max(2 * block_bytes).min(capacity / 2),
+            headroom: ring.headroom(),
             io: IoEngine::new(if config.io == IoMode::IoUring { IoMode::Auto } else { config.io })
                 .map_err(|e| internal("start the syncer", &e))?,
             stats: stats.clone(),
@@ -294,26 +294,42 @@ impl Engine {
 
     /// Which of `fps` are present, in order.
     pub async fn lookup(&self, fps: &[Fingerprint]) -> Result<Vec<bool>> {
+        self.ask_each_worker(fps, |fps, reply| Request::Lookup { fps, reply }).await
+    }
+
+    /// Where the records of `fps` lie, if present, without copying any
+    /// forward (for tests and diagnostics).
+    pub async fn peek(&self, fps: &[Fingerprint]) -> Result<Vec<Option<u64>>> {
+        self.ask_each_worker(fps, |fps, reply| Request::Peek { fps, reply }).await
+    }
+
+    /// Asks each storage thread about its share of `fps` in one request;
+    /// the answers come back in the order of `fps`.
+    async fn ask_each_worker<T: Default + Clone>(
+        &self,
+        fps: &[Fingerprint],
+        make: impl Fn(Vec<Fingerprint>, oneshot::Sender<Vec<T>>) -> Request,
+    ) -> Result<Vec<T>> {
         let mut by_worker: HashMap<usize, Vec<(usize, Fingerprint)>> = HashMap::new();
         for (i, fp) in fps.iter().enumerate() {
             let w = partition_of(fp, self.partitions) as usize % self.workers.len();
             by_worker.entry(w).or_default().push((i, *fp));
         }
-        let mut present = vec![false; fps.len()];
+        let mut answers = vec![T::default(); fps.len()];
         let mut waits = Vec::new();
         for (w, items) in by_worker {
             let (tx, rx) = oneshot::channel();
-            let request = Request::Lookup { fps: items.iter().map(|(_, fp)| *fp).collect(), reply: tx };
+            let request = make(items.iter().map(|(_, fp)| *fp).collect(), tx);
             self.workers[w].send(request).await.map_err(|_| stopped())?;
             waits.push((items, rx));
         }
         for (items, rx) in waits {
             let found = rx.await.map_err(|_| stopped())?;
             for ((i, _), f) in items.into_iter().zip(found) {
-                present[i] = f;
+                answers[i] = f;
             }
         }
-        Ok(present)
+        Ok(answers)
     }
 
     /// Sends a request that needs no answer.

@@ -103,6 +103,11 @@ impl Partition {
         self.dirty[1][page] = true;
     }
 
+    /// The slot of `fp`, live or not, changing nothing.
+    pub fn get(&self, fp: &Fingerprint) -> Option<Slot> {
+        self.probe(fp).map(|i| self.slots[i]).find(|s| s.fingerprint == fp.0)
+    }
+
     /// The live slot of `fp`, if any; a dead one is removed on the way.
     pub fn lookup(&mut self, fp: &Fingerprint, live: impl Fn(&Slot) -> bool) -> Option<Slot> {
         let found = self.probe(fp).find(|i| self.slots[*i].fingerprint == fp.0)?;

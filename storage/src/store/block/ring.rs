@@ -35,6 +35,17 @@ pub struct Ring {
     /// tail past a block takes its entries off the sum.
     block_entries: Box<[AtomicI64]>,
     entries: AtomicI64,
+    /// Bytes queued to be copied forward, over all storage threads.
+    refresh_backlog: AtomicU64,
+}
+
+/// Blocks held across many steps (a copy forward's source); given back
+/// with [`Ring::release`].
+#[derive(Debug)]
+#[must_use = "held blocks are never reused until released"]
+pub struct Held {
+    first: u64,
+    last: u64,
 }
 
 /// Blocks pinned by one I/O; unpinned on drop.
@@ -69,6 +80,7 @@ impl Ring {
             pins: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
             block_entries: (0..blocks).map(|_| AtomicI64::new(0)).collect(),
             entries: AtomicI64::new(0),
+            refresh_backlog: AtomicU64::new(0),
         }
     }
 
@@ -96,6 +108,68 @@ impl Ring {
 
     pub fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    /// Room the syncer keeps free ahead of the head by evicting early: an
+    /// eighth of the ring, at least two blocks, at most half.
+    pub fn headroom(&self) -> u64 {
+        (self.capacity / 8).max(2 * self.block_bytes).min(self.capacity / 2)
+    }
+
+    /// What a touched blob is promised: it survives at least this many
+    /// bytes of further writes (half of what the ring holds past its
+    /// headroom and a block; about 7/16 of the ring at default sizing). A
+    /// blob older than this when touched is copied forward.
+    pub fn kept_bytes(&self) -> u64 {
+        self.lifetime() / 2
+    }
+
+    /// Bytes a record written now is sure to survive: the ring less the
+    /// headroom the syncer evicts ahead, less a block (the tail moves in
+    /// whole blocks).
+    fn lifetime(&self) -> u64 {
+        self.capacity.saturating_sub(self.headroom() + self.block_bytes)
+    }
+
+    /// Bytes that may wait to be copied forward at once, over all storage
+    /// threads.
+    pub fn refresh_backlog_bytes_max(&self) -> u64 {
+        self.lifetime() / 4
+    }
+
+    /// Takes `len` bytes of the copy-forward backlog; false if it is full.
+    pub fn take_refresh(&self, len: u64) -> bool {
+        self.refresh_backlog
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |backlog| {
+                (backlog + len <= self.refresh_backlog_bytes_max()).then_some(backlog + len)
+            })
+            .is_ok()
+    }
+
+    /// Gives back what [`Ring::take_refresh`] took.
+    pub fn refresh_done(&self, len: u64) {
+        self.refresh_backlog.fetch_sub(len, Ordering::SeqCst);
+    }
+
+    /// Holds the blocks of `logical..logical + len` until
+    /// [`Ring::release`]: the tail may be moved past them, but they are not
+    /// reused (nor the tail persisted past them) while held. A copy forward
+    /// holds its source so that it cannot be evicted before the copy is
+    /// made: writers then wait for room instead (back-pressure). `None` if
+    /// the range is no longer live.
+    pub fn hold(&self, logical: u64, len: u64) -> Option<Held> {
+        let pinned = self.pin(logical, len)?;
+        let held = Held { first: pinned.first, last: pinned.last };
+        std::mem::forget(pinned);
+        Some(held)
+    }
+
+    /// Lets go of blocks [`Ring::hold`] held. Taking the hold by value
+    /// means it cannot be released twice.
+    #[allow(clippy::needless_pass_by_value)]
+    pub fn release(&self, held: Held) {
+        let Held { first, last } = held;
+        drop(Pinned { ring: self, first, last });
     }
 
     pub fn block_bytes(&self) -> u64 {
@@ -179,8 +253,15 @@ impl Ring {
             let gone = self.block_entries[self.block_index(b)].swap(0, Ordering::SeqCst);
             self.entries.fetch_sub(gone, Ordering::SeqCst);
             let pins = &self.pins[self.block_index(b)];
+            let mut spins = 0u32;
             while pins.load(Ordering::SeqCst) != 0 {
-                std::thread::yield_now();
+                // I/O is brief; a held copy source may take a while.
+                spins += 1;
+                if spins < 1000 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
             }
         }
         self.tail()

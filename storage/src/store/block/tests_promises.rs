@@ -245,3 +245,73 @@ fn the_entry_counter_agrees_with_the_index() {
     let store = BlockCas::new(Engine::open(&cfg).unwrap());
     agree(&store, "after a restart");
 }
+
+/// What FindMissingBlobs reports present survives at least
+/// `kept_bytes` of further writes, wherever in the ring it was: young
+/// blobs by their age, old ones copied forward. What cannot be kept (the
+/// copy backlog is full, or it is too near eviction) is reported missing
+/// and counted, never reported present and then lost.
+#[test]
+fn what_find_missing_reports_present_survives_the_promised_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    // An index with room for every blob: this is about the ring.
+    let cfg = BlockConfig { expected_blob_bytes: 512, ..config(dir.path(), Kind::Cas) };
+    let store = BlockCas::new(Engine::open(&cfg).unwrap());
+    let ring = store.engine().ring.clone();
+    let skipped_before = kiln_proto::metrics::global().store_refreshes_skipped.get();
+    let mut filler = 1_000_000u64;
+    // Writes about `bytes` (copies forward included), never more.
+    let mut write = |store: &BlockCas, bytes: u64| {
+        let target = store.engine().ring.head() + bytes;
+        while store.engine().ring.head() + (64 << 10) < target {
+            let (k, d) = blob(filler, 20_000);
+            filler += 1;
+            block_on(crate::store::put_all(store, &k, d)).unwrap();
+        }
+    };
+    let small: Vec<_> = (0..3000).map(|i| blob(i, 1000)).collect();
+    for (k, d) in &small {
+        block_on(crate::store::put_all(&store, k, d.clone())).unwrap();
+    }
+    // At every age from young to near eviction, ask about all of them.
+    let keys: Vec<CasKey> = small.iter().map(|(k, _)| k.clone()).collect();
+    let mut reported = 0;
+    let mut refused = 0;
+    for _ in 0..12 {
+        write(&store, ring.capacity() / 16);
+        let missing: std::collections::HashSet<CasKey> =
+            block_on(store.find_missing(&keys)).unwrap().into_iter().collect();
+        let present: Vec<&(CasKey, Bytes)> = small.iter().filter(|(k, _)| !missing.contains(k)).collect();
+        reported += present.len();
+        refused += missing.len();
+        // The promise: after nearly `kept_bytes` more bytes, each is still
+        // there (looked at without copying anything forward).
+        let checkpoint = ring.head();
+        write(&store, ring.kept_bytes());
+        let later = ring.head() - checkpoint;
+        assert!(
+            later <= ring.kept_bytes() && later + (128 << 10) >= ring.kept_bytes(),
+            "{later} {}",
+            ring.kept_bytes()
+        );
+        let fps: Vec<format::Fingerprint> =
+            present.iter().map(|(k, _)| format::Fingerprint::cas(k)).collect();
+        let there = block_on(store.engine().peek(&fps)).unwrap();
+        let lost = there.iter().filter(|p| p.is_none()).count();
+        assert_eq!(
+            lost,
+            0,
+            "of {} reported present at head {checkpoint}, {lost} gone {later} bytes later",
+            present.len()
+        );
+        // Put back what was reported missing, as a client would.
+        for (k, d) in &small {
+            if missing.contains(k) {
+                block_on(crate::store::put_all(&store, k, d.clone())).unwrap();
+            }
+        }
+    }
+    assert!(reported > 0);
+    let skipped = kiln_proto::metrics::global().store_refreshes_skipped.get() - skipped_before;
+    assert!(refused == 0 || skipped > 0, "{refused} reported missing without a count");
+}

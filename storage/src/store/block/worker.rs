@@ -28,7 +28,7 @@ use super::format::{
 };
 use super::index::Partition;
 use super::io::{Io, IoEngine};
-use super::ring::{Pinned, Ring};
+use super::ring::{Held, Pinned, Ring};
 
 /// Where a blob's record lies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,12 @@ pub enum Request {
     Lookup {
         fps: Vec<Fingerprint>,
         reply: oneshot::Sender<Vec<bool>>,
+    },
+    /// Where these keys' records lie, changing nothing (no copy forward):
+    /// for tests and diagnostics.
+    Peek {
+        fps: Vec<Fingerprint>,
+        reply: oneshot::Sender<Vec<Option<u64>>>,
     },
     /// Finds a blob and checks its record header; small records come whole.
     Open {
@@ -170,8 +176,11 @@ enum Pending<'r> {
 struct Refresh {
     fp: Fingerprint,
     from: Location,
-    to: Option<u64>,
+    /// The copy's place, reserved when the refresh was queued.
+    to: u64,
     copied: u64,
+    /// The source's blocks, held until the copy is made.
+    held: Option<Held>,
 }
 
 /// What a storage thread owns.
@@ -272,23 +281,49 @@ impl Worker {
         |s: &Slot| ring.is_live(s.logical, record_len(s.size))
     }
 
-    fn lookup(&mut self, fp: &Fingerprint) -> Option<Location> {
+    /// The live entry of `fp`, copied forward if it is near eviction.
+    /// `None` also when the blob is near eviction and cannot be copied now
+    /// (the refresh backlog is full): then it is as good as gone, and
+    /// saying "missing" makes the client upload it again rather than rely
+    /// on it. Reads call this with `must_keep` false: they serve what is
+    /// there now.
+    fn lookup(&mut self, fp: &Fingerprint, must_keep: bool) -> Option<Location> {
         let ring = self.ring.clone();
         let slot = self.partition(fp).lookup(fp, Self::live(&ring))?;
         let loc = Location { logical: slot.logical, size: slot.size };
-        // Written more than half a ring ago, so closer to eviction than to
-        // the head: copy it forward. A ring less than half full copies
-        // nothing, and a copy is not copied again for half a ring.
-        if ring.head().saturating_sub(loc.logical) > ring.capacity() / 2 {
-            self.queue_refresh(*fp, loc);
+        if ring.head().saturating_sub(loc.logical) > ring.kept_bytes() && !self.queue_refresh(*fp, loc) {
+            kiln_proto::metrics::global().store_refreshes_skipped.inc();
+            if must_keep {
+                return None;
+            }
         }
         Some(loc)
     }
 
-    fn queue_refresh(&mut self, fp: Fingerprint, from: Location) {
-        if self.refreshes.len() < REFRESH_QUEUE_MAX && self.refreshing.insert(fp, ()).is_none() {
-            self.refreshes.push_back(Refresh { fp, from, to: None, copied: 0 });
+    /// Queues a copy of `fp` to the head; false if the backlog is full.
+    fn queue_refresh(&mut self, fp: Fingerprint, from: Location) -> bool {
+        if self.refreshing.contains_key(&fp) {
+            return true;
         }
+        let len = record_len(from.size);
+        if self.refreshes.len() >= REFRESH_QUEUE_MAX || !self.ring.take_refresh(len) {
+            return false;
+        }
+        // The source is held (never evicted before it is copied) and the
+        // copy's place reserved now: the copy then needs nothing else, so
+        // writers waiting behind the held source always see it finish.
+        let Some(held) = self.ring.hold(from.logical, len) else {
+            self.ring.refresh_done(len);
+            return false;
+        };
+        let Ok(to) = self.ring.reserve(len) else {
+            self.ring.release(held);
+            self.ring.refresh_done(len);
+            return false;
+        };
+        self.refreshing.insert(fp, ());
+        self.refreshes.push_back(Refresh { fp, from, to, copied: 0, held: Some(held) });
+        true
     }
 
     /// Serves requests until the queue closes.
@@ -299,20 +334,36 @@ impl Worker {
             if idle {
                 match self.requests.recv_blocking() {
                     Ok(r) => batch.push(r),
-                    Err(_) => return,
+                    Err(_) => return self.release_refreshes(),
                 }
             }
             while batch.len() < BATCH_REQUESTS_MAX {
                 match self.requests.try_recv() {
                     Ok(r) => batch.push(r),
-                    Err(async_channel::TryRecvError::Closed) if batch.is_empty() && idle => return,
+                    Err(async_channel::TryRecvError::Closed) if batch.is_empty() => {
+                        return self.release_refreshes();
+                    }
                     Err(_) => break,
                 }
             }
+            // Copies forward keep pace with writes: twice what the batch
+            // wrote, at least one step.
+            let written: u64 = batch
+                .iter()
+                .map(|r| match r {
+                    Request::Write { data, .. } | Request::Put { data, .. } => data.len() as u64,
+                    _ => 0,
+                })
+                .sum();
             if !batch.is_empty() {
                 self.serve(batch);
             }
-            self.refresh_step();
+            let budget = 2 * written;
+            let mut copied = 0;
+            while copied == 0 || copied < budget {
+                let Some(step) = self.refresh_step() else { break };
+                copied += step;
+            }
         }
     }
 
@@ -343,11 +394,17 @@ impl Worker {
     fn plan<'r>(&mut self, ring: &'r Ring, request: Request, ops: &mut Ops, pending: &mut Vec<Pending<'r>>) {
         match request {
             Request::Lookup { fps, reply } => {
-                let found = fps.iter().map(|fp| self.lookup(fp).is_some()).collect();
+                let found = fps.iter().map(|fp| self.lookup(fp, true).is_some()).collect();
+                let _ = reply.send(found);
+            }
+            Request::Peek { fps, reply } => {
+                let live = Self::live(ring);
+                let found =
+                    fps.iter().map(|fp| self.partition(fp).lookup(fp, &live).map(|s| s.logical)).collect();
                 let _ = reply.send(found);
             }
             Request::Open { fp, reply } => {
-                let Some(loc) = self.lookup(&fp) else {
+                let Some(loc) = self.lookup(&fp, false) else {
                     let _ = reply.send(Err(Error::not_found("blob not found")));
                     return;
                 };
@@ -662,51 +719,60 @@ impl Worker {
 
     /// Copies one step of the oldest queued refresh forward, checking the
     /// data's chunk checksums on the way: a damaged blob is dropped, never
-    /// copied.
-    fn refresh_step(&mut self) {
-        let Some(mut job) = self.refreshes.pop_front() else { return };
+    /// copied. Returns the bytes copied, `None` when there is nothing to do.
+    fn refresh_step(&mut self) -> Option<u64> {
+        let mut job = self.refreshes.pop_front()?;
         let ring = self.ring.clone();
         let len = record_len(job.from.size);
+        let before = job.copied;
         let outcome = self.copy_step(&ring, &mut job, len);
+        let copied = job.copied - before;
         match outcome {
-            Ok(false) => self.refreshes.push_back(job),
-            Ok(true) => {
-                self.refreshing.remove(&job.fp);
-                if let Some(to) = job.to
-                    && job.copied == len
-                {
-                    // Only if the entry still names the old copy.
-                    let live = Self::live(&ring);
-                    if self
-                        .partition(&job.fp)
-                        .lookup(&job.fp, &live)
-                        .is_some_and(|s| s.logical == job.from.logical)
-                    {
-                        self.insert(Slot { fingerprint: job.fp.0, logical: to, size: job.from.size });
-                        kiln_proto::metrics::global().store_refreshes.inc();
-                    }
+            Ok(Step::More) => {
+                self.refreshes.push_front(job);
+                return Some(copied.max(1));
+            }
+            Ok(Step::Done) => {
+                // Only if the entry still names the old copy (dead or not:
+                // the tail may have been moved past the held source).
+                if self.partition(&job.fp).get(&job.fp).is_some_and(|s| s.logical == job.from.logical) {
+                    self.insert(Slot { fingerprint: job.fp.0, logical: job.to, size: job.from.size });
+                    kiln_proto::metrics::global().store_refreshes.inc();
                 }
             }
+            Ok(Step::Gone(why)) => {
+                kiln_proto::metrics::global().store_refreshes_skipped.inc();
+                tracing::warn!(store = self.kind.name(), fp = ?job.fp, why, "a copy forward was abandoned");
+            }
             Err(why) => {
-                self.refreshing.remove(&job.fp);
                 self.corrupt(&job.fp, job.from, &why);
             }
         }
+        self.refreshing.remove(&job.fp);
+        if let Some(held) = job.held.take() {
+            ring.release(held);
+        }
+        ring.refresh_done(len);
+        Some(copied.max(1))
     }
 
-    /// One step of a refresh: `Ok(true)` when finished (or given up for
-    /// lack of room), `Err` when the source is damaged.
-    fn copy_step(&mut self, ring: &Ring, job: &mut Refresh, len: u64) -> std::result::Result<bool, String> {
-        let to = match job.to {
-            Some(to) => to,
-            None => match ring.reserve(len) {
-                Ok(to) => *job.to.insert(to),
-                // No room now: drop the refresh rather than wait.
-                Err(_) => return Ok(true),
-            },
-        };
-        let (Some(_from), Some(_to)) = (ring.pin(job.from.logical, len), ring.pin(to, len)) else {
-            return Ok(true);
+    /// Gives back what the queued refreshes hold (at exit).
+    fn release_refreshes(&mut self) {
+        for mut job in self.refreshes.drain(..) {
+            if let Some(held) = job.held.take() {
+                self.ring.release(held);
+            }
+            self.ring.refresh_done(record_len(job.from.size));
+        }
+    }
+
+    /// One step of a refresh; `Err` when the source is damaged. The
+    /// source is held, so its bytes are there even if the tail has been
+    /// moved past it.
+    fn copy_step(&mut self, ring: &Ring, job: &mut Refresh, len: u64) -> std::result::Result<Step, String> {
+        let to = job.to;
+        let Some(_to) = ring.pin(to, len) else {
+            return Ok(Step::Gone("the ring passed the copy while it was made"));
         };
         let size = job.from.size;
         let data_end = RECORD_HEADER_BYTES + size;
@@ -740,10 +806,21 @@ impl Worker {
             let skip = usize::try_from(RECORD_HEADER_BYTES.saturating_sub(from)).unwrap_or(0);
             check_chunks(&buf[skip..], &crcs)?;
         }
-        self.data.write_at(&buf, ring.physical(to + from)).map_err(io)?;
+        if let Err(e) = self.data.write_at(&buf, ring.physical(to + from)) {
+            tracing::error!(error = %e, "writing a copy forward failed");
+            return Ok(Step::Gone("writing the copy failed"));
+        }
         job.copied = until;
-        Ok(job.copied == len)
+        Ok(if job.copied == len { Step::Done } else { Step::More })
     }
+}
+
+/// What one step of a copy forward came to.
+enum Step {
+    More,
+    Done,
+    /// Abandoned: the blob is not kept (counted as a skipped refresh).
+    Gone(&'static str),
 }
 
 /// The I/O of one batch, on the data and the index device.
