@@ -332,6 +332,8 @@ impl AcStore for BlockAc {
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_model;
+#[cfg(test)]
 mod tests_open;
 #[cfg(test)]
 mod tests_promises;

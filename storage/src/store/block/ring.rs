@@ -146,6 +146,11 @@ impl Ring {
             .is_ok()
     }
 
+    /// Bytes queued to be copied forward now.
+    pub fn refresh_backlog(&self) -> u64 {
+        self.refresh_backlog.load(Ordering::SeqCst)
+    }
+
     /// Gives back what [`Ring::take_refresh`] took.
     pub fn refresh_done(&self, len: u64) {
         self.refresh_backlog.fetch_sub(len, Ordering::SeqCst);

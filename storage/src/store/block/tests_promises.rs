@@ -315,3 +315,37 @@ fn what_find_missing_reports_present_survives_the_promised_writes() {
     let skipped = kiln_proto::metrics::global().store_refreshes_skipped.get() - skipped_before;
     assert!(refused == 0 || skipped > 0, "{refused} reported missing without a count");
 }
+
+/// A blob copied forward and then caught by a failed data sync goes back
+/// to its earlier, durable record: it is not dropped.
+#[test]
+fn a_failed_data_sync_after_a_copy_forward_keeps_the_earlier_copy() {
+    use super::faulty::Faults;
+    let data = Arc::new(FaultyDevice::new(SIZE, 11));
+    let index = Arc::new(FaultyDevice::new(index_file_bytes(SIZE, BLOCK, 512).unwrap(), 12));
+    let cfg = BlockConfig { expected_blob_bytes: 512, ..config(Path::new("/nonexistent"), Kind::Cas) };
+    let store = BlockCas::new(Engine::open_on(&cfg, Devices { data: data.clone(), index }).unwrap());
+    let (key, bytes) = blob(1, 40_000);
+    block_on(crate::store::put_all(&store, &key, bytes.clone())).unwrap();
+    store.engine().sync().unwrap();
+    let ring = store.engine().ring.clone();
+    let mut filler = 100;
+    while ring.head() < ring.kept_bytes() + 100_000 {
+        let (k, d) = blob(filler, 30_000);
+        filler += 1;
+        block_on(crate::store::put_all(&store, &k, d)).unwrap();
+    }
+    let fp = format::Fingerprint::cas(&key);
+    let before = block_on(store.engine().peek(&[fp])).unwrap()[0].unwrap();
+    assert!(block_on(store.find_missing(std::slice::from_ref(&key))).unwrap().is_empty());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while block_on(store.engine().peek(&[fp])).unwrap()[0] == Some(before) {
+        assert!(std::time::Instant::now() < deadline, "never copied forward");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    data.set_faults(Faults { sync_error_rate: 1.0, ..Faults::default() });
+    assert!(store.engine().sync().is_err());
+    data.set_faults(Faults::default());
+    assert_eq!(block_on(store.engine().peek(&[fp])).unwrap()[0], Some(before));
+    assert_eq!(block_on(read_all(&store, &key, u64::MAX)).unwrap(), bytes);
+}

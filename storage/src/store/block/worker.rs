@@ -9,10 +9,7 @@
 //! of the ring are copied forward in the background, a bounded step at a
 //! time, so that what a read or FindMissingBlobs found keeps living.
 
-use kiln_proto::limits::{
-    BLOCK_BATCH_REQUESTS_MAX as BATCH_REQUESTS_MAX, BLOCK_REFRESH_QUEUE_MAX as REFRESH_QUEUE_MAX,
-    BLOCK_REFRESH_STEP_BYTES as REFRESH_STEP_BYTES, BLOCK_ROOM_WAIT_MS,
-};
+use kiln_proto::limits::{BLOCK_BATCH_REQUESTS_MAX as BATCH_REQUESTS_MAX, BLOCK_ROOM_WAIT_MS};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +25,11 @@ use super::format::{
 };
 use super::index::Partition;
 use super::io::{Io, IoEngine};
-use super::ring::{Held, Pinned, Ring};
+use super::ring::{Pinned, Ring};
+
+mod refresh;
+
+use refresh::Refresh;
 
 /// Where a blob's record lies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,16 +172,13 @@ enum Pending<'r> {
     },
 }
 
-/// A blob being copied forward.
-#[derive(Debug)]
-struct Refresh {
+/// An index entry not yet covered by a good sync, and the key's entry it
+/// replaced.
+#[derive(Debug, Clone, Copy)]
+struct Unsynced {
     fp: Fingerprint,
-    from: Location,
-    /// The copy's place, reserved when the refresh was queued.
-    to: u64,
-    copied: u64,
-    /// The source's blocks, held until the copy is made.
-    held: Option<Held>,
+    logical: u64,
+    previous: Option<Slot>,
 }
 
 /// What a storage thread owns.
@@ -205,8 +203,8 @@ pub struct Worker {
     pub room_wait: Duration,
     /// Entries inserted since the last barrier, and those the sync in
     /// progress covers: dropped if the data device fails its sync.
-    unsynced: Vec<(Fingerprint, u64)>,
-    in_sync: Vec<(Fingerprint, u64)>,
+    unsynced: Vec<Unsynced>,
+    in_sync: Vec<Unsynced>,
     /// While re-planning parked writes: when they first waited.
     since: Option<Instant>,
     refreshes: VecDeque<Refresh>,
@@ -298,32 +296,6 @@ impl Worker {
             }
         }
         Some(loc)
-    }
-
-    /// Queues a copy of `fp` to the head; false if the backlog is full.
-    fn queue_refresh(&mut self, fp: Fingerprint, from: Location) -> bool {
-        if self.refreshing.contains_key(&fp) {
-            return true;
-        }
-        let len = record_len(from.size);
-        if self.refreshes.len() >= REFRESH_QUEUE_MAX || !self.ring.take_refresh(len) {
-            return false;
-        }
-        // The source is held (never evicted before it is copied) and the
-        // copy's place reserved now: the copy then needs nothing else, so
-        // writers waiting behind the held source always see it finish.
-        let Some(held) = self.ring.hold(from.logical, len) else {
-            self.ring.refresh_done(len);
-            return false;
-        };
-        let Ok(to) = self.ring.reserve(len) else {
-            self.ring.release(held);
-            self.ring.refresh_done(len);
-            return false;
-        };
-        self.refreshing.insert(fp, ());
-        self.refreshes.push_back(Refresh { fp, from, to, copied: 0, held: Some(held) });
-        true
     }
 
     /// Serves requests until the queue closes.
@@ -638,7 +610,10 @@ impl Worker {
             ring.entry_removed(old.logical);
         }
         ring.entry_added(slot.logical);
-        self.unsynced.push((fp, slot.logical));
+        // The key's own earlier entry (a copy forward, an upload again) is
+        // what a failed data sync goes back to.
+        let previous = replaced.filter(|old| old.fingerprint == slot.fingerprint);
+        self.unsynced.push(Unsynced { fp, logical: slot.logical, previous });
     }
 
     /// Removes `fp`'s entry if it still names the record at `logical`.
@@ -679,22 +654,33 @@ impl Worker {
         }
     }
 
-    /// Drops every entry committed since the last good sync: the data
-    /// device failed to sync, so their bytes may not be on the disk.
+    /// Undoes every entry committed since the last good sync, newest
+    /// first: the data device failed to sync, so their bytes may not be on
+    /// the disk. A key whose earlier record is still live (it was copied
+    /// forward, or uploaded again) goes back to it; others are dropped.
     fn drop_unsynced(&mut self) {
-        let entries: Vec<(Fingerprint, u64)> =
-            self.in_sync.drain(..).chain(self.unsynced.drain(..)).collect();
-        let mut dropped = 0u64;
-        for (fp, logical) in entries {
-            if self.remove(&fp, logical) {
-                dropped += 1;
+        let entries: Vec<Unsynced> = self.in_sync.drain(..).chain(self.unsynced.drain(..)).collect();
+        let ring = self.ring.clone();
+        let (mut dropped, mut restored) = (0u64, 0u64);
+        for entry in entries.into_iter().rev() {
+            if !self.remove(&entry.fp, entry.logical) {
+                continue;
+            }
+            match entry.previous.filter(|p| ring.is_live(p.logical, record_len(p.size))) {
+                Some(previous) => {
+                    self.partition(&entry.fp).insert(previous, Self::live(&ring));
+                    ring.entry_added(previous.logical);
+                    restored += 1;
+                }
+                None => dropped += 1,
             }
         }
-        if dropped > 0 {
+        if dropped + restored > 0 {
             tracing::error!(
                 store = self.kind.name(),
                 dropped,
-                "the data device failed to sync: entries written since the last good sync are dropped (clients upload them again)"
+                restored,
+                "the data device failed to sync: entries written since the last good sync are undone (clients upload the dropped ones again)"
             );
         }
     }
@@ -716,111 +702,6 @@ impl Worker {
             format!("the stored copy is damaged ({why}); it has been dropped, upload it again"),
         )
     }
-
-    /// Copies one step of the oldest queued refresh forward, checking the
-    /// data's chunk checksums on the way: a damaged blob is dropped, never
-    /// copied. Returns the bytes copied, `None` when there is nothing to do.
-    fn refresh_step(&mut self) -> Option<u64> {
-        let mut job = self.refreshes.pop_front()?;
-        let ring = self.ring.clone();
-        let len = record_len(job.from.size);
-        let before = job.copied;
-        let outcome = self.copy_step(&ring, &mut job, len);
-        let copied = job.copied - before;
-        match outcome {
-            Ok(Step::More) => {
-                self.refreshes.push_front(job);
-                return Some(copied.max(1));
-            }
-            Ok(Step::Done) => {
-                // Only if the entry still names the old copy (dead or not:
-                // the tail may have been moved past the held source).
-                if self.partition(&job.fp).get(&job.fp).is_some_and(|s| s.logical == job.from.logical) {
-                    self.insert(Slot { fingerprint: job.fp.0, logical: job.to, size: job.from.size });
-                    kiln_proto::metrics::global().store_refreshes.inc();
-                }
-            }
-            Ok(Step::Gone(why)) => {
-                kiln_proto::metrics::global().store_refreshes_skipped.inc();
-                tracing::warn!(store = self.kind.name(), fp = ?job.fp, why, "a copy forward was abandoned");
-            }
-            Err(why) => {
-                self.corrupt(&job.fp, job.from, &why);
-            }
-        }
-        self.refreshing.remove(&job.fp);
-        if let Some(held) = job.held.take() {
-            ring.release(held);
-        }
-        ring.refresh_done(len);
-        Some(copied.max(1))
-    }
-
-    /// Gives back what the queued refreshes hold (at exit).
-    fn release_refreshes(&mut self) {
-        for mut job in self.refreshes.drain(..) {
-            if let Some(held) = job.held.take() {
-                self.ring.release(held);
-            }
-            self.ring.refresh_done(record_len(job.from.size));
-        }
-    }
-
-    /// One step of a refresh; `Err` when the source is damaged. The
-    /// source is held, so its bytes are there even if the tail has been
-    /// moved past it.
-    fn copy_step(&mut self, ring: &Ring, job: &mut Refresh, len: u64) -> std::result::Result<Step, String> {
-        let to = job.to;
-        let Some(_to) = ring.pin(to, len) else {
-            return Ok(Step::Gone("the ring passed the copy while it was made"));
-        };
-        let size = job.from.size;
-        let data_end = RECORD_HEADER_BYTES + size;
-        // Steps cover the header with the first data, whole checksum chunks
-        // of data, then the checksums and padding.
-        let (from, until) = if job.copied < data_end {
-            let data_from = job.copied.saturating_sub(RECORD_HEADER_BYTES);
-            (job.copied, (RECORD_HEADER_BYTES + data_from + REFRESH_STEP_BYTES).min(data_end))
-        } else {
-            (job.copied, len)
-        };
-        let io = |e: std::io::Error| format!("I/O error: {e}");
-        let mut buf = vec![0u8; usize::try_from(until - from).unwrap_or(0)];
-        self.data.read_at(&mut buf, ring.physical(job.from.logical + from)).map_err(io)?;
-        if from == 0 {
-            let expected =
-                RecordHeader { kind: self.kind, fingerprint: job.fp, size, logical: job.from.logical };
-            RecordHeader::check(&buf, &expected)?;
-            // The copy gets its own header (its own logical position).
-            let header = RecordHeader { logical: to, ..expected };
-            buf[..64].copy_from_slice(&header.encode());
-        }
-        if from < data_end {
-            let data_from = from.saturating_sub(RECORD_HEADER_BYTES);
-            let data_to = until - RECORD_HEADER_BYTES;
-            let (c0, c1) = (data_from / CRC_CHUNK_BYTES, data_to.div_ceil(CRC_CHUNK_BYTES));
-            let mut crcs = vec![0u8; usize::try_from(4 * (c1 - c0)).unwrap_or(0)];
-            self.data
-                .read_at(&mut crcs, ring.physical(job.from.logical + crc_offset(size, c0)))
-                .map_err(io)?;
-            let skip = usize::try_from(RECORD_HEADER_BYTES.saturating_sub(from)).unwrap_or(0);
-            check_chunks(&buf[skip..], &crcs)?;
-        }
-        if let Err(e) = self.data.write_at(&buf, ring.physical(to + from)) {
-            tracing::error!(error = %e, "writing a copy forward failed");
-            return Ok(Step::Gone("writing the copy failed"));
-        }
-        job.copied = until;
-        Ok(if job.copied == len { Step::Done } else { Step::More })
-    }
-}
-
-/// What one step of a copy forward came to.
-enum Step {
-    More,
-    Done,
-    /// Abandoned: the blob is not kept (counted as a skipped refresh).
-    Gone(&'static str),
 }
 
 /// The I/O of one batch, on the data and the index device.
