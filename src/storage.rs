@@ -44,6 +44,9 @@ pub struct StorageConfig {
     pub io: IoMode,
     /// Most time between syncs: what a power cut may lose.
     pub sync_interval_ms: u64,
+    /// Bytes per second the background scrub re-reads and checks, per
+    /// store; 0 turns it off.
+    pub scrub_bytes_per_second: u64,
     pub pin_threads: bool,
     /// Allow formatting a block device that holds no Kiln store.
     pub format_device: bool,
@@ -71,6 +74,7 @@ impl Default for StorageConfig {
             threads: 0,
             io: IoMode::Auto,
             sync_interval_ms: 10_000,
+            scrub_bytes_per_second: 16 << 20,
             pin_threads: true,
             format_device: false,
             reformat: false,
@@ -123,6 +127,11 @@ impl StorageConfig {
                         bail!("[storage] {key} must be at least 16 MiB (or 0 for automatic)");
                     }
                 }
+                if self.scrub_bytes_per_second > 10 << 30 {
+                    bail!(
+                        "[storage] scrub_bytes_per_second must be at most 10 GiB/s (0 turns the scrub off)"
+                    );
+                }
                 if self.threads > 1024 {
                     bail!("[storage] threads must be at most 1024 (0: one per core)");
                 }
@@ -165,6 +174,7 @@ impl StorageConfig {
             format_device: self.format_device,
             reformat: self.reformat,
             room_wait: Duration::from_millis(kiln_proto::limits::BLOCK_ROOM_WAIT_MS),
+            scrub_bytes_per_second: self.scrub_bytes_per_second,
         }
     }
 }

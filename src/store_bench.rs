@@ -62,6 +62,7 @@ fn config(o: &StoreBenchOptions) -> BlockConfig {
         format_device: false,
         reformat: false,
         room_wait: Duration::from_millis(kiln_proto::limits::BLOCK_ROOM_WAIT_MS),
+        scrub_bytes_per_second: 0,
     }
 }
 

@@ -57,7 +57,11 @@ pub const BLOCK_REFRESH_STEP_BYTES: u64 = 1 << 20;
 /// then it fails with UNAVAILABLE instead of waiting on a store whose
 /// syncs keep failing.
 pub const BLOCK_ROOM_WAIT_MS: u64 = 20_000;
-/// How often waiting writes are checked against their deadline.
+/// Block store: most index slots the scrub looks at per tick and storage
+/// thread (a nearly empty table costs little to walk).
+pub const BLOCK_SCRUB_SLOTS_PER_TICK_MAX: usize = 65_536;
+/// How often waiting writes are checked against their deadline (and the
+/// scrub spends the time since on its budget).
 pub const BLOCK_TICK_MS: u64 = 250;
 /// Most bytes a store hands out in one chunk of a read.
 pub const STORE_CHUNK_BYTES: u64 = 1 << 20;

@@ -88,6 +88,8 @@ pub struct Metrics {
     pub upload_verification_failures: Counter,
     pub store_refreshes: Counter,
     pub store_refreshes_skipped: Counter,
+    pub store_scrubbed_bytes: Counter,
+    pub store_scrub_damaged: Counter,
     pub dispatch_latency: Histogram,
     pub action_duration: Histogram,
     pub executions: Family<OutcomeLabels, Counter>,
@@ -125,6 +127,8 @@ impl Metrics {
             upload_verification_failures: Counter::default(),
             store_refreshes: Counter::default(),
             store_refreshes_skipped: Counter::default(),
+            store_scrubbed_bytes: Counter::default(),
+            store_scrub_damaged: Counter::default(),
             dispatch_latency: seconds_histogram(),
             action_duration: seconds_histogram(),
             executions: Family::default(),
@@ -233,6 +237,17 @@ impl Metrics {
             "store_refreshes_skipped",
             "Old blobs that were touched but could not be copied forward (backlog full, too near eviction, or the copy failed); FindMissingBlobs reported them missing",
             self.store_refreshes_skipped.clone(),
+        );
+        r.register_with_unit(
+            "store_scrubbed",
+            "Bytes the background scrub re-read and checked",
+            Unit::Bytes,
+            self.store_scrubbed_bytes.clone(),
+        );
+        r.register(
+            "store_scrub_damaged",
+            "Damaged records the background scrub found and dropped (before any build read them)",
+            self.store_scrub_damaged.clone(),
         );
         r.register_with_unit(
             "scheduler_dispatch_latency",

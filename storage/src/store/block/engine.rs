@@ -23,7 +23,7 @@ use super::io::{IoEngine, IoMode};
 use super::open;
 use super::ring::Ring;
 use super::syncer::{SyncStats, Syncer, SyncerMessage};
-use super::worker::{Request, Worker, partition_of};
+use super::worker::{Request, Scrub, Worker, partition_of};
 
 /// How to open a block store.
 #[derive(Debug, Clone)]
@@ -58,6 +58,8 @@ pub struct BlockConfig {
     /// Longest a write waits for room in the ring before it fails with
     /// UNAVAILABLE (a store whose syncs keep failing frees none).
     pub room_wait: Duration,
+    /// Bytes per second the background scrub re-reads; 0: no scrub.
+    pub scrub_bytes_per_second: u64,
 }
 
 /// The devices of a store, for tests that bring their own.
@@ -179,6 +181,7 @@ impl Engine {
                 space_tx.clone(),
             );
             worker.room_wait = config.room_wait;
+            worker.scrub = Scrub::new(config.scrub_bytes_per_second / threads as u64);
             let pin = config.pin_threads.then_some(t % cores);
             let handle = std::thread::Builder::new()
                 .name(format!("kiln-{}-{t}", short(config.kind)))

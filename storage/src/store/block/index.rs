@@ -59,6 +59,11 @@ impl Partition {
         self.slots.len()
     }
 
+    /// The slot at `i` (`i < slot_count()`), as it is.
+    pub fn slot_at(&self, i: usize) -> Slot {
+        self.slots[i]
+    }
+
     pub fn first_page(&self) -> u64 {
         self.first_page
     }

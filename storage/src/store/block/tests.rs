@@ -40,6 +40,7 @@ pub(super) fn config(dir: &Path, kind: Kind, io: IoMode) -> BlockConfig {
         format_device: false,
         reformat: false,
         room_wait: Duration::from_millis(kiln_proto::limits::BLOCK_ROOM_WAIT_MS),
+        scrub_bytes_per_second: 0,
     }
 }
 

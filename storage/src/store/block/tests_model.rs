@@ -74,6 +74,7 @@ fn open(data: &Arc<FaultyDevice>, index: &Arc<FaultyDevice>) -> BlockCas {
         size_bytes: SIZE,
         expected_blob_bytes: EXPECTED_BLOB_BYTES,
         room_wait: std::time::Duration::from_millis(300),
+        scrub_bytes_per_second: 32 << 20,
         ..config(Path::new("/nonexistent"), Kind::Cas)
     };
     BlockCas::new(Engine::open_on(&cfg, Devices { data: data.clone(), index: index.clone() }).unwrap())

@@ -349,3 +349,35 @@ fn a_failed_data_sync_after_a_copy_forward_keeps_the_earlier_copy() {
     assert_eq!(block_on(store.engine().peek(&[fp])).unwrap()[0], Some(before));
     assert_eq!(block_on(read_all(&store, &key, u64::MAX)).unwrap(), bytes);
 }
+
+/// The scrub finds damage no read has met yet: the blob is dropped (so
+/// FindMissingBlobs reports it missing and the client uploads it again)
+/// and counted; intact blobs stay.
+#[test]
+fn the_scrub_finds_damage_before_a_read_does() {
+    let data = Arc::new(FaultyDevice::new(SIZE, 21));
+    let index = Arc::new(FaultyDevice::new(index_file_bytes(SIZE, BLOCK, 4096).unwrap(), 22));
+    let cfg =
+        BlockConfig { scrub_bytes_per_second: 64 << 20, ..config(Path::new("/nonexistent"), Kind::Cas) };
+    let store = BlockCas::new(Engine::open_on(&cfg, Devices { data: data.clone(), index }).unwrap());
+    let blobs: Vec<_> = (0..30).map(|i| blob(300 + i, 5_000 + 8_000 * i as usize)).collect();
+    for (k, d) in &blobs {
+        block_on(crate::store::put_all(&store, k, d.clone())).unwrap();
+    }
+    let damaged_before = kiln_proto::metrics::global().store_scrub_damaged.get();
+    let (victim, victim_bytes) = &blobs[17];
+    let fp = format::Fingerprint::cas(victim);
+    let logical = block_on(store.engine().peek(&[fp])).unwrap()[0].unwrap();
+    data.corrupt(store.engine().ring.physical(logical) + 64 + victim_bytes.len() as u64 / 2, 0x08);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while block_on(store.engine().peek(&[fp])).unwrap()[0].is_some() {
+        assert!(std::time::Instant::now() < deadline, "the scrub never found the damage");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(kiln_proto::metrics::global().store_scrub_damaged.get() > damaged_before);
+    let keys: Vec<CasKey> = blobs.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(block_on(store.find_missing(&keys)).unwrap(), vec![victim.clone()]);
+    for (k, d) in blobs.iter().filter(|(k, _)| k != victim) {
+        assert_eq!(block_on(read_all(&store, k, u64::MAX)).unwrap(), *d);
+    }
+}

@@ -28,8 +28,10 @@ use super::io::{Io, IoEngine};
 use super::ring::{Pinned, Ring};
 
 mod refresh;
+mod scrub;
 
 use refresh::Refresh;
+pub(crate) use scrub::Scrub;
 
 /// Where a blob's record lies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +203,8 @@ pub struct Worker {
     pub waiting: VecDeque<(Instant, Request)>,
     /// Longest a write waits for room.
     pub room_wait: Duration,
+    /// The background re-read of this thread's records.
+    pub(crate) scrub: Scrub,
     /// Entries inserted since the last barrier, and those the sync in
     /// progress covers: dropped if the data device fails its sync.
     unsynced: Vec<Unsynced>,
@@ -262,6 +266,7 @@ impl Worker {
             sync_copy: None,
             waiting: VecDeque::new(),
             room_wait: Duration::from_millis(BLOCK_ROOM_WAIT_MS),
+            scrub: Scrub::new(0),
             unsynced: Vec::new(),
             in_sync: Vec::new(),
             since: None,
@@ -511,7 +516,10 @@ impl Worker {
                 }
                 self.since = None;
             }
-            Request::Tick => self.expire_waiting(),
+            Request::Tick => {
+                self.expire_waiting();
+                self.scrub_tick();
+            }
             Request::Count { reply } => {
                 let live = Self::live(ring);
                 let _ = reply.send(self.partitions.values().map(|p| p.count(&live)).sum());
