@@ -212,9 +212,27 @@ impl Ring {
         logical >= self.tail() && logical + len <= self.head()
     }
 
+    /// Room that client writes leave free for copies forward, so that a
+    /// blob FindMissingBlobs finds old can almost always be queued for its
+    /// copy (else it is reported missing): a quarter of the headroom.
+    pub fn copy_reserve(&self) -> u64 {
+        self.headroom() / 4
+    }
+
+    /// Hands out `len` bytes for a client's record, leaving
+    /// [`Ring::copy_reserve`] free; `Err` with the tail a sync must persist
+    /// first when there is no room.
+    pub fn reserve_for_client(&self, len: u64) -> Result<u64, u64> {
+        self.reserve_leaving(len, self.copy_reserve())
+    }
+
     /// Hands out `len` bytes that do not cross the device's end; `Err` with
     /// the tail a sync must persist first when there is no room.
     pub fn reserve(&self, len: u64) -> Result<u64, u64> {
+        self.reserve_leaving(len, 0)
+    }
+
+    fn reserve_leaving(&self, len: u64, spare: u64) -> Result<u64, u64> {
         assert!(len > 0 && len <= self.capacity / 2, "records are at most half the ring");
         loop {
             let head = self.head();
@@ -225,7 +243,7 @@ impl Ring {
             }
             let end = start + len;
             // Writing up to `end` overwrites what lay at `end - capacity`.
-            let needed = end.saturating_sub(self.capacity);
+            let needed = (end + spare).saturating_sub(self.capacity);
             if needed > self.persisted_tail() {
                 return Err(needed.next_multiple_of(self.block_bytes));
             }

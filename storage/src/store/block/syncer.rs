@@ -145,7 +145,7 @@ impl Syncer {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
-            let short = self.ring.free() < self.headroom / 2;
+            let short = self.ring.free() < self.headroom / 2 + self.ring.copy_reserve();
             let due = last.elapsed() >= self.interval && (self.ring.tail(), self.ring.head()) != synced;
             if needed > 0 || short {
                 // Evict ahead: room for `headroom` more bytes after this sync.

@@ -415,7 +415,7 @@ impl Worker {
                 let crcs = ops.data(Io::read(crc_at, 4 * (end_chunk - first_chunk)));
                 pending.push(Pending::Read { fp, loc, from, to, data, crcs, first_chunk, _pin: pin, reply });
             }
-            Request::Reserve { size, reply } => match ring.reserve(record_len(size)) {
+            Request::Reserve { size, reply } => match ring.reserve_for_client(record_len(size)) {
                 Ok(logical) => {
                     let _ = reply.send(Ok(logical));
                 }
@@ -448,7 +448,7 @@ impl Worker {
             Request::Put { fp, data, reply } => {
                 let size = data.len() as u64;
                 let len = record_len(size);
-                let logical = match ring.reserve(len) {
+                let logical = match ring.reserve_for_client(len) {
                     Ok(logical) => logical,
                     Err(needed) => {
                         let _ = self.need_space.try_send(needed);
