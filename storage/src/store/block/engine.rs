@@ -16,14 +16,14 @@ use kiln_proto::{Code, Error, Result};
 use super::device::{BlockDevice, FileDevice};
 use super::format::{
     DataHeader, Fingerprint, IndexLayout, Kind, PAGE_BYTES, SLOTS_PER_PAGE, Slot, Superblock, page_crc,
-    record_len,
+    record_key, record_len,
 };
 use super::index::Partition;
 use super::io::{IoEngine, IoMode};
-use super::open;
 use super::ring::Ring;
 use super::syncer::{SyncStats, Syncer, SyncerMessage};
 use super::worker::{Request, Scrub, Worker, partition_of};
+use super::{open, rebuild};
 
 /// How to open a block store.
 #[derive(Debug, Clone)]
@@ -138,7 +138,14 @@ impl Engine {
         let loaded = if plan.format {
             format(config.kind, &devices, capacity, block_bytes, slots, &layout)?
         } else {
-            load(config.kind, &devices, capacity, block_bytes, slots, &layout)?
+            match load(config.kind, &devices, capacity, block_bytes, slots, &layout)? {
+                Some(loaded) => loaded,
+                None => {
+                    rebuild::rebuild(config.kind, &devices, capacity, slots)?;
+                    load(config.kind, &devices, capacity, block_bytes, slots, &layout)?
+                        .ok_or_else(|| Error::internal("the rebuilt index does not load"))?
+                }
+            }
         };
         let sb = loaded.superblock;
         let ring = Arc::new(Ring::new(capacity, block_bytes, sb.tail, sb.head));
@@ -181,6 +188,7 @@ impl Engine {
                 space_tx.clone(),
             );
             worker.room_wait = config.room_wait;
+            worker.record_key = record_key(&sb.store_id);
             worker.scrub = Scrub::new(config.scrub_bytes_per_second / threads as u64);
             let pin = config.pin_threads.then_some(t % cores);
             let handle = std::thread::Builder::new()
@@ -475,15 +483,15 @@ pub(super) fn slots_for(capacity: u64, expected_blob_bytes: u64) -> u64 {
     pages.next_multiple_of(partitions) * SLOTS_PER_PAGE
 }
 
-fn partition_pages(slots: u64) -> (u64, u64) {
+pub(super) fn partition_pages(slots: u64) -> (u64, u64) {
     let pages = slots / SLOTS_PER_PAGE;
     let partitions = pages.min(PARTITIONS_MAX);
     (partitions, pages / partitions)
 }
 
-/// Reads the index of the store on `devices`, which `plan` found valid.
-/// An index that does not describe the store (lost, damaged, another
-/// store's) is refused: the ring's records are never given up for it.
+/// Reads the index of the store on `devices`, which `plan` found valid;
+/// `None` if no superblock describes the store (the index was lost,
+/// damaged, or is another store's): then it is rebuilt from the ring.
 fn load(
     kind: Kind,
     devices: &Devices,
@@ -491,7 +499,7 @@ fn load(
     block_bytes: u64,
     slots: u64,
     layout: &IndexLayout,
-) -> Result<Loaded> {
+) -> Result<Option<Loaded>> {
     let mut page = vec![0u8; usize::try_from(PAGE_BYTES).unwrap_or(4096)];
     devices.data.read_at(&mut page, 0).map_err(|e| internal("read the data header", &e))?;
     let header = DataHeader::decode(&page)?
@@ -514,17 +522,7 @@ fn load(
             best = Some(sb);
         }
     }
-    let Some(sb) = best else {
-        return Err(Error::new(
-            Code::FailedPrecondition,
-            format!(
-                "the index {} does not describe the store in {} (lost, damaged, or another store's); restore it, or {}",
-                devices.index.describe(),
-                devices.data.describe(),
-                open::REFORMAT_HINT
-            ),
-        ));
-    };
+    let Some(sb) = best else { return Ok(None) };
     if sb.slots != slots {
         return Err(Error::internal(format!(
             "the index {} has {} slots where {slots} are configured; it is resized when opened by path",
@@ -583,7 +581,7 @@ fn load(
     for p in &mut partitions {
         p.mark_all_dirty(other);
     }
-    Ok(Loaded { superblock: sb, crc_tables, partitions, loaded_slots })
+    Ok(Some(Loaded { superblock: sb, crc_tables, partitions, loaded_slots }))
 }
 
 /// Rewrites the index of the store on `devices` for `slots` slots: the
@@ -599,7 +597,8 @@ pub(super) fn resize_index(
     let old_sb = open::best_superblock(&*devices.index)
         .ok_or_else(|| Error::internal("the index superblock vanished while the store was opened"))?;
     let old =
-        load(config.kind, &devices, capacity, block_bytes, old_sb.slots, &IndexLayout::new(old_sb.slots))?;
+        load(config.kind, &devices, capacity, block_bytes, old_sb.slots, &IndexLayout::new(old_sb.slots))?
+            .ok_or_else(|| Error::internal("the index superblock vanished while the store was opened"))?;
     let sb = old.superblock;
     let layout = IndexLayout::new(slots);
     let (partition_count, per_partition) = partition_pages(slots);
@@ -619,23 +618,10 @@ pub(super) fn resize_index(
     let tmp_path = path.with_file_name(tmp_name);
     let describe = |e: &std::io::Error| internal(&format!("write {}", tmp_path.display()), e);
     let mut tmp = FileDevice::open(&tmp_path, layout.file_bytes()).map_err(|e| describe(&e))?;
-    let mut crcs = vec![0u8; usize::try_from(layout.crc_table_bytes).unwrap_or(0)];
-    for part in &mut partitions {
-        part.mark_all_dirty(0);
-        part.barrier(0);
-        for (page, bytes) in part.pages_at_barrier() {
-            tmp.write_at(&bytes, layout.page_offset(0, page)).map_err(|e| describe(&e))?;
-            let at = usize::try_from(page * 4).unwrap_or(0);
-            crcs[at..at + 4].copy_from_slice(&page_crc(&bytes).to_le_bytes());
-        }
-        part.end_sync(true);
-    }
-    let next = Superblock { slots, sequence: sb.sequence + 1, copy: 0, ..sb };
-    tmp.write_at(&crcs, layout.crc_table_offset(0))
-        .and_then(|()| tmp.write_at(&next.encode(), IndexLayout::superblock_offset(0)))
-        .and_then(|()| tmp.write_at(&vec![0u8; 4096], IndexLayout::superblock_offset(1)))
-        .and_then(|()| tmp.sync())
-        .map_err(|e| describe(&e))?;
+    // Copy 0 is the current copy when the sequence is even (the next sync
+    // writes copy 1).
+    let next = Superblock { slots, sequence: (sb.sequence + 2) & !1, copy: 0, ..sb };
+    write_index(&tmp, &layout, &mut partitions, &next).map_err(|e| describe(&e))?;
     std::fs::rename(&tmp_path, path)
         .and_then(|()| std::fs::File::open(path.parent().unwrap_or(std::path::Path::new("."))))
         .and_then(|dir| dir.sync_all())
@@ -649,6 +635,33 @@ pub(super) fn resize_index(
         "the index was resized for the configured expected_blob_bytes; every entry kept"
     );
     Ok(Devices { data: devices.data, index: Arc::new(tmp) })
+}
+
+/// Writes `partitions` whole as copy 0 of an index, with `sb` (which must
+/// name copy 0, with an even sequence: the next sync writes copy 1) as
+/// its only superblock, and syncs.
+pub(super) fn write_index(
+    index: &dyn BlockDevice,
+    layout: &IndexLayout,
+    partitions: &mut [Partition],
+    sb: &Superblock,
+) -> std::io::Result<()> {
+    assert!(sb.copy == 0 && sb.sequence.is_multiple_of(2), "a sync writes the copy its superblock does not name");
+    let mut crcs = vec![0u8; usize::try_from(layout.crc_table_bytes).unwrap_or(0)];
+    for part in partitions {
+        part.mark_all_dirty(0);
+        part.barrier(0);
+        for (page, bytes) in part.pages_at_barrier() {
+            index.write_at(&bytes, layout.page_offset(0, page))?;
+            let at = usize::try_from(page * 4).unwrap_or(0);
+            crcs[at..at + 4].copy_from_slice(&page_crc(&bytes).to_le_bytes());
+        }
+        part.end_sync(true);
+    }
+    index.write_at(&crcs, layout.crc_table_offset(0))?;
+    index.write_at(&sb.encode(), IndexLayout::superblock_offset(0))?;
+    index.write_at(&[0u8; 4096], IndexLayout::superblock_offset(1))?;
+    index.sync()
 }
 
 /// Writes a new, empty store onto `devices`.

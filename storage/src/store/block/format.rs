@@ -137,6 +137,16 @@ pub fn chunk_crc_append(crc_so_far: u32, data: &[u8]) -> u32 {
     crc32c::crc32c_append(crc_so_far, data)
 }
 
+/// The key a store's record headers are tagged with: derived from the
+/// store id, which never leaves the store's own files. A rebuild that scans
+/// the ring believes only headers whose tag checks out, so bytes a client
+/// uploaded (and never committed) cannot pass for a record.
+pub type RecordKey = [u8; 32];
+
+pub fn record_key(store_id: &[u8; 16]) -> RecordKey {
+    blake3::derive_key("kiln block store record header tag v1", store_id)
+}
+
 /// The header in front of every record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordHeader {
@@ -161,6 +171,38 @@ impl RecordHeader {
         let sum = crc(&b[..60]);
         b[60..64].copy_from_slice(&sum.to_le_bytes());
         b
+    }
+
+    /// The header with its tag (bytes 44..52: a keyed BLAKE3 of bytes
+    /// 0..44 under the store's [`RecordKey`]), checksummed.
+    pub fn encode_tagged(&self, key: &RecordKey) -> [u8; 64] {
+        let mut b = self.encode();
+        let tag = blake3::keyed_hash(key, &b[..44]);
+        b[44..52].copy_from_slice(&tag.as_bytes()[..8]);
+        let sum = crc(&b[..60]);
+        b[60..64].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    /// The header in `b` if it is whole, of this version and tagged under
+    /// `key` (what a scan of the ring believes).
+    pub fn parse_tagged(b: &[u8], key: &RecordKey) -> Option<RecordHeader> {
+        if b.len() < 64 || u32_at(b, 0) != RECORD_MAGIC || u32_at(b, 60) != crc(&b[..60]) {
+            return None;
+        }
+        if b[4] != 1 || u64::from(u32_at(b, 40)) != CRC_CHUNK_BYTES {
+            return None;
+        }
+        let tag = blake3::keyed_hash(key, &b[..44]);
+        if b[44..52] != tag.as_bytes()[..8] {
+            return None;
+        }
+        Some(RecordHeader {
+            kind: Kind::from_byte(b[5])?,
+            fingerprint: Fingerprint(b[8..24].try_into().ok()?),
+            size: u64_at(b, 24),
+            logical: u64_at(b, 32),
+        })
     }
 
     /// Checks that `b` is the header `expected` describes.

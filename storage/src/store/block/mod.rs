@@ -33,6 +33,7 @@ pub mod format;
 pub mod index;
 pub mod io;
 pub mod open;
+pub mod rebuild;
 pub mod ring;
 pub mod syncer;
 pub mod worker;

@@ -187,6 +187,7 @@ impl Syncer {
     pub fn sync(&mut self) -> Result<()> {
         let started = Instant::now();
         let copy = u8::try_from((self.superblock.sequence + 1) % 2).unwrap_or(0);
+        debug_assert_ne!(copy, self.superblock.copy, "a sync never writes the copy in force");
         // 1. Barrier.
         let mut acks = Vec::new();
         for w in &self.workers {

@@ -23,6 +23,7 @@ use kiln_proto::Code;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::device::BlockDevice;
 use super::engine::index_file_bytes;
 use super::faulty::{Faults, FaultyDevice};
 use super::format::{Fingerprint, PAGE_BYTES, record_len};
@@ -141,7 +142,8 @@ impl Sim {
                 58..72 => self.find_missing(),
                 72..82 => self.sync(),
                 82..85 => self.power_cut(),
-                85..87 => self.clean_restart(),
+                85..86 => self.clean_restart(),
+                86..87 => self.lose_the_index(),
                 87..92 => self.io_faults = self.rng.random_range(1..6),
                 92..95 => self.sync_faults = self.rng.random_range(1..4),
                 _ => self.corrupt(),
@@ -322,6 +324,26 @@ impl Sim {
         }
         let seed = self.rng.random();
         let (data, index) = (self.data.restart(seed), self.index.restart(seed + 1));
+        self.reopen(data, index);
+    }
+
+    /// A clean stop, then the index is gone (deleted, a new disk): the
+    /// store rebuilds it from the ring and everything synced is there.
+    fn lose_the_index(&mut self) {
+        for known in self.known.values_mut() {
+            known.events.push(format!("{}: index lost", self.step));
+        }
+        if self.store.engine().close().is_ok() {
+            for known in self.known.values_mut() {
+                known.synced = true;
+                known.moving = false;
+            }
+        } else {
+            self.unsynced_may_be_lost();
+        }
+        let seed = self.rng.random();
+        let data = self.data.restart(seed);
+        let index = FaultyDevice::new(self.index.len(), seed + 1);
         self.reopen(data, index);
     }
 

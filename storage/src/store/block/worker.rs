@@ -20,8 +20,8 @@ use kiln_proto::{Code, Error, Result};
 
 use super::device::BlockDevice;
 use super::format::{
-    CRC_CHUNK_BYTES, Fingerprint, IndexLayout, Kind, RECORD_HEADER_BYTES, RecordHeader, Slot, chunk_crc,
-    crc_chunks, crc_offset, page_crc, record_len,
+    CRC_CHUNK_BYTES, Fingerprint, IndexLayout, Kind, RECORD_HEADER_BYTES, RecordHeader, RecordKey, Slot,
+    chunk_crc, crc_chunks, crc_offset, page_crc, record_len,
 };
 use super::index::Partition;
 use super::io::{Io, IoEngine};
@@ -205,6 +205,8 @@ pub struct Worker {
     pub room_wait: Duration,
     /// The background re-read of this thread's records.
     pub(crate) scrub: Scrub,
+    /// What record headers are tagged with.
+    pub record_key: RecordKey,
     /// Entries inserted since the last barrier, and those the sync in
     /// progress covers: dropped if the data device fails its sync.
     unsynced: Vec<Unsynced>,
@@ -267,6 +269,7 @@ impl Worker {
             waiting: VecDeque::new(),
             room_wait: Duration::from_millis(BLOCK_ROOM_WAIT_MS),
             scrub: Scrub::new(0),
+            record_key: [0; 32],
             unsynced: Vec::new(),
             in_sync: Vec::new(),
             since: None,
@@ -441,7 +444,7 @@ impl Worker {
                     RecordHeader { kind: self.kind, fingerprint: fp, size: loc.size, logical: loc.logical };
                 let op = ops.data(Io::Write {
                     at: ring.physical(loc.logical),
-                    data: Bytes::copy_from_slice(&header.encode()),
+                    data: Bytes::copy_from_slice(&header.encode_tagged(&self.record_key)),
                 });
                 pending.push(Pending::Commit { fp, loc, op, _pin: pin, reply });
             }
@@ -461,7 +464,7 @@ impl Worker {
                         .send(Err(Error::new(Code::Unavailable, "the store is too small for this write")));
                     return;
                 };
-                let record = encode_record(self.kind, fp, logical, &data);
+                let record = encode_record(self.kind, &self.record_key, fp, logical, &data);
                 let op = ops.data(Io::Write { at: ring.physical(logical), data: record });
                 pending.push(Pending::Put { fp, loc: Location { logical, size }, op, _pin: pin, reply });
             }
@@ -755,10 +758,10 @@ impl Done {
 }
 
 /// A whole record for `data`: header, data, chunk checksums, padding.
-pub fn encode_record(kind: Kind, fp: Fingerprint, logical: u64, data: &[u8]) -> Bytes {
+pub fn encode_record(kind: Kind, key: &RecordKey, fp: Fingerprint, logical: u64, data: &[u8]) -> Bytes {
     let size = data.len() as u64;
     let mut record = Vec::with_capacity(usize::try_from(record_len(size)).unwrap_or(0));
-    record.extend_from_slice(&RecordHeader { kind, fingerprint: fp, size, logical }.encode());
+    record.extend_from_slice(&RecordHeader { kind, fingerprint: fp, size, logical }.encode_tagged(key));
     record.extend_from_slice(data);
     for chunk in data.chunks(usize::try_from(CRC_CHUNK_BYTES).unwrap_or(usize::MAX)) {
         record.extend_from_slice(&chunk_crc(chunk).to_le_bytes());

@@ -139,7 +139,7 @@ impl Worker {
             RecordHeader::check(&buf, &expected)?;
             // The copy gets its own header (its own logical position).
             let header = RecordHeader { logical: to, ..expected };
-            buf[..64].copy_from_slice(&header.encode());
+            buf[..64].copy_from_slice(&header.encode_tagged(&self.record_key));
         }
         if from < data_end {
             let data_from = from.saturating_sub(RECORD_HEADER_BYTES);
