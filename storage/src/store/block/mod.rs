@@ -8,9 +8,11 @@
 //! - [`ring`]: logical positions, the tail that moves a block at a time,
 //!   and the pins that keep a block from reuse while I/O holds it.
 //! - [`index`]: the open-addressing table, by partitions.
-//! - [`worker`]: the storage threads; [`io`]: their I/O (io_uring or
-//!   pread/pwrite); [`syncer`]: the sync protocol; [`engine`]: opening and
-//!   closing.
+//! - [`worker`]: the storage threads (copies forward and the scrub in its
+//!   submodules); [`io`]: their I/O (io_uring or pread/pwrite); [`syncer`]:
+//!   the sync protocol; [`open`]: what opening finds and may do;
+//!   [`rebuild`]: a lost index rebuilt from the ring; [`engine`]: opening
+//!   and closing.
 //!
 //! docs/storage-format.md describes the format, the sync protocol and the
 //! recovery rules for operators.
