@@ -321,3 +321,54 @@ async fn compressed_uploads_pass_at_every_ratio_in_one_message_or_many() {
         assert!(read_all(&kiln, &plain, 0, 0).await.unwrap() == data, "{what}");
     }
 }
+
+/// An upload the ring overtook fails UNAVAILABLE and is not kept: the
+/// offset QueryWriteStatus reports is never one the store cannot continue
+/// from, and the upload started again succeeds.
+#[tokio::test]
+async fn an_upload_the_ring_overtook_is_started_again_not_resumed_at_a_dead_offset() {
+    let kiln = Kiln::start_with(&["--cas-size", "16777216"]);
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8).collect();
+    let d = sha(&data);
+    let name = upload_name("", &d, false);
+    let mut bs = kiln.bytestream().await;
+    // The first mebibyte, then the client stalls with the stream open.
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+    let upload = tokio::spawn({
+        let mut bs = bs.clone();
+        async move { bs.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await }
+    });
+    let mut parts = chunks(&name, &data, 1 << 20, true).into_iter();
+    tx.send(parts.next().unwrap()).await.unwrap();
+    // The first part reserved the whole record: the ring's head shows it.
+    common::eventually(std::time::Duration::from_secs(20), "the upload's space is reserved", || {
+        let reserved =
+            kiln.metric("kiln_store_written_bytes_total", &["store=\"cas\""]) >= f64::from(3u32 << 20);
+        async move { reserved.then_some(()) }
+    })
+    .await;
+    // Others fill the ring more than once over.
+    for i in 0..40u32 {
+        let other: Vec<u8> = (0..1u32 << 20).map(|j| (j ^ i.wrapping_mul(977)) as u8).collect();
+        let od = sha(&other);
+        let reqs = chunks(&upload_name("", &od, false), &other, 1 << 20, true);
+        bs.write(futures::stream::iter(reqs)).await.unwrap();
+    }
+    for part in parts {
+        if tx.send(part).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let err = upload.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let status = bs.query_write_status(QueryWriteStatusRequest { resource_name: name.clone() }).await;
+    assert!(
+        status.as_ref().is_err_and(|s| s.code() == Code::NotFound)
+            || status.as_ref().is_ok_and(|s| s.get_ref().committed_size == 0),
+        "a dead upload is offered for resumption: {status:?}"
+    );
+    let again = chunks(&upload_name("", &d, false), &data, 1 << 20, true);
+    bs.write(futures::stream::iter(again)).await.unwrap();
+    assert!(!is_missing(&kiln, &d).await);
+}

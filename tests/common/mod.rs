@@ -5,6 +5,7 @@
 
 pub mod bazel;
 pub mod h2raw;
+pub mod http;
 pub mod pki;
 pub mod proxy;
 
@@ -130,6 +131,14 @@ impl Kiln {
     }
 
     /// The metrics listener's address, from the line `kiln serve` prints.
+    /// The sum of the samples of metric `name` whose labels contain each of
+    /// `labels`, scraped now.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let (status, body) = http::get(self.metrics_addr(), "/metrics", None);
+        assert_eq!(status, 200, "{body}");
+        http::metric(&body, name, labels)
+    }
+
     pub fn metrics_addr(&self) -> SocketAddr {
         self.printed_addr("kiln: metrics on ")
     }

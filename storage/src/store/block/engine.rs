@@ -646,7 +646,10 @@ pub(super) fn write_index(
     partitions: &mut [Partition],
     sb: &Superblock,
 ) -> std::io::Result<()> {
-    assert!(sb.copy == 0 && sb.sequence.is_multiple_of(2), "a sync writes the copy its superblock does not name");
+    assert!(
+        sb.copy == 0 && sb.sequence.is_multiple_of(2),
+        "a sync writes the copy its superblock does not name"
+    );
     let mut crcs = vec![0u8; usize::try_from(layout.crc_table_bytes).unwrap_or(0)];
     for part in partitions {
         part.mark_all_dirty(0);
