@@ -354,3 +354,77 @@ async fn two_nodes_never_share_a_store_file() {
     assert!(stderr.contains("is locked by process") && stderr.contains("kiln"), "{stderr}");
     assert_eq!(download(&first, &d).await.unwrap(), bytes);
 }
+
+/// A disk that fails its syncs: a loop device whose backing file lives on a
+/// tmpfs that fills up, so writeback fails and `fdatasync` reports EIO.
+/// Health turns NOT_SERVING, the status page says why, and uploads end with
+/// a precise status instead of hanging.
+#[tokio::test]
+async fn a_store_that_cannot_sync_reports_not_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mount = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=40m", "kiln-test", mount.path().to_str().unwrap()])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("cannot mount a tmpfs here; sync failures are covered by the store's unit tests only");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.path().to_owned());
+    // Sparse: larger than the tmpfs can hold.
+    let backing = mount.path().join("disk.img");
+    std::fs::File::create(&backing).unwrap().set_len(96 << 20).unwrap();
+    let out = std::process::Command::new("losetup").args(["--find", "--show"]).arg(&backing).output();
+    let device = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        other => {
+            println!("no loop device here ({other:?}); sync failures are covered by unit tests only");
+            return;
+        }
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(device.clone());
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = config_file(
+        cfg_dir.path(),
+        &format!("cas_path = \"{device}\"\nformat_device = true\nsync_interval_ms = 200\nio = \"pread\""),
+    );
+    let kiln = Kiln::start_with(&["--config", &cfg]);
+    let mut health = HealthClient::new(kiln.channel().await);
+    let serving = |status: i32| status == ServingStatus::Serving as i32;
+    let check = HealthCheckRequest { service: String::new() };
+    assert!(serving(health.check(check.clone()).await.unwrap().into_inner().status));
+    // Fill past what the tmpfs holds; uploads may fail once syncs do.
+    for i in 0..60 {
+        let (d, data) = blob(10_000 + i, 1 << 20);
+        if let Err(e) = upload(&kiln, &d, &data).await {
+            assert!(matches!(e.code(), Code::Unavailable), "{e:?}");
+        }
+    }
+    eventually(Duration::from_secs(60), "health turns NOT_SERVING", || {
+        let mut health = health.clone();
+        let check = check.clone();
+        async move {
+            let status = health.check(check).await.ok()?.into_inner().status;
+            (status == ServingStatus::NotServing as i32).then_some(())
+        }
+    })
+    .await;
+    let (status, page) = common::http::get(kiln.metrics_addr(), "/status.txt", None);
+    assert_eq!(status, 200);
+    assert!(page.contains("writes durable") && page.contains("NO:"), "{page}");
+    assert!(kiln.log().contains("reporting NOT_SERVING"), "{}", kiln.log());
+}

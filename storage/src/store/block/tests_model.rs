@@ -311,17 +311,7 @@ impl Sim {
     }
 
     fn clean_restart(&mut self) {
-        for known in self.known.values_mut() {
-            known.events.push(format!("{}: clean restart", self.step));
-        }
-        if self.store.engine().close().is_ok() {
-            for known in self.known.values_mut() {
-                known.synced = true;
-                known.moving = false;
-            }
-        } else {
-            self.unsynced_may_be_lost();
-        }
+        self.clean_stop("clean restart");
         let seed = self.rng.random();
         let (data, index) = (self.data.restart(seed), self.index.restart(seed + 1));
         self.reopen(data, index);
@@ -330,8 +320,17 @@ impl Sim {
     /// A clean stop, then the index is gone (deleted, a new disk): the
     /// store rebuilds it from the ring and everything synced is there.
     fn lose_the_index(&mut self) {
+        self.clean_stop("index lost");
+        let seed = self.rng.random();
+        let data = self.data.restart(seed);
+        let index = FaultyDevice::new(self.index.len(), seed + 1);
+        self.reopen(data, index);
+    }
+
+    /// Closes the store (its last sync may fail while syncs do).
+    fn clean_stop(&mut self, what: &str) {
         for known in self.known.values_mut() {
-            known.events.push(format!("{}: index lost", self.step));
+            known.events.push(format!("{}: {what}", self.step));
         }
         if self.store.engine().close().is_ok() {
             for known in self.known.values_mut() {
@@ -341,10 +340,6 @@ impl Sim {
         } else {
             self.unsynced_may_be_lost();
         }
-        let seed = self.rng.random();
-        let data = self.data.restart(seed);
-        let index = FaultyDevice::new(self.index.len(), seed + 1);
-        self.reopen(data, index);
     }
 
     /// Flips a byte in the ring; whatever record lies there may be lost.
