@@ -137,12 +137,27 @@ async fn restart(o: &StoreBenchOptions) -> Result<(Arc<Engine>, BlockCas, Durati
 }
 
 fn rss_bytes() -> u64 {
+    proc_status_bytes("VmRSS:")
+}
+
+/// The process's peak resident size since the last [`reset_peak_rss`].
+fn peak_rss_bytes() -> u64 {
+    proc_status_bytes("VmHWM:")
+}
+
+/// A size field of /proc/self/status, in bytes.
+fn proc_status_bytes(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map_or(0, |kib| kib << 10)
+}
+
+/// Resets the peak resident size (Linux: "5" to /proc/self/clear_refs).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 fn secs(d: Duration) -> f64 {
@@ -194,6 +209,13 @@ pub async fn run(o: &StoreBenchOptions) -> Result<serde_json::Value> {
         index_rss as f64 / after_restart.max(1) as f64
     );
     let engine_slots = engine.slots;
+    // The first sync after a restart writes the whole other index copy:
+    // how much memory it takes on top of what the store holds.
+    let rss_before_sync = rss_bytes();
+    reset_peak_rss();
+    engine.sync()?;
+    let first_sync_extra = peak_rss_bytes().saturating_sub(rss_before_sync);
+    println!("first sync after the restart: {} MiB of memory on top", first_sync_extra >> 20);
     let sampled = check(&cas, o.blobs, o.blob_size, 10_000).await?;
     let (p50, p99) = lookups(&cas, o.blobs, o.blob_size, o.lookups, 200).await?;
     println!("find_missing of {} digests (half present): p50 {:?}, p99 {:?}", o.lookups, p50, p99);
@@ -241,6 +263,7 @@ pub async fn run(o: &StoreBenchOptions) -> Result<serde_json::Value> {
         "index_file_bytes_per_blob": per_blob,
         "index_memory_bytes_per_blob": (engine_slots * 32) as f64 / after_restart.max(1) as f64,
         "index_resident_bytes_per_blob": index_rss as f64 / after_restart.max(1) as f64,
+        "first_sync_after_restart_extra_bytes": first_sync_extra,
         "fill_seconds": secs(fill_time),
         "close_seconds": secs(close_time),
         "restart_warm_seconds": secs(warm),

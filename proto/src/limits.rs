@@ -57,6 +57,10 @@ pub const BLOCK_REFRESH_STEP_BYTES: u64 = 1 << 20;
 /// then it fails with UNAVAILABLE instead of waiting on a store whose
 /// syncs keep failing.
 pub const BLOCK_ROOM_WAIT_MS: u64 = 20_000;
+/// Block store: index pages a storage thread writes per round of a sync
+/// (4 MiB): a sync that writes the whole index holds this much of it in
+/// memory at a time, not all of it.
+pub const BLOCK_PERSIST_PAGES_MAX: usize = 1024;
 /// Block store: most index slots the scrub looks at per tick and storage
 /// thread (a nearly empty table costs little to walk).
 pub const BLOCK_SCRUB_SLOTS_PER_TICK_MAX: usize = 65_536;

@@ -2,7 +2,8 @@
 //! the storage threads and the syncer; and closing it.
 
 use kiln_proto::limits::{
-    BLOCK_PARTITIONS_MAX as PARTITIONS_MAX, BLOCK_QUEUE_DEPTH as QUEUE_DEPTH, BLOCK_TICK_MS,
+    BLOCK_PARTITIONS_MAX as PARTITIONS_MAX, BLOCK_PERSIST_PAGES_MAX as PERSIST_PAGES_MAX,
+    BLOCK_QUEUE_DEPTH as QUEUE_DEPTH, BLOCK_TICK_MS,
 };
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -654,10 +655,12 @@ pub(super) fn write_index(
     for part in partitions {
         part.mark_all_dirty(0);
         part.barrier(0);
-        for (page, bytes) in part.pages_at_barrier() {
-            index.write_at(&bytes, layout.page_offset(0, page))?;
-            let at = usize::try_from(page * 4).unwrap_or(0);
-            crcs[at..at + 4].copy_from_slice(&page_crc(&bytes).to_le_bytes());
+        while !part.barrier_pages_done() {
+            for (page, bytes) in part.pages_at_barrier(PERSIST_PAGES_MAX) {
+                index.write_at(&bytes, layout.page_offset(0, page))?;
+                let at = usize::try_from(page * 4).unwrap_or(0);
+                crcs[at..at + 4].copy_from_slice(&page_crc(&bytes).to_le_bytes());
+            }
         }
         part.end_sync(true);
     }

@@ -38,6 +38,8 @@ pub struct Partition {
 struct SyncState {
     copy: u8,
     pages: Vec<u64>,
+    /// How many of `pages` have been handed out to be written.
+    next: usize,
     at_barrier: HashMap<usize, Slot>,
 }
 
@@ -158,16 +160,20 @@ impl Partition {
         let dirty = &mut self.dirty[usize::from(copy)];
         let pages = dirty.iter().enumerate().filter(|(_, d)| **d).map(|(p, _)| p as u64).collect();
         dirty.fill(false);
-        self.sync = Some(SyncState { copy, pages, at_barrier: HashMap::new() });
+        self.sync = Some(SyncState { copy, pages, next: 0, at_barrier: HashMap::new() });
     }
 
-    /// The pages of the sync in progress, as they were at its barrier:
-    /// (page within the whole table, bytes).
-    pub fn pages_at_barrier(&self) -> Vec<(u64, Vec<u8>)> {
-        let Some(sync) = &self.sync else { return Vec::new() };
+    /// The next at most `max` pages of the sync in progress, as they were
+    /// at its barrier: (page within the whole table, bytes). Handed out a
+    /// bounded batch at a time, so a sync that writes the whole table (the
+    /// first after a restart) never holds it all in memory at once.
+    pub fn pages_at_barrier(&mut self, max: usize) -> Vec<(u64, Vec<u8>)> {
+        let Some(sync) = &mut self.sync else { return Vec::new() };
         let per_page = usize::try_from(SLOTS_PER_PAGE).unwrap_or(128);
         let slot_bytes = usize::try_from(SLOT_BYTES).unwrap_or(32);
-        sync.pages
+        let end = (sync.next + max).min(sync.pages.len());
+        let batch = &sync.pages[sync.next..end];
+        let out = batch
             .iter()
             .map(|&page| {
                 let mut bytes = vec![0u8; usize::try_from(PAGE_BYTES).unwrap_or(4096)];
@@ -178,7 +184,14 @@ impl Partition {
                 }
                 (self.first_page + page, bytes)
             })
-            .collect()
+            .collect();
+        sync.next = end;
+        out
+    }
+
+    /// Whether every page of the sync in progress has been handed out.
+    pub fn barrier_pages_done(&self) -> bool {
+        self.sync.as_ref().is_none_or(|s| s.next == s.pages.len())
     }
 
     /// Ends the sync in progress; if its pages did not reach the disk,
@@ -293,7 +306,7 @@ mod tests {
         // Changed after the barrier: not in this sync's pages.
         table.insert(slot(1, 20), |_| true);
         table.insert(slot(2, 30), |_| true);
-        let pages = table.pages_at_barrier();
+        let pages = table.pages_at_barrier(usize::MAX);
         let mut copy = Partition::new(3, 2, 9);
         for (page, bytes) in &pages {
             assert!(*page >= 3, "pages are numbered within the whole table");
@@ -303,7 +316,7 @@ mod tests {
         table.end_sync(true);
         // The later changes are dirty for the next sync of that copy.
         table.barrier(0);
-        let pages = table.pages_at_barrier();
+        let pages = table.pages_at_barrier(usize::MAX);
         for (page, bytes) in &pages {
             copy.load_page(page - 3, bytes);
         }
@@ -312,9 +325,20 @@ mod tests {
         // A failed sync leaves its pages dirty.
         table.insert(slot(3, 40), |_| true);
         table.barrier(1);
-        let n = table.pages_at_barrier().len();
+        let n = table.pages_at_barrier(usize::MAX).len();
         table.end_sync(false);
         table.barrier(1);
-        assert_eq!(table.pages_at_barrier().len(), n);
+        assert_eq!(table.pages_at_barrier(usize::MAX).len(), n);
+        // Handed out in bounded batches, each page once.
+        table.end_sync(false);
+        table.mark_all_dirty(1);
+        table.barrier(1);
+        let mut seen = Vec::new();
+        while !table.barrier_pages_done() {
+            let batch = table.pages_at_barrier(1);
+            assert_eq!(batch.len(), 1);
+            seen.extend(batch.into_iter().map(|(p, _)| p));
+        }
+        assert_eq!(seen, vec![3, 4]);
     }
 }

@@ -206,30 +206,40 @@ impl Syncer {
             self.broadcast(|| Request::AbandonSync { data_lost: true });
             return Err(unavailable("syncing", &*self.data, &e));
         }
-        // 4. Index pages, checksums.
-        let mut waits = Vec::new();
-        for w in &self.workers {
-            let (tx, rx) = oneshot::channel();
-            if w.send_blocking(Request::Persist { reply: tx }).is_ok() {
-                waits.push(rx);
+        // 4. Index pages, a bounded batch per thread at a time, checksums.
+        let mut writing: Vec<usize> = (0..self.workers.len()).collect();
+        while !writing.is_empty() {
+            let mut waits = Vec::new();
+            for &w in &writing {
+                let (tx, rx) = oneshot::channel();
+                if self.workers[w].send_blocking(Request::Persist { reply: tx }).is_ok() {
+                    waits.push((w, rx));
+                }
             }
-        }
-        let mut failed = None;
-        for wait in waits {
-            match futures::executor::block_on(wait) {
-                Ok(Ok(pages)) => {
-                    for (page, crc) in pages {
-                        self.crc_tables[usize::from(copy)][usize::try_from(page).unwrap_or(0)] = crc;
+            let mut still = Vec::new();
+            let mut failed = None;
+            for (w, wait) in waits {
+                match futures::executor::block_on(wait) {
+                    Ok(Ok((pages, last))) => {
+                        for (page, crc) in pages {
+                            self.crc_tables[usize::from(copy)][usize::try_from(page).unwrap_or(0)] = crc;
+                        }
+                        if !last {
+                            still.push(w);
+                        }
+                    }
+                    Ok(Err(e)) => failed = Some(e),
+                    Err(_) => {
+                        failed = Some(Error::new(Code::Unavailable, "a storage thread stopped during a sync"))
                     }
                 }
-                Ok(Err(e)) => failed = Some(e),
-                Err(_) => {
-                    failed = Some(Error::new(Code::Unavailable, "a storage thread stopped during a sync"))
-                }
             }
-        }
-        if let Some(e) = failed {
-            return Err(e);
+            if let Some(e) = failed {
+                // Threads that had not finished keep their pages dirty.
+                self.broadcast(|| Request::AbandonSync { data_lost: false });
+                return Err(e);
+            }
+            writing = still;
         }
         let table: Vec<u8> =
             self.crc_tables[usize::from(copy)].iter().flat_map(|c| c.to_le_bytes()).collect();

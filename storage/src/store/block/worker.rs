@@ -9,7 +9,10 @@
 //! of the ring are copied forward in the background, a bounded step at a
 //! time, so that what a read or FindMissingBlobs found keeps living.
 
-use kiln_proto::limits::{BLOCK_BATCH_REQUESTS_MAX as BATCH_REQUESTS_MAX, BLOCK_ROOM_WAIT_MS};
+use kiln_proto::limits::{
+    BLOCK_BATCH_REQUESTS_MAX as BATCH_REQUESTS_MAX, BLOCK_PERSIST_PAGES_MAX as PERSIST_PAGES_MAX,
+    BLOCK_ROOM_WAIT_MS,
+};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,86 +49,43 @@ pub type Reply<T> = oneshot::Sender<Result<T>>;
 #[derive(Debug)]
 pub enum Request {
     /// Which of these keys are present (refreshing old ones).
-    Lookup {
-        fps: Vec<Fingerprint>,
-        reply: oneshot::Sender<Vec<bool>>,
-    },
+    Lookup { fps: Vec<Fingerprint>, reply: oneshot::Sender<Vec<bool>> },
     /// Where these keys' records lie, changing nothing (no copy forward):
     /// for tests and diagnostics.
-    Peek {
-        fps: Vec<Fingerprint>,
-        reply: oneshot::Sender<Vec<Option<u64>>>,
-    },
+    Peek { fps: Vec<Fingerprint>, reply: oneshot::Sender<Vec<Option<u64>>> },
     /// Finds a blob and checks its record header; small records come whole.
-    Open {
-        fp: Fingerprint,
-        reply: Reply<(Location, Option<Bytes>)>,
-    },
+    Open { fp: Fingerprint, reply: Reply<(Location, Option<Bytes>)> },
     /// Bytes `from..to` of a blob, checked against their chunk checksums.
-    Read {
-        fp: Fingerprint,
-        loc: Location,
-        from: u64,
-        to: u64,
-        reply: Reply<Bytes>,
-    },
+    Read { fp: Fingerprint, loc: Location, from: u64, to: u64, reply: Reply<Bytes> },
     /// Space for a record of a `size`-byte blob.
-    Reserve {
-        size: u64,
-        reply: Reply<u64>,
-    },
+    Reserve { size: u64, reply: Reply<u64> },
     /// Bytes at `offset` within the record at `logical`.
-    Write {
-        logical: u64,
-        offset: u64,
-        data: Bytes,
-        reply: Reply<()>,
-    },
+    Write { logical: u64, offset: u64, data: Bytes, reply: Reply<()> },
     /// Writes the record's header and makes it visible.
-    Commit {
-        fp: Fingerprint,
-        loc: Location,
-        reply: Reply<()>,
-    },
+    Commit { fp: Fingerprint, loc: Location, reply: Reply<()> },
     /// A whole small blob or value, in one go.
-    Put {
-        fp: Fingerprint,
-        data: Bytes,
-        reply: Reply<()>,
-    },
+    Put { fp: Fingerprint, data: Bytes, reply: Reply<()> },
     /// Drops a record found corrupt.
-    Forget {
-        fp: Fingerprint,
-        logical: u64,
-    },
+    Forget { fp: Fingerprint, logical: u64 },
     /// Sync protocol (see the syncer): barrier, write pages, abandon.
-    Barrier {
-        copy: u8,
-        reply: oneshot::Sender<()>,
-    },
-    Persist {
-        reply: Reply<Vec<(u64, u32)>>,
-    },
+    Barrier { copy: u8, reply: oneshot::Sender<()> },
+    /// Writes the next bounded batch of the barrier's pages; answers their
+    /// checksums and whether that was the last batch.
+    Persist { reply: Reply<(Vec<(u64, u32)>, bool)> },
     /// The sync was abandoned. With `data_lost`, the data device failed
     /// its sync: every entry committed since the last good sync may name
     /// bytes that never reached the disk (Linux reports such an error
     /// once), so those entries are dropped rather than persisted later.
-    AbandonSync {
-        data_lost: bool,
-    },
+    AbandonSync { data_lost: bool },
     /// A sync failed after the pages were written: they are written again
     /// whole at the next sync of `copy`.
-    Rewrite {
-        copy: u8,
-    },
+    Rewrite { copy: u8 },
     /// Time passed: writes waiting for room past their deadline fail.
     Tick,
     /// The syncer persisted a newer tail: waiting reservations may go on.
     SpaceFreed,
     /// Statistics: live entries in this thread's partitions.
-    Count {
-        reply: oneshot::Sender<usize>,
-    },
+    Count { reply: oneshot::Sender<usize> },
 }
 
 /// A request that touches the index, and the I/O it waits for.
@@ -170,7 +130,8 @@ enum Pending<'r> {
     },
     Persist {
         ops: Vec<(u64, usize)>,
-        reply: Reply<Vec<(u64, u32)>>,
+        last: bool,
+        reply: Reply<(Vec<(u64, u32)>, bool)>,
     },
 }
 
@@ -482,20 +443,25 @@ impl Worker {
             }
             Request::Persist { reply } => {
                 let Some(copy) = self.sync_copy else {
-                    let _ = reply.send(Ok(Vec::new()));
+                    let _ = reply.send(Ok((Vec::new(), true)));
                     return;
                 };
                 let mut written = Vec::new();
-                for p in self.partitions.values() {
-                    for (page, bytes) in p.pages_at_barrier() {
+                for p in self.partitions.values_mut() {
+                    let room = PERSIST_PAGES_MAX - written.len();
+                    for (page, bytes) in p.pages_at_barrier(room) {
                         let op = ops.index(Io::Write {
                             at: self.layout.page_offset(copy, page),
                             data: Bytes::from(bytes),
                         });
                         written.push((page, op));
                     }
+                    if written.len() == PERSIST_PAGES_MAX {
+                        break;
+                    }
                 }
-                pending.push(Pending::Persist { ops: written, reply });
+                let last = self.partitions.values().all(Partition::barrier_pages_done);
+                pending.push(Pending::Persist { ops: written, last, reply });
             }
             Request::AbandonSync { data_lost } => {
                 for p in self.partitions.values_mut() {
@@ -590,7 +556,7 @@ impl Worker {
                 });
                 let _ = reply.send(answer);
             }
-            Pending::Persist { ops: pages, reply } => {
+            Pending::Persist { ops: pages, last, reply } => {
                 let mut crcs = Vec::with_capacity(pages.len());
                 let mut failed = None;
                 for (page, op) in pages {
@@ -599,14 +565,18 @@ impl Worker {
                         Err(e) => failed = Some(io_error("writing the index", &*self.index_dev, &e)),
                     }
                 }
-                for p in self.partitions.values_mut() {
-                    p.end_sync(failed.is_none());
+                // Ended once every page is out, or at the first failure
+                // (then every page of the barrier stays dirty).
+                if failed.is_some() || last {
+                    for p in self.partitions.values_mut() {
+                        p.end_sync(failed.is_none());
+                    }
+                    if failed.is_none() {
+                        self.in_sync.clear();
+                    }
+                    self.sync_copy = None;
                 }
-                if failed.is_none() {
-                    self.in_sync.clear();
-                }
-                self.sync_copy = None;
-                let _ = reply.send(failed.map_or(Ok(crcs), Err));
+                let _ = reply.send(failed.map_or(Ok((crcs, last)), Err));
             }
         }
     }
