@@ -89,6 +89,8 @@ pub struct Metrics {
     pub store_refreshes: Counter,
     pub store_refreshes_skipped: Counter,
     pub store_scrubbed_bytes: Counter,
+    pub store_index_evictions: Counter,
+    pub store_index_full: Counter,
     pub store_scrub_damaged: Counter,
     pub dispatch_latency: Histogram,
     pub action_duration: Histogram,
@@ -128,6 +130,8 @@ impl Metrics {
             store_refreshes: Counter::default(),
             store_refreshes_skipped: Counter::default(),
             store_scrubbed_bytes: Counter::default(),
+            store_index_evictions: Counter::default(),
+            store_index_full: Counter::default(),
             store_scrub_damaged: Counter::default(),
             dispatch_latency: seconds_histogram(),
             action_duration: seconds_histogram(),
@@ -243,6 +247,16 @@ impl Metrics {
             "Bytes the background scrub re-read and checked",
             Unit::Bytes,
             self.store_scrubbed_bytes.clone(),
+        );
+        r.register(
+            "store_index_evictions",
+            "Times the index was full where a key had to go and the oldest blocks were evicted early (lower expected_blob_bytes)",
+            self.store_index_evictions.clone(),
+        );
+        r.register(
+            "store_index_full",
+            "Writes refused because the index was full where their key had to go with only promised blobs there",
+            self.store_index_full.clone(),
         );
         r.register(
             "store_scrub_damaged",

@@ -602,17 +602,11 @@ pub(super) fn resize_index(
             .ok_or_else(|| Error::internal("the index superblock vanished while the store was opened"))?;
     let sb = old.superblock;
     let layout = IndexLayout::new(slots);
-    let (partition_count, per_partition) = partition_pages(slots);
-    let mut partitions: Vec<Partition> =
-        (0..partition_count).map(|p| Partition::new(p * per_partition, per_partition, sb.seed)).collect();
-    let count = u32::try_from(partition_count).unwrap_or(1);
     let live = |s: &Slot| s.logical >= sb.tail && s.logical + record_len(s.size) <= sb.head;
-    let mut moved = 0u64;
-    for slot in old.partitions.iter().flat_map(Partition::entries).filter(|s| live(s)) {
-        let fp = Fingerprint(slot.fingerprint);
-        partitions[partition_of(&fp, count) as usize].insert(*slot, live);
-        moved += 1;
-    }
+    let entries: Vec<Slot> =
+        old.partitions.iter().flat_map(Partition::entries).filter(|s| live(s)).copied().collect();
+    let (mut partitions, tail, moved) = fill_index(entries, slots, sb.seed, sb.tail, block_bytes);
+    let tail = tail.min(sb.head);
     let path = &config.index_path;
     let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
     tmp_name.push(".resizing");
@@ -621,7 +615,7 @@ pub(super) fn resize_index(
     let mut tmp = FileDevice::open(&tmp_path, layout.file_bytes()).map_err(|e| describe(&e))?;
     // Copy 0 is the current copy when the sequence is even (the next sync
     // writes copy 1).
-    let next = Superblock { slots, sequence: (sb.sequence + 2) & !1, copy: 0, ..sb };
+    let next = Superblock { slots, sequence: (sb.sequence + 2) & !1, copy: 0, tail, ..sb };
     write_index(&tmp, &layout, &mut partitions, &next).map_err(|e| describe(&e))?;
     std::fs::rename(&tmp_path, path)
         .and_then(|()| std::fs::File::open(path.parent().unwrap_or(std::path::Path::new("."))))
@@ -636,6 +630,38 @@ pub(super) fn resize_index(
         "the index was resized for the configured expected_blob_bytes; every entry kept"
     );
     Ok(Devices { data: devices.data, index: Arc::new(tmp) })
+}
+
+/// A table of `slots` slots holding `entries` (live records), newest
+/// first; if the table cannot hold them all, the oldest are evicted (the
+/// tail moves past them, whole blocks), never a newer one dropped.
+/// Returns the partitions, the tail, and how many entries they hold.
+pub(super) fn fill_index(
+    mut entries: Vec<Slot>,
+    slots: u64,
+    seed: u64,
+    mut tail: u64,
+    block_bytes: u64,
+) -> (Vec<Partition>, u64, u64) {
+    let (partition_count, per_partition) = partition_pages(slots);
+    let mut partitions: Vec<Partition> =
+        (0..partition_count).map(|p| Partition::new(p * per_partition, per_partition, seed)).collect();
+    let count = u32::try_from(partition_count).unwrap_or(1);
+    entries.sort_unstable_by_key(|s| std::cmp::Reverse(s.logical));
+    let mut kept = 0u64;
+    for slot in entries {
+        if slot.logical < tail {
+            break;
+        }
+        let fp = Fingerprint(slot.fingerprint);
+        if partitions[partition_of(&fp, count) as usize].try_insert(slot, |_| true).is_err() {
+            tail = (slot.logical + record_len(slot.size)).next_multiple_of(block_bytes);
+            tracing::warn!(tail, "the index is too small for every record: the oldest are evicted");
+            break;
+        }
+        kept += 1;
+    }
+    (partitions, tail, kept)
 }
 
 /// Writes `partitions` whole as copy 0 of an index, with `sb` (which must

@@ -127,20 +127,42 @@ impl Partition {
     }
 
     /// Stores `slot`, displacing the oldest probed entry if need be;
-    /// returns the entry it took the place of, if any.
+    /// returns the entry it took the place of, if any. For offline use
+    /// (resizing, rebuilding), where the table is sized for what it gets;
+    /// a running store uses [`Partition::try_insert`].
     pub fn insert(&mut self, slot: Slot, live: impl Fn(&Slot) -> bool) -> Option<Slot> {
+        let i = match self.place(&slot, &live) {
+            Ok(i) => i,
+            Err(oldest) => oldest,
+        };
+        let old = self.slots[i];
+        self.set(i, slot);
+        (!old.is_empty()).then_some(old)
+    }
+
+    /// Stores `slot` in the key's own slot or an empty or dead one, and
+    /// returns the entry it took the place of, if any; never displaces a
+    /// live entry of another key: when every probed slot holds one,
+    /// `Err` with the oldest of them (the caller evicts it the way the ring
+    /// evicts, or refuses the write).
+    pub fn try_insert(&mut self, slot: Slot, live: impl Fn(&Slot) -> bool) -> Result<Option<Slot>, Slot> {
+        let i = self.place(&slot, &live).map_err(|oldest| self.slots[oldest])?;
+        let old = self.slots[i];
+        self.set(i, slot);
+        Ok((!old.is_empty()).then_some(old))
+    }
+
+    /// Where `slot` goes: `Ok` the key's own slot or a free one, `Err` the
+    /// probed slot holding the oldest live entry.
+    fn place(&self, slot: &Slot, live: impl Fn(&Slot) -> bool) -> Result<usize, usize> {
         let fp = Fingerprint(slot.fingerprint);
         let probed: Vec<usize> = self.probe(&fp).collect();
-        let target = probed
+        probed
             .iter()
             .copied()
             .find(|i| self.slots[*i].fingerprint == slot.fingerprint)
             .or_else(|| probed.iter().copied().find(|i| self.slots[*i].is_empty() || !live(&self.slots[*i])))
-            .or_else(|| probed.iter().copied().min_by_key(|i| self.slots[*i].logical));
-        let i = target?;
-        let old = self.slots[i];
-        self.set(i, slot);
-        (!old.is_empty()).then_some(old)
+            .ok_or_else(|| probed.iter().copied().min_by_key(|i| self.slots[*i].logical).unwrap_or(0))
     }
 
     /// Removes `fp`'s entry if it still names the record at `logical`.
@@ -296,6 +318,27 @@ mod tests {
             table.lookup(&Fingerprint(colliding(12).fingerprint), |_| true).is_none(),
             "removed on the way"
         );
+    }
+
+    #[test]
+    fn try_insert_never_displaces_a_live_entry() {
+        let mut table = Partition::new(0, 1, 1);
+        let colliding = |n: u32| {
+            let mut b = fp(n).0;
+            b[8..16].copy_from_slice(&[0; 8]);
+            Slot { fingerprint: b, logical: u64::from(n), size: 1 }
+        };
+        for n in 1..=u32::try_from(PROBES).unwrap() {
+            assert_eq!(table.try_insert(colliding(n), |_| true), Ok(None));
+        }
+        // Full of live entries: the oldest is named, nothing is changed.
+        assert_eq!(table.try_insert(colliding(100), |_| true), Err(colliding(1)));
+        assert!(table.get(&Fingerprint(colliding(1).fingerprint)).is_some());
+        assert!(table.get(&Fingerprint(colliding(100).fingerprint)).is_none());
+        // Its own key's slot, or a dead one, it takes.
+        let again = Slot { logical: 500, ..colliding(3) };
+        assert_eq!(table.try_insert(again, |_| true), Ok(Some(colliding(3))));
+        assert_eq!(table.try_insert(colliding(100), |s| s.logical > 1), Ok(Some(colliding(1))));
     }
 
     #[test]

@@ -20,12 +20,11 @@ use std::time::Instant;
 use kiln_proto::{Error, Result};
 
 use super::device::BlockDevice;
-use super::engine::{Devices, partition_pages, write_index};
+use super::engine::{Devices, fill_index, write_index};
 use super::format::{
     CRC_CHUNK_BYTES, DataHeader, Fingerprint, IndexLayout, Kind, PAGE_BYTES, RECORD_HEADER_BYTES,
     RecordHeader, RecordKey, Slot, Superblock, chunk_crc, crc_chunks, crc_offset, record_key, record_len,
 };
-use super::index::Partition;
 
 /// Bytes of the ring read at once.
 const WINDOW_BYTES: u64 = 4 << 20;
@@ -53,20 +52,10 @@ pub fn rebuild(kind: Kind, devices: &Devices, capacity: u64, slots: u64) -> Resu
     let head = found.values().map(|(logical, size)| logical + record_len(*size)).max().unwrap_or(0);
     let tail = head.saturating_sub(capacity).next_multiple_of(header.block_bytes).min(head);
     let seed: u64 = rand::random();
-    let (partition_count, per_partition) = partition_pages(slots);
-    let mut partitions: Vec<Partition> =
-        (0..partition_count).map(|p| Partition::new(p * per_partition, per_partition, seed)).collect();
-    let count = u32::try_from(partition_count).unwrap_or(1);
-    let live = |s: &Slot| s.logical >= tail && s.logical + record_len(s.size) <= head;
-    let mut kept = 0u64;
-    for (fp, (logical, size)) in found {
-        let slot = Slot { fingerprint: fp.0, logical, size };
-        if live(&slot) {
-            let p = super::worker::partition_of(&fp, count) as usize;
-            partitions[p].insert(slot, live);
-            kept += 1;
-        }
-    }
+    let entries =
+        found.into_iter().map(|(fp, (logical, size))| Slot { fingerprint: fp.0, logical, size }).collect();
+    let (mut partitions, tail, kept) = fill_index(entries, slots, seed, tail, header.block_bytes);
+    let tail = tail.min(head);
     let sb = Superblock {
         kind,
         store_id: header.store_id,

@@ -266,15 +266,28 @@ impl Ring {
         (logical >= self.tail()).then_some(pinned)
     }
 
-    /// Moves the tail to at least `tail` (whole blocks), then waits until no
-    /// I/O holds the blocks it gave up. Returns the new tail.
-    pub fn advance_tail(&self, tail: u64) -> u64 {
+    /// Moves the tail to at least `tail` (whole blocks), without waiting:
+    /// what lies below is dead from now on (I/O in flight there finds out
+    /// when it checks), though its space is reused only after the syncer
+    /// has waited for that I/O and persisted the tail. Returns the tail.
+    pub fn evict_to(&self, tail: u64) -> u64 {
         // Never past the head: the tail bounds what is live.
         let target = tail.next_multiple_of(self.block_bytes).min(self.head());
         let old = self.tail.fetch_max(target, Ordering::SeqCst);
         for b in old / self.block_bytes..target.div_ceil(self.block_bytes) {
             let gone = self.block_entries[self.block_index(b)].swap(0, Ordering::SeqCst);
             self.entries.fetch_sub(gone, Ordering::SeqCst);
+        }
+        self.tail()
+    }
+
+    /// Moves the tail to at least `tail` (whole blocks), then waits until no
+    /// I/O or copy forward holds the blocks below it that are not yet
+    /// persisted as free. Returns the new tail.
+    pub fn advance_tail(&self, tail: u64) -> u64 {
+        let from = self.persisted_tail();
+        let target = self.evict_to(tail);
+        for b in from / self.block_bytes..target.div_ceil(self.block_bytes) {
             let pins = &self.pins[self.block_index(b)];
             let mut spins = 0u32;
             while pins.load(Ordering::SeqCst) != 0 {
@@ -337,5 +350,17 @@ mod tests {
         drop(pinned);
         assert_eq!(mover.join().unwrap(), 200);
         assert!(ring.pin(200, 10).is_some());
+        // Evicting moves the tail at once, waiting for nothing; the next
+        // advance waits for I/O anywhere above the persisted tail.
+        let late = ring.pin(250, 10).unwrap();
+        assert_eq!(ring.evict_to(300), 300);
+        let mover = {
+            let ring = ring.clone();
+            std::thread::spawn(move || ring.advance_tail(300))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!mover.is_finished(), "the advance did not wait for I/O the eviction passed");
+        drop(late);
+        assert_eq!(mover.join().unwrap(), 300);
     }
 }

@@ -33,7 +33,9 @@ use crate::store::{CasStore, put_all, read_all};
 
 const SIZE: u64 = 4 << 20;
 const BLOCK: u64 = 256 << 10;
-const EXPECTED_BLOB_BYTES: u64 = 256;
+/// Index sizings: roomy, and far too small for the blobs (odd seeds), so
+/// that a full index is exercised too.
+const EXPECTED_BLOB_BYTES: [u64; 2] = [256, 65_536];
 
 /// What the model knows of one blob the store acknowledged.
 #[derive(Debug)]
@@ -68,12 +70,13 @@ struct Sim {
     next_blob: u64,
     /// The last steps, for a failure's message.
     history: std::collections::VecDeque<String>,
+    expected_blob_bytes: u64,
 }
 
-fn open(data: &Arc<FaultyDevice>, index: &Arc<FaultyDevice>) -> BlockCas {
+fn open(data: &Arc<FaultyDevice>, index: &Arc<FaultyDevice>, expected_blob_bytes: u64) -> BlockCas {
     let cfg = BlockConfig {
         size_bytes: SIZE,
-        expected_blob_bytes: EXPECTED_BLOB_BYTES,
+        expected_blob_bytes,
         room_wait: std::time::Duration::from_millis(300),
         scrub_bytes_per_second: 32 << 20,
         ..config(Path::new("/nonexistent"), Kind::Cas)
@@ -84,9 +87,10 @@ fn open(data: &Arc<FaultyDevice>, index: &Arc<FaultyDevice>) -> BlockCas {
 impl Sim {
     fn new(seed: u64) -> Sim {
         let data = Arc::new(FaultyDevice::new(SIZE, seed * 7 + 1));
-        let index_len = index_file_bytes(SIZE, BLOCK, EXPECTED_BLOB_BYTES).unwrap();
+        let expected_blob_bytes = EXPECTED_BLOB_BYTES[usize::try_from(seed % 2).unwrap_or(0)];
+        let index_len = index_file_bytes(SIZE, BLOCK, expected_blob_bytes).unwrap();
         let index = Arc::new(FaultyDevice::new(index_len, seed * 7 + 2));
-        let store = open(&data, &index);
+        let store = open(&data, &index, expected_blob_bytes);
         Sim {
             seed,
             step: 0,
@@ -100,6 +104,7 @@ impl Sim {
             sync_faults: 0,
             next_blob: seed << 32,
             history: std::collections::VecDeque::new(),
+            expected_blob_bytes,
         }
     }
 
@@ -206,6 +211,8 @@ impl Sim {
             }
             // After failed syncs the syncer backs off, so a write needing
             // room may still time out once the faults are gone.
+            // An index too small for the blobs refuses rather than forgets.
+            Err(e) if e.code() == Code::ResourceExhausted && e.message().contains("index") => {}
             Err(e) => assert!(
                 self.io_faults > 0 || self.sync_faults > 0 || e.message().contains("syncs are failing"),
                 "{}: an upload failed without a fault: {e}",
@@ -291,7 +298,7 @@ impl Sim {
     fn reopen(&mut self, data: FaultyDevice, index: FaultyDevice) {
         self.data = Arc::new(data);
         self.index = Arc::new(index);
-        self.store = open(&self.data, &self.index);
+        self.store = open(&self.data, &self.index, self.expected_blob_bytes);
         // Copies forward made since the last sync are forgotten with it:
         // a promise holds while the store runs.
         for known in self.known.values_mut() {

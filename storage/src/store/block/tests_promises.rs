@@ -381,3 +381,40 @@ fn the_scrub_finds_damage_before_a_read_does() {
         assert_eq!(block_on(read_all(&store, k, u64::MAX)).unwrap(), *d);
     }
 }
+
+/// An index too small for the blobs never forgets an acknowledged one:
+/// when a key's slots are all taken, the ring evicts its oldest blocks (as
+/// it would when full) and counts it; every acknowledged blob the tail has
+/// not passed stays findable.
+#[test]
+fn a_full_index_evicts_by_age_and_never_forgets_a_live_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    // Slots for a few hundred blobs; thousands are written.
+    let cfg = BlockConfig { expected_blob_bytes: 64 << 10, ..config(dir.path(), Kind::Cas) };
+    let store = BlockCas::new(Engine::open(&cfg).unwrap());
+    let evictions_before = kiln_proto::metrics::global().store_index_evictions.get();
+    let mut acked: Vec<(CasKey, u64)> = Vec::new();
+    for i in 0..6000 {
+        let (k, d) = blob(50_000 + i, 1000 + (i as usize % 7) * 200);
+        match block_on(crate::store::put_all(&store, &k, d)) {
+            Ok(()) => {
+                let fp = format::Fingerprint::cas(&k);
+                let at =
+                    block_on(store.engine().peek(&[fp])).unwrap()[0].expect("acknowledged and not findable");
+                acked.push((k, at));
+            }
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e}"),
+        }
+        if i % 100 == 99 {
+            let tail = store.engine().ring.tail();
+            acked.retain(|(_, at)| *at >= tail);
+            let fps: Vec<format::Fingerprint> =
+                acked.iter().map(|(k, _)| format::Fingerprint::cas(k)).collect();
+            let found = block_on(store.engine().peek(&fps)).unwrap();
+            for ((k, at), found) in acked.iter().zip(found) {
+                assert!(found.is_some() || *at < tail, "{k} at {at} was forgotten (tail {tail})");
+            }
+        }
+    }
+    assert!(kiln_proto::metrics::global().store_index_evictions.get() > evictions_before);
+}

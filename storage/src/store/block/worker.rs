@@ -193,6 +193,12 @@ fn io_error(what: &str, dev: &dyn BlockDevice, e: &std::io::Error) -> Error {
     Error::new(Code::Unavailable, format!("{what} {}: {e}", dev.describe()))
 }
 
+fn index_full() -> Error {
+    Error::resource_exhausted(
+        "the store's index has no room for this key now (it is sized by [storage] expected_blob_bytes; lower it and restart); retry later",
+    )
+}
+
 fn wrapped() -> Error {
     Error::new(Code::Unavailable, "the store wrapped around while this upload was in progress; retry it")
 }
@@ -551,8 +557,7 @@ impl Worker {
                     if !ring.is_live(loc.logical, record_len(loc.size)) {
                         return Err(wrapped());
                     }
-                    self.insert(Slot { fingerprint: fp.0, logical: loc.logical, size: loc.size });
-                    Ok(())
+                    self.insert(Slot { fingerprint: fp.0, logical: loc.logical, size: loc.size })
                 });
                 let _ = reply.send(answer);
             }
@@ -583,10 +588,42 @@ impl Worker {
 
     /// Puts a live record's entry into the index, keeping the entry count
     /// and the list of what the next sync covers.
-    fn insert(&mut self, slot: Slot) {
+    ///
+    /// The index never drops a live entry to make room: when every slot the
+    /// key may use holds one, the oldest of them is evicted the way the
+    /// ring evicts, with everything older (FIFO, as if the ring were full),
+    /// provided no promise of FindMissingBlobs can still cover it (older
+    /// than twice `kept`); else the write is refused.
+    fn insert(&mut self, slot: Slot) -> Result<()> {
         let ring = self.ring.clone();
         let fp = Fingerprint(slot.fingerprint);
-        let replaced = self.partition(&fp).insert(slot, Self::live(&ring));
+        let replaced = match self.partition(&fp).try_insert(slot, Self::live(&ring)) {
+            Ok(replaced) => replaced,
+            Err(oldest) => {
+                // Only what no promise can still cover: a blob reported
+                // present younger than `kept` was promised `kept` more.
+                if ring.head().saturating_sub(oldest.logical) <= 2 * ring.kept_bytes() {
+                    kiln_proto::metrics::global().store_index_full.inc();
+                    return Err(index_full());
+                }
+                let evicted = kiln_proto::metrics::global().store_index_evictions.get() + 1;
+                kiln_proto::metrics::global().store_index_evictions.inc();
+                if evicted.is_power_of_two() {
+                    tracing::warn!(
+                        store = self.kind.name(),
+                        evicted,
+                        "the index is full where a key must go: evicting the oldest blocks early; lower [storage] expected_blob_bytes (the index is re-sized at the next start, keeping every entry)"
+                    );
+                }
+                ring.evict_to(oldest.logical + record_len(oldest.size));
+                // In a ring of few blocks the evicted block may hold the
+                // record itself: then it is not acknowledged.
+                if !ring.is_live(slot.logical, record_len(slot.size)) {
+                    return Err(index_full());
+                }
+                self.partition(&fp).try_insert(slot, Self::live(&ring)).map_err(|_| index_full())?
+            }
+        };
         if let Some(old) = replaced {
             ring.entry_removed(old.logical);
         }
@@ -595,6 +632,7 @@ impl Worker {
         // what a failed data sync goes back to.
         let previous = replaced.filter(|old| old.fingerprint == slot.fingerprint);
         self.unsynced.push(Unsynced { fp, logical: slot.logical, previous });
+        Ok(())
     }
 
     /// Removes `fp`'s entry if it still names the record at `logical`.

@@ -79,8 +79,13 @@ impl Worker {
                 // Only if the entry still names the old copy (dead or not:
                 // the tail may have been moved past the held source).
                 if self.partition(&job.fp).get(&job.fp).is_some_and(|s| s.logical == job.from.logical) {
-                    self.insert(Slot { fingerprint: job.fp.0, logical: job.to, size: job.from.size });
-                    kiln_proto::metrics::global().store_refreshes.inc();
+                    // The key's own slot takes the copy: this never needs room.
+                    if self
+                        .insert(Slot { fingerprint: job.fp.0, logical: job.to, size: job.from.size })
+                        .is_ok()
+                    {
+                        kiln_proto::metrics::global().store_refreshes.inc();
+                    }
                 }
             }
             Ok(Step::Gone(why)) => {
