@@ -67,7 +67,10 @@ fn config(o: &StoreBenchOptions) -> BlockConfig {
 }
 
 /// Writes blobs `0..n` into `store`, `concurrency` at a time.
-async fn fill<S: CasStore>(store: &S, n: u64, size: u64, concurrency: usize) -> Result<Duration> {
+/// Writes blobs `0..n`; the time, and how many the store refused for a
+/// full index (RESOURCE_EXHAUSTED: the store keeps what it acknowledged
+/// and says so rather than forget an older blob).
+async fn fill<S: CasStore>(store: &S, n: u64, size: u64, concurrency: usize) -> Result<(Duration, u64)> {
     let started = Instant::now();
     let mut puts = futures::stream::iter(0..n)
         .map(|i| async move {
@@ -75,10 +78,14 @@ async fn fill<S: CasStore>(store: &S, n: u64, size: u64, concurrency: usize) -> 
             put_all(store, &key, data).await
         })
         .buffer_unordered(concurrency);
+    let mut refused = 0;
     while let Some(r) = puts.next().await {
-        r?;
+        match r {
+            Err(e) if e.code() == kiln_proto::Code::ResourceExhausted => refused += 1,
+            other => other?,
+        }
     }
-    Ok(started.elapsed())
+    Ok((started.elapsed(), refused))
 }
 
 /// Reads `samples` blobs spread over `0..n` back and compares them.
@@ -183,7 +190,10 @@ pub async fn run(o: &StoreBenchOptions) -> Result<serde_json::Value> {
     let engine = Engine::open(&BlockConfig { reformat: true, ..c.clone() })?;
     let io_path = engine.io_path;
     let cas = BlockCas::new(engine.clone());
-    let fill_time = fill(&cas, o.blobs, o.blob_size, o.concurrency).await?;
+    let (fill_time, refused) = fill(&cas, o.blobs, o.blob_size, o.concurrency).await?;
+    if refused > 0 {
+        println!("{refused} writes refused: the index was full where their keys had to go");
+    }
     let entries = engine.entries() as u64;
     println!(
         "fill ({io_path}): {:.1} s, {:.0} blobs/s; {entries} entries",
@@ -239,7 +249,7 @@ pub async fn run(o: &StoreBenchOptions) -> Result<serde_json::Value> {
     // The memory store beside it, same blobs, same process.
     let rss_before = rss_bytes();
     let memory = MemoryCas::new(u64::MAX / 4, o.blob_size);
-    let memory_fill = fill(&memory, o.blobs, o.blob_size, o.concurrency).await?;
+    let (memory_fill, _) = fill(&memory, o.blobs, o.blob_size, o.concurrency).await?;
     let memory_rss = rss_bytes().saturating_sub(rss_before);
     let (memory_p50, memory_p99) = lookups(&memory, o.blobs, o.blob_size, o.lookups, 200).await?;
     println!(
@@ -259,6 +269,7 @@ pub async fn run(o: &StoreBenchOptions) -> Result<serde_json::Value> {
         "data_file_bytes": c.size_bytes,
         "index_file_bytes": index_bytes,
         "entries_after_fill": entries,
+        "refused_for_a_full_index": refused,
         "entries_after_restart": after_restart,
         "index_file_bytes_per_blob": per_blob,
         "index_memory_bytes_per_blob": (engine_slots * 32) as f64 / after_restart.max(1) as f64,
