@@ -100,7 +100,9 @@ pub fn plan(config: &BlockConfig, found: &Found, devices: &Devices) -> Result<Pl
     let name = data.describe();
     if config.reformat {
         let (capacity, block_bytes) = geometry(data.len(), config.block_bytes)?;
-        tracing::warn!(data = %name, "reformatting the store as asked: every blob it held is discarded");
+        if !matches!(found, Found::New) {
+            tracing::warn!(data = %name, "reformatting the store as asked: every blob it held is discarded");
+        }
         return Ok(Plan { capacity, block_bytes, format: true });
     }
     let header = match found {

@@ -35,7 +35,8 @@ use super::worker::Request;
 /// What the syncer is told.
 #[derive(Debug)]
 pub enum SyncerMessage {
-    /// A reservation needs the tail at least here.
+    /// A reservation needs the tail at least here; 0: a storage thread
+    /// asks for a sync soon (its list of unsynced entries is long).
     NeedSpace(u64),
     /// Sync now and say how it went.
     SyncNow(oneshot::Sender<Result<()>>),
@@ -129,12 +130,15 @@ impl Syncer {
         loop {
             let wait = self.interval.min(Duration::from_millis(100));
             let mut needed = 0u64;
+            // A storage thread's list of unsynced entries is long: sync.
+            let mut soon = false;
             let mut now_replies = Vec::new();
             let mut stop = None;
             match self.messages.recv_timeout(wait) {
                 Ok(m) => {
                     for m in std::iter::once(m).chain(self.messages.try_iter()) {
                         match m {
+                            SyncerMessage::NeedSpace(0) => soon = true,
                             SyncerMessage::NeedSpace(t) => needed = needed.max(t),
                             SyncerMessage::SyncNow(reply) => now_replies.push(reply),
                             SyncerMessage::Stop(reply) => stop = Some(reply),
@@ -155,7 +159,7 @@ impl Syncer {
             }
             let asked = !now_replies.is_empty() || stop.is_some();
             let waited = last.elapsed() >= backoff;
-            if asked || ((needed > 0 || short || due) && waited) {
+            if asked || ((needed > 0 || short || due || soon) && waited) {
                 let result = self.sync();
                 self.stats.record(&result);
                 if let Err(e) = &result {

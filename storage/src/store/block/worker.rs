@@ -11,7 +11,7 @@
 
 use kiln_proto::limits::{
     BLOCK_BATCH_REQUESTS_MAX as BATCH_REQUESTS_MAX, BLOCK_PERSIST_PAGES_MAX as PERSIST_PAGES_MAX,
-    BLOCK_ROOM_WAIT_MS,
+    BLOCK_ROOM_WAIT_MS, BLOCK_UNSYNCED_ENTRIES_SOFT_MAX as UNSYNCED_ENTRIES_SOFT_MAX,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -141,8 +141,11 @@ enum Pending<'r> {
 struct Unsynced {
     fp: Fingerprint,
     logical: u64,
-    previous: Option<Slot>,
+    /// The earlier record's position and size, or [`NO_PREVIOUS`].
+    previous: (u64, u64),
 }
+
+const NO_PREVIOUS: (u64, u64) = (u64::MAX, 0);
 
 /// What a storage thread owns.
 pub struct Worker {
@@ -631,7 +634,15 @@ impl Worker {
         // The key's own earlier entry (a copy forward, an upload again) is
         // what a failed data sync goes back to.
         let previous = replaced.filter(|old| old.fingerprint == slot.fingerprint);
-        self.unsynced.push(Unsynced { fp, logical: slot.logical, previous });
+        self.unsynced.push(Unsynced {
+            fp,
+            logical: slot.logical,
+            previous: previous.map_or(NO_PREVIOUS, |p| (p.logical, p.size)),
+        });
+        // The list is what a failed data sync undoes: bounded, by syncing.
+        if self.unsynced.len().is_multiple_of(UNSYNCED_ENTRIES_SOFT_MAX) {
+            let _ = self.need_space.try_send(0);
+        }
         Ok(())
     }
 
@@ -685,7 +696,12 @@ impl Worker {
             if !self.remove(&entry.fp, entry.logical) {
                 continue;
             }
-            match entry.previous.filter(|p| ring.is_live(p.logical, record_len(p.size))) {
+            let previous = (entry.previous != NO_PREVIOUS).then_some(Slot {
+                fingerprint: entry.fp.0,
+                logical: entry.previous.0,
+                size: entry.previous.1,
+            });
+            match previous.filter(|p| ring.is_live(p.logical, record_len(p.size))) {
                 Some(previous) => {
                     self.partition(&entry.fp).insert(previous, Self::live(&ring));
                     ring.entry_added(previous.logical);
