@@ -59,9 +59,11 @@ pub const BLOCK_REFRESH_STEP_BYTES: u64 = 1 << 20;
 pub const BLOCK_ROOM_WAIT_MS: u64 = 20_000;
 /// Block store: index entries a storage thread keeps between syncs (to
 /// undo them if the data device fails its sync); each multiple of this
-/// asks the syncer for a sync at once, so the list (40 bytes an entry)
-/// stays near it whatever the write rate.
-pub const BLOCK_UNSYNCED_ENTRIES_SOFT_MAX: usize = 262_144;
+/// asks the syncer for a sync at once, so the list (40 bytes an entry, 80
+/// MiB at this size) stays near it whatever the write rate. Syncing more
+/// often than this costs more than the memory: a sync writes every index
+/// page changed since the last one.
+pub const BLOCK_UNSYNCED_ENTRIES_SOFT_MAX: usize = 2 << 20;
 /// Block store: index pages a storage thread writes per round of a sync
 /// (4 MiB): a sync that writes the whole index holds this much of it in
 /// memory at a time, not all of it.
