@@ -3,10 +3,11 @@
 //!
 //! Slots are 32 bytes ([`Slot`]). A key's bucket follows from its
 //! fingerprint; lookups and inserts probe [`PROBES`] slots from there and
-//! never more. An insert takes, in this order, the key's own slot, an empty
-//! or dead slot (its record has left the ring), or the slot of the oldest
-//! record among those probed: when the table is full, newer entries displace
-//! older ones, and an insert never fails.
+//! never more. An insert takes the key's own slot, or an empty or dead one
+//! (its record has left the ring). A running store never lets a live entry
+//! of another key be displaced ([`Partition::try_insert`] names the oldest
+//! one instead, for the storage thread to evict with its block or to refuse
+//! the write); offline rebuilding and resizing fill a table newest first.
 //!
 //! For persistence the table is a run of 4 KiB pages. Every change marks
 //! its page dirty for both on-disk copies. A sync first takes a *barrier*:
