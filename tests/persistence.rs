@@ -428,3 +428,51 @@ async fn a_store_that_cannot_sync_reports_not_serving() {
     assert!(page.contains("writes durable") && page.contains("NO:"), "{page}");
     assert!(kiln.log().contains("reporting NOT_SERVING"), "{}", kiln.log());
 }
+
+/// An operator changes the configured size: the node refuses to start and
+/// says what to do, the store untouched; `--reformat-stores` (once) is the
+/// only way to discard it, and the next start keeps the new store.
+#[tokio::test]
+async fn a_changed_size_is_refused_until_the_operator_reformats() {
+    let kiln = Kiln::start_with(&["--cas-size", "33554432"]);
+    let (d, bytes) = blob(77, 100_000);
+    upload(&kiln, &d, &bytes).await.unwrap();
+    let (status, log, data) = kiln.stop_keeping_data();
+    assert!(status.success(), "{log}");
+    let dir = data.path().to_str().unwrap().to_owned();
+    let serve = |extra: &[&str]| {
+        let mut args = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--worker-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &dir,
+        ];
+        args.extend_from_slice(extra);
+        common::kiln(&args)
+    };
+    let (ok, _, stderr) = serve(&["--cas-size", "67108864"]);
+    assert!(!ok, "started with a contradicting size");
+    assert!(
+        stderr.contains("keeps the size it was formatted with") && stderr.contains("--reformat-stores"),
+        "{stderr}"
+    );
+    // Untouched: the old size still serves the blob.
+    let kiln = Kiln::start_in(data, &["--cas-size", "33554432"]);
+    assert_eq!(download(&kiln, &d).await.unwrap(), bytes);
+    let (status, log, data) = kiln.stop_keeping_data();
+    assert!(status.success(), "{log}");
+    let kiln = Kiln::start_in(data, &["--cas-size", "67108864", "--reformat-stores"]);
+    assert_eq!(missing(&kiln, &[d]).await, vec![d], "the reformatted store still has the blob");
+    assert!(kiln.log().contains("reformatting the store as asked"), "{}", kiln.log());
+    upload(&kiln, &d, &bytes).await.unwrap();
+    let (status, log, data) = kiln.stop_keeping_data();
+    assert!(status.success(), "{log}");
+    // The flag is not a setting: the next start keeps the new store.
+    let kiln = Kiln::start_in(data, &["--cas-size", "67108864"]);
+    assert_eq!(download(&kiln, &d).await.unwrap(), bytes);
+}
