@@ -9,6 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::mounts::{LoopDevice, Tmpfs};
 use common::{Kiln, eventually};
 use kiln_proto::google::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::reapi::{
@@ -232,23 +233,8 @@ async fn a_raw_block_device_through_a_loop_device() {
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("disk.img");
     std::fs::File::create(&backing).unwrap().set_len(96 << 20).unwrap();
-    let out = std::process::Command::new("losetup").args(["--find", "--show"]).arg(&backing).output();
-    let device = match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        other => {
-            println!(
-                "no loop device here ({other:?}); the block device path is covered by FileDevice tests only"
-            );
-            return;
-        }
-    };
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
-        }
-    }
-    let _detach = Detach(device.clone());
+    let Some(attached) = LoopDevice::attach(&backing) else { return };
+    let device = attached.device.clone();
     let cfg_dir = tempfile::tempdir().unwrap();
     let storage = format!("cas_path = \"{device}\"");
     let cfg = config_file(cfg_dir.path(), &storage);
@@ -281,7 +267,7 @@ async fn a_raw_block_device_through_a_loop_device() {
     let (status, log, data) = kiln.stop_keeping_data();
     assert!(status.success(), "{log}");
     std::fs::OpenOptions::new().write(true).open(&backing).unwrap().set_len(128 << 20).unwrap();
-    assert!(std::process::Command::new("losetup").args(["-c", &device]).status().unwrap().success());
+    attached.refresh_capacity();
     let kiln = Kiln::start_in(data, &["--config", &cfg]);
     for (d, bytes) in &blobs {
         assert_eq!(&download(&kiln, d).await.unwrap(), bytes, "lost when the device grew");
@@ -294,22 +280,7 @@ async fn a_raw_block_device_through_a_loop_device() {
 /// 2 GiB tmpfs, where the automatic size is a quarter of what is free.
 #[tokio::test]
 async fn the_automatic_size_never_empties_the_store_on_restart() {
-    let mount = tempfile::tempdir().unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2g", "kiln-test", mount.path().to_str().unwrap()])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        println!("cannot mount a tmpfs here; the automatic size is covered by the store's unit tests only");
-        return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mount.path().to_owned());
+    let Some(mount) = Tmpfs::mount("2g") else { return };
     let data = tempfile::tempdir_in(mount.path()).unwrap();
     let kiln = Kiln::start_in(data, &["--cas-size", "0"]);
     let (d, bytes) = blob(42, 100_000);
@@ -335,21 +306,7 @@ async fn two_nodes_never_share_a_store_file() {
     let (d, bytes) = blob(7, 50_000);
     upload(&first, &d, &bytes).await.unwrap();
     let other = tempfile::tempdir().unwrap();
-    let (ok, _, stderr) = common::kiln(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--worker-listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--cas-size",
-        "268435456",
-        "--config",
-        &cfg,
-        "--data-dir",
-        other.path().to_str().unwrap(),
-    ]);
+    let (ok, _, stderr) = common::serve_refused(other.path(), &["--cas-size", "268435456", "--config", &cfg]);
     assert!(!ok, "a second node opened the same store");
     assert!(stderr.contains("is locked by process") && stderr.contains("kiln"), "{stderr}");
     assert_eq!(download(&first, &d).await.unwrap(), bytes);
@@ -363,40 +320,12 @@ async fn two_nodes_never_share_a_store_file() {
 async fn a_store_that_cannot_sync_reports_not_serving() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let mount = tempfile::tempdir().unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=40m", "kiln-test", mount.path().to_str().unwrap()])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        println!("cannot mount a tmpfs here; sync failures are covered by the store's unit tests only");
-        return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mount.path().to_owned());
+    let Some(mount) = Tmpfs::mount("40m") else { return };
     // Sparse: larger than the tmpfs can hold.
     let backing = mount.path().join("disk.img");
     std::fs::File::create(&backing).unwrap().set_len(96 << 20).unwrap();
-    let out = std::process::Command::new("losetup").args(["--find", "--show"]).arg(&backing).output();
-    let device = match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        other => {
-            println!("no loop device here ({other:?}); sync failures are covered by unit tests only");
-            return;
-        }
-    };
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
-        }
-    }
-    let _detach = Detach(device.clone());
+    let Some(attached) = LoopDevice::attach(&backing) else { return };
+    let device = attached.device.clone();
     let cfg_dir = tempfile::tempdir().unwrap();
     let cfg = config_file(
         cfg_dir.path(),
@@ -439,23 +368,7 @@ async fn a_changed_size_is_refused_until_the_operator_reformats() {
     upload(&kiln, &d, &bytes).await.unwrap();
     let (status, log, data) = kiln.stop_keeping_data();
     assert!(status.success(), "{log}");
-    let dir = data.path().to_str().unwrap().to_owned();
-    let serve = |extra: &[&str]| {
-        let mut args = vec![
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--worker-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &dir,
-        ];
-        args.extend_from_slice(extra);
-        common::kiln(&args)
-    };
-    let (ok, _, stderr) = serve(&["--cas-size", "67108864"]);
+    let (ok, _, stderr) = common::serve_refused(data.path(), &["--cas-size", "67108864"]);
     assert!(!ok, "started with a contradicting size");
     assert!(
         stderr.contains("keeps the size it was formatted with") && stderr.contains("--reformat-stores"),

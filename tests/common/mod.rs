@@ -6,6 +6,7 @@
 pub mod bazel;
 pub mod h2raw;
 pub mod http;
+pub mod mounts;
 pub mod pki;
 pub mod proxy;
 
@@ -280,6 +281,25 @@ pub fn kiln(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
+}
+
+/// Runs `kiln serve` on `data_dir` with ephemeral listeners and `extra`
+/// arguments, for a start that must fail: (success, stdout, stderr).
+pub fn serve_refused(data_dir: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
+    let dir = data_dir.to_str().expect("utf-8 path");
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--worker-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir,
+    ];
+    args.extend_from_slice(extra);
+    kiln(&args)
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, failing with `what`

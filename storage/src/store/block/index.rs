@@ -256,6 +256,13 @@ mod tests {
         Fingerprint(b)
     }
 
+    /// Slots whose keys all fall in one bucket.
+    fn colliding(n: u32) -> Slot {
+        let mut b = fp(n).0;
+        b[8..16].copy_from_slice(&[0; 8]);
+        Slot { fingerprint: b, logical: u64::from(n), size: 1 }
+    }
+
     fn slot(n: u32, logical: u64) -> Slot {
         Slot { fingerprint: fp(n).0, logical, size: u64::from(n) }
     }
@@ -297,12 +304,6 @@ mod tests {
     #[test]
     fn a_full_table_displaces_the_oldest_and_dead_entries_make_room() {
         let mut table = Partition::new(0, 1, 1);
-        // Every key collides in one bucket: force it with equal high bits.
-        let colliding = |n: u32| {
-            let mut b = fp(n).0;
-            b[8..16].copy_from_slice(&[0; 8]);
-            Slot { fingerprint: b, logical: u64::from(n), size: 1 }
-        };
         for n in 1..=u32::try_from(PROBES).unwrap() {
             table.insert(colliding(n), |_| true);
         }
@@ -324,11 +325,6 @@ mod tests {
     #[test]
     fn try_insert_never_displaces_a_live_entry() {
         let mut table = Partition::new(0, 1, 1);
-        let colliding = |n: u32| {
-            let mut b = fp(n).0;
-            b[8..16].copy_from_slice(&[0; 8]);
-            Slot { fingerprint: b, logical: u64::from(n), size: 1 }
-        };
         for n in 1..=u32::try_from(PROBES).unwrap() {
             assert_eq!(table.try_insert(colliding(n), |_| true), Ok(None));
         }
