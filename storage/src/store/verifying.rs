@@ -52,14 +52,12 @@ impl<W: BlobWriter> BlobWriter for VerifyingWriter<W> {
                 self.expected.size_bytes()
             )));
         }
-        // Counted only once the store has the bytes: a failed write leaves
-        // the hash and the offset where they were, so a resumption works.
-        let mut hasher = self.hasher.clone();
-        hasher.update(&chunk);
-        let len = chunk.len() as u64;
-        self.inner.write(chunk).await?;
-        self.hasher = hasher;
-        self.written += len;
+        // Hashed and counted only once the store has the bytes: a failed
+        // write leaves the hash and the offset where they were, so a
+        // resumption works.
+        self.inner.write(chunk.clone()).await?;
+        self.hasher.update(&chunk);
+        self.written += chunk.len() as u64;
         Ok(())
     }
 

@@ -23,8 +23,9 @@ use super::device::BlockDevice;
 use super::engine::{Devices, fill_index, write_index};
 use super::format::{
     CRC_CHUNK_BYTES, DataHeader, Fingerprint, IndexLayout, Kind, PAGE_BYTES, RECORD_HEADER_BYTES,
-    RecordHeader, RecordKey, Slot, Superblock, chunk_crc, crc_chunks, crc_offset, record_key, record_len,
+    RecordHeader, RecordKey, Slot, Superblock, crc_chunks, crc_offset, record_key, record_len,
 };
+use super::worker::check_chunks;
 
 /// Bytes of the ring read at once.
 const WINDOW_BYTES: u64 = 4 << 20;
@@ -142,12 +143,9 @@ fn intact(data: &dyn BlockDevice, x: u64, size: u64) -> bool {
         if data.read_at(&mut buf, PAGE_BYTES + x + RECORD_HEADER_BYTES + from).is_err() {
             return false;
         }
-        for (i, chunk) in buf.chunks(usize::try_from(CRC_CHUNK_BYTES).unwrap_or(1)).enumerate() {
-            let c = usize::try_from(from / CRC_CHUNK_BYTES).unwrap_or(0) + i;
-            let stored = u32::from_le_bytes(crcs[4 * c..4 * c + 4].try_into().unwrap_or([0; 4]));
-            if stored != chunk_crc(chunk) {
-                return false;
-            }
+        let first = usize::try_from(4 * (from / CRC_CHUNK_BYTES)).unwrap_or(usize::MAX);
+        if check_chunks(&buf, crcs.get(first..).unwrap_or_default()).is_err() {
+            return false;
         }
         from += n;
     }

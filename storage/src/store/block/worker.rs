@@ -795,7 +795,7 @@ pub fn encode_record(kind: Kind, key: &RecordKey, fp: Fingerprint, logical: u64,
 }
 
 /// Checks chunk-aligned `data` against its chunks' checksums.
-fn check_chunks(data: &[u8], crcs: &[u8]) -> std::result::Result<(), String> {
+pub(super) fn check_chunks(data: &[u8], crcs: &[u8]) -> std::result::Result<(), String> {
     for (i, chunk) in data.chunks(usize::try_from(CRC_CHUNK_BYTES).unwrap_or(usize::MAX)).enumerate() {
         let Some(stored) = crcs.get(i * 4..i * 4 + 4) else {
             return Err("a chunk checksum is missing".into());

@@ -35,11 +35,23 @@ pub(crate) struct Scrub {
     slot: usize,
     /// The record being checked, and how many of its data bytes are.
     current: Option<(Fingerprint, Location, u64)>,
+    /// The thread's partition numbers in order, and their slots in all.
+    numbers: Vec<u32>,
+    slots: usize,
 }
 
 impl Scrub {
     pub(crate) fn new(rate_bytes_per_second: u64) -> Scrub {
-        Scrub { rate_bytes_per_second, budget: 0, last: Instant::now(), partition: 0, slot: 0, current: None }
+        Scrub {
+            rate_bytes_per_second,
+            budget: 0,
+            last: Instant::now(),
+            partition: 0,
+            slot: 0,
+            current: None,
+            numbers: Vec::new(),
+            slots: 0,
+        }
     }
 }
 
@@ -114,9 +126,13 @@ impl Worker {
 
     /// The next live entry of this thread's partitions, going round.
     fn scrub_next(&mut self, visited: &mut usize) -> Option<(Fingerprint, Location)> {
-        let mut numbers: Vec<u32> = self.partitions.keys().copied().collect();
-        numbers.sort_unstable();
-        let total: usize = self.partitions.values().map(|p| p.slot_count()).sum();
+        if self.scrub.numbers.is_empty() {
+            // The thread's partitions never change: listed once, in order.
+            self.scrub.numbers = self.partitions.keys().copied().collect();
+            self.scrub.numbers.sort_unstable();
+            self.scrub.slots = self.partitions.values().map(|p| p.slot_count()).sum();
+        }
+        let (numbers, total) = (&self.scrub.numbers, self.scrub.slots);
         let ring = self.ring.clone();
         // A sparse table is walked a bounded number of slots per tick.
         let limit = total.min(SLOTS_PER_TICK_MAX);
