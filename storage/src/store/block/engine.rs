@@ -115,7 +115,7 @@ impl Engine {
     /// Opens the store on `devices` (tests bring fault-injecting ones).
     pub fn open_on(config: &BlockConfig, devices: Devices) -> Result<Arc<Engine>> {
         let started = Instant::now();
-        let found = open::read_header(&*devices.data)?;
+        let found = open::read_header(config, &*devices.data)?;
         let plan = open::plan(config, &found, &devices)?;
         let (capacity, block_bytes) = (plan.capacity, plan.block_bytes);
         if devices.data.len() >= PAGE_BYTES + capacity + block_bytes {

@@ -58,8 +58,17 @@ fn foreign(config: &BlockConfig, name: &str) -> Error {
     ))
 }
 
-/// Reads and classifies the data header.
-pub fn read_header(data: &dyn BlockDevice) -> Result<Found> {
+/// Reads and classifies the data header. Bytes that are not a Kiln store
+/// count as a new device where the operator allowed formatting one
+/// (`format_device`, which says it destroys what is there).
+pub fn read_header(config: &BlockConfig, data: &dyn BlockDevice) -> Result<Found> {
+    Ok(match classify(data)? {
+        Found::Foreign if config.format_device => Found::New,
+        found => found,
+    })
+}
+
+fn classify(data: &dyn BlockDevice) -> Result<Found> {
     if data.len() < PAGE_BYTES {
         let mut head = vec![0u8; usize::try_from(data.len()).unwrap_or(0)];
         data.read_at(&mut head, 0).map_err(|e| internal("read", &data.describe(), &e))?;
@@ -193,7 +202,7 @@ pub fn open_files(config: &BlockConfig) -> Result<Devices> {
     };
     let mut data = locked(&config.data_path)?;
     let name = config.data_path.display().to_string();
-    let found = read_header(&data)?;
+    let found = read_header(config, &data)?;
     if data.block_device() {
         if matches!(found, Found::New | Found::Foreign) && !config.format_device && !config.reformat {
             return Err(refused(format!(
