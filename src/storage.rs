@@ -47,6 +47,12 @@ pub struct StorageConfig {
     /// Bytes per second the background scrub re-reads and checks, per
     /// store; 0 turns it off.
     pub scrub_bytes_per_second: u64,
+    /// Where CAS uploads in progress wait until complete; default
+    /// `<data_dir>/staging`.
+    pub upload_staging_dir: Option<PathBuf>,
+    /// Most bytes of CAS uploads in progress (half per client); 0: half
+    /// the CAS.
+    pub upload_staging_bytes: u64,
     pub pin_threads: bool,
     /// Allow formatting a block device that holds no Kiln store.
     pub format_device: bool,
@@ -75,6 +81,8 @@ impl Default for StorageConfig {
             io: IoMode::Auto,
             sync_interval_ms: 10_000,
             scrub_bytes_per_second: 16 << 20,
+            upload_staging_dir: None,
+            upload_staging_bytes: 0,
             pin_threads: true,
             format_device: false,
             reformat: false,
@@ -132,6 +140,11 @@ impl StorageConfig {
                         "[storage] scrub_bytes_per_second must be at most 10 GiB/s (0 turns the scrub off)"
                     );
                 }
+                if self.upload_staging_bytes != 0 && self.upload_staging_bytes < 2 << 20 {
+                    bail!(
+                        "[storage] upload_staging_bytes must be at least 2 MiB (0: half the CAS); half of it bounds the largest blob"
+                    );
+                }
                 if self.threads > 1024 {
                     bail!("[storage] threads must be at most 1024 (0: one per core)");
                 }
@@ -175,6 +188,8 @@ impl StorageConfig {
             reformat: self.reformat,
             room_wait: Duration::from_millis(kiln_proto::limits::BLOCK_ROOM_WAIT_MS),
             scrub_bytes_per_second: self.scrub_bytes_per_second,
+            staging_dir: self.upload_staging_dir.clone().unwrap_or_else(|| data_dir.join("staging")),
+            staging_bytes: self.upload_staging_bytes,
         }
     }
 }

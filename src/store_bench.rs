@@ -63,6 +63,8 @@ fn config(o: &StoreBenchOptions) -> BlockConfig {
         reformat: false,
         room_wait: Duration::from_millis(kiln_proto::limits::BLOCK_ROOM_WAIT_MS),
         scrub_bytes_per_second: 0,
+        staging_dir: o.dir.join("staging"),
+        staging_bytes: 0,
     }
 }
 

@@ -44,8 +44,9 @@ pub const BLOCK_RING_ENTRIES: u32 = 256;
 pub const BLOCK_INDEX_PROBES: usize = 16;
 /// Block store: blobs up to this size are written in one request.
 pub const BLOCK_SMALL_BLOB_BYTES: u64 = 64 << 10;
-/// Block store: chunk checksums a writer keeps before writing them out.
-pub const BLOCK_PENDING_CRCS_MAX: usize = 1024;
+/// Block store: times a staged upload is copied into the ring, should the
+/// ring pass the space it is copied into each time.
+pub const BLOCK_STAGED_COPY_ATTEMPTS: u32 = 3;
 /// Block store: blobs waiting to be copied forward, per storage thread;
 /// past it (or past the backlog in bytes the ring allows) an old blob that
 /// FindMissingBlobs asks about is reported missing, never silently left to

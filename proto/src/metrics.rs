@@ -92,6 +92,9 @@ pub struct Metrics {
     pub store_index_evictions: Counter,
     pub store_index_full: Counter,
     pub store_scrub_damaged: Counter,
+    /// Bytes the CAS's upload staging area holds for uploads in progress.
+    pub store_staged_bytes: Gauge,
+    pub store_staging_refusals: Counter,
     pub dispatch_latency: Histogram,
     pub action_duration: Histogram,
     pub executions: Family<OutcomeLabels, Counter>,
@@ -133,6 +136,8 @@ impl Metrics {
             store_index_evictions: Counter::default(),
             store_index_full: Counter::default(),
             store_scrub_damaged: Counter::default(),
+            store_staged_bytes: Gauge::default(),
+            store_staging_refusals: Counter::default(),
             dispatch_latency: seconds_histogram(),
             action_duration: seconds_histogram(),
             executions: Family::default(),
@@ -262,6 +267,17 @@ impl Metrics {
             "store_scrub_damaged",
             "Damaged records the background scrub found and dropped (before any build read them)",
             self.store_scrub_damaged.clone(),
+        );
+        r.register_with_unit(
+            "store_staged",
+            "Bytes of uploads in progress held in the CAS's staging area (copied into the ring when complete)",
+            Unit::Bytes,
+            self.store_staged_bytes.clone(),
+        );
+        r.register(
+            "store_staging_refusals",
+            "Upload chunks refused because the staging area (in all, or the client's share) was full",
+            self.store_staging_refusals.clone(),
         );
         r.register_with_unit(
             "scheduler_dispatch_latency",

@@ -143,6 +143,11 @@ impl Budget {
 }
 
 impl Charge {
+    /// The client this charge is for.
+    pub fn client(&self) -> Option<IpAddr> {
+        self.client
+    }
+
     /// Bytes this charge holds.
     pub fn bytes(&self) -> u64 {
         self.permit.as_ref().map_or(0, |p| p.num_permits() as u64)

@@ -31,7 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::admission::{Budget, BudgetLimits, Charge};
 use super::compression::{StreamDecoder, StreamEncoder};
 use super::partial::PartialUploads;
-use crate::store::{BlobReader, BlobWriter, ByteRange, CasKey, CasStore};
+use crate::store::{BlobReader, BlobWriter, ByteRange, CasKey, CasStore, Client};
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
@@ -169,6 +169,7 @@ impl<C: CasStore + Clone> ByteStreamService<C> {
         resource: &WriteResource,
         key: &CasKey,
         offset: i64,
+        client: Client,
     ) -> Result<Upload<C::Writer>, Status> {
         if resource.compressor == Compressor::Zstd {
             if offset != 0 {
@@ -177,14 +178,14 @@ impl<C: CasStore + Clone> ByteStreamService<C> {
                 ));
             }
             let decoder = Box::new(StreamDecoder::new(resource.digest.size_bytes())?);
-            return Ok(Upload::Zstd { decoder, writer: self.cas.write(key).await? });
+            return Ok(Upload::Zstd { decoder, writer: self.cas.write_from(key, client).await? });
         }
         let name = resource.to_string();
         let committed = self.partial.committed(&name).unwrap_or(0);
         match u64::try_from(offset) {
             Ok(0) => {
                 self.partial.forget(&name);
-                Ok(Upload::Plain(self.cas.write(key).await?))
+                Ok(Upload::Plain(self.cas.write_from(key, client).await?))
             }
             Ok(offset) if offset == committed => {
                 let writer = self.partial.take_at(&name, offset).ok_or_else(|| {
@@ -212,7 +213,7 @@ impl<C: CasStore + Clone> ByteStreamService<C> {
         stream: &mut Streaming<WriteRequest>,
         charge: &mut Charge,
     ) -> Result<u64, Status> {
-        let mut upload = self.begin(resource, key, first.write_offset).await?;
+        let mut upload = self.begin(resource, key, first.write_offset, charge.client()).await?;
         let mut message = first;
         let name = message.resource_name.clone();
         let idle = Duration::from_millis(self.limits.upload_idle_timeout_ms);

@@ -288,7 +288,7 @@ mod tests {
         async fn read(&self, _: &CasKey, _: ByteRange) -> Result<Nothing> {
             Err(Error::new(self.0, "backend down"))
         }
-        async fn write(&self, _: &CasKey) -> Result<Nothing> {
+        async fn write_from(&self, _: &CasKey, _: crate::store::Client) -> Result<Nothing> {
             Err(Error::new(self.0, "backend down"))
         }
         async fn find_missing(&self, _: &[CasKey]) -> Result<Vec<CasKey>> {

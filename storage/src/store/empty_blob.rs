@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use kiln_proto::{Error, Result};
 
-use super::{BlobReader, BlobWriter, ByteRange, CasKey, CasStore};
+use super::{BlobReader, BlobWriter, ByteRange, CasKey, CasStore, Client};
 
 #[derive(Debug, Clone)]
 pub struct EmptyBlob<S> {
@@ -99,11 +99,11 @@ impl<S: CasStore> CasStore for EmptyBlob<S> {
         self.inner.read(key, range).await.map(MaybeEmpty::Inner)
     }
 
-    async fn write(&self, key: &CasKey) -> Result<Self::Writer> {
+    async fn write_from(&self, key: &CasKey, client: Client) -> Result<Self::Writer> {
         if key.digest.is_empty_blob() {
             return Ok(MaybeEmpty::Empty);
         }
-        self.inner.write(key).await.map(MaybeEmpty::Inner)
+        self.inner.write_from(key, client).await.map(MaybeEmpty::Inner)
     }
 
     async fn find_missing(&self, keys: &[CasKey]) -> Result<Vec<CasKey>> {

@@ -18,7 +18,7 @@ use kiln_proto::limits::STORE_CHUNK_BYTES;
 use kiln_proto::{Code, Error, Result};
 use lru::LruCache;
 
-use super::{AcKey, AcStore, BlobReader, BlobWriter, ByteRange, CasKey, CasStore};
+use super::{AcKey, AcStore, BlobReader, BlobWriter, ByteRange, CasKey, CasStore, Client};
 
 /// Fixed per-entry bookkeeping charged against the budget, so that millions
 /// of tiny blobs cannot exceed it unnoticed.
@@ -343,7 +343,7 @@ impl CasStore for MemoryCas {
         Ok(MemoryReader { core: self.core.clone(), key: key.clone(), pos: start, end, start })
     }
 
-    async fn write(&self, key: &CasKey) -> Result<MemoryWriter> {
+    async fn write_from(&self, key: &CasKey, _client: Client) -> Result<MemoryWriter> {
         if charge(key.size_bytes()) > self.core.shard_capacity_bytes {
             return Err(Error::resource_exhausted(format!(
                 "blob {key} is larger than this store can hold ({} bytes); raise the store's size",

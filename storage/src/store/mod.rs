@@ -30,6 +30,10 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use kiln_proto::{Digest, Error, Result};
 
+/// Who an upload comes from (its address), for its share of what a store
+/// holds for uploads in progress; `None` for Kiln itself.
+pub type Client = Option<std::net::IpAddr>;
+
 pub mod block;
 pub mod completeness_checking;
 pub mod empty_blob;
@@ -209,8 +213,15 @@ pub trait CasStore: Send + Sync + 'static {
     /// OUT_OF_RANGE if the range starts past its end.
     fn read(&self, key: &CasKey, range: ByteRange) -> impl Future<Output = Result<Self::Reader>> + Send;
 
-    /// Opens a writer for the blob `key` names (of `key.size_bytes()` bytes).
-    fn write(&self, key: &CasKey) -> impl Future<Output = Result<Self::Writer>> + Send;
+    /// Opens a writer for the blob `key` names (of `key.size_bytes()` bytes),
+    /// on behalf of `client`: what a store holds for uploads in progress is
+    /// bounded per client.
+    fn write_from(&self, key: &CasKey, client: Client) -> impl Future<Output = Result<Self::Writer>> + Send;
+
+    /// [`CasStore::write_from`] for Kiln itself (tests, tools, workers).
+    fn write(&self, key: &CasKey) -> impl Future<Output = Result<Self::Writer>> + Send {
+        self.write_from(key, None)
+    }
 
     /// The keys that are absent, in the order given. Keys that are present
     /// have their lifetime extended as if they had been read.
@@ -268,8 +279,8 @@ impl<S: CasStore> CasStore for Arc<S> {
         (**self).read(key, range)
     }
 
-    fn write(&self, key: &CasKey) -> impl Future<Output = Result<Self::Writer>> + Send {
-        (**self).write(key)
+    fn write_from(&self, key: &CasKey, client: Client) -> impl Future<Output = Result<Self::Writer>> + Send {
+        (**self).write_from(key, client)
     }
 
     fn find_missing(&self, keys: &[CasKey]) -> impl Future<Output = Result<Vec<CasKey>>> + Send {

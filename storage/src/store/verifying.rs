@@ -13,7 +13,7 @@
 use bytes::Bytes;
 use kiln_proto::{Code, Digest, Error, Hasher, Result};
 
-use super::{BlobReader, BlobWriter, ByteRange, CasKey, CasStore};
+use super::{BlobReader, BlobWriter, ByteRange, CasKey, CasStore, Client};
 
 #[derive(Debug, Clone)]
 pub struct Verifying<S> {
@@ -145,8 +145,8 @@ impl<S: CasStore> CasStore for Verifying<S> {
         Ok(reader)
     }
 
-    async fn write(&self, key: &CasKey) -> Result<Self::Writer> {
-        let inner = self.inner.write(key).await?;
+    async fn write_from(&self, key: &CasKey, client: Client) -> Result<Self::Writer> {
+        let inner = self.inner.write_from(key, client).await?;
         Ok(VerifyingWriter {
             inner,
             expected: key.digest,

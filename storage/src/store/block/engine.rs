@@ -22,6 +22,7 @@ use super::format::{
 use super::index::Partition;
 use super::io::{IoEngine, IoMode};
 use super::ring::Ring;
+use super::staging::Staging;
 use super::syncer::{SyncStats, Syncer, SyncerMessage};
 use super::worker::{Request, Scrub, Worker, partition_of};
 use super::{open, rebuild};
@@ -61,6 +62,10 @@ pub struct BlockConfig {
     pub room_wait: Duration,
     /// Bytes per second the background scrub re-reads; 0: no scrub.
     pub scrub_bytes_per_second: u64,
+    /// Where a CAS keeps uploads in progress (see [`super::staging`]).
+    pub staging_dir: PathBuf,
+    /// Most bytes of uploads in progress; 0: half the ring.
+    pub staging_bytes: u64,
 }
 
 /// The devices of a store, for tests that bring their own.
@@ -83,6 +88,8 @@ pub struct Engine {
     pub slots: u64,
     pub stats: Arc<SyncStats>,
     pub devices: Devices,
+    /// Uploads in progress (a CAS's; an action cache takes whole values).
+    pub staging: Option<Arc<Staging>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -147,6 +154,13 @@ impl Engine {
                         .ok_or_else(|| Error::internal("the rebuilt index does not load"))?
                 }
             }
+        };
+        let staging = match config.kind {
+            Kind::Cas => {
+                let bytes = if config.staging_bytes == 0 { capacity / 2 } else { config.staging_bytes };
+                Some(Staging::open(&config.staging_dir, bytes)?)
+            }
+            Kind::Ac => None,
         };
         let sb = loaded.superblock;
         let ring = Arc::new(Ring::new(capacity, block_bytes, sb.tail, sb.head));
@@ -284,6 +298,7 @@ impl Engine {
             slots,
             stats,
             devices,
+            staging,
         }))
     }
 

@@ -12,13 +12,13 @@
 //!   submodules); [`io`]: their I/O (io_uring or pread/pwrite); [`syncer`]:
 //!   the sync protocol; [`open`]: what opening finds and may do;
 //!   [`rebuild`]: a lost index rebuilt from the ring; [`engine`]: opening
-//!   and closing.
+//!   and closing; [`staging`]: where uploads wait until they are complete.
 //!
 //! docs/storage-format.md describes the format, the sync protocol and the
 //! recovery rules for operators.
 
 use kiln_proto::limits::{
-    BLOCK_PENDING_CRCS_MAX as PENDING_CRCS_MAX, BLOCK_SMALL_BLOB_BYTES as SMALL_BLOB_BYTES,
+    BLOCK_SMALL_BLOB_BYTES as SMALL_BLOB_BYTES, BLOCK_STAGED_COPY_ATTEMPTS as STAGED_COPY_ATTEMPTS,
 };
 use std::sync::Arc;
 
@@ -26,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 use kiln_proto::limits::STORE_CHUNK_BYTES;
 use kiln_proto::{Code, Error, Result};
 
-use super::{AcKey, AcStore, BlobReader, BlobWriter, ByteRange, CasKey, CasStore};
+use super::{AcKey, AcStore, BlobReader, BlobWriter, ByteRange, CasKey, CasStore, Client};
 
 pub mod device;
 pub mod engine;
@@ -37,6 +37,7 @@ pub mod io;
 pub mod open;
 pub mod rebuild;
 pub mod ring;
+pub mod staging;
 pub mod syncer;
 pub mod worker;
 
@@ -48,6 +49,7 @@ use format::{
     CRC_CHUNK_BYTES, Fingerprint, RECORD_HEADER_BYTES, SLOT_SIZE_BYTES_MAX, chunk_crc_append, crc_offset,
     record_len,
 };
+use staging::{StagedFile, Staging};
 use worker::{Location, Request};
 
 /// The CAS on a block store.
@@ -66,9 +68,18 @@ impl BlockCas {
         &self.engine
     }
 
-    /// The largest blob this store can hold.
+    /// The largest blob this store can hold: a quarter of the ring, and
+    /// what one client may stage.
     pub fn blob_size_bytes_max(&self) -> u64 {
-        (self.engine.ring.capacity() / 4).min(SLOT_SIZE_BYTES_MAX) - 2 * CRC_CHUNK_BYTES
+        (self.engine.ring.capacity() / 4)
+            .min(SLOT_SIZE_BYTES_MAX)
+            .min(self.staging().client_bytes_max())
+            .saturating_sub(2 * CRC_CHUNK_BYTES)
+    }
+
+    fn staging(&self) -> Arc<Staging> {
+        // A CAS engine always has one (`Engine::open_on`).
+        self.engine.staging.clone().expect("a CAS engine has a staging area")
     }
 }
 
@@ -118,40 +129,25 @@ impl BlobReader for BlockReader {
 }
 
 /// Writes a blob into the block store: small blobs in one request at
-/// commit, larger ones into space reserved at the first chunk, each chunk
-/// checksummed as it passes.
+/// commit; larger ones staged (see [`staging`]), unless they came whole in
+/// one chunk, and copied into space of exactly their size at commit, each
+/// chunk checksummed as it passes.
 #[derive(Debug)]
 pub struct BlockWriter {
     engine: Arc<Engine>,
     fp: Fingerprint,
     size: u64,
     written: u64,
-    /// Space of the record, once reserved.
-    logical: Option<u64>,
-    /// Small blobs wait here until commit.
+    /// Small blobs, and larger ones that came whole, wait here until commit.
     buffered: Vec<Bytes>,
+    /// Larger ones wait in the staging area.
+    staged: Option<StagedFile>,
     /// Checksum of the chunk being filled.
     crc: u32,
     crcs: Vec<u32>,
-    crcs_written: u64,
 }
 
 impl BlockWriter {
-    async fn reserve(&mut self) -> Result<u64> {
-        if let Some(logical) = self.logical {
-            return Ok(logical);
-        }
-        let size = self.size;
-        let logical = self.engine.call(&self.fp, |reply| Request::Reserve { size, reply }).await?;
-        self.logical = Some(logical);
-        Ok(logical)
-    }
-
-    async fn send(&mut self, offset: u64, data: Bytes) -> Result<()> {
-        let logical = self.reserve().await?;
-        self.engine.call(&self.fp, |reply| Request::Write { logical, offset, data, reply }).await
-    }
-
     /// Checksums `data` chunk by chunk (it starts at blob offset `at`).
     fn checksum(&mut self, at: u64, data: &[u8]) {
         let mut pos = at;
@@ -169,18 +165,47 @@ impl BlockWriter {
         }
     }
 
-    async fn flush_crcs(&mut self) -> Result<()> {
-        if self.crcs.is_empty() {
-            return Ok(());
+    /// Copies the blob into new space of the ring and commits it. Should
+    /// the ring pass that space while it is filled (a ring small for its
+    /// load), the copy starts over in new space, a bounded number of times:
+    /// the bytes are still in `from`.
+    async fn store(&self, from: &Source<'_>) -> Result<()> {
+        let mut attempts = 1;
+        loop {
+            let (fp, size) = (self.fp, self.size);
+            let logical = self.engine.call(&fp, |reply| Request::Reserve { size, reply }).await?;
+            match self.fill(from, logical).await {
+                Err(e) if attempts < STAGED_COPY_ATTEMPTS && logical < self.engine.ring.tail() => {
+                    tracing::debug!(fp = ?fp, attempts, error = %e, "the ring passed a staged copy; copying again");
+                    attempts += 1;
+                }
+                done => return done,
+            }
         }
-        // Dropped only once written: a failed flush is tried again.
-        let bytes: Vec<u8> = self.crcs.iter().copied().flat_map(u32::to_le_bytes).collect();
-        let count = self.crcs.len() as u64;
-        let offset = crc_offset(self.size, self.crcs_written);
-        self.send(offset, Bytes::from(bytes)).await?;
-        self.crcs.clear();
-        self.crcs_written += count;
-        Ok(())
+    }
+
+    async fn fill(&self, from: &Source<'_>, logical: u64) -> Result<()> {
+        let fp = self.fp;
+        let piece = STORE_CHUNK_BYTES;
+        let mut at = 0;
+        while at < self.size {
+            let n = (self.size - at).min(piece);
+            let data = match from {
+                Source::Memory(all) => all.slice(usize_of(at)..usize_of(at + n)),
+                Source::Staged(staged) => staged.read(at, usize_of(n)).await?,
+            };
+            let offset = RECORD_HEADER_BYTES + at;
+            self.engine.call(&fp, |reply| Request::Write { logical, offset, data, reply }).await?;
+            at += n;
+        }
+        let crcs_per_piece = usize::try_from(piece / 4).unwrap_or(1);
+        for (i, crcs) in self.crcs.chunks(crcs_per_piece).enumerate() {
+            let data = Bytes::from(crcs.iter().copied().flat_map(u32::to_le_bytes).collect::<Vec<u8>>());
+            let offset = crc_offset(self.size, (i * crcs_per_piece) as u64);
+            self.engine.call(&fp, |reply| Request::Write { logical, offset, data, reply }).await?;
+        }
+        let loc = Location { logical, size: self.size };
+        self.engine.call(&fp, |reply| Request::Commit { fp, loc, reply }).await
     }
 }
 
@@ -190,11 +215,7 @@ impl BlobWriter for BlockWriter {
     }
 
     fn buffered(&self) -> u64 {
-        if self.size <= SMALL_BLOB_BYTES { self.written } else { 0 }
-    }
-
-    fn resumable(&self) -> bool {
-        self.logical.is_none_or(|logical| logical >= self.engine.ring.tail())
+        self.written - self.staged.as_ref().map_or(0, StagedFile::len)
     }
 
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
@@ -204,18 +225,20 @@ impl BlobWriter for BlockWriter {
         if chunk.is_empty() {
             return Ok(());
         }
-        if self.size <= SMALL_BLOB_BYTES {
-            self.written += chunk.len() as u64;
-            self.buffered.push(chunk);
-            return Ok(());
-        }
-        if self.crcs.len() >= PENDING_CRCS_MAX {
-            self.flush_crcs().await?;
-        }
         let at = self.written;
-        // Checksummed once stored, so that a failed write changes nothing.
-        self.send(RECORD_HEADER_BYTES + at, chunk.clone()).await?;
-        self.checksum(at, &chunk);
+        let whole = at == 0 && chunk.len() as u64 == self.size;
+        match &mut self.staged {
+            Some(staged) if !whole => {
+                // Checksummed once staged, so that a failed write changes nothing.
+                staged.append(chunk.clone()).await?;
+                self.checksum(at, &chunk);
+            }
+            Some(_) => {
+                self.checksum(at, &chunk);
+                self.buffered.push(chunk.clone());
+            }
+            None => self.buffered.push(chunk.clone()),
+        }
         self.written += chunk.len() as u64;
         Ok(())
     }
@@ -227,24 +250,35 @@ impl BlobWriter for BlockWriter {
                 self.written, self.size
             )));
         }
-        let fp = self.fp;
-        if self.size <= SMALL_BLOB_BYTES {
-            let data = match self.buffered.len() {
-                1 => self.buffered.pop().unwrap_or_default(),
-                _ => {
-                    let mut all = BytesMut::with_capacity(usize::try_from(self.size).unwrap_or(0));
-                    for part in self.buffered.drain(..) {
-                        all.extend_from_slice(&part);
-                    }
-                    all.freeze()
-                }
-            };
-            return self.engine.call(&fp, |reply| Request::Put { fp, data, reply }).await;
+        if let Some(staged) = self.staged.take_if(|s| !s.is_empty()) {
+            return self.store(&Source::Staged(&staged)).await;
         }
-        self.flush_crcs().await?;
-        let loc = Location { logical: self.reserve().await?, size: self.size };
-        self.engine.call(&fp, |reply| Request::Commit { fp, loc, reply }).await
+        let fp = self.fp;
+        let data = match self.buffered.len() {
+            1 => self.buffered.pop().unwrap_or_default(),
+            _ => {
+                let mut all = BytesMut::with_capacity(usize::try_from(self.size).unwrap_or(0));
+                for part in self.buffered.drain(..) {
+                    all.extend_from_slice(&part);
+                }
+                all.freeze()
+            }
+        };
+        if self.size > SMALL_BLOB_BYTES {
+            return self.store(&Source::Memory(data)).await;
+        }
+        self.engine.call(&fp, |reply| Request::Put { fp, data, reply }).await
     }
+}
+
+/// Where a blob's bytes are until they go into the ring.
+enum Source<'a> {
+    Memory(Bytes),
+    Staged(&'a StagedFile),
+}
+
+fn usize_of(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 impl CasStore for BlockCas {
@@ -260,7 +294,7 @@ impl CasStore for BlockCas {
         Ok(BlockReader { engine: self.engine.clone(), fp, loc, pos: start, start, end, whole })
     }
 
-    async fn write(&self, key: &CasKey) -> Result<BlockWriter> {
+    async fn write_from(&self, key: &CasKey, client: Client) -> Result<BlockWriter> {
         if key.size_bytes() > self.blob_size_bytes_max() {
             return Err(Error::resource_exhausted(format!(
                 "blob {key} is larger than this store can hold ({} bytes); raise [storage] cas_size_bytes",
@@ -272,11 +306,10 @@ impl CasStore for BlockCas {
             fp: Fingerprint::cas(key),
             size: key.size_bytes(),
             written: 0,
-            logical: None,
             buffered: Vec::new(),
+            staged: (key.size_bytes() > SMALL_BLOB_BYTES).then(|| StagedFile::new(self.staging(), client)),
             crc: 0,
             crcs: Vec::new(),
-            crcs_written: 0,
         })
     }
 

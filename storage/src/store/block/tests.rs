@@ -41,6 +41,8 @@ pub(super) fn config(dir: &Path, kind: Kind, io: IoMode) -> BlockConfig {
         reformat: false,
         room_wait: Duration::from_millis(kiln_proto::limits::BLOCK_ROOM_WAIT_MS),
         scrub_bytes_per_second: 0,
+        staging_dir: std::env::temp_dir(),
+        staging_bytes: 0,
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use futures::executor::block_on;
 use kiln_proto::Code;
 
-use super::tests_promises::{blob, config};
+use super::tests_promises::{SIZE, blob, config};
 use super::*;
 use crate::store::{put_all, read_all};
 
@@ -125,8 +125,8 @@ fn a_lost_index_is_rebuilt_from_the_ring() {
     all_present(&base, &blobs).engine().close().unwrap();
 }
 
-/// Bytes a client uploaded and never committed cannot pass for a record in
-/// a rebuild, even laid out as one with a right checksum: headers carry a
+/// Bytes a client uploaded cannot pass for a record in a rebuild, even
+/// laid out as one with a right checksum inside a blob: headers carry a
 /// tag keyed by the store's id, which no client knows.
 #[test]
 fn a_rebuild_believes_no_forged_record() {
@@ -135,12 +135,9 @@ fn a_rebuild_believes_no_forged_record() {
     let base = config(dir.path(), Kind::Cas);
     let store = BlockCas::new(Engine::open(&base).unwrap());
     let (victim, _) = blob(7, 5000);
-    let (carrier, _) = blob(8, 200_000);
-    let mut writer = block_on(store.write(&carrier)).unwrap();
-    // The first chunk reserves the record's space: the forgery goes at a
-    // known ring position inside it.
-    block_on(writer.write(Bytes::from(vec![0u8; 4096]))).unwrap();
-    let reserved = writer.logical.unwrap();
+    // The carrier's record goes at the head of an empty ring: the forgery
+    // sits at a known ring position inside it.
+    let reserved = store.engine().ring.head();
     let at = reserved + 64 + 4096;
     let fake = Bytes::from(vec![0x5a; 5000]);
     let fp = format::Fingerprint::cas(&victim);
@@ -149,13 +146,34 @@ fn a_rebuild_believes_no_forged_record() {
     forged.extend_from_slice(&fake);
     forged.extend_from_slice(&format::chunk_crc(&fake).to_le_bytes());
     forged.resize(format::record_len(5000) as usize, 0);
-    block_on(writer.write(Bytes::from(forged))).unwrap();
-    drop(writer); // abandoned: never committed
+    let mut content = vec![0u8; 4096];
+    content.extend_from_slice(&forged);
+    content.resize(200_000, 0);
+    let carrier = CasKey::shared(kiln_proto::DigestFunction::Sha256.compute(&content));
+    let mut writer = block_on(store.write(&carrier)).unwrap();
+    block_on(writer.write(Bytes::copy_from_slice(&content[..4096]))).unwrap();
+    block_on(writer.write(Bytes::copy_from_slice(&content[4096..]))).unwrap();
+    block_on(writer.commit()).unwrap();
+    assert_eq!(
+        store.engine().ring.head(),
+        reserved + format::record_len(200_000),
+        "not where the test put it"
+    );
     store.engine().close().unwrap();
     drop(store);
+    // The carrier's own header torn: the scan looks inside it.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&base.data_path).unwrap();
+        assert!(reserved < SIZE / 2, "a fresh ring starts near its beginning");
+        f.write_all_at(&[0xff; 8], format::PAGE_BYTES + reserved + 8).unwrap();
+    }
     std::fs::remove_file(&base.index_path).unwrap();
     let store = BlockCas::new(Engine::open(&base).unwrap());
-    assert_eq!(block_on(store.find_missing(std::slice::from_ref(&victim))).unwrap(), vec![victim]);
+    assert_eq!(
+        block_on(store.find_missing(&[victim.clone(), carrier.clone()])).unwrap(),
+        vec![victim, carrier]
+    );
 }
 
 /// A truncated data file is refused; a sparse copy of the right length is

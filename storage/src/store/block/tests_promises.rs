@@ -16,9 +16,9 @@ use super::device::BlockDevice;
 use super::engine::index_file_bytes;
 use super::faulty::FaultyDevice;
 use super::*;
-use crate::store::{CasStore, read_all};
+use crate::store::{CasStore, put_all, read_all};
 
-const SIZE: u64 = 8 << 20;
+pub(super) const SIZE: u64 = 8 << 20;
 const BLOCK: u64 = 256 << 10;
 
 pub(super) fn config(dir: &Path, kind: Kind) -> BlockConfig {
@@ -29,6 +29,15 @@ pub(super) fn blob(seed: u64, len: usize) -> (CasKey, Bytes) {
     let data: Vec<u8> =
         (0..len as u64).map(|i| (i.wrapping_mul(seed | 1).wrapping_add(seed) >> 3) as u8).collect();
     (CasKey::shared(DigestFunction::Sha256.compute(&data)), Bytes::from(data))
+}
+
+/// Fault-free devices for a store of [`SIZE`].
+fn devices(seed: u64) -> Devices {
+    let index = index_file_bytes(SIZE, BLOCK, 4096).unwrap();
+    Devices {
+        data: Arc::new(FaultyDevice::new(SIZE, seed)),
+        index: Arc::new(FaultyDevice::new(index, seed + 1)),
+    }
 }
 
 /// A device that stops the first 64-byte write (a record header, written
@@ -68,7 +77,9 @@ impl BlockDevice for GatedDevice {
 }
 
 /// A commit whose record the tail passed while its header was being
-/// written is refused (UNAVAILABLE, retry), never acknowledged dead.
+/// written is refused (UNAVAILABLE, retry), never acknowledged dead; a
+/// writer then copies its staged bytes again into new space, and that
+/// copy is acknowledged live.
 #[test]
 fn a_commit_overtaken_by_the_tail_is_not_acknowledged() {
     let data = Arc::new(GatedDevice {
@@ -80,66 +91,136 @@ fn a_commit_overtaken_by_the_tail_is_not_acknowledged() {
     let index = Arc::new(FaultyDevice::new(index_file_bytes(SIZE, BLOCK, 4096).unwrap(), 2));
     let cfg = config(Path::new("/nonexistent"), Kind::Cas);
     let store = BlockCas::new(Engine::open_on(&cfg, Devices { data: data.clone(), index }).unwrap());
+    let engine = store.engine().clone();
     let (key, bytes) = blob(1, 300_000);
-    let mut writer = block_on(store.write(&key)).unwrap();
-    block_on(writer.write(bytes.clone())).unwrap();
-    let logical = writer.logical.unwrap();
-    data.armed.store(true, Ordering::SeqCst);
-    let committing = std::thread::spawn(move || block_on(writer.commit()));
-    data.entered.wait();
-    // The header write is in flight: the tail passes the record.
-    let ring = store.engine().ring.clone();
-    let mover = std::thread::spawn(move || ring.advance_tail(logical + 1));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while store.engine().ring.tail() <= logical {
-        assert!(std::time::Instant::now() < deadline, "the tail never moved");
-        std::thread::yield_now();
-    }
-    data.release.wait();
-    let err = committing.join().unwrap().unwrap_err();
+    let (fp, size) = (format::Fingerprint::cas(&key), 300_000);
+    // While the header write is in flight, the tail passes the record.
+    let overtake = |logical: u64, commit: Box<dyn FnOnce() -> Result<()> + Send>| {
+        data.armed.store(true, Ordering::SeqCst);
+        let committing = std::thread::spawn(commit);
+        data.entered.wait();
+        let ring = engine.ring.clone();
+        let mover = std::thread::spawn(move || ring.advance_tail(logical + 1));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while engine.ring.tail() <= logical {
+            assert!(std::time::Instant::now() < deadline, "the tail never moved");
+            std::thread::yield_now();
+        }
+        data.release.wait();
+        mover.join().unwrap();
+        committing.join().unwrap()
+    };
+    let logical = block_on(engine.call(&fp, |reply| Request::Reserve { size, reply })).unwrap();
+    let offset = format::RECORD_HEADER_BYTES;
+    let data_bytes = bytes.clone();
+    block_on(engine.call(&fp, |reply| Request::Write { logical, offset, data: data_bytes, reply })).unwrap();
+    let loc = Location { logical, size };
+    let committing = engine.clone();
+    let err = overtake(
+        logical,
+        Box::new(move || block_on(committing.call(&fp, |reply| Request::Commit { fp, loc, reply }))),
+    )
+    .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
-    mover.join().unwrap();
     assert_eq!(block_on(store.find_missing(std::slice::from_ref(&key))).unwrap(), vec![key.clone()]);
     assert!(block_on(read_all(&store, &key, u64::MAX)).unwrap_err().is_not_found());
+
+    let mut writer = block_on(store.write(&key)).unwrap();
+    block_on(writer.write(bytes.slice(..1000))).unwrap();
+    block_on(writer.write(bytes.slice(1000..))).unwrap();
+    // Its record goes at the head.
+    overtake(engine.ring.head(), Box::new(move || block_on(writer.commit()))).unwrap();
+    assert_eq!(block_on(read_all(&store, &key, u64::MAX)).unwrap(), bytes);
 }
 
 /// A write the store failed counts for nothing: the offset a resumption
 /// is told (and the hash behind `Verifying`) stay where they were, so
-/// resuming there succeeds; and once the ring has passed an upload's space,
-/// the upload says it cannot be resumed.
+/// resuming there succeeds. An upload waits in the staging area, which the
+/// ring's moving on cannot take from it.
 #[test]
 fn a_failed_write_counts_nothing_and_a_resumption_there_succeeds() {
-    use super::faulty::Faults;
     use crate::store::{BlobWriter, Verifying};
-    let data = Arc::new(FaultyDevice::new(SIZE, 3));
-    let index = Arc::new(FaultyDevice::new(index_file_bytes(SIZE, BLOCK, 4096).unwrap(), 4));
-    let cfg = config(Path::new("/nonexistent"), Kind::Cas);
-    let engine = Engine::open_on(&cfg, Devices { data: data.clone(), index }).unwrap();
+    let cfg = BlockConfig { staging_bytes: 4 << 20, ..config(Path::new("/nonexistent"), Kind::Cas) };
+    let engine = Engine::open_on(&cfg, devices(3)).unwrap();
     let store = Verifying::new(BlockCas::new(engine.clone()));
     let (key, bytes) = blob(9, 3 << 19);
     let mut writer = block_on(store.write(&key)).unwrap();
     let piece = 1 << 19;
     block_on(writer.write(bytes.slice(..piece))).unwrap();
-    data.set_faults(Faults { write_error_rate: 1.0, ..Faults::default() });
+    // Another upload of the same client takes the rest of its share (2 MiB).
+    let (other, other_bytes) = blob(10, 3 << 19);
+    let mut hog = block_on(store.write(&other)).unwrap();
+    block_on(hog.write(other_bytes.slice(..(3 << 19) - 1))).unwrap();
     let err = block_on(writer.write(bytes.slice(piece..2 * piece))).unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("upload_staging_bytes"), "{err}");
     assert_eq!(writer.written(), piece as u64, "a chunk the store failed was counted");
     assert!(writer.resumable());
-    data.set_faults(Faults::default());
+    drop(hog);
+    // The ring moving on takes nothing from an upload in progress.
+    let head = engine.ring.head();
+    engine.ring.advance_tail(head);
     for at in [piece, 2 * piece] {
         block_on(writer.write(bytes.slice(at..at + piece))).unwrap();
     }
+    assert_eq!(engine.ring.head(), head, "the ring advanced before the upload was complete");
     block_on(writer.commit()).unwrap();
     assert_eq!(block_on(read_all(&store, &key, u64::MAX)).unwrap(), bytes);
+    assert_eq!(engine.staging.as_ref().unwrap().held(), 0);
+}
 
-    // Overtaken by the ring: not resumable, and writing on is refused.
-    let (key, bytes) = blob(10, 2 << 19);
-    let mut writer = block_on(store.write(&key)).unwrap();
-    block_on(writer.write(bytes.slice(..piece))).unwrap();
-    let head = engine.ring.head();
-    engine.ring.advance_tail(head);
-    assert!(!writer.resumable());
-    assert_eq!(block_on(writer.write(bytes.slice(piece..))).unwrap_err().code(), Code::Unavailable);
+/// Uploads that declare a large blob, send a little and hang up take no
+/// space from the ring: every blob stays, and the staging area has all its
+/// bytes back. The area's bounds (in all, per client) hold.
+#[test]
+fn abandoned_uploads_evict_nothing() {
+    use crate::store::BlobWriter;
+    let cfg = BlockConfig { staging_bytes: 4 << 20, ..config(Path::new("/nonexistent"), Kind::Cas) };
+    let store = BlockCas::new(Engine::open_on(&cfg, devices(11)).unwrap());
+    let kept: Vec<_> = (0..100).map(|i| blob(1000 + i, 20_000)).collect();
+    for (key, bytes) in &kept {
+        block_on(put_all(&store, key, bytes.clone())).unwrap();
+    }
+    let keys: Vec<CasKey> = kept.iter().map(|(k, _)| k.clone()).collect();
+    assert!(block_on(store.find_missing(&keys)).unwrap().is_empty());
+    let ring = store.engine().ring.clone();
+    let (tail, head) = (ring.tail(), ring.head());
+    let staging = store.engine().staging.clone().unwrap();
+    let largest = store.blob_size_bytes_max();
+    for i in 0..40u8 {
+        // A blob of the largest size, from its own client.
+        let key = CasKey::shared(kiln_proto::Digest::new(DigestFunction::Sha256, [i; 32], largest).unwrap());
+        let client = Some(std::net::IpAddr::from([10, 0, 0, i]));
+        let mut writer = block_on(store.write_from(&key, client)).unwrap();
+        match block_on(writer.write(Bytes::from(vec![i; 70_000]))) {
+            Ok(()) => assert!(staging.held() <= staging.bytes_max()),
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e}"),
+        }
+        // Hung up: the writer is dropped.
+    }
+    assert_eq!((ring.tail(), ring.head()), (tail, head), "abandoned uploads moved the ring");
+    assert_eq!(staging.held(), 0);
+    assert!(block_on(store.find_missing(&keys)).unwrap().is_empty());
+
+    // Bounds: one client holds at most half the area, all at most the area.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..12u64 {
+        let (key, _) = blob(5000 + i, 1 << 20);
+        let client = Some(std::net::IpAddr::from([10, 1, 0, (i % 3) as u8]));
+        let mut writer = block_on(store.write_from(&key, client)).unwrap();
+        match block_on(writer.write(Bytes::from(vec![1u8; 1 << 19]))) {
+            Ok(()) => held.push(writer),
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+                refused += 1;
+            }
+        }
+        assert!(staging.held() <= staging.bytes_max());
+    }
+    // 4 MiB staged of 12 × 512 KiB asked: 8 refused.
+    assert_eq!((held.len(), refused), (8, 4), "staged {}", staging.held());
+    assert_eq!(staging.held(), staging.bytes_max());
 }
 
 /// A store whose syncs keep failing frees no room: writes that need room

@@ -1,0 +1,260 @@
+//! The staging area: where the block store keeps an upload's bytes until
+//! the upload is complete.
+//!
+//! A record in the ring is contiguous, so an upload's space can only be
+//! taken whole. Taken at the first chunk, space for an upload that never
+//! finishes makes the ring evict live blobs for bytes that never came (40
+//! uploads that declare 60 MiB, send 70 KB and hang up would empty a
+//! 256 MiB store). So uploads larger than a small blob are received into an
+//! unnamed file here and copied into the ring at commit, into space of
+//! exactly their size: **the ring advances only by bytes received, and only
+//! for complete uploads.**
+//!
+//! The area is bounded in all ([`Staging::bytes_max`]) and per client
+//! (half of it), charged by bytes actually received, never by what an
+//! upload declares. A charge that does not fit is refused at once with
+//! RESOURCE_EXHAUSTED (clients retry). An upload that is dropped or
+//! forgotten gives its bytes back at once; the files have no name, so a
+//! crash leaves nothing behind.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use kiln_proto::{Code, Error, Result};
+
+use crate::store::Client;
+
+/// The staging area of one store.
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
+    bytes_max: u64,
+    client_bytes_max: u64,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    total: u64,
+    clients: HashMap<Client, u64>,
+}
+
+impl Staging {
+    /// A staging area in `dir` of at most `bytes_max` bytes, half of it
+    /// per client. Checks that an unnamed file can be made there, so that a
+    /// wrong directory stops the start rather than every large upload.
+    pub fn open(dir: &Path, bytes_max: u64) -> Result<Arc<Staging>> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::new(
+                Code::FailedPrecondition,
+                format!("cannot create the upload staging directory {}: {e}", dir.display()),
+            )
+        })?;
+        tempfile::tempfile_in(dir).map_err(|e| {
+            Error::new(
+                Code::FailedPrecondition,
+                format!("cannot make files in the upload staging directory {}: {e}", dir.display()),
+            )
+        })?;
+        Ok(Arc::new(Staging {
+            dir: dir.to_path_buf(),
+            bytes_max,
+            client_bytes_max: bytes_max / 2,
+            held: Mutex::new(Held::default()),
+        }))
+    }
+
+    pub fn bytes_max(&self) -> u64 {
+        self.bytes_max
+    }
+
+    /// The most one client may hold, and so the largest blob it can send.
+    pub fn client_bytes_max(&self) -> u64 {
+        self.client_bytes_max
+    }
+
+    /// Bytes held by uploads in progress.
+    pub fn held(&self) -> u64 {
+        self.lock().total
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn charge(&self, client: Client, bytes: u64) -> Result<()> {
+        let mut held = self.lock();
+        let mine = held.clients.get(&client).copied().unwrap_or(0);
+        if held.total + bytes > self.bytes_max || mine + bytes > self.client_bytes_max {
+            let total = held.total;
+            drop(held);
+            kiln_proto::metrics::global().store_staging_refusals.inc();
+            return Err(Error::resource_exhausted(format!(
+                "the store's upload staging area is full: uploads in progress hold {total} of {} bytes, \
+                 this client {mine} of its {} bytes; retry later, or raise [storage] upload_staging_bytes",
+                self.bytes_max, self.client_bytes_max
+            )));
+        }
+        held.total += bytes;
+        *held.clients.entry(client).or_insert(0) += bytes;
+        drop(held);
+        kiln_proto::metrics::global().store_staged_bytes.inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+        Ok(())
+    }
+
+    fn release(&self, client: Client, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let mut held = self.lock();
+        assert!(held.total >= bytes, "staging releases more than it holds");
+        held.total -= bytes;
+        if let Some(mine) = held.clients.get_mut(&client) {
+            *mine -= bytes.min(*mine);
+            if *mine == 0 {
+                held.clients.remove(&client);
+            }
+        }
+        drop(held);
+        kiln_proto::metrics::global().store_staged_bytes.dec_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+}
+
+/// One upload's bytes in the staging area; gives them back when dropped.
+#[derive(Debug)]
+pub struct StagedFile {
+    staging: Arc<Staging>,
+    client: Client,
+    /// Made at the first byte.
+    file: Option<Arc<File>>,
+    len: u64,
+}
+
+impl StagedFile {
+    pub fn new(staging: Arc<Staging>, client: Client) -> StagedFile {
+        StagedFile { staging, client, file: None, len: 0 }
+    }
+
+    /// Bytes staged so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `data`; on an error nothing of it counts.
+    pub async fn append(&mut self, data: Bytes) -> Result<()> {
+        let n = data.len() as u64;
+        self.staging.charge(self.client, n)?;
+        let result = self.write_at(data).await;
+        match result {
+            Ok(()) => {
+                self.len += n;
+                Ok(())
+            }
+            Err(e) => {
+                self.staging.release(self.client, n);
+                Err(e)
+            }
+        }
+    }
+
+    async fn write_at(&mut self, data: Bytes) -> Result<()> {
+        let file = match &self.file {
+            Some(file) => file.clone(),
+            None => {
+                let dir = self.staging.dir.clone();
+                let file = blocking(move || tempfile::tempfile_in(&dir)).await.map_err(|e| self.error(&e))?;
+                let file = Arc::new(file);
+                self.file = Some(file.clone());
+                file
+            }
+        };
+        let at = self.len;
+        blocking(move || file.write_all_at(&data, at)).await.map_err(|e| self.error(&e))
+    }
+
+    /// Reads `len` bytes at `at` (within what was staged).
+    pub async fn read(&self, at: u64, len: usize) -> Result<Bytes> {
+        assert!(at + len as u64 <= self.len, "reading past the staged bytes");
+        let Some(file) = self.file.clone() else { return Ok(Bytes::new()) };
+        blocking(move || {
+            let mut buf = vec![0; len];
+            file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
+        })
+        .await
+        .map_err(|e| self.error(&e))
+    }
+
+    fn error(&self, e: &std::io::Error) -> Error {
+        let dir = self.staging.dir.display();
+        if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+            Error::resource_exhausted(format!("no space left to stage the upload in {dir}: {e}; retry later"))
+        } else {
+            Error::new(Code::Unavailable, format!("staging the upload in {dir} failed: {e}"))
+        }
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        self.staging.release(self.client, self.len);
+    }
+}
+
+/// Runs blocking file I/O off the async threads when there are any.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+        Err(_) => f(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+
+    #[test]
+    fn bytes_are_charged_as_received_and_given_back_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::open(&dir.path().join("staging"), 1000).unwrap();
+        let a: Client = Some("10.0.0.1".parse().unwrap());
+        let b: Client = Some("10.0.0.2".parse().unwrap());
+        let mut first = StagedFile::new(staging.clone(), a);
+        block_on(first.append(Bytes::from(vec![7; 300]))).unwrap();
+        block_on(first.append(Bytes::from(vec![8; 200]))).unwrap();
+        assert_eq!(staging.held(), 500);
+        // Past its share (500): refused, and nothing counts.
+        let err = block_on(first.append(Bytes::from(vec![9; 1]))).unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        assert!(err.message().contains("upload_staging_bytes"), "{}", err.message());
+        assert_eq!((first.len(), staging.held()), (500, 500));
+        // Another client still has its share.
+        let mut second = StagedFile::new(staging.clone(), b);
+        block_on(second.append(Bytes::from(vec![1; 500]))).unwrap();
+        assert_eq!(block_on(first.read(250, 100)).unwrap()[..], [[7u8; 50], [8u8; 50]].concat()[..]);
+        drop(first);
+        assert_eq!(staging.held(), 500);
+        drop(second);
+        assert_eq!(staging.held(), 0);
+    }
+
+    #[test]
+    fn a_directory_that_cannot_hold_files_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = Staging::open(&file, 1 << 20).unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(err.message().contains("staging directory"), "{}", err.message());
+    }
+}
