@@ -11,6 +11,7 @@ use kiln_tools::token;
 mod config;
 mod exec_bench;
 mod execution;
+mod io_bench;
 mod serve;
 mod storage;
 mod store_bench;
@@ -163,6 +164,24 @@ enum BenchCommand {
     Inputs {
         #[arg(long, default_value_t = 10_000)]
         files: usize,
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+    /// Buffered I/O against O_DIRECT with registered buffers, on the same
+    /// files or devices in one run: writes, hot and cold reads.
+    Io {
+        /// A file (created and allocated) or a block device, e.g. a loop
+        /// device; repeat to measure several in one run. Its bytes are
+        /// overwritten.
+        #[arg(long, required = true)]
+        path: Vec<PathBuf>,
+        /// Bytes written and read per path and mode.
+        #[arg(long, default_value_t = 512 << 20)]
+        bytes: u64,
+        /// Random 64 KiB reads per pass.
+        #[arg(long, default_value_t = 20_000)]
+        reads: usize,
+        /// Write the results as JSON to this file.
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
@@ -548,6 +567,11 @@ async fn bench(command: BenchCommand) -> Result<()> {
             write_json(json_out, &value)
         }
         BenchCommand::Inputs { files, json_out } => write_json(json_out, &exec_bench::inputs(files).await?),
+        BenchCommand::Io { path, bytes, reads, json_out } => {
+            let options = io_bench::IoBenchOptions { paths: path, bytes, reads };
+            let value = tokio::task::spawn_blocking(move || io_bench::run(&options)).await??;
+            write_json(json_out, &value)
+        }
         BenchCommand::Store { blobs, blob_size, dir, io, concurrency, lookups, json_out } => {
             let options = store_bench::StoreBenchOptions {
                 blobs,

@@ -44,6 +44,10 @@ pub const BLOCK_RING_ENTRIES: u32 = 256;
 pub const BLOCK_INDEX_PROBES: usize = 16;
 /// Block store: blobs up to this size are written in one request.
 pub const BLOCK_SMALL_BLOB_BYTES: u64 = 64 << 10;
+/// Block store: threads doing the staging area's file I/O, and the
+/// operations that may wait for them.
+pub const BLOCK_STAGING_THREADS: usize = 4;
+pub const BLOCK_STAGING_QUEUE_DEPTH: usize = 1024;
 /// Block store: times a staged upload is copied into the ring, should the
 /// ring pass the space it is copied into each time.
 pub const BLOCK_STAGED_COPY_ATTEMPTS: u32 = 3;

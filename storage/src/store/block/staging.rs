@@ -24,6 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use kiln_proto::limits::{
+    BLOCK_STAGING_QUEUE_DEPTH as STAGING_QUEUE_DEPTH, BLOCK_STAGING_THREADS as STAGING_THREADS,
+};
 use kiln_proto::{Code, Error, Result};
 
 use crate::store::Client;
@@ -35,7 +38,11 @@ pub struct Staging {
     bytes_max: u64,
     client_bytes_max: u64,
     held: Mutex<Held>,
+    /// File I/O runs on the area's own threads, never on the caller's.
+    jobs: async_channel::Sender<Job>,
 }
+
+type Job = Box<dyn FnOnce() + Send>;
 
 #[derive(Debug, Default)]
 struct Held {
@@ -60,12 +67,39 @@ impl Staging {
                 format!("cannot make files in the upload staging directory {}: {e}", dir.display()),
             )
         })?;
+        let (jobs, queue) = async_channel::bounded::<Job>(STAGING_QUEUE_DEPTH);
+        for i in 0..STAGING_THREADS {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("kiln-staging-{i}"))
+                // Ends when the area is dropped (the queue closes).
+                .spawn(move || {
+                    while let Ok(job) = queue.recv_blocking() {
+                        job();
+                    }
+                })
+                .map_err(|e| Error::internal(format!("start a staging thread: {e}")))?;
+        }
         Ok(Arc::new(Staging {
             dir: dir.to_path_buf(),
             bytes_max,
             client_bytes_max: bytes_max / 2,
             held: Mutex::new(Held::default()),
+            jobs,
         }))
+    }
+
+    /// Runs blocking file I/O on the area's threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.jobs.send(job).await.map_err(|_| std::io::Error::other("the staging threads stopped"))?;
+        rx.await.map_err(|_| std::io::Error::other("a staging thread stopped"))?
     }
 
     pub fn bytes_max(&self) -> u64 {
@@ -170,26 +204,31 @@ impl StagedFile {
             Some(file) => file.clone(),
             None => {
                 let dir = self.staging.dir.clone();
-                let file = blocking(move || tempfile::tempfile_in(&dir)).await.map_err(|e| self.error(&e))?;
+                let file = self
+                    .staging
+                    .blocking(move || tempfile::tempfile_in(&dir))
+                    .await
+                    .map_err(|e| self.error(&e))?;
                 let file = Arc::new(file);
                 self.file = Some(file.clone());
                 file
             }
         };
         let at = self.len;
-        blocking(move || file.write_all_at(&data, at)).await.map_err(|e| self.error(&e))
+        self.staging.blocking(move || file.write_all_at(&data, at)).await.map_err(|e| self.error(&e))
     }
 
     /// Reads `len` bytes at `at` (within what was staged).
     pub async fn read(&self, at: u64, len: usize) -> Result<Bytes> {
         assert!(at + len as u64 <= self.len, "reading past the staged bytes");
         let Some(file) = self.file.clone() else { return Ok(Bytes::new()) };
-        blocking(move || {
-            let mut buf = vec![0; len];
-            file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
-        })
-        .await
-        .map_err(|e| self.error(&e))
+        self.staging
+            .blocking(move || {
+                let mut buf = vec![0; len];
+                file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
+            })
+            .await
+            .map_err(|e| self.error(&e))
     }
 
     fn error(&self, e: &std::io::Error) -> Error {
@@ -205,16 +244,6 @@ impl StagedFile {
 impl Drop for StagedFile {
     fn drop(&mut self) {
         self.staging.release(self.client, self.len);
-    }
-}
-
-/// Runs blocking file I/O off the async threads when there are any.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    match tokio::runtime::Handle::try_current() {
-        Ok(_) => tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
-        Err(_) => f(),
     }
 }
 
