@@ -136,22 +136,37 @@ impl Hasher {
 }
 
 /// Decodes 64 lowercase hex digits in one pass; `None` for anything else.
-fn decode_lowercase_hex(hex: &[u8]) -> Option<[u8; HASH_SIZE_BYTES]> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        }
+/// Each byte's value as a lowercase hex digit, or 0xff.
+const NIBBLES: [u8; 256] = {
+    let mut table = [0xffu8; 256];
+    let mut c: u8 = 0;
+    while c < 10 {
+        table[(b'0' + c) as usize] = c;
+        c += 1;
     }
+    let mut c: u8 = 0;
+    while c < 6 {
+        table[(b'a' + c) as usize] = 10 + c;
+        c += 1;
+    }
+    table
+};
+
+fn decode_lowercase_hex(hex: &[u8]) -> Option<[u8; HASH_SIZE_BYTES]> {
     if hex.len() != HASH_SIZE_BYTES * 2 {
         return None;
     }
+    // Branch-free: every digit is looked up, and any invalid one (0xff)
+    // shows in the union of all of them. FindMissingBlobs decodes one hash
+    // per digest, up to tens of thousands a call.
     let mut out = [0u8; HASH_SIZE_BYTES];
+    let mut invalid = 0u8;
     for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        let (high, low) = (NIBBLES[usize::from(pair[0])], NIBBLES[usize::from(pair[1])]);
+        invalid |= high | low;
+        *byte = (high << 4) | (low & 0x0f);
     }
-    Some(out)
+    (invalid & 0xf0 == 0).then_some(out)
 }
 
 /// A validated content digest.
@@ -308,6 +323,26 @@ mod tests {
 
     const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
     const EMPTY_BLAKE3: &str = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
+
+    /// Every byte value, in every position: accepted exactly when it is a
+    /// lowercase hex digit, and decoded to its value.
+    #[test]
+    fn hex_decoding_accepts_exactly_lowercase_digits() {
+        for position in [0, 1, 37, 63] {
+            for b in 0..=255u8 {
+                let mut hex = [b'0'; 64];
+                hex[position] = b;
+                let valid = b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+                let decoded = decode_lowercase_hex(&hex);
+                assert_eq!(decoded.is_some(), valid, "byte {b} at {position}");
+                if let Some(bytes) = decoded {
+                    let value = u8::from_str_radix(std::str::from_utf8(&[b]).unwrap(), 16).unwrap();
+                    let expected = if position % 2 == 0 { value << 4 } else { value };
+                    assert_eq!(bytes[position / 2], expected);
+                }
+            }
+        }
+    }
 
     #[test]
     fn empty_digests_match_known_values() {

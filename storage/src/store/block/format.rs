@@ -78,18 +78,39 @@ fn hex_prefix(b: &[u8]) -> String {
 
 impl Fingerprint {
     fn of(kind: Kind, scope: &str, digest: &Digest) -> Fingerprint {
-        let mut h = blake3::Hasher::new();
-        h.update(&[kind as u8]);
-        h.update(&(scope.len() as u64).to_le_bytes());
-        h.update(scope.as_bytes());
-        h.update(&[match digest.function() {
+        let function: u8 = match digest.function() {
             DigestFunction::Sha256 => 1,
             DigestFunction::Blake3 => 9,
-        }]);
-        h.update(digest.hash());
-        h.update(&digest.size_bytes().to_le_bytes());
+        };
+        let parts: [&[u8]; 6] = [
+            &[kind as u8],
+            &(scope.len() as u64).to_le_bytes(),
+            scope.as_bytes(),
+            &[function],
+            digest.hash(),
+            &digest.size_bytes().to_le_bytes(),
+        ];
+        // Hashed in one call from the stack when it fits (the common case:
+        // FindMissingBlobs computes one per digest), else streamed; the
+        // bytes hashed, and so the fingerprint, are the same.
+        let mut buf = [0u8; 192];
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let hash = if len <= buf.len() {
+            let mut at = 0;
+            for part in parts {
+                buf[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            blake3::hash(&buf[..len])
+        } else {
+            let mut h = blake3::Hasher::new();
+            for part in parts {
+                h.update(part);
+            }
+            h.finalize()
+        };
         let mut fp = [0u8; 16];
-        fp.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        fp.copy_from_slice(&hash.as_bytes()[..16]);
         // All zeros marks an empty slot.
         if fp == [0; 16] {
             fp[0] = 1;
@@ -430,6 +451,29 @@ mod tests {
 
     fn fp(n: u8) -> Fingerprint {
         Fingerprint::cas(&CasKey::shared(DigestFunction::Sha256.compute(&[n])))
+    }
+
+    /// Fingerprints are part of the format: the one-shot path and the
+    /// streamed one hash the same bytes, for short and long scopes alike.
+    #[test]
+    fn fingerprints_do_not_depend_on_how_they_are_hashed() {
+        let digest = DigestFunction::Sha256.compute(b"kiln");
+        for scope in [String::new(), "team-a".to_owned(), "x".repeat(500)] {
+            let mut h = blake3::Hasher::new();
+            h.update(&[Kind::Cas as u8]);
+            h.update(&(scope.len() as u64).to_le_bytes());
+            h.update(scope.as_bytes());
+            h.update(&[1]);
+            h.update(digest.hash());
+            h.update(&digest.size_bytes().to_le_bytes());
+            let expected = h.finalize().as_bytes()[..16].to_vec();
+            assert_eq!(
+                Fingerprint::of(Kind::Cas, &scope, &digest).0.to_vec(),
+                expected,
+                "scope of {}",
+                scope.len()
+            );
+        }
     }
 
     #[test]

@@ -264,10 +264,13 @@ impl Worker {
     /// on it. Reads call this with `must_keep` false: they serve what is
     /// there now.
     fn lookup(&mut self, fp: &Fingerprint, must_keep: bool) -> Option<Location> {
-        let ring = self.ring.clone();
-        let slot = self.partition(fp).lookup(fp, Self::live(&ring))?;
+        let p = partition_of(fp, self.partition_count);
+        let partition =
+            self.partitions.get_mut(&p).expect("requests reach the thread that owns their partition");
+        let slot = partition.lookup(fp, Self::live(&self.ring))?;
         let loc = Location { logical: slot.logical, size: slot.size };
-        if ring.head().saturating_sub(loc.logical) > ring.kept_bytes() && !self.queue_refresh(*fp, loc) {
+        let old = self.ring.head().saturating_sub(loc.logical) > self.ring.kept_bytes();
+        if old && !self.queue_refresh(*fp, loc) {
             kiln_proto::metrics::global().store_refreshes_skipped.inc();
             if must_keep {
                 return None;
