@@ -610,28 +610,16 @@ pub(super) fn resize_index(
     (capacity, block_bytes): (u64, u64),
     slots: u64,
 ) -> Result<Devices> {
-    let old_sb = open::best_superblock(&*devices.index)
-        .ok_or_else(|| Error::internal("the index superblock vanished while the store was opened"))?;
-    let old =
-        load(config.kind, &devices, capacity, block_bytes, old_sb.slots, &IndexLayout::new(old_sb.slots))?
-            .ok_or_else(|| Error::internal("the index superblock vanished while the store was opened"))?;
-    let sb = old.superblock;
-    let layout = IndexLayout::new(slots);
-    let live = |s: &Slot| s.logical >= sb.tail && s.logical + record_len(s.size) <= sb.head;
-    let entries: Vec<Slot> =
-        old.partitions.iter().flat_map(Partition::entries).filter(|s| live(s)).copied().collect();
-    let (mut partitions, tail, moved) = fill_index(entries, slots, sb.seed, sb.tail, block_bytes);
-    let tail = tail.min(sb.head);
+    let old_slots = open::best_superblock(&*devices.index).map_or(0, |sb| sb.slots);
     let path = &config.index_path;
     let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
     tmp_name.push(".resizing");
     let tmp_path = path.with_file_name(tmp_name);
     let describe = |e: &std::io::Error| internal(&format!("write {}", tmp_path.display()), e);
-    let mut tmp = FileDevice::open(&tmp_path, layout.file_bytes()).map_err(|e| describe(&e))?;
-    // Copy 0 is the current copy when the sequence is even (the next sync
-    // writes copy 1).
-    let next = Superblock { slots, sequence: (sb.sequence + 2) & !1, copy: 0, tail, ..sb };
-    write_index(&tmp, &layout, &mut partitions, &next).map_err(|e| describe(&e))?;
+    let mut tmp =
+        FileDevice::open(&tmp_path, IndexLayout::new(slots).file_bytes()).map_err(|e| describe(&e))?;
+    let moved = reindex_onto(config.kind, &devices, (capacity, block_bytes), slots, &tmp)
+        .map_err(|e| e.context(format!("write {}", tmp_path.display())))?;
     std::fs::rename(&tmp_path, path)
         .and_then(|()| std::fs::File::open(path.parent().unwrap_or(std::path::Path::new("."))))
         .and_then(|dir| dir.sync_all())
@@ -639,12 +627,41 @@ pub(super) fn resize_index(
     tmp.renamed(path);
     tracing::info!(
         index = %path.display(),
-        old_slots = old_sb.slots,
+        old_slots,
         slots,
         entries = moved,
         "the index was resized for the configured expected_blob_bytes; every entry kept"
     );
     Ok(Devices { data: devices.data, index: Arc::new(tmp) })
+}
+
+/// Writes the index of the store on `devices`, re-sized for `slots` slots,
+/// onto `target` (of the new size) and syncs it: every live entry, or
+/// when the table is too small the newest, the tail moved past the rest.
+/// Returns how many entries it holds.
+pub(super) fn reindex_onto(
+    kind: Kind,
+    devices: &Devices,
+    (capacity, block_bytes): (u64, u64),
+    slots: u64,
+    target: &dyn BlockDevice,
+) -> Result<u64> {
+    let vanished = || Error::internal("the index superblock vanished while the store was opened");
+    let old_sb = open::best_superblock(&*devices.index).ok_or_else(vanished)?;
+    let old = load(kind, devices, capacity, block_bytes, old_sb.slots, &IndexLayout::new(old_sb.slots))?
+        .ok_or_else(vanished)?;
+    let sb = old.superblock;
+    let live = |s: &Slot| s.logical >= sb.tail && s.logical + record_len(s.size) <= sb.head;
+    let entries: Vec<Slot> =
+        old.partitions.iter().flat_map(Partition::entries).filter(|s| live(s)).copied().collect();
+    let (mut partitions, tail, moved) = fill_index(entries, slots, sb.seed, sb.tail, block_bytes);
+    // Copy 0 is the current copy when the sequence is even (the next sync
+    // writes copy 1).
+    let next = Superblock { slots, sequence: (sb.sequence + 2) & !1, copy: 0, tail: tail.min(sb.head), ..sb };
+    write_index(target, &IndexLayout::new(slots), &mut partitions, &next)
+        .and_then(|()| target.sync())
+        .map_err(|e| internal("write the re-sized index", &e))?;
+    Ok(moved)
 }
 
 /// A table of `slots` slots holding `entries` (live records), newest

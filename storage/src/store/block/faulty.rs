@@ -114,6 +114,14 @@ impl FaultyDevice {
         Self::from_image(self.state().view.clone(), seed, "restarted")
     }
 
+    /// The device after a clean restart, `extra` bytes longer (a grown
+    /// volume: what it held is unchanged).
+    pub fn grown(&self, seed: u64, extra: u64) -> FaultyDevice {
+        let mut image = self.state().view.clone();
+        image.resize(image.len() + usize_of(extra), 0);
+        Self::from_image(image, seed, "grown")
+    }
+
     /// Flips bits of the byte at `offset`, in every copy (a corrupt disk).
     pub fn corrupt(&self, offset: u64, mask: u8) {
         let mut state = self.state();

@@ -150,7 +150,9 @@ impl Sim {
                 37..40 => self.abandon_an_upload(),
                 40..58 => self.read(),
                 58..72 => self.find_missing(),
-                72..82 => self.sync(),
+                72..80 => self.sync(),
+                80..81 => self.retune(),
+                81..82 => self.grow(),
                 82..85 => self.power_cut(),
                 85..86 => self.clean_restart(),
                 86..87 => self.lose_the_index(),
@@ -342,9 +344,9 @@ impl Sim {
         }
     }
 
-    fn reopen(&mut self, data: FaultyDevice, index: FaultyDevice) {
-        self.data = Arc::new(data);
-        self.index = Arc::new(index);
+    fn reopen(&mut self, data: Arc<FaultyDevice>, index: Arc<FaultyDevice>) {
+        self.data = data;
+        self.index = index;
         self.store = open(&self.data, &self.index, self.expected_blob_bytes);
         // Copies forward made since the last sync are forgotten with it:
         // a promise holds while the store runs.
@@ -361,14 +363,14 @@ impl Sim {
         self.unsynced_may_be_lost();
         let seed = self.rng.random();
         let (data, index) = (self.data.power_cut(seed), self.index.power_cut(seed + 1));
-        self.reopen(data, index);
+        self.reopen(Arc::new(data), Arc::new(index));
     }
 
     fn clean_restart(&mut self) {
         self.clean_stop("clean restart");
         let seed = self.rng.random();
         let (data, index) = (self.data.restart(seed), self.index.restart(seed + 1));
-        self.reopen(data, index);
+        self.reopen(Arc::new(data), Arc::new(index));
     }
 
     /// A clean stop, then the index is gone (deleted, a new disk): the
@@ -378,6 +380,36 @@ impl Sim {
         let seed = self.rng.random();
         let data = self.data.restart(seed);
         let index = FaultyDevice::new(self.index.len(), seed + 1);
+        self.reopen(Arc::new(data), Arc::new(index));
+    }
+
+    /// A clean stop, then the operator changes `expected_blob_bytes`: the
+    /// index is re-sized, keeping every live entry (or, when too small,
+    /// the newest, the tail moved past the rest).
+    fn retune(&mut self) {
+        let choices: Vec<u64> =
+            [256, 4096, 65_536].into_iter().filter(|e| *e != self.expected_blob_bytes).collect();
+        let expected = choices[self.rng.random_range(0..choices.len())];
+        self.clean_stop(&format!("retuned for {expected}-byte blobs"));
+        let seed = self.rng.random();
+        let data = Arc::new(self.data.restart(seed));
+        let old = Arc::new(self.index.restart(seed + 1));
+        let index = Arc::new(FaultyDevice::new(index_file_bytes(SIZE, BLOCK, expected).unwrap(), seed + 2));
+        let capacity = self.ring().capacity();
+        let slots = engine::slots_for(capacity, expected);
+        let devices = Devices { data: data.clone(), index: old };
+        engine::reindex_onto(Kind::Cas, &devices, (capacity, BLOCK), slots, &*index).unwrap();
+        self.expected_blob_bytes = expected;
+        self.reopen(data, index);
+    }
+
+    /// A clean stop, then the data volume grows: the store keeps its size
+    /// and everything in it.
+    fn grow(&mut self) {
+        self.clean_stop("volume grown");
+        let seed = self.rng.random();
+        let data = Arc::new(self.data.grown(seed, BLOCK * self.rng.random_range(1..4)));
+        let index = Arc::new(self.index.restart(seed + 1));
         self.reopen(data, index);
     }
 
