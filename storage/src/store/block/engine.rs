@@ -22,7 +22,7 @@ use super::format::{
 use super::index::Partition;
 use super::io::{IoEngine, IoMode};
 use super::ring::Ring;
-use super::staging::Staging;
+use super::staging::{Staging, StagingSize};
 use super::syncer::{SyncStats, Syncer, SyncerMessage};
 use super::worker::{Request, Scrub, Worker, partition_of};
 use super::{open, rebuild};
@@ -157,8 +157,11 @@ impl Engine {
         };
         let staging = match config.kind {
             Kind::Cas => {
-                let bytes = if config.staging_bytes == 0 { capacity / 2 } else { config.staging_bytes };
-                Some(Staging::open(&config.staging_dir, bytes)?)
+                let size = match config.staging_bytes {
+                    0 => StagingSize::Automatic(capacity / 2),
+                    bytes => StagingSize::Configured(bytes),
+                };
+                Some(Staging::open(&config.staging_dir, size)?)
             }
             Kind::Ac => None,
         };

@@ -31,6 +31,18 @@ use kiln_proto::{Code, Error, Result};
 
 use crate::store::Client;
 
+/// How large a staging area is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagingSize {
+    /// This, or half the free space where the area is, if less.
+    Automatic(u64),
+    /// What the operator set.
+    Configured(u64),
+}
+
+/// The smallest staging area: room for one client's 1 MiB chunk.
+pub const STAGING_BYTES_MIN: u64 = 2 << 20;
+
 /// The staging area of one store.
 #[derive(Debug)]
 pub struct Staging {
@@ -51,16 +63,37 @@ struct Held {
 }
 
 impl Staging {
-    /// A staging area in `dir` of at most `bytes_max` bytes, half of it
-    /// per client. Checks that an unnamed file can be made there, so that a
-    /// wrong directory stops the start rather than every large upload.
-    pub fn open(dir: &Path, bytes_max: u64) -> Result<Arc<Staging>> {
+    /// A staging area in `dir` of at most `size` bytes, half of it per
+    /// client. Checks that an unnamed file can be made there, so that a
+    /// wrong directory stops the start rather than every large upload. An
+    /// automatic size is also held to half the free space there, so that
+    /// uploads in progress cannot fill the disk; a configured one larger
+    /// than the free space is kept, with a warning.
+    pub fn open(dir: &Path, size: StagingSize) -> Result<Arc<Staging>> {
         std::fs::create_dir_all(dir).map_err(|e| {
             Error::new(
                 Code::FailedPrecondition,
                 format!("cannot create the upload staging directory {}: {e}", dir.display()),
             )
         })?;
+        let free = nix::sys::statvfs::statvfs(dir)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+            .unwrap_or(u64::MAX);
+        let bytes_max = match size {
+            StagingSize::Automatic(bytes) => bytes.min(free / 2).max(STAGING_BYTES_MIN),
+            StagingSize::Configured(bytes) => {
+                if bytes > free {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        upload_staging_bytes = bytes,
+                        free_bytes = free,
+                        "upload_staging_bytes is more than the free space there: uploads in progress may fill the disk (they then fail with RESOURCE_EXHAUSTED)"
+                    );
+                }
+                bytes
+            }
+        };
+        tracing::info!(dir = %dir.display(), bytes_max, "upload staging area");
         tempfile::tempfile_in(dir).map_err(|e| {
             Error::new(
                 Code::FailedPrecondition,
@@ -255,7 +288,7 @@ mod tests {
     #[test]
     fn bytes_are_charged_as_received_and_given_back_on_drop() {
         let dir = tempfile::tempdir().unwrap();
-        let staging = Staging::open(&dir.path().join("staging"), 1000).unwrap();
+        let staging = Staging::open(&dir.path().join("staging"), StagingSize::Configured(1000)).unwrap();
         let a: Client = Some("10.0.0.1".parse().unwrap());
         let b: Client = Some("10.0.0.2".parse().unwrap());
         let mut first = StagedFile::new(staging.clone(), a);
@@ -277,12 +310,28 @@ mod tests {
         assert_eq!(staging.held(), 0);
     }
 
+    /// An automatic size never exceeds half the free space, nor goes under
+    /// the minimum; a configured one is what was configured.
+    #[test]
+    fn an_automatic_size_leaves_the_disk_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = nix::sys::statvfs::statvfs(dir.path())
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+            .unwrap();
+        let huge = Staging::open(dir.path(), StagingSize::Automatic(u64::MAX / 4)).unwrap();
+        assert!(huge.bytes_max() <= free / 2 + (64 << 20), "{} of {free} free", huge.bytes_max());
+        let tiny = Staging::open(dir.path(), StagingSize::Automatic(1)).unwrap();
+        assert_eq!(tiny.bytes_max(), STAGING_BYTES_MIN);
+        let set = Staging::open(dir.path(), StagingSize::Configured(u64::MAX / 4)).unwrap();
+        assert_eq!(set.bytes_max(), u64::MAX / 4);
+    }
+
     #[test]
     fn a_directory_that_cannot_hold_files_stops_the_start() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("plain-file");
         std::fs::write(&file, b"x").unwrap();
-        let err = Staging::open(&file, 1 << 20).unwrap_err();
+        let err = Staging::open(&file, StagingSize::Configured(1 << 20)).unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition);
         assert!(err.message().contains("staging directory"), "{}", err.message());
     }
