@@ -356,6 +356,9 @@ async fn abandoned_uploads_evict_nothing_and_a_stalled_one_completes() {
     }
     assert_eq!(ring_bytes(), written, "abandoned uploads moved the ring");
     assert!(kiln.metric("kiln_store_staged_bytes", &[]) <= 40.0 * 70_000.0);
+    let (status, page) = common::http::get(kiln.metrics_addr(), "/status.txt", None);
+    assert_eq!(status, 200);
+    assert!(page.contains("CAS uploads in progress (staging area)"), "{page}");
     for data in &kept {
         assert!(!is_missing(&kiln, &sha(data)).await, "an abandoned upload evicted a blob");
     }

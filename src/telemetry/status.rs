@@ -233,6 +233,13 @@ fn server_sections(page: &Page<'_>, stores: &[StoreView], out: &mut Vec<Section>
                     v.unhealthy.as_ref().map_or_else(|| "yes".to_owned(), |why| format!("NO: {why}")),
                 ]
             }))
+            .chain(stores.iter().filter_map(|v| {
+                let (held, max) = v.staging?;
+                Some(vec![
+                    format!("{} uploads in progress (staging area)", v.store.to_uppercase()),
+                    format!("{} of {}", mib(held), mib(max)),
+                ])
+            }))
             .collect(),
     ));
 }

@@ -33,6 +33,8 @@ pub struct StoreView {
     pub epoch_age_seconds: Option<f64>,
     /// Why the store cannot sync, while its syncs keep failing.
     pub unhealthy: Option<String>,
+    /// Uploads in progress in the staging area, and its size (a block CAS).
+    pub staging: Option<(u64, u64)>,
 }
 
 /// Reads the stores for `/metrics` and the status page.
@@ -96,6 +98,7 @@ fn block(store: &'static str, e: &Arc<Engine>) -> StoreView {
         last_sync_seconds: e.stats.last_micros.load(Ordering::Relaxed) as f64 / 1e6,
         epoch_age_seconds: (last_ms > 0).then(|| now_ms.saturating_sub(last_ms) as f64 / 1000.0),
         unhealthy: e.unhealthy(),
+        staging: e.staging.as_ref().map(|s| (s.held(), s.bytes_max())),
     }
 }
 
