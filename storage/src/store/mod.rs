@@ -186,10 +186,10 @@ pub trait BlobWriter: Send + 'static {
         0
     }
 
-    /// Whether the upload can go on from [`BlobWriter::written`] bytes: false
-    /// once the store has given up the space the bytes so far are in (an
-    /// interrupted upload is then not kept for resumption; the client starts
-    /// again from 0).
+    /// Whether an interrupted upload is worth keeping to go on from
+    /// [`BlobWriter::written`] bytes: false when the store cannot keep its
+    /// bytes cheaply (a large blob that came whole is held in memory); the
+    /// client then starts again from 0.
     fn resumable(&self) -> bool {
         true
     }

@@ -218,6 +218,13 @@ impl BlobWriter for BlockWriter {
         self.written - self.staged.as_ref().map_or(0, StagedFile::len)
     }
 
+    /// A large blob that came whole is held in memory: an interrupted one is
+    /// not kept (the client sends its one message again), so interrupted
+    /// uploads cannot pile up in memory.
+    fn resumable(&self) -> bool {
+        self.buffered() <= SMALL_BLOB_BYTES
+    }
+
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
         if self.written + chunk.len() as u64 > self.size {
             return Err(Error::invalid_argument(format!("upload received more than {} bytes", self.size)));

@@ -108,7 +108,9 @@ impl Staging {
                 // Ends when the area is dropped (the queue closes).
                 .spawn(move || {
                     while let Ok(job) = queue.recv_blocking() {
-                        job();
+                        // A job that panicked drops its reply (the caller
+                        // sees an error); the thread goes on.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                     }
                 })
                 .map_err(|e| Error::internal(format!("start a staging thread: {e}")))?;

@@ -169,6 +169,31 @@ fn a_failed_write_counts_nothing_and_a_resumption_there_succeeds() {
     assert_eq!(engine.staging.as_ref().unwrap().held(), 0);
 }
 
+/// A large blob sent whole in one message is held in memory until commit;
+/// interrupted, it is not kept for resumption, so interrupted uploads
+/// cannot pile up in memory. One sent in pieces is staged and kept.
+#[test]
+fn only_staged_uploads_are_kept_for_resumption() {
+    use crate::store::BlobWriter;
+    let cfg = config(Path::new("/nonexistent"), Kind::Cas);
+    let store = BlockCas::new(Engine::open_on(&cfg, devices(13)).unwrap());
+    let (key, bytes) = blob(77, 200_000);
+    let mut whole = block_on(store.write(&key)).unwrap();
+    block_on(whole.write(bytes.clone())).unwrap();
+    assert_eq!(whole.buffered(), 200_000);
+    assert!(!whole.resumable());
+    let mut pieces = block_on(store.write(&key)).unwrap();
+    block_on(pieces.write(bytes.slice(..100_000))).unwrap();
+    assert_eq!(pieces.buffered(), 0);
+    assert!(pieces.resumable());
+    let (small, small_bytes) = blob(78, 5000);
+    let mut small_writer = block_on(store.write(&small)).unwrap();
+    block_on(small_writer.write(small_bytes)).unwrap();
+    assert!(small_writer.resumable(), "small blobs stay resumable");
+    block_on(whole.commit()).unwrap();
+    assert_eq!(block_on(read_all(&store, &key, u64::MAX)).unwrap(), bytes);
+}
+
 /// Uploads that declare a large blob, send a little and hang up take no
 /// space from the ring: every blob stays, and the staging area has all its
 /// bytes back. The area's bounds (in all, per client) hold.
