@@ -124,6 +124,23 @@ mod tests {
         parsed.validate().unwrap();
     }
 
+    /// Storage settings out of range are refused with the key to change.
+    #[test]
+    fn storage_settings_out_of_range_are_refused() {
+        for (toml, key) in [
+            ("[storage]\nupload_staging_bytes = 1000", "upload_staging_bytes"),
+            ("[storage]\nsync_interval_ms = 0", "sync_interval_ms"),
+            ("[storage]\ncas_size_bytes = 1000", "cas_size_bytes"),
+        ] {
+            let parsed: Config = toml::from_str(toml).unwrap();
+            let refused = parsed.validate().unwrap_err().to_string();
+            assert!(refused.contains(key), "{toml}: {refused}");
+        }
+        let fine: Config = toml::from_str("[storage]\nupload_staging_bytes = 4194304").unwrap();
+        fine.validate().unwrap();
+        assert_eq!(fine.storage.upload_staging_bytes, 4 << 20);
+    }
+
     #[test]
     fn unknown_keys_are_rejected() {
         let err = toml::from_str::<Config>("listn = \"127.0.0.1:1\"").unwrap_err();

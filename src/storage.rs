@@ -140,7 +140,9 @@ impl StorageConfig {
                         "[storage] scrub_bytes_per_second must be at most 10 GiB/s (0 turns the scrub off)"
                     );
                 }
-                if self.upload_staging_bytes != 0 && self.upload_staging_bytes < 2 << 20 {
+                if self.upload_staging_bytes != 0
+                    && self.upload_staging_bytes < kiln_proto::limits::BLOCK_STAGING_BYTES_MIN
+                {
                     bail!(
                         "[storage] upload_staging_bytes must be at least 2 MiB (0: half the CAS); half of it bounds the largest blob"
                     );

@@ -44,6 +44,9 @@ pub const BLOCK_RING_ENTRIES: u32 = 256;
 pub const BLOCK_INDEX_PROBES: usize = 16;
 /// Block store: blobs up to this size are written in one request.
 pub const BLOCK_SMALL_BLOB_BYTES: u64 = 64 << 10;
+/// Block store: the smallest upload staging area (room for one client's
+/// 1 MiB chunk: each client may hold half).
+pub const BLOCK_STAGING_BYTES_MIN: u64 = 2 << 20;
 /// Block store: threads doing the staging area's file I/O, and the
 /// operations that may wait for them.
 pub const BLOCK_STAGING_THREADS: usize = 4;

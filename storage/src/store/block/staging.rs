@@ -25,7 +25,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use kiln_proto::limits::{
-    BLOCK_STAGING_QUEUE_DEPTH as STAGING_QUEUE_DEPTH, BLOCK_STAGING_THREADS as STAGING_THREADS,
+    BLOCK_STAGING_BYTES_MIN as STAGING_BYTES_MIN, BLOCK_STAGING_QUEUE_DEPTH as STAGING_QUEUE_DEPTH,
+    BLOCK_STAGING_THREADS as STAGING_THREADS,
 };
 use kiln_proto::{Code, Error, Result};
 
@@ -39,9 +40,6 @@ pub enum StagingSize {
     /// What the operator set.
     Configured(u64),
 }
-
-/// The smallest staging area: room for one client's 1 MiB chunk.
-pub const STAGING_BYTES_MIN: u64 = 2 << 20;
 
 /// The staging area of one store.
 #[derive(Debug)]
