@@ -36,8 +36,8 @@ pub struct StorageConfig {
     pub ac_size_bytes: u64,
     /// Bytes per block of the ring; 0: automatic.
     pub block_bytes: u64,
-    /// Average blob size the index is sized for (twice the blobs that fill
-    /// the store at this size).
+    /// Average blob size the index is sized for (1.25 slots per blob that
+    /// fills the store at this size).
     pub expected_blob_bytes: u64,
     /// Storage threads; 0: one per core.
     pub threads: usize,

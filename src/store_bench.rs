@@ -44,7 +44,7 @@ fn key(i: u64, size: u64) -> CasKey {
 
 fn config(o: &StoreBenchOptions) -> BlockConfig {
     // Room for every blob with the eighth the syncer keeps free, and an
-    // index of twice as many slots as blobs.
+    // index sized for exactly that many blobs.
     let record = record_len(o.blob_size);
     let size = (o.blobs * record * 3 / 2 + (64 << 20)).next_multiple_of(4096);
     BlockConfig {

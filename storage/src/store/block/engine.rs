@@ -16,8 +16,8 @@ use kiln_proto::{Code, Error, Result};
 
 use super::device::{BlockDevice, FileDevice};
 use super::format::{
-    DataHeader, Fingerprint, IndexLayout, Kind, PAGE_BYTES, SLOTS_PER_PAGE, Slot, Superblock, page_crc,
-    record_key, record_len,
+    DataHeader, Fingerprint, IndexLayout, Kind, PAGE_BYTES, PROBING_TWO_BUCKETS, SLOTS_PER_PAGE, Slot,
+    Superblock, page_crc, record_key, record_len,
 };
 use super::index::Partition;
 use super::io::{IoEngine, IoMode};
@@ -44,8 +44,8 @@ pub struct BlockConfig {
     pub size_configured: bool,
     /// Bytes per block of the ring; 0: a 64th of the ring, 1 MiB to 256 MiB.
     pub block_bytes: u64,
-    /// Expected average blob size: the index holds twice the blobs that
-    /// fill the ring at this size.
+    /// Expected average blob size: the index has 1.25 slots per blob that
+    /// fills the ring at this size.
     pub expected_blob_bytes: u64,
     pub threads: usize,
     pub io: IoMode,
@@ -166,6 +166,12 @@ impl Engine {
             Kind::Ac => None,
         };
         let sb = loaded.superblock;
+        if sb.probing != PROBING_TWO_BUCKETS {
+            return Err(Error::internal(format!(
+                "the index {} places keys the older way; it is rewritten when opened by path",
+                devices.index.describe()
+            )));
+        }
         let ring = Arc::new(Ring::new(capacity, block_bytes, sb.tail, sb.head));
         for slot in loaded.partitions.iter().flat_map(Partition::entries) {
             if ring.is_live(slot.logical, record_len(slot.size)) {
@@ -493,11 +499,12 @@ pub fn index_file_bytes(data_len: u64, block_bytes: u64, expected_blob_bytes: u6
     Ok(IndexLayout::new(slots_for(capacity, expected_blob_bytes)).file_bytes())
 }
 
-/// Index slots for a ring of `capacity` bytes: twice the blobs of the
-/// expected size that fill it, in whole pages per partition.
+/// Index slots for a ring of `capacity` bytes: 1.25 per blob of the
+/// expected size that fills it (the table fills to about 95%), in whole
+/// pages per partition.
 pub(super) fn slots_for(capacity: u64, expected_blob_bytes: u64) -> u64 {
     let blobs = capacity / expected_blob_bytes.max(64);
-    let pages = (2 * blobs).div_ceil(SLOTS_PER_PAGE).max(1);
+    let pages = (blobs + blobs / 4).div_ceil(SLOTS_PER_PAGE).max(1);
     let partitions = pages.min(PARTITIONS_MAX);
     pages.next_multiple_of(partitions) * SLOTS_PER_PAGE
 }
@@ -660,7 +667,14 @@ pub(super) fn reindex_onto(
     let (mut partitions, tail, moved) = fill_index(entries, slots, sb.seed, sb.tail, block_bytes);
     // Copy 0 is the current copy when the sequence is even (the next sync
     // writes copy 1).
-    let next = Superblock { slots, sequence: (sb.sequence + 2) & !1, copy: 0, tail: tail.min(sb.head), ..sb };
+    let next = Superblock {
+        slots,
+        probing: PROBING_TWO_BUCKETS,
+        sequence: (sb.sequence + 2) & !1,
+        copy: 0,
+        tail: tail.min(sb.head),
+        ..sb
+    };
     write_index(target, &IndexLayout::new(slots), &mut partitions, &next)
         .and_then(|()| target.sync())
         .map_err(|e| internal("write the re-sized index", &e))?;
@@ -768,7 +782,7 @@ fn format(
         capacity,
         block_bytes,
         slots,
-        shards: 0,
+        probing: PROBING_TWO_BUCKETS,
         sequence: 0,
         copy: 0,
         tail: 0,

@@ -338,6 +338,9 @@ impl DataHeader {
     }
 }
 
+/// Keys live in either of two buckets of 8 slots (see `index.rs`).
+pub const PROBING_TWO_BUCKETS: u32 = 2;
+
 /// One of the two superblocks of an index file: which copy of the table
 /// is current, and the ring's bounds when it was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,7 +352,10 @@ pub struct Superblock {
     pub capacity: u64,
     pub block_bytes: u64,
     pub slots: u64,
-    pub shards: u32,
+    /// How keys are placed in the table: [`PROBING_TWO_BUCKETS`]; 0 in
+    /// indexes written before it (16 consecutive slots), which are
+    /// rewritten when opened.
+    pub probing: u32,
     /// Counts syncs; the newer valid superblock wins.
     pub sequence: u64,
     /// Which copy of the table this superblock vouches for (0 or 1).
@@ -371,7 +377,7 @@ impl Superblock {
         b[40..48].copy_from_slice(&self.capacity.to_le_bytes());
         b[48..56].copy_from_slice(&self.block_bytes.to_le_bytes());
         b[56..64].copy_from_slice(&self.slots.to_le_bytes());
-        b[64..68].copy_from_slice(&self.shards.to_le_bytes());
+        b[64..68].copy_from_slice(&self.probing.to_le_bytes());
         b[72..80].copy_from_slice(&self.sequence.to_le_bytes());
         b[80..88].copy_from_slice(&self.tail.to_le_bytes());
         b[88..96].copy_from_slice(&self.head.to_le_bytes());
@@ -395,7 +401,7 @@ impl Superblock {
             capacity: u64_at(b, 40),
             block_bytes: u64_at(b, 48),
             slots: u64_at(b, 56),
-            shards: u32_at(b, 64),
+            probing: u32_at(b, 64),
             sequence: u64_at(b, 72),
             tail: u64_at(b, 80),
             head: u64_at(b, 88),
@@ -530,7 +536,7 @@ mod tests {
             capacity: 1 << 30,
             block_bytes: 1 << 24,
             slots: 1 << 20,
-            shards: 4,
+            probing: PROBING_TWO_BUCKETS,
             sequence: 17,
             copy: 1,
             tail: 5 << 24,

@@ -1,13 +1,18 @@
 //! The index: a fixed-size open-addressing hash table from fingerprint to
 //! record, split into partitions that storage threads own.
 //!
-//! Slots are 32 bytes ([`Slot`]). A key's bucket follows from its
-//! fingerprint; lookups and inserts probe [`PROBES`] slots from there and
-//! never more. An insert takes the key's own slot, or an empty or dead one
-//! (its record has left the ring). A running store never lets a live entry
-//! of another key be displaced ([`Partition::try_insert`] names the oldest
-//! one instead, for the storage thread to evict with its block or to refuse
-//! the write); offline rebuilding and resizing fill a table newest first.
+//! Slots are 32 bytes ([`Slot`]), in buckets of [`BUCKET_SLOTS`]. A key
+//! may live in either of two buckets its fingerprint names (bucketized
+//! cuckoo hashing): lookups look at those [`PROBES`] slots and never more.
+//! An insert takes the key's own slot, or an empty or dead one (its record
+//! has left the ring); failing that, it moves an entry of another key to
+//! that key's other bucket (up to two moves deep) to make room. Moves keep
+//! every entry, so tables fill to about 95% before a key finds no room,
+//! which lets the table hold 1.25 slots per expected blob (40 bytes).
+//! A running store never lets a live entry of another key be displaced
+//! ([`Partition::try_insert`] names the oldest one instead, for the storage
+//! thread to evict with its block or to refuse the write); offline
+//! rebuilding and resizing fill a table newest first.
 //!
 //! For persistence the table is a run of 4 KiB pages. Every change marks
 //! its page dirty for both on-disk copies. A sync first takes a *barrier*:
@@ -18,6 +23,9 @@
 
 use kiln_proto::limits::BLOCK_INDEX_PROBES as PROBES;
 use std::collections::HashMap;
+
+/// Slots of a bucket: a key may use two buckets.
+pub const BUCKET_SLOTS: usize = PROBES / 2;
 
 use super::format::{Fingerprint, PAGE_BYTES, SLOT_BYTES, SLOTS_PER_PAGE, Slot};
 
@@ -89,16 +97,29 @@ impl Partition {
         self.dirty[usize::from(copy)].fill(true);
     }
 
-    fn bucket(&self, fp: &Fingerprint) -> usize {
-        // The fingerprint's low bits choose the partition; use others here.
-        let bits = u64::from_le_bytes(fp.0[8..16].try_into().unwrap_or([0; 8]));
-        usize::try_from(bits % self.slots.len() as u64).unwrap_or(0)
+    /// The two buckets `fp` may live in. The partition is chosen by the
+    /// first eight bytes modulo the partitions; the buckets by the last
+    /// eight, and by the high half of the first eight.
+    fn buckets(&self, fp: &[u8; 16]) -> (usize, usize) {
+        let count = (self.slots.len() / BUCKET_SLOTS).max(1) as u64;
+        let first = u64::from_le_bytes(fp[8..16].try_into().unwrap_or([0; 8]));
+        let second = u64::from_le_bytes(fp[0..8].try_into().unwrap_or([0; 8])).rotate_right(32);
+        (usize::try_from(first % count).unwrap_or(0), usize::try_from(second % count).unwrap_or(0))
+    }
+
+    /// The other bucket of the entry in slot `i`.
+    fn other_bucket(&self, i: usize) -> usize {
+        let (a, b) = self.buckets(&self.slots[i].fingerprint);
+        if i / BUCKET_SLOTS == a { b } else { a }
+    }
+
+    fn bucket_slots(bucket: usize) -> std::ops::Range<usize> {
+        bucket * BUCKET_SLOTS..(bucket + 1) * BUCKET_SLOTS
     }
 
     fn probe(&self, fp: &Fingerprint) -> impl Iterator<Item = usize> {
-        let start = self.bucket(fp);
-        let len = self.slots.len();
-        (0..PROBES.min(len)).map(move |i| (start + i) % len)
+        let (a, b) = self.buckets(&fp.0);
+        Self::bucket_slots(a).chain(Self::bucket_slots(b))
     }
 
     fn set(&mut self, i: usize, slot: Slot) {
@@ -132,13 +153,24 @@ impl Partition {
     /// (resizing, rebuilding), where the table is sized for what it gets;
     /// a running store uses [`Partition::try_insert`].
     pub fn insert(&mut self, slot: Slot, live: impl Fn(&Slot) -> bool) -> Option<Slot> {
-        let i = match self.place(&slot, &live) {
-            Ok(i) => i,
-            Err(oldest) => oldest,
+        let (moves, i) = match self.place(&slot, &live) {
+            Ok(place) => place,
+            Err(oldest) => (Vec::new(), oldest),
         };
-        let old = self.slots[i];
+        self.put(&moves, i, slot)
+    }
+
+    /// Makes the `moves` (each `(from, to)`: the entry in `from` goes to
+    /// `to`, in order), then stores `slot` at `i`; returns what was
+    /// overwritten at the end of the chain (an empty, dead or displaced
+    /// entry, or the key's own).
+    fn put(&mut self, moves: &[(usize, usize)], i: usize, slot: Slot) -> Option<Slot> {
+        let overwritten = moves.first().map_or(self.slots[i], |(_, to)| self.slots[*to]);
+        for &(from, to) in moves {
+            self.set(to, self.slots[from]);
+        }
         self.set(i, slot);
-        (!old.is_empty()).then_some(old)
+        (!overwritten.is_empty()).then_some(overwritten)
     }
 
     /// Stores `slot` in the key's own slot or an empty or dead one, and
@@ -147,23 +179,47 @@ impl Partition {
     /// `Err` with the oldest of them (the caller evicts it the way the ring
     /// evicts, or refuses the write).
     pub fn try_insert(&mut self, slot: Slot, live: impl Fn(&Slot) -> bool) -> Result<Option<Slot>, Slot> {
-        let i = self.place(&slot, &live).map_err(|oldest| self.slots[oldest])?;
-        let old = self.slots[i];
-        self.set(i, slot);
-        Ok((!old.is_empty()).then_some(old))
+        let (moves, i) = self.place(&slot, &live).map_err(|oldest| self.slots[oldest])?;
+        Ok(self.put(&moves, i, slot))
     }
 
-    /// Where `slot` goes: `Ok` the key's own slot or a free one, `Err` the
-    /// probed slot holding the oldest live entry.
-    fn place(&self, slot: &Slot, live: impl Fn(&Slot) -> bool) -> Result<usize, usize> {
+    /// Where `slot` goes: `Ok` with the moves that make room (none for the
+    /// key's own slot or a free one; else one or two entries moved to
+    /// their other buckets) and the slot; `Err` the probed slot holding the
+    /// oldest live entry, when no room can be made.
+    fn place(
+        &self,
+        slot: &Slot,
+        live: impl Fn(&Slot) -> bool,
+    ) -> Result<(Vec<(usize, usize)>, usize), usize> {
         let fp = Fingerprint(slot.fingerprint);
         let probed: Vec<usize> = self.probe(&fp).collect();
-        probed
-            .iter()
-            .copied()
-            .find(|i| self.slots[*i].fingerprint == slot.fingerprint)
-            .or_else(|| probed.iter().copied().find(|i| self.slots[*i].is_empty() || !live(&self.slots[*i])))
-            .ok_or_else(|| probed.iter().copied().min_by_key(|i| self.slots[*i].logical).unwrap_or(0))
+        let free = |i: usize| self.slots[i].is_empty() || !live(&self.slots[i]);
+        if let Some(i) = probed.iter().copied().find(|i| self.slots[*i].fingerprint == slot.fingerprint) {
+            return Ok((Vec::new(), i));
+        }
+        if let Some(i) = probed.iter().copied().find(|i| free(*i)) {
+            return Ok((Vec::new(), i));
+        }
+        // One move: an entry here goes to a free slot of its other bucket.
+        for &i in &probed {
+            if let Some(j) = Self::bucket_slots(self.other_bucket(i)).find(|j| free(*j)) {
+                return Ok((vec![(i, j)], i));
+            }
+        }
+        // Two moves: an entry of that other bucket makes room in its own.
+        for &i in &probed {
+            for j in Self::bucket_slots(self.other_bucket(i)) {
+                if probed.contains(&j) {
+                    continue;
+                }
+                let k = Self::bucket_slots(self.other_bucket(j)).find(|k| free(*k) && !probed.contains(k));
+                if let Some(k) = k {
+                    return Ok((vec![(j, k), (i, j)], i));
+                }
+            }
+        }
+        Err(probed.iter().copied().min_by_key(|i| self.slots[*i].logical).unwrap_or(0))
     }
 
     /// Removes `fp`'s entry if it still names the record at `logical`.
@@ -256,10 +312,12 @@ mod tests {
         Fingerprint(b)
     }
 
-    /// Slots whose keys all fall in one bucket.
+    /// Slots whose keys all have the same two buckets (0 and 1 of a
+    /// one-page table): [`PROBES`] slots for all of them.
     fn colliding(n: u32) -> Slot {
-        let mut b = fp(n).0;
-        b[8..16].copy_from_slice(&[0; 8]);
+        let mut b = [0u8; 16];
+        let second = ((u64::from(n) << 4) | 1).rotate_left(32);
+        b[0..8].copy_from_slice(&second.to_le_bytes());
         Slot { fingerprint: b, logical: u64::from(n), size: 1 }
     }
 
@@ -320,6 +378,34 @@ mod tests {
             table.lookup(&Fingerprint(colliding(12).fingerprint), |_| true).is_none(),
             "removed on the way"
         );
+    }
+
+    /// Keys that find their two buckets full move others to their other
+    /// buckets: a table fills to well over 90% before a key finds no room,
+    /// and every entry stays findable.
+    #[test]
+    fn cuckoo_moves_fill_the_table_and_keep_every_entry() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..4 {
+            // Fingerprints are hash output: random bytes.
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut table = Partition::new(0, 64, 3);
+            let slots = table.slot_count();
+            let mut stored = Vec::new();
+            for n in 1u64.. {
+                let s = Slot { fingerprint: rng.random(), logical: n, size: 1 };
+                match table.try_insert(s, |_| true) {
+                    Ok(None) => stored.push(s),
+                    Ok(Some(old)) => panic!("displaced {old:?}"),
+                    Err(_) => break,
+                }
+            }
+            let load = stored.len() as f64 / slots as f64;
+            assert!(load > 0.9, "seed {seed}: full at {load:.3} ({} of {slots})", stored.len());
+            for s in stored {
+                assert_eq!(table.get(&Fingerprint(s.fingerprint)), Some(s), "lost {s:?}");
+            }
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use kiln_proto::{Code, Error, Result};
 
 use super::device::{BlockDevice, FileDevice};
 use super::engine::{BlockConfig, Devices, geometry, index_file_bytes, slots_for};
-use super::format::{DataHeader, IndexLayout, PAGE_BYTES, Superblock};
+use super::format::{DataHeader, IndexLayout, PAGE_BYTES, PROBING_TWO_BUCKETS, Superblock};
 
 /// What the first page of a data device holds.
 #[derive(Debug)]
@@ -242,7 +242,9 @@ pub fn open_files(config: &BlockConfig) -> Result<Devices> {
     let slots = slots_for(geometry_now.0, config.expected_blob_bytes);
     let resize = !config.reformat
         && matches!(found, Found::Store(_))
-        && best_superblock(&index).is_some_and(|sb| sb.slots != slots && sb.kind == config.kind);
+        && best_superblock(&index).is_some_and(|sb| {
+            (sb.slots != slots || sb.probing != PROBING_TWO_BUCKETS) && sb.kind == config.kind
+        });
     if resize {
         let devices = Devices { data: data.clone(), index: Arc::new(index) };
         return super::engine::resize_index(config, devices, geometry_now, slots);

@@ -22,8 +22,9 @@ use kiln_proto::{Error, Result};
 use super::device::BlockDevice;
 use super::engine::{Devices, fill_index, write_index};
 use super::format::{
-    CRC_CHUNK_BYTES, DataHeader, Fingerprint, IndexLayout, Kind, PAGE_BYTES, RECORD_HEADER_BYTES,
-    RecordHeader, RecordKey, Slot, Superblock, crc_chunks, crc_offset, record_key, record_len,
+    CRC_CHUNK_BYTES, DataHeader, Fingerprint, IndexLayout, Kind, PAGE_BYTES, PROBING_TWO_BUCKETS,
+    RECORD_HEADER_BYTES, RecordHeader, RecordKey, Slot, Superblock, crc_chunks, crc_offset, record_key,
+    record_len,
 };
 use super::worker::check_chunks;
 
@@ -64,7 +65,7 @@ pub fn rebuild(kind: Kind, devices: &Devices, capacity: u64, slots: u64) -> Resu
         capacity,
         block_bytes: header.block_bytes,
         slots,
-        shards: 0,
+        probing: PROBING_TWO_BUCKETS,
         sequence: 0,
         copy: 0,
         tail,

@@ -306,7 +306,8 @@ fn a_damaged_index_loses_entries_never_bytes() {
     }
     store.engine().close().unwrap();
     let mut rng = StdRng::seed_from_u64(11);
-    for _ in 0..200 {
+    // About one flip per two index pages: some pages keep their entries.
+    for _ in 0..index.len() / 8192 {
         let at = rng.random_range(0..index.len());
         index.corrupt(at, 1 << rng.random_range(0..8));
     }
@@ -325,7 +326,7 @@ fn a_damaged_index_loses_entries_never_bytes() {
             Err(e) => assert!(matches!(e.code(), Code::NotFound | Code::DataLoss), "{e}"),
         }
     }
-    assert!(served > 0, "nothing survived 250 flipped bytes");
+    assert!(served > 0, "nothing survived the flipped bytes");
 }
 
 #[test]

@@ -85,6 +85,49 @@ fn resizing_the_index_keeps_every_blob() {
     }
 }
 
+/// An index written before keys were placed in two buckets (its slots
+/// elsewhere in their pages, its superblocks saying so) is rewritten for
+/// the new placement when the store opens, keeping every entry.
+#[test]
+fn an_index_of_the_older_layout_is_rewritten_keeping_every_blob() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = fill(dir.path(), 300);
+    let base = config(dir.path(), Kind::Cas);
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&base.index_path).unwrap();
+    let mut page = vec![0u8; 4096];
+    let mut superblocks = Vec::new();
+    for copy in 0..2u8 {
+        file.read_exact_at(&mut page, format::IndexLayout::superblock_offset(copy)).unwrap();
+        superblocks.extend(format::Superblock::decode(&page));
+    }
+    let sb = superblocks.iter().max_by_key(|s| s.sequence).copied().unwrap();
+    // Every slot of the current copy moved within its page, as an older
+    // placement would have put it; checksums kept right.
+    let layout = format::IndexLayout::new(sb.slots);
+    let mut crcs = vec![0u8; usize::try_from(layout.crc_table_bytes).unwrap()];
+    for p in 0..layout.pages {
+        file.read_exact_at(&mut page, layout.page_offset(sb.copy, p)).unwrap();
+        let mut moved: Vec<u8> = page.chunks(32).rev().flatten().copied().collect();
+        moved.rotate_left(32 * 3);
+        file.write_all_at(&moved, layout.page_offset(sb.copy, p)).unwrap();
+        let at = usize::try_from(4 * p).unwrap();
+        crcs[at..at + 4].copy_from_slice(&format::page_crc(&moved).to_le_bytes());
+    }
+    file.write_all_at(&crcs, layout.crc_table_offset(sb.copy)).unwrap();
+    for s in &superblocks {
+        let older = format::Superblock { probing: 0, ..*s };
+        file.write_all_at(&older.encode(), format::IndexLayout::superblock_offset(s.copy)).unwrap();
+    }
+    drop(file);
+    {
+        let store = all_present(&base, &blobs);
+        assert_eq!(store.engine().entries(), 300);
+        store.engine().close().unwrap();
+    }
+    all_present(&base, &blobs).engine().close().unwrap();
+}
+
 /// A damaged data header is rewritten from the index superblock; with the
 /// superblocks gone too, the store is refused, never replaced.
 #[test]
