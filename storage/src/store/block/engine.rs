@@ -346,22 +346,26 @@ impl Engine {
         fps: &[Fingerprint],
         make: impl Fn(Vec<Fingerprint>, oneshot::Sender<Vec<T>>) -> Request,
     ) -> Result<Vec<T>> {
-        let mut by_worker: HashMap<usize, Vec<(usize, Fingerprint)>> = HashMap::new();
+        // Each thread's share, and where each answer goes back.
+        let threads = self.workers.len();
+        let share = fps.len() / threads + 1;
+        let mut asked: Vec<(Vec<Fingerprint>, Vec<usize>)> =
+            (0..threads).map(|_| (Vec::with_capacity(share), Vec::with_capacity(share))).collect();
         for (i, fp) in fps.iter().enumerate() {
-            let w = partition_of(fp, self.partitions) as usize % self.workers.len();
-            by_worker.entry(w).or_default().push((i, *fp));
+            let (fps, at) = &mut asked[partition_of(fp, self.partitions) as usize % threads];
+            fps.push(*fp);
+            at.push(i);
         }
         let mut answers = vec![T::default(); fps.len()];
         let mut waits = Vec::new();
-        for (w, items) in by_worker {
+        for (w, (fps, at)) in asked.into_iter().enumerate().filter(|(_, (fps, _))| !fps.is_empty()) {
             let (tx, rx) = oneshot::channel();
-            let request = make(items.iter().map(|(_, fp)| *fp).collect(), tx);
-            self.workers[w].send(request).await.map_err(|_| stopped())?;
-            waits.push((items, rx));
+            self.workers[w].send(make(fps, tx)).await.map_err(|_| stopped())?;
+            waits.push((at, rx));
         }
-        for (items, rx) in waits {
+        for (at, rx) in waits {
             let found = rx.await.map_err(|_| stopped())?;
-            for ((i, _), f) in items.into_iter().zip(found) {
+            for (i, f) in at.into_iter().zip(found) {
                 answers[i] = f;
             }
         }
