@@ -359,6 +359,51 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// A small table filled past its room with random fingerprints:
+        /// entries move between their buckets, yet every stored key is
+        /// found at its latest place, a refused insert changes nothing, and
+        /// nothing is ever displaced.
+        #[test]
+        fn moves_keep_the_table_equal_to_a_map(
+            seed in 0u64..1000,
+            ops in proptest::collection::vec((0usize..300, 0u8..4), 1..1500),
+        ) {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let keys: Vec<[u8; 16]> = (0..300).map(|_| rng.random()).collect();
+            let mut table = Partition::new(0, 1, 5);
+            let mut model: Model<usize, u64> = Model::new();
+            let mut clock = 0u64;
+            for (key, op) in ops {
+                clock += 1;
+                let fp = Fingerprint(keys[key]);
+                match op {
+                    0..=2 => {
+                        let s = Slot { fingerprint: keys[key], logical: clock, size: 1 };
+                        match table.try_insert(s, |_| true) {
+                            Ok(replaced) => {
+                                let expected = model.insert(key, clock);
+                                prop_assert_eq!(replaced.map(|r| r.logical), expected);
+                            }
+                            Err(oldest) => prop_assert!(model.values().any(|at| *at == oldest.logical)),
+                        }
+                    }
+                    _ => {
+                        if let Some(at) = model.remove(&key) {
+                            prop_assert!(table.remove(&fp, at));
+                        }
+                    }
+                }
+                prop_assert!(model.len() <= table.slot_count());
+            }
+            for (k, at) in &model {
+                prop_assert_eq!(table.get(&Fingerprint(keys[*k])).map(|s| s.logical), Some(*at));
+            }
+            prop_assert_eq!(table.count(|_| true), model.len());
+        }
+    }
+
     #[test]
     fn a_full_table_displaces_the_oldest_and_dead_entries_make_room() {
         let mut table = Partition::new(0, 1, 1);
