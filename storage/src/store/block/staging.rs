@@ -199,11 +199,14 @@ pub struct StagedFile {
     /// Made at the first byte.
     file: Option<Arc<File>>,
     len: u64,
+    /// Charged for an append in progress: given back with the rest if the
+    /// append is cancelled (its caller dropped mid-write).
+    appending: u64,
 }
 
 impl StagedFile {
     pub fn new(staging: Arc<Staging>, client: Client) -> StagedFile {
-        StagedFile { staging, client, file: None, len: 0 }
+        StagedFile { staging, client, file: None, len: 0, appending: 0 }
     }
 
     /// Bytes staged so far.
@@ -215,11 +218,20 @@ impl StagedFile {
         self.len == 0
     }
 
-    /// Appends `data`; on an error nothing of it counts.
+    /// Appends `data`; on an error nothing of it counts. After a cancelled
+    /// append the file is refused: its write may still land.
     pub async fn append(&mut self, data: Bytes) -> Result<()> {
+        if self.appending > 0 {
+            return Err(Error::new(
+                Code::Unavailable,
+                "an earlier write to this upload was interrupted; upload it again from the start",
+            ));
+        }
         let n = data.len() as u64;
         self.staging.charge(self.client, n)?;
+        self.appending = n;
         let result = self.write_at(data).await;
+        self.appending = 0;
         match result {
             Ok(()) => {
                 self.len += n;
@@ -276,7 +288,7 @@ impl StagedFile {
 
 impl Drop for StagedFile {
     fn drop(&mut self) {
-        self.staging.release(self.client, self.len);
+        self.staging.release(self.client, self.len + self.appending);
     }
 }
 
@@ -284,6 +296,30 @@ impl Drop for StagedFile {
 mod tests {
     use super::*;
     use futures::executor::block_on;
+
+    /// An append whose caller gives up mid-write (a client that hangs up)
+    /// leaves no charge behind, and the upload cannot go on from a file its
+    /// cancelled write may still change.
+    #[test]
+    fn a_cancelled_append_gives_its_bytes_back() {
+        use std::future::Future;
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::open(dir.path(), StagingSize::Configured(1 << 20)).unwrap();
+        let mut file = StagedFile::new(staging.clone(), None);
+        {
+            let append = file.append(Bytes::from(vec![1; 1000]));
+            futures::pin_mut!(append);
+            let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+            // Charged, the write handed to a staging thread: then dropped.
+            assert!(append.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(staging.held(), 1000);
+        }
+        let err = block_on(file.append(Bytes::from(vec![2; 500]))).unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err}");
+        assert_eq!((file.len(), staging.held()), (0, 1000));
+        drop(file);
+        assert_eq!(staging.held(), 0, "a cancelled append kept its charge");
+    }
 
     #[test]
     fn bytes_are_charged_as_received_and_given_back_on_drop() {
