@@ -7,7 +7,7 @@
 //! - [`format`]: records, index slots, headers, byte by byte.
 //! - [`ring`]: logical positions, the tail that moves a block at a time,
 //!   and the pins that keep a block from reuse while I/O holds it.
-//! - [`index`]: the open-addressing table, by partitions.
+//! - [`index`]: the table (two buckets of 8 slots per key), by partitions.
 //! - [`worker`]: the storage threads (copies forward and the scrub in its
 //!   submodules); [`io`]: their I/O (io_uring or pread/pwrite); [`syncer`]:
 //!   the sync protocol; [`open`]: what opening finds and may do;
@@ -232,21 +232,20 @@ impl BlobWriter for BlockWriter {
         if chunk.is_empty() {
             return Ok(());
         }
-        let at = self.written;
-        let whole = at == 0 && chunk.len() as u64 == self.size;
-        match &mut self.staged {
-            Some(staged) if !whole => {
-                // Checksummed once staged, so that a failed write changes nothing.
-                staged.append(chunk.clone()).await?;
+        let (at, n) = (self.written, chunk.len() as u64);
+        let whole = at == 0 && n == self.size;
+        if let Some(staged) = self.staged.as_mut().filter(|_| !whole) {
+            // Checksummed once staged, so that a failed write changes nothing.
+            staged.append(chunk.clone()).await?;
+            self.checksum(at, &chunk);
+        } else {
+            // Small blobs get their checksums when their record is made.
+            if self.staged.is_some() {
                 self.checksum(at, &chunk);
             }
-            Some(_) => {
-                self.checksum(at, &chunk);
-                self.buffered.push(chunk.clone());
-            }
-            None => self.buffered.push(chunk.clone()),
+            self.buffered.push(chunk);
         }
-        self.written += chunk.len() as u64;
+        self.written += n;
         Ok(())
     }
 
@@ -304,7 +303,7 @@ impl CasStore for BlockCas {
     async fn write_from(&self, key: &CasKey, client: Client) -> Result<BlockWriter> {
         if key.size_bytes() > self.blob_size_bytes_max() {
             return Err(Error::resource_exhausted(format!(
-                "blob {key} is larger than this store can hold ({} bytes); raise [storage] cas_size_bytes",
+                "blob {key} is larger than this store can hold ({} bytes: a quarter of the ring, and what one client may stage); raise [storage] cas_size_bytes or upload_staging_bytes",
                 self.blob_size_bytes_max()
             )));
         }

@@ -188,6 +188,15 @@ impl std::fmt::Debug for Worker {
 }
 
 /// The partition a fingerprint belongs to.
+fn owned_partition<'p>(
+    partitions: &'p mut HashMap<u32, Partition>,
+    count: u32,
+    fp: &Fingerprint,
+) -> &'p mut Partition {
+    let p = partition_of(fp, count);
+    partitions.get_mut(&p).expect("requests reach the thread that owns their partition")
+}
+
 pub fn partition_of(fp: &Fingerprint, partitions: u32) -> u32 {
     u32::try_from(fp.bits() % u64::from(partitions.max(1))).unwrap_or(0)
 }
@@ -249,8 +258,7 @@ impl Worker {
     }
 
     fn partition(&mut self, fp: &Fingerprint) -> &mut Partition {
-        let p = partition_of(fp, self.partition_count);
-        self.partitions.get_mut(&p).expect("requests reach the thread that owns their partition")
+        owned_partition(&mut self.partitions, self.partition_count, fp)
     }
 
     fn live(ring: &Ring) -> impl Fn(&Slot) -> bool + '_ {
@@ -264,9 +272,9 @@ impl Worker {
     /// on it. Reads call this with `must_keep` false: they serve what is
     /// there now.
     fn lookup(&mut self, fp: &Fingerprint, must_keep: bool) -> Option<Location> {
-        let p = partition_of(fp, self.partition_count);
-        let partition =
-            self.partitions.get_mut(&p).expect("requests reach the thread that owns their partition");
+        // Borrows only the partitions, not the whole worker: the ring is
+        // read beside them without a reference count per lookup.
+        let partition = owned_partition(&mut self.partitions, self.partition_count, fp);
         let slot = partition.lookup(fp, Self::live(&self.ring))?;
         let loc = Location { logical: slot.logical, size: slot.size };
         let old = self.ring.head().saturating_sub(loc.logical) > self.ring.kept_bytes();
