@@ -504,7 +504,7 @@ pub fn index_file_bytes(data_len: u64, block_bytes: u64, expected_blob_bytes: u6
 }
 
 /// Index slots for a ring of `capacity` bytes: 1.25 per blob of the
-/// expected size that fills it (the table fills to about 95%), in whole
+/// expected size that fills it (the table fills to about 98%), in whole
 /// pages per partition.
 pub(super) fn slots_for(capacity: u64, expected_blob_bytes: u64) -> u64 {
     let blobs = capacity / expected_blob_bytes.max(64);

@@ -7,7 +7,7 @@
 //! An insert takes the key's own slot, or an empty or dead one (its record
 //! has left the ring); failing that, it moves an entry of another key to
 //! that key's other bucket (up to two moves deep) to make room. Moves keep
-//! every entry, so tables fill to about 95% before a key finds no room,
+//! every entry, so tables fill to about 98% before a key finds no room,
 //! which lets the table hold 1.25 slots per expected blob (40 bytes).
 //! A running store never lets a live entry of another key be displaced
 //! ([`Partition::try_insert`] names the oldest one instead, for the storage
@@ -24,10 +24,10 @@
 use kiln_proto::limits::BLOCK_INDEX_PROBES as PROBES;
 use std::collections::HashMap;
 
+use super::format::{Fingerprint, PAGE_BYTES, SLOT_BYTES, SLOTS_PER_PAGE, Slot};
+
 /// Slots of a bucket: a key may use two buckets.
 pub const BUCKET_SLOTS: usize = PROBES / 2;
-
-use super::format::{Fingerprint, PAGE_BYTES, SLOT_BYTES, SLOTS_PER_PAGE, Slot};
 
 /// One partition of the table.
 #[derive(Debug)]
@@ -173,11 +173,12 @@ impl Partition {
         (!overwritten.is_empty()).then_some(overwritten)
     }
 
-    /// Stores `slot` in the key's own slot or an empty or dead one, and
+    /// Stores `slot` in the key's own slot or an empty or dead one (moving
+    /// entries of other keys to their other buckets to make one), and
     /// returns the entry it took the place of, if any; never displaces a
-    /// live entry of another key: when every probed slot holds one,
-    /// `Err` with the oldest of them (the caller evicts it the way the ring
-    /// evicts, or refuses the write).
+    /// live entry of another key: when no room can be made, `Err` with the
+    /// oldest probed entry (the caller evicts it the way the ring evicts,
+    /// or refuses the write).
     pub fn try_insert(&mut self, slot: Slot, live: impl Fn(&Slot) -> bool) -> Result<Option<Slot>, Slot> {
         let (moves, i) = self.place(&slot, &live).map_err(|oldest| self.slots[oldest])?;
         Ok(self.put(&moves, i, slot))
@@ -192,8 +193,11 @@ impl Partition {
         slot: &Slot,
         live: impl Fn(&Slot) -> bool,
     ) -> Result<(Vec<(usize, usize)>, usize), usize> {
-        let fp = Fingerprint(slot.fingerprint);
-        let probed: Vec<usize> = self.probe(&fp).collect();
+        // On the stack: every insert places a key.
+        let mut probed = [0usize; PROBES];
+        for (p, i) in probed.iter_mut().zip(self.probe(&Fingerprint(slot.fingerprint))) {
+            *p = i;
+        }
         let free = |i: usize| self.slots[i].is_empty() || !live(&self.slots[i]);
         if let Some(i) = probed.iter().copied().find(|i| self.slots[*i].fingerprint == slot.fingerprint) {
             return Ok((Vec::new(), i));
