@@ -78,39 +78,18 @@ fn hex_prefix(b: &[u8]) -> String {
 
 impl Fingerprint {
     fn of(kind: Kind, scope: &str, digest: &Digest) -> Fingerprint {
-        let function: u8 = match digest.function() {
+        let mut h = blake3::Hasher::new();
+        h.update(&[kind as u8]);
+        h.update(&(scope.len() as u64).to_le_bytes());
+        h.update(scope.as_bytes());
+        h.update(&[match digest.function() {
             DigestFunction::Sha256 => 1,
             DigestFunction::Blake3 => 9,
-        };
-        let parts: [&[u8]; 6] = [
-            &[kind as u8],
-            &(scope.len() as u64).to_le_bytes(),
-            scope.as_bytes(),
-            &[function],
-            digest.hash(),
-            &digest.size_bytes().to_le_bytes(),
-        ];
-        // Hashed in one call from the stack when it fits (the common case:
-        // FindMissingBlobs computes one per digest), else streamed; the
-        // bytes hashed, and so the fingerprint, are the same.
-        let mut buf = [0u8; 192];
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        let hash = if len <= buf.len() {
-            let mut at = 0;
-            for part in parts {
-                buf[at..at + part.len()].copy_from_slice(part);
-                at += part.len();
-            }
-            blake3::hash(&buf[..len])
-        } else {
-            let mut h = blake3::Hasher::new();
-            for part in parts {
-                h.update(part);
-            }
-            h.finalize()
-        };
+        }]);
+        h.update(digest.hash());
+        h.update(&digest.size_bytes().to_le_bytes());
         let mut fp = [0u8; 16];
-        fp.copy_from_slice(&hash.as_bytes()[..16]);
+        fp.copy_from_slice(&h.finalize().as_bytes()[..16]);
         // All zeros marks an empty slot.
         if fp == [0; 16] {
             fp[0] = 1;
@@ -208,16 +187,23 @@ impl RecordHeader {
     /// The header in `b` if it is whole, of this version and tagged under
     /// `key` (what a scan of the ring believes).
     pub fn parse_tagged(b: &[u8], key: &RecordKey) -> Option<RecordHeader> {
-        if b.len() < 64 || u32_at(b, 0) != RECORD_MAGIC || u32_at(b, 60) != crc(&b[..60]) {
-            return None;
-        }
-        if b[4] != 1 || u64::from(u32_at(b, 40)) != CRC_CHUNK_BYTES {
+        if b.len() < 64 || u32_at(b, 60) != crc(&b[..60]) || !Self::this_version(b) {
             return None;
         }
         let tag = blake3::keyed_hash(key, &b[..44]);
         if b[44..52] != tag.as_bytes()[..8] {
             return None;
         }
+        Self::fields(b)
+    }
+
+    /// Whether the (checksummed) header `b` is one this version writes.
+    fn this_version(b: &[u8]) -> bool {
+        u32_at(b, 0) == RECORD_MAGIC && b[4] == 1 && u64::from(u32_at(b, 40)) == CRC_CHUNK_BYTES
+    }
+
+    /// The fields of the (checksummed) header `b`; `None` if it names no store.
+    fn fields(b: &[u8]) -> Option<RecordHeader> {
         Some(RecordHeader {
             kind: Kind::from_byte(b[5])?,
             fingerprint: Fingerprint(b[8..24].try_into().ok()?),
@@ -231,13 +217,8 @@ impl RecordHeader {
         if b.len() < 64 || u32_at(b, 60) != crc(&b[..60]) {
             return Err("the record header's checksum does not match".into());
         }
-        let found = RecordHeader {
-            kind: Kind::from_byte(b[5]).ok_or("the record header names no store")?,
-            fingerprint: Fingerprint(b[8..24].try_into().map_err(|_| "short header")?),
-            size: u64_at(b, 24),
-            logical: u64_at(b, 32),
-        };
-        if u32_at(b, 0) != RECORD_MAGIC || b[4] != 1 || u64::from(u32_at(b, 40)) != CRC_CHUNK_BYTES {
+        let found = Self::fields(b).ok_or("the record header names no store")?;
+        if !Self::this_version(b) {
             return Err("the record header is not one this version writes".into());
         }
         if found != *expected {
@@ -459,8 +440,8 @@ mod tests {
         Fingerprint::cas(&CasKey::shared(DigestFunction::Sha256.compute(&[n])))
     }
 
-    /// Fingerprints are part of the format: the one-shot path and the
-    /// streamed one hash the same bytes, for short and long scopes alike.
+    /// Fingerprints are part of the format: they stay the keyed hash of
+    /// exactly these bytes, for short and long scopes alike.
     #[test]
     fn fingerprints_do_not_depend_on_how_they_are_hashed() {
         let digest = DigestFunction::Sha256.compute(b"kiln");
