@@ -192,6 +192,7 @@ impl StorageConfig {
             scrub_bytes_per_second: self.scrub_bytes_per_second,
             staging_dir: self.upload_staging_dir.clone().unwrap_or_else(|| data_dir.join("staging")),
             staging_bytes: self.upload_staging_bytes,
+            index_log_min_bytes: kiln_proto::limits::BLOCK_INDEX_LOG_MIN_BYTES,
         }
     }
 }

@@ -31,9 +31,19 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 pub const FRAME_SIZE_BYTES_MAX: u32 = 4 << 20;
 /// Largest HTTP/2 header list accepted (gRPC metadata).
 pub const HEADER_LIST_SIZE_BYTES_MAX: u32 = 64 << 10;
-/// Block store: most index partitions (each a run of index pages one
-/// storage thread owns).
-pub const BLOCK_PARTITIONS_MAX: u64 = 64;
+/// Block store: most index partitions (each a hash table one storage
+/// thread owns, which grows on its own and is written to a checkpoint
+/// whole, so its size bounds the memory a checkpoint takes at a time).
+pub const BLOCK_PARTITIONS_MAX: u64 = 256;
+/// Block store: an index partition grows (doubling) to at most this many
+/// times the slots `expected_blob_bytes` allots it; past that, the oldest
+/// blocks are evicted early, as a full ring evicts (bounds index memory
+/// whatever the blobs' sizes).
+pub const BLOCK_INDEX_GROWTH_MAX: u64 = 16;
+/// Block store: the index log is folded into a new checkpoint once it is
+/// longer than the checkpoint and at least this long, so a restart reads
+/// at most about twice the entries held.
+pub const BLOCK_INDEX_LOG_MIN_BYTES: u64 = 1 << 20;
 /// Block store: requests queued per storage thread before callers wait.
 pub const BLOCK_QUEUE_DEPTH: usize = 1024;
 /// Block store: requests one storage thread takes into a batch.
@@ -72,10 +82,11 @@ pub const BLOCK_ROOM_WAIT_MS: u64 = 20_000;
 /// often than this costs more than the memory: a sync writes every index
 /// page changed since the last one.
 pub const BLOCK_UNSYNCED_ENTRIES_SOFT_MAX: usize = 2 << 20;
-/// Block store: index pages a storage thread writes per round of a sync
-/// (4 MiB): a sync that writes the whole index holds this much of it in
-/// memory at a time, not all of it.
-pub const BLOCK_PERSIST_PAGES_MAX: usize = 1024;
+/// Block store: bytes of index entries a storage thread hands the syncer
+/// per round of a sync (at least one partition's when it writes a
+/// checkpoint): a checkpoint holds this much of the index in memory at a
+/// time, not all of it.
+pub const BLOCK_PERSIST_BYTES_MAX: usize = 4 << 20;
 /// Block store: most index slots the scrub looks at per tick and storage
 /// thread (a nearly empty table costs little to walk).
 pub const BLOCK_SCRUB_SLOTS_PER_TICK_MAX: usize = 65_536;

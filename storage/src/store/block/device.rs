@@ -12,6 +12,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 
 use nix::fcntl::{Flock, FlockArg};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Positioned I/O on a fixed-size device.
 pub trait BlockDevice: std::fmt::Debug + Send + Sync + 'static {
@@ -32,6 +33,15 @@ pub trait BlockDevice: std::fmt::Debug + Send + Sync + 'static {
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
 
+    /// Makes the device at least `len` bytes long, the new bytes allocated
+    /// and zero (a growing index file); devices of a fixed size refuse.
+    fn grow(&self, len: u64) -> io::Result<()> {
+        if len <= self.len() {
+            return Ok(());
+        }
+        Err(io::Error::new(io::ErrorKind::Unsupported, format!("{} cannot grow", self.describe())))
+    }
+
     /// The file descriptor, for io_uring; `None` for devices without one.
     fn raw_fd(&self) -> Option<RawFd> {
         None
@@ -47,7 +57,7 @@ pub trait BlockDevice: std::fmt::Debug + Send + Sync + 'static {
 pub struct FileDevice {
     file: Flock<File>,
     path: PathBuf,
-    len: u64,
+    len: AtomicU64,
     block_device: bool,
 }
 
@@ -58,8 +68,8 @@ impl FileDevice {
     pub fn open(path: &Path, size_bytes: u64) -> io::Result<FileDevice> {
         let mut dev = Self::open_locked(path)?;
         if !dev.block_device {
-            dev.allocate(size_bytes.max(dev.len))?;
-            dev.len = size_bytes;
+            dev.allocate(size_bytes.max(dev.len()))?;
+            *dev.len.get_mut() = size_bytes;
         }
         Ok(dev)
     }
@@ -116,7 +126,7 @@ impl FileDevice {
         } else {
             meta.len()
         };
-        Ok(FileDevice { file, path: path.to_owned(), len, block_device })
+        Ok(FileDevice { file, path: path.to_owned(), len: AtomicU64::new(len), block_device })
     }
 
     /// Whether `path` names a block device.
@@ -133,7 +143,7 @@ impl FileDevice {
     /// counted); a block device's length.
     pub fn allocated_bytes(&self) -> io::Result<u64> {
         if self.block_device {
-            return Ok(self.len);
+            return Ok(self.len());
         }
         Ok(self.file.metadata()?.blocks().saturating_mul(512))
     }
@@ -146,7 +156,8 @@ impl FileDevice {
             return Ok(());
         }
         allocate(&self.file, size_bytes)?;
-        self.len = self.len.max(size_bytes);
+        let len = self.len.get_mut();
+        *len = (*len).max(size_bytes);
         Ok(())
     }
 
@@ -157,7 +168,8 @@ impl FileDevice {
 
     /// Uses only the first `len` bytes (a store smaller than its file).
     pub fn limit(&mut self, len: u64) {
-        self.len = self.len.min(len);
+        let now = self.len.get_mut();
+        *now = (*now).min(len);
     }
 }
 
@@ -193,21 +205,38 @@ fn lock_holder(file: &File) -> String {
 
 impl BlockDevice for FileDevice {
     fn len(&self) -> u64 {
-        self.len
+        self.len.load(Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        check_range(offset, buf.len(), self.len)?;
+        check_range(offset, buf.len(), self.len())?;
         self.file.read_exact_at(buf, offset)
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        check_range(offset, data.len(), self.len)?;
+        check_range(offset, data.len(), self.len())?;
         self.file.write_all_at(data, offset)
     }
 
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// A regular file is allocated to `len` (the disk may be full: then an
+    /// error, and nothing changes); a block device cannot grow.
+    fn grow(&self, len: u64) -> io::Result<()> {
+        if len <= self.len() {
+            return Ok(());
+        }
+        if self.block_device {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{} is a block device and cannot grow", self.path.display()),
+            ));
+        }
+        allocate(&self.file, len)?;
+        self.len.fetch_max(len, Ordering::AcqRel);
+        Ok(())
     }
 
     fn raw_fd(&self) -> Option<RawFd> {

@@ -1,10 +1,7 @@
 //! Opening a block store: devices, headers, the index loaded from disk,
 //! the storage threads and the syncer; and closing it.
 
-use kiln_proto::limits::{
-    BLOCK_PARTITIONS_MAX as PARTITIONS_MAX, BLOCK_PERSIST_PAGES_MAX as PERSIST_PAGES_MAX,
-    BLOCK_QUEUE_DEPTH as QUEUE_DEPTH, BLOCK_TICK_MS,
-};
+use kiln_proto::limits::{BLOCK_INDEX_LOG_MIN_BYTES, BLOCK_QUEUE_DEPTH as QUEUE_DEPTH, BLOCK_TICK_MS};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
@@ -16,10 +13,11 @@ use kiln_proto::{Code, Error, Result};
 
 use super::device::{BlockDevice, FileDevice};
 use super::format::{
-    DataHeader, Fingerprint, IndexLayout, Kind, PAGE_BYTES, PROBING_TWO_BUCKETS, SLOTS_PER_PAGE, Slot,
-    Superblock, page_crc, record_key, record_len,
+    DataHeader, Fingerprint, IndexLayout, Kind, LAYOUT_LOGGED, PAGE_BYTES, REGION_START, Superblock,
+    record_key, record_len,
 };
 use super::index::Partition;
+use super::indexfile::{Loaded, load, new_partitions};
 use super::io::{IoEngine, IoMode};
 use super::ring::Ring;
 use super::staging::{Staging, StagingSize};
@@ -66,6 +64,10 @@ pub struct BlockConfig {
     pub staging_dir: PathBuf,
     /// Most bytes of uploads in progress; 0: half the ring.
     pub staging_bytes: u64,
+    /// The index log is folded into a checkpoint once longer than this and
+    /// than the checkpoint ([`BLOCK_INDEX_LOG_MIN_BYTES`]; tests lower it
+    /// to write checkpoints often).
+    pub index_log_min_bytes: u64,
 }
 
 /// The devices of a store, for tests that bring their own.
@@ -102,14 +104,6 @@ fn internal(what: &str, e: &std::io::Error) -> Error {
     Error::internal(format!("{what}: {e}"))
 }
 
-/// What opening found on disk.
-struct Loaded {
-    superblock: Superblock,
-    crc_tables: [Vec<u32>; 2],
-    partitions: Vec<Partition>,
-    loaded_slots: u64,
-}
-
 impl Engine {
     /// Opens (or creates) the store `config` describes, its files locked.
     pub fn open(config: &BlockConfig) -> Result<Arc<Engine>> {
@@ -134,23 +128,14 @@ impl Engine {
             );
         }
         let slots = slots_for(capacity, config.expected_blob_bytes);
-        let layout = IndexLayout::new(slots);
-        if devices.index.len() < layout.file_bytes() {
-            return Err(Error::internal(format!(
-                "index {} has {} bytes; {} are needed",
-                devices.index.describe(),
-                devices.index.len(),
-                layout.file_bytes()
-            )));
-        }
         let loaded = if plan.format {
-            format(config.kind, &devices, capacity, block_bytes, slots, &layout)?
+            format(config.kind, &devices, capacity, block_bytes, slots)?
         } else {
-            match load(config.kind, &devices, capacity, block_bytes, slots, &layout)? {
+            match load(config.kind, &devices, slots)? {
                 Some(loaded) => loaded,
                 None => {
                     rebuild::rebuild(config.kind, &devices, capacity, slots)?;
-                    load(config.kind, &devices, capacity, block_bytes, slots, &layout)?
+                    load(config.kind, &devices, slots)?
                         .ok_or_else(|| Error::internal("the rebuilt index does not load"))?
                 }
             }
@@ -166,12 +151,7 @@ impl Engine {
             Kind::Ac => None,
         };
         let sb = loaded.superblock;
-        if sb.probing != PROBING_TWO_BUCKETS {
-            return Err(Error::internal(format!(
-                "the index {} places keys the older way; it is rewritten when opened by path",
-                devices.index.describe()
-            )));
-        }
+        debug_assert_eq!(sb.layout, LAYOUT_LOGGED, "loading rewrites older layouts");
         let ring = Arc::new(Ring::new(capacity, block_bytes, sb.tail, sb.head));
         for slot in loaded.partitions.iter().flat_map(Partition::entries) {
             if ring.is_live(slot.logical, record_len(slot.size)) {
@@ -203,8 +183,6 @@ impl Engine {
                 config.kind,
                 ring.clone(),
                 devices.data.clone(),
-                devices.index.clone(),
-                layout,
                 io,
                 partitions,
                 u32::try_from(partition_count).unwrap_or(1),
@@ -213,6 +191,7 @@ impl Engine {
             );
             worker.room_wait = config.room_wait;
             worker.record_key = record_key(&sb.store_id);
+            worker.seed = sb.seed;
             worker.scrub = Scrub::new(config.scrub_bytes_per_second / threads as u64);
             let pin = config.pin_threads.then_some(t % cores);
             let handle = std::thread::Builder::new()
@@ -266,13 +245,12 @@ impl Engine {
             ring: ring.clone(),
             data: devices.data.clone(),
             index_dev: devices.index.clone(),
-            layout,
             superblock: sb,
-            crc_tables: loaded.crc_tables,
             workers: senders.clone(),
             messages: syncer_rx,
             interval: config.sync_interval,
             headroom: ring.headroom(),
+            log_min_bytes: config.index_log_min_bytes,
             io: IoEngine::new(if config.io == IoMode::IoUring { IoMode::Auto } else { config.io })
                 .map_err(|e| internal("start the syncer", &e))?,
             stats: stats.clone(),
@@ -289,7 +267,7 @@ impl Engine {
             capacity_bytes = capacity,
             block_bytes,
             index_slots = slots,
-            entries = loaded.loaded_slots,
+            entries = loaded.entries,
             threads,
             io = io_path,
             millis = started.elapsed().as_millis(),
@@ -406,11 +384,21 @@ impl Engine {
     /// Live entries in the index, counted by every storage thread walking
     /// its partitions: O(slots), for tests.
     pub fn count_entries(&self) -> usize {
-        let mut total = 0;
+        self.count().0
+    }
+
+    /// The slots the index's tables have now (they grow): O(slots).
+    pub fn index_slots(&self) -> usize {
+        self.count().1
+    }
+
+    fn count(&self) -> (usize, usize) {
+        let mut total = (0, 0);
         for w in &self.workers {
             let (tx, rx) = oneshot::channel();
             if w.send_blocking(Request::Count { reply: tx }).is_ok() {
-                total += futures::executor::block_on(rx).unwrap_or(0);
+                let (entries, slots) = futures::executor::block_on(rx).unwrap_or((0, 0));
+                total = (total.0 + entries, total.1 + slots);
             }
         }
         total
@@ -497,288 +485,29 @@ pub(super) fn geometry(len: u64, block_bytes: u64) -> Result<(u64, u64)> {
     Ok((usable / block * block, block))
 }
 
-/// Bytes of the index file for a data device of `data_len` bytes.
-pub fn index_file_bytes(data_len: u64, block_bytes: u64, expected_blob_bytes: u64) -> Result<u64> {
-    let (capacity, _) = geometry(data_len, block_bytes)?;
-    Ok(IndexLayout::new(slots_for(capacity, expected_blob_bytes)).file_bytes())
+/// Bytes of a new index file (it grows with the entries it holds) for a
+/// data device of `data_len` bytes.
+pub fn index_file_bytes(data_len: u64, block_bytes: u64, _expected_blob_bytes: u64) -> Result<u64> {
+    geometry(data_len, block_bytes)?;
+    Ok(REGION_START + BLOCK_INDEX_LOG_MIN_BYTES)
 }
 
 /// Index slots for a ring of `capacity` bytes: 1.25 per blob of the
-/// expected size that fills it (the table fills to about 98%), in whole
-/// pages per partition.
+/// expected size that fills it (the table fills to about 98%); the tables
+/// start there and grow as they need (see `index.rs`).
 pub(super) fn slots_for(capacity: u64, expected_blob_bytes: u64) -> u64 {
     let blobs = capacity / expected_blob_bytes.max(64);
-    let pages = (blobs + blobs / 4).div_ceil(SLOTS_PER_PAGE).max(1);
-    let partitions = pages.min(PARTITIONS_MAX);
-    pages.next_multiple_of(partitions) * SLOTS_PER_PAGE
-}
-
-pub(super) fn partition_pages(slots: u64) -> (u64, u64) {
-    let pages = slots / SLOTS_PER_PAGE;
-    let partitions = pages.min(PARTITIONS_MAX);
-    (partitions, pages / partitions)
-}
-
-/// Reads the index of the store on `devices`, which `plan` found valid;
-/// `None` if no superblock describes the store (the index was lost,
-/// damaged, or is another store's): then it is rebuilt from the ring.
-fn load(
-    kind: Kind,
-    devices: &Devices,
-    capacity: u64,
-    block_bytes: u64,
-    slots: u64,
-    layout: &IndexLayout,
-) -> Result<Option<Loaded>> {
-    let mut page = vec![0u8; usize::try_from(PAGE_BYTES).unwrap_or(4096)];
-    devices.data.read_at(&mut page, 0).map_err(|e| internal("read the data header", &e))?;
-    let header = DataHeader::decode(&page)?
-        .ok_or_else(|| Error::internal("the data header vanished while the store was opened"))?;
-    let mut best: Option<Superblock> = None;
-    for copy in 0..2u8 {
-        devices
-            .index
-            .read_at(&mut page, IndexLayout::superblock_offset(copy))
-            .map_err(|e| internal("read the index", &e))?;
-        if let Some(sb) = Superblock::decode(&page)
-            && sb.store_id == header.store_id
-            && sb.kind == kind
-            && sb.capacity == capacity
-            && sb.block_bytes == block_bytes
-            && sb.tail <= sb.head
-            && sb.head - sb.tail <= capacity
-            && best.is_none_or(|b| sb.sequence > b.sequence)
-        {
-            best = Some(sb);
-        }
-    }
-    let Some(sb) = best else { return Ok(None) };
-    if sb.slots != slots {
-        return Err(Error::internal(format!(
-            "the index {} has {} slots where {slots} are configured; it is resized when opened by path",
-            devices.index.describe(),
-            sb.slots
-        )));
-    }
-    let (partition_count, per_partition) = partition_pages(slots);
-    let mut crc_tables = [
-        vec![0u32; usize::try_from(layout.pages).unwrap_or(0)],
-        vec![0u32; usize::try_from(layout.pages).unwrap_or(0)],
-    ];
-    let mut table = vec![0u8; usize::try_from(layout.crc_table_bytes).unwrap_or(0)];
-    devices
-        .index
-        .read_at(&mut table, layout.crc_table_offset(sb.copy))
-        .map_err(|e| internal("read the index", &e))?;
-    for (i, c) in table.chunks_exact(4).take(crc_tables[0].len()).enumerate() {
-        crc_tables[usize::from(sb.copy)][i] = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-    }
-    let mut partitions: Vec<Partition> =
-        (0..partition_count).map(|p| Partition::new(p * per_partition, per_partition, sb.seed)).collect();
-    let mut loaded_slots = 0u64;
-    let mut bad_pages = 0u64;
-    // Pages in runs of 256 (1 MiB reads).
-    let run = 256u64;
-    let mut buf = vec![0u8; usize::try_from(run * PAGE_BYTES).unwrap_or(0)];
-    let mut first = 0u64;
-    while first < layout.pages {
-        let n = run.min(layout.pages - first);
-        let bytes = &mut buf[..usize::try_from(n * PAGE_BYTES).unwrap_or(0)];
-        devices
-            .index
-            .read_at(bytes, layout.page_offset(sb.copy, first))
-            .map_err(|e| internal("read the index", &e))?;
-        for (i, page) in bytes.chunks_exact(usize::try_from(PAGE_BYTES).unwrap_or(4096)).enumerate() {
-            let p = first + i as u64;
-            if page_crc(page) != crc_tables[usize::from(sb.copy)][usize::try_from(p).unwrap_or(0)] {
-                bad_pages += 1;
-                continue;
-            }
-            let part = &mut partitions[usize::try_from(p / per_partition).unwrap_or(0)];
-            loaded_slots += part.load_page(p % per_partition, page) as u64;
-        }
-        first += n;
-    }
-    if bad_pages > 0 {
-        tracing::error!(
-            bad_pages,
-            index = devices.index.describe(),
-            "index pages failed their checksums; their entries are dropped"
-        );
-    }
-    // The other copy may hold pages a crashed sync half-wrote: rewrite it whole.
-    let other = 1 - sb.copy;
-    for p in &mut partitions {
-        p.mark_all_dirty(other);
-    }
-    Ok(Some(Loaded { superblock: sb, crc_tables, partitions, loaded_slots }))
-}
-
-/// Rewrites the index of the store on `devices` for `slots` slots: the
-/// entries are read from the old index, put into a table of the new size,
-/// written to a new file beside the old one, which is synced and renamed
-/// over it. A crash at any point leaves one whole index, old or new.
-pub(super) fn resize_index(
-    config: &BlockConfig,
-    devices: Devices,
-    (capacity, block_bytes): (u64, u64),
-    slots: u64,
-) -> Result<Devices> {
-    let old_slots = open::best_superblock(&*devices.index).map_or(0, |sb| sb.slots);
-    let path = &config.index_path;
-    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
-    tmp_name.push(".resizing");
-    let tmp_path = path.with_file_name(tmp_name);
-    let describe = |e: &std::io::Error| internal(&format!("write {}", tmp_path.display()), e);
-    let mut tmp =
-        FileDevice::open(&tmp_path, IndexLayout::new(slots).file_bytes()).map_err(|e| describe(&e))?;
-    let moved = reindex_onto(config.kind, &devices, (capacity, block_bytes), slots, &tmp)
-        .map_err(|e| e.context(format!("write {}", tmp_path.display())))?;
-    std::fs::rename(&tmp_path, path)
-        .and_then(|()| std::fs::File::open(path.parent().unwrap_or(std::path::Path::new("."))))
-        .and_then(|dir| dir.sync_all())
-        .map_err(|e| internal(&format!("rename {} over {}", tmp_path.display(), path.display()), &e))?;
-    tmp.renamed(path);
-    tracing::info!(
-        index = %path.display(),
-        old_slots,
-        slots,
-        entries = moved,
-        "the index was resized for the configured expected_blob_bytes; every entry kept"
-    );
-    Ok(Devices { data: devices.data, index: Arc::new(tmp) })
-}
-
-/// Writes the index of the store on `devices`, re-sized for `slots` slots,
-/// onto `target` (of the new size) and syncs it: every live entry, or
-/// when the table is too small the newest, the tail moved past the rest.
-/// Returns how many entries it holds.
-pub(super) fn reindex_onto(
-    kind: Kind,
-    devices: &Devices,
-    (capacity, block_bytes): (u64, u64),
-    slots: u64,
-    target: &dyn BlockDevice,
-) -> Result<u64> {
-    let vanished = || Error::internal("the index superblock vanished while the store was opened");
-    let old_sb = open::best_superblock(&*devices.index).ok_or_else(vanished)?;
-    let old = load(kind, devices, capacity, block_bytes, old_sb.slots, &IndexLayout::new(old_sb.slots))?
-        .ok_or_else(vanished)?;
-    let sb = old.superblock;
-    let live = |s: &Slot| s.logical >= sb.tail && s.logical + record_len(s.size) <= sb.head;
-    let entries: Vec<Slot> =
-        old.partitions.iter().flat_map(Partition::entries).filter(|s| live(s)).copied().collect();
-    let (mut partitions, tail, moved) = fill_index(entries, slots, sb.seed, sb.tail, block_bytes);
-    // Copy 0 is the current copy when the sequence is even (the next sync
-    // writes copy 1).
-    let next = Superblock {
-        slots,
-        probing: PROBING_TWO_BUCKETS,
-        sequence: (sb.sequence + 2) & !1,
-        copy: 0,
-        tail: tail.min(sb.head),
-        ..sb
-    };
-    write_index(target, &IndexLayout::new(slots), &mut partitions, &next)
-        .and_then(|()| target.sync())
-        .map_err(|e| internal("write the re-sized index", &e))?;
-    Ok(moved)
-}
-
-/// A table of `slots` slots holding `entries` (live records), newest
-/// first; if the table cannot hold them all, the oldest are evicted (the
-/// tail moves past them, whole blocks), never a newer one dropped.
-/// Returns the partitions, the tail, and how many entries they hold.
-pub(super) fn fill_index(
-    mut entries: Vec<Slot>,
-    slots: u64,
-    seed: u64,
-    mut tail: u64,
-    block_bytes: u64,
-) -> (Vec<Partition>, u64, u64) {
-    let (partition_count, per_partition) = partition_pages(slots);
-    let mut partitions: Vec<Partition> =
-        (0..partition_count).map(|p| Partition::new(p * per_partition, per_partition, seed)).collect();
-    let count = u32::try_from(partition_count).unwrap_or(1);
-    entries.sort_unstable_by_key(|s| std::cmp::Reverse(s.logical));
-    let mut kept = 0u64;
-    for slot in entries {
-        if slot.logical < tail {
-            break;
-        }
-        let fp = Fingerprint(slot.fingerprint);
-        if partitions[partition_of(&fp, count) as usize].try_insert(slot, |_| true).is_err() {
-            tail = (slot.logical + record_len(slot.size)).next_multiple_of(block_bytes);
-            tracing::warn!(tail, "the index is too small for every record: the oldest are evicted");
-            break;
-        }
-        kept += 1;
-    }
-    (partitions, tail, kept)
-}
-
-/// Writes `partitions` whole as copy 0 of an index, with `sb` (which must
-/// name copy 0, with an even sequence: the next sync writes copy 1) as
-/// its only superblock, and syncs.
-pub(super) fn write_index(
-    index: &dyn BlockDevice,
-    layout: &IndexLayout,
-    partitions: &mut [Partition],
-    sb: &Superblock,
-) -> std::io::Result<()> {
-    assert!(
-        sb.copy == 0 && sb.sequence.is_multiple_of(2),
-        "a sync writes the copy its superblock does not name"
-    );
-    let mut crcs = vec![0u8; usize::try_from(layout.crc_table_bytes).unwrap_or(0)];
-    for part in partitions {
-        part.mark_all_dirty(0);
-        part.barrier(0);
-        while !part.barrier_pages_done() {
-            for (page, bytes) in part.pages_at_barrier(PERSIST_PAGES_MAX) {
-                index.write_at(&bytes, layout.page_offset(0, page))?;
-                let at = usize::try_from(page * 4).unwrap_or(0);
-                crcs[at..at + 4].copy_from_slice(&page_crc(&bytes).to_le_bytes());
-            }
-        }
-        part.end_sync(true);
-    }
-    index.write_at(&crcs, layout.crc_table_offset(0))?;
-    index.write_at(&sb.encode(), IndexLayout::superblock_offset(0))?;
-    index.write_at(&[0u8; 4096], IndexLayout::superblock_offset(1))?;
-    index.sync()
+    (blobs + blobs / 4).max(1024)
 }
 
 /// Writes a new, empty store onto `devices`.
-fn format(
-    kind: Kind,
-    devices: &Devices,
-    capacity: u64,
-    block_bytes: u64,
-    slots: u64,
-    layout: &IndexLayout,
-) -> Result<Loaded> {
+fn format(kind: Kind, devices: &Devices, capacity: u64, block_bytes: u64, slots: u64) -> Result<Loaded> {
     let store_id: [u8; 16] = rand::random();
     let seed: u64 = rand::random();
-    let zero_page_crc = page_crc(&vec![0u8; usize::try_from(PAGE_BYTES).unwrap_or(4096)]);
-    let pages = usize::try_from(layout.pages).unwrap_or(0);
-    let mut table: Vec<u8> = std::iter::repeat_n(zero_page_crc.to_le_bytes(), pages).flatten().collect();
-    table.resize(usize::try_from(layout.crc_table_bytes).unwrap_or(0), 0);
-    let zeros = vec![0u8; usize::try_from(PAGE_BYTES).unwrap_or(4096) * 256];
     let write = |dev: &Arc<dyn BlockDevice>, data: &[u8], at: u64| {
         dev.write_at(data, at).map_err(|e| internal("format the store", &e))
     };
-    for copy in 0..2u8 {
-        write(&devices.index, &table, layout.crc_table_offset(copy))?;
-        // Pages are zero (an empty table): make them so, whatever was there.
-        let mut at = layout.page_offset(copy, 0);
-        let end = layout.page_offset(copy, layout.pages);
-        while at < end {
-            let n = usize::try_from((end - at).min(zeros.len() as u64)).unwrap_or(0);
-            write(&devices.index, &zeros[..n], at)?;
-            at += n as u64;
-        }
-    }
+    devices.index.grow(REGION_START).map_err(|e| internal("format the store", &e))?;
     let sb = Superblock {
         kind,
         store_id,
@@ -786,11 +515,14 @@ fn format(
         capacity,
         block_bytes,
         slots,
-        probing: PROBING_TWO_BUCKETS,
+        layout: LAYOUT_LOGGED,
         sequence: 0,
         copy: 0,
         tail: 0,
         head: 0,
+        region: REGION_START,
+        checkpoint_bytes: 0,
+        log_bytes: 0,
     };
     write(&devices.index, &sb.encode(), IndexLayout::superblock_offset(0))?;
     write(&devices.index, &vec![0u8; 4096], IndexLayout::superblock_offset(1))?;
@@ -798,14 +530,6 @@ fn format(
     let header = DataHeader { kind, store_id, capacity, block_bytes };
     write(&devices.data, &header.encode(), 0)?;
     devices.data.sync().map_err(|e| internal("format the store", &e))?;
-    let (partition_count, per_partition) = partition_pages(slots);
-    let partitions =
-        (0..partition_count).map(|p| Partition::new(p * per_partition, per_partition, seed)).collect();
     tracing::info!(store = kind.name(), data = devices.data.describe(), capacity, "formatted a new store");
-    Ok(Loaded {
-        superblock: sb,
-        crc_tables: [vec![zero_page_crc; pages], vec![zero_page_crc; pages]],
-        partitions,
-        loaded_slots: 0,
-    })
+    Ok(Loaded { superblock: sb, partitions: new_partitions(slots), entries: 0 })
 }

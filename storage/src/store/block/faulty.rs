@@ -6,6 +6,7 @@
 
 use std::io;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -41,7 +42,7 @@ struct State {
 #[derive(Debug)]
 pub struct FaultyDevice {
     state: Mutex<State>,
-    len: u64,
+    len: AtomicU64,
     name: String,
 }
 
@@ -66,7 +67,7 @@ impl FaultyDevice {
                 faults: Faults::default(),
                 injected: 0,
             }),
-            len,
+            len: AtomicU64::new(len),
             name: format!("{name} device (seed {seed})"),
         }
     }
@@ -141,11 +142,11 @@ impl FaultyDevice {
 
 impl BlockDevice for FaultyDevice {
     fn len(&self) -> u64 {
-        self.len
+        self.len.load(Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        check_range(offset, buf.len(), self.len)?;
+        check_range(offset, buf.len(), self.len())?;
         let mut state = self.state();
         let rate = state.faults.read_error_rate;
         Self::fail(&mut state, rate, "read")?;
@@ -155,7 +156,7 @@ impl BlockDevice for FaultyDevice {
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        check_range(offset, data.len(), self.len)?;
+        check_range(offset, data.len(), self.len())?;
         let mut state = self.state();
         let rate = state.faults.write_error_rate;
         Self::fail(&mut state, rate, "write")?;
@@ -178,6 +179,20 @@ impl BlockDevice for FaultyDevice {
 
     fn describe(&self) -> String {
         self.name.clone()
+    }
+
+    /// Grows like a file does: the new zeros are there at once (an
+    /// allocation), durable or not.
+    fn grow(&self, len: u64) -> io::Result<()> {
+        let mut state = self.state();
+        let rate = state.faults.write_error_rate;
+        Self::fail(&mut state, rate, "grow")?;
+        if len > self.len() {
+            state.durable.resize(usize_of(len), 0);
+            state.view.resize(usize_of(len), 0);
+            self.len.store(len, Ordering::Release);
+        }
+        Ok(())
     }
 }
 

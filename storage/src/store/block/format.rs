@@ -319,11 +319,23 @@ impl DataHeader {
     }
 }
 
-/// Keys live in either of two buckets of 8 slots (see `index.rs`).
-pub const PROBING_TWO_BUCKETS: u32 = 2;
+/// How an index file is laid out (the superblock's `layout`): a page
+/// table of 16 consecutive slots per key (the first format), a page table
+/// of two buckets per key, and a checkpoint followed by a log of changes,
+/// which is what a store writes now; the others are rewritten when opened.
+pub const LAYOUT_PAGES_LINEAR: u32 = 0;
+pub const LAYOUT_PAGES_TWO_BUCKETS: u32 = 2;
+pub const LAYOUT_LOGGED: u32 = 3;
+/// Where the first region of a logged index starts: after the superblocks.
+pub const REGION_START: u64 = 2 * PAGE_BYTES;
+/// The `size` of a log entry that removes its key's entry at `logical`
+/// (no blob is this large: blobs are at most a quarter of the ring, and
+/// smaller than this).
+pub const TOMBSTONE_SIZE: u64 = SLOT_SIZE_BYTES_MAX;
 
-/// One of the two superblocks of an index file: which copy of the table
-/// is current, and the ring's bounds when it was written.
+/// One of the two superblocks of an index file: where the index's entries
+/// are (a logged layout: the region holding a checkpoint and the log after
+/// it), and the ring's bounds when it was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Superblock {
     pub kind: Kind,
@@ -332,18 +344,24 @@ pub struct Superblock {
     pub seed: u64,
     pub capacity: u64,
     pub block_bytes: u64,
+    /// Slots of a page-table layout; in a logged one, what the table was
+    /// allotted when written (for information).
     pub slots: u64,
-    /// How keys are placed in the table: [`PROBING_TWO_BUCKETS`]; 0 in
-    /// indexes written before it (16 consecutive slots), which are
-    /// rewritten when opened.
-    pub probing: u32,
+    /// [`LAYOUT_LOGGED`]; older layouts are rewritten when opened.
+    pub layout: u32,
     /// Counts syncs; the newer valid superblock wins.
     pub sequence: u64,
-    /// Which copy of the table this superblock vouches for (0 or 1).
+    /// Which of the two superblock places this one is written to (and, in
+    /// a page-table layout, which copy of the table it vouches for).
     pub copy: u8,
     /// The ring's bounds: only records in `tail..head` are valid.
     pub tail: u64,
     pub head: u64,
+    /// A logged layout: the offset of the region in force, and the bytes
+    /// of its checkpoint and of the log that follows it (32-byte entries).
+    pub region: u64,
+    pub checkpoint_bytes: u64,
+    pub log_bytes: u64,
 }
 
 impl Superblock {
@@ -358,10 +376,13 @@ impl Superblock {
         b[40..48].copy_from_slice(&self.capacity.to_le_bytes());
         b[48..56].copy_from_slice(&self.block_bytes.to_le_bytes());
         b[56..64].copy_from_slice(&self.slots.to_le_bytes());
-        b[64..68].copy_from_slice(&self.probing.to_le_bytes());
+        b[64..68].copy_from_slice(&self.layout.to_le_bytes());
         b[72..80].copy_from_slice(&self.sequence.to_le_bytes());
         b[80..88].copy_from_slice(&self.tail.to_le_bytes());
         b[88..96].copy_from_slice(&self.head.to_le_bytes());
+        b[96..104].copy_from_slice(&self.region.to_le_bytes());
+        b[104..112].copy_from_slice(&self.checkpoint_bytes.to_le_bytes());
+        b[112..120].copy_from_slice(&self.log_bytes.to_le_bytes());
         let sum = crc(&b[..124]);
         b[124..128].copy_from_slice(&sum.to_le_bytes());
         b
@@ -382,17 +403,21 @@ impl Superblock {
             capacity: u64_at(b, 40),
             block_bytes: u64_at(b, 48),
             slots: u64_at(b, 56),
-            probing: u32_at(b, 64),
+            layout: u32_at(b, 64),
             sequence: u64_at(b, 72),
             tail: u64_at(b, 80),
             head: u64_at(b, 88),
+            region: u64_at(b, 96),
+            checkpoint_bytes: u64_at(b, 104),
+            log_bytes: u64_at(b, 112),
         })
         .filter(|s| s.copy < 2)
     }
 }
 
-/// Where things lie in an index file of `slots` slots: two superblocks,
-/// then two copies of the table, each a page checksum table and the pages.
+/// Where things lie in an index file of a page-table layout (read only to
+/// rewrite it) of `slots` slots: two superblocks, then two copies of the
+/// table, each a page checksum table and the pages.
 #[derive(Debug, Clone, Copy)]
 pub struct IndexLayout {
     pub pages: u64,
@@ -517,11 +542,14 @@ mod tests {
             capacity: 1 << 30,
             block_bytes: 1 << 24,
             slots: 1 << 20,
-            probing: PROBING_TWO_BUCKETS,
+            layout: LAYOUT_LOGGED,
             sequence: 17,
             copy: 1,
             tail: 5 << 24,
             head: 9 << 24,
+            region: 3 << 20,
+            checkpoint_bytes: 32 << 10,
+            log_bytes: 96,
         };
         let mut b = sb.encode();
         assert_eq!(Superblock::decode(&b), Some(sb));

@@ -1,5 +1,5 @@
-//! The index: a fixed-size open-addressing hash table from fingerprint to
-//! record, split into partitions that storage threads own.
+//! The index: hash tables from fingerprint to record, one per partition,
+//! each owned by a storage thread, each growing on its own.
 //!
 //! Slots are 32 bytes ([`Slot`]), in buckets of [`BUCKET_SLOTS`]. A key
 //! may live in either of two buckets its fingerprint names (bucketized
@@ -7,94 +7,59 @@
 //! An insert takes the key's own slot, or an empty or dead one (its record
 //! has left the ring); failing that, it moves an entry of another key to
 //! that key's other bucket (up to two moves deep) to make room. Moves keep
-//! every entry, so tables fill to about 98% before a key finds no room,
-//! which lets the table hold 1.25 slots per expected blob (40 bytes).
-//! A running store never lets a live entry of another key be displaced
-//! ([`Partition::try_insert`] names the oldest one instead, for the storage
-//! thread to evict with its block or to refuse the write); offline
-//! rebuilding and resizing fill a table newest first.
+//! every entry, so tables fill to about 98% before a key finds no room;
+//! then the table doubles, every live entry placed anew. A table starts at
+//! the slots `expected_blob_bytes` allots it (1.25 per expected blob: 40
+//! bytes) and grows to at most [`BLOCK_INDEX_GROWTH_MAX`] times that.
+//! Only at that bound does a running store evict to make room
+//! ([`Partition::try_insert`] names the oldest entry, for the storage
+//! thread to evict with its block); offline rebuilding and rewriting fill a
+//! table newest first.
 //!
-//! For persistence the table is a run of 4 KiB pages. Every change marks
-//! its page dirty for both on-disk copies. A sync first takes a *barrier*:
-//! the pages dirty for the copy being written are set aside, and from then
-//! on the first change to any slot records the slot's value at the barrier.
-//! The pages are then written as they were at the barrier, so what reaches
-//! disk is exactly the table the data sync covered.
+//! The tables are not written as they are: the syncer appends what changed
+//! to a log and from time to time writes every live entry to a checkpoint
+//! (see `syncer.rs`), so what reaches the disk grows with the entries held,
+//! not with the slots.
+//!
+//! [`BLOCK_INDEX_GROWTH_MAX`]: kiln_proto::limits::BLOCK_INDEX_GROWTH_MAX
 
 use kiln_proto::limits::BLOCK_INDEX_PROBES as PROBES;
-use std::collections::HashMap;
 
-use super::format::{Fingerprint, PAGE_BYTES, SLOT_BYTES, SLOTS_PER_PAGE, Slot};
+use super::format::{Fingerprint, SLOT_BYTES, Slot};
 
 /// Slots of a bucket: a key may use two buckets.
 pub const BUCKET_SLOTS: usize = PROBES / 2;
 
-/// One partition of the table.
+/// One partition of the index.
 #[derive(Debug)]
 pub struct Partition {
     slots: Vec<Slot>,
-    /// The partition's first page within the whole table.
-    first_page: u64,
-    seed: u64,
-    /// Pages changed since they were last written to each copy.
-    dirty: [Vec<bool>; 2],
-    /// During a sync: the pages being written and the slots' values at the
-    /// barrier, for slots changed since.
-    sync: Option<SyncState>,
-}
-
-#[derive(Debug)]
-struct SyncState {
-    copy: u8,
-    pages: Vec<u64>,
-    /// How many of `pages` have been handed out to be written.
-    next: usize,
-    at_barrier: HashMap<usize, Slot>,
+    /// Slots the table may grow to.
+    max_slots: usize,
+    /// Slots that hold an entry (live or not).
+    used: usize,
 }
 
 impl Partition {
-    /// An empty partition of `pages` pages starting at table page `first_page`.
-    pub fn new(first_page: u64, pages: u64, seed: u64) -> Partition {
-        let slots = usize::try_from(pages * SLOTS_PER_PAGE).unwrap_or(0);
-        let pages = usize::try_from(pages).unwrap_or(0);
-        Partition {
-            slots: vec![Slot::default(); slots],
-            first_page,
-            seed,
-            dirty: [vec![false; pages], vec![false; pages]],
-            sync: None,
-        }
+    /// An empty table of `slots` slots (at least one bucket, whole
+    /// buckets) that may grow to `max_slots`.
+    pub fn new(slots: usize, max_slots: usize) -> Partition {
+        let slots = slots.max(BUCKET_SLOTS).next_multiple_of(BUCKET_SLOTS);
+        Partition { slots: vec![Slot::default(); slots], max_slots: max_slots.max(slots), used: 0 }
     }
 
     pub fn slot_count(&self) -> usize {
         self.slots.len()
     }
 
+    /// Slots holding an entry, live or not.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
     /// The slot at `i` (`i < slot_count()`), as it is.
     pub fn slot_at(&self, i: usize) -> Slot {
         self.slots[i]
-    }
-
-    pub fn first_page(&self) -> u64 {
-        self.first_page
-    }
-
-    /// Fills page `page` (of this partition) from its on-disk bytes.
-    pub fn load_page(&mut self, page: u64, bytes: &[u8]) -> usize {
-        let base = usize::try_from(page * SLOTS_PER_PAGE).unwrap_or(0);
-        let mut loaded = 0;
-        for (i, raw) in bytes.chunks_exact(usize::try_from(SLOT_BYTES).unwrap_or(32)).enumerate() {
-            if let Some(slot) = Slot::decode(raw, self.seed) {
-                self.slots[base + i] = slot;
-                loaded += 1;
-            }
-        }
-        loaded
-    }
-
-    /// Marks every page dirty for `copy` (after a restart from the other one).
-    pub fn mark_all_dirty(&mut self, copy: u8) {
-        self.dirty[usize::from(copy)].fill(true);
     }
 
     /// The two buckets `fp` may live in. The partition is chosen by the
@@ -123,13 +88,12 @@ impl Partition {
     }
 
     fn set(&mut self, i: usize, slot: Slot) {
-        if let Some(sync) = &mut self.sync {
-            sync.at_barrier.entry(i).or_insert(self.slots[i]);
+        match (self.slots[i].is_empty(), slot.is_empty()) {
+            (true, false) => self.used += 1,
+            (false, true) => self.used -= 1,
+            _ => {}
         }
         self.slots[i] = slot;
-        let page = i / usize::try_from(SLOTS_PER_PAGE).unwrap_or(128);
-        self.dirty[0][page] = true;
-        self.dirty[1][page] = true;
     }
 
     /// The slot of `fp`, live or not, changing nothing.
@@ -148,16 +112,18 @@ impl Partition {
         None
     }
 
-    /// Stores `slot`, displacing the oldest probed entry if need be;
-    /// returns the entry it took the place of, if any. For offline use
-    /// (resizing, rebuilding), where the table is sized for what it gets;
-    /// a running store uses [`Partition::try_insert`].
+    /// Stores `slot`, growing the table if need be and, at its bound,
+    /// displacing the oldest probed entry; returns the entry it took the
+    /// place of, if any. For loading and offline use (rewriting,
+    /// rebuilding); a running store uses [`Partition::try_insert`].
     pub fn insert(&mut self, slot: Slot, live: impl Fn(&Slot) -> bool) -> Option<Slot> {
-        let (moves, i) = match self.place(&slot, &live) {
-            Ok(place) => place,
-            Err(oldest) => (Vec::new(), oldest),
-        };
-        self.put(&moves, i, slot)
+        match self.try_insert(slot, &live) {
+            Ok(replaced) => replaced,
+            Err(_) => {
+                let oldest = self.place(&slot, &live).err().unwrap_or(0);
+                self.put(&[], oldest, slot)
+            }
+        }
     }
 
     /// Makes the `moves` (each `(from, to)`: the entry in `from` goes to
@@ -174,14 +140,41 @@ impl Partition {
     }
 
     /// Stores `slot` in the key's own slot or an empty or dead one (moving
-    /// entries of other keys to their other buckets to make one), and
-    /// returns the entry it took the place of, if any; never displaces a
-    /// live entry of another key: when no room can be made, `Err` with the
-    /// oldest probed entry (the caller evicts it the way the ring evicts,
-    /// or refuses the write).
+    /// entries of other keys to their other buckets to make one, and
+    /// doubling the table when that fails), and returns the entry it took
+    /// the place of, if any; never displaces a live entry of another key:
+    /// when the table is at its bound and no room can be made, `Err` with
+    /// the oldest probed entry (the caller evicts it the way the ring
+    /// evicts, or refuses the write).
     pub fn try_insert(&mut self, slot: Slot, live: impl Fn(&Slot) -> bool) -> Result<Option<Slot>, Slot> {
-        let (moves, i) = self.place(&slot, &live).map_err(|oldest| self.slots[oldest])?;
-        Ok(self.put(&moves, i, slot))
+        loop {
+            match self.place(&slot, &live) {
+                Ok((moves, i)) => return Ok(self.put(&moves, i, slot)),
+                Err(oldest) if !self.grow(&live) => return Err(self.slots[oldest]),
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Doubles the table, placing every live entry anew (dead ones are
+    /// dropped); `false` at the bound.
+    fn grow(&mut self, live: impl Fn(&Slot) -> bool) -> bool {
+        let mut size = self.slots.len() * 2;
+        while size <= self.max_slots {
+            let mut grown = Partition { slots: vec![Slot::default(); size], max_slots: size, used: 0 };
+            let placed = self
+                .slots
+                .iter()
+                .filter(|s| !s.is_empty() && live(s))
+                .all(|s| grown.place(s, |_| true).map(|(moves, i)| grown.put(&moves, i, *s)).is_ok());
+            if placed {
+                grown.max_slots = self.max_slots;
+                *self = grown;
+                return true;
+            }
+            size *= 2;
+        }
+        false
     }
 
     /// Where `slot` goes: `Ok` with the moves that make room (none for the
@@ -226,67 +219,15 @@ impl Partition {
         Err(probed.iter().copied().min_by_key(|i| self.slots[*i].logical).unwrap_or(0))
     }
 
-    /// Removes `fp`'s entry if it still names the record at `logical`.
-    pub fn remove(&mut self, fp: &Fingerprint, logical: u64) -> bool {
-        let Some(i) =
-            self.probe(fp).find(|i| self.slots[*i].fingerprint == fp.0 && self.slots[*i].logical == logical)
-        else {
-            return false;
-        };
+    /// Removes `fp`'s entry if it still names the record at `logical`;
+    /// returns it.
+    pub fn remove(&mut self, fp: &Fingerprint, logical: u64) -> Option<Slot> {
+        let i = self
+            .probe(fp)
+            .find(|i| self.slots[*i].fingerprint == fp.0 && self.slots[*i].logical == logical)?;
+        let removed = self.slots[i];
         self.set(i, Slot::default());
-        true
-    }
-
-    /// Takes the barrier of a sync to `copy`: the pages to write are fixed,
-    /// and later changes keep the slots' values at this moment.
-    pub fn barrier(&mut self, copy: u8) {
-        let dirty = &mut self.dirty[usize::from(copy)];
-        let pages = dirty.iter().enumerate().filter(|(_, d)| **d).map(|(p, _)| p as u64).collect();
-        dirty.fill(false);
-        self.sync = Some(SyncState { copy, pages, next: 0, at_barrier: HashMap::new() });
-    }
-
-    /// The next at most `max` pages of the sync in progress, as they were
-    /// at its barrier: (page within the whole table, bytes). Handed out a
-    /// bounded batch at a time, so a sync that writes the whole table (the
-    /// first after a restart) never holds it all in memory at once.
-    pub fn pages_at_barrier(&mut self, max: usize) -> Vec<(u64, Vec<u8>)> {
-        let Some(sync) = &mut self.sync else { return Vec::new() };
-        let per_page = usize::try_from(SLOTS_PER_PAGE).unwrap_or(128);
-        let slot_bytes = usize::try_from(SLOT_BYTES).unwrap_or(32);
-        let end = (sync.next + max).min(sync.pages.len());
-        let batch = &sync.pages[sync.next..end];
-        let out = batch
-            .iter()
-            .map(|&page| {
-                let mut bytes = vec![0u8; usize::try_from(PAGE_BYTES).unwrap_or(4096)];
-                let base = usize::try_from(page).unwrap_or(0) * per_page;
-                for j in 0..per_page {
-                    let slot = sync.at_barrier.get(&(base + j)).unwrap_or(&self.slots[base + j]);
-                    slot.encode(self.seed, &mut bytes[j * slot_bytes..(j + 1) * slot_bytes]);
-                }
-                (self.first_page + page, bytes)
-            })
-            .collect();
-        sync.next = end;
-        out
-    }
-
-    /// Whether every page of the sync in progress has been handed out.
-    pub fn barrier_pages_done(&self) -> bool {
-        self.sync.as_ref().is_none_or(|s| s.next == s.pages.len())
-    }
-
-    /// Ends the sync in progress; if its pages did not reach the disk,
-    /// they stay dirty for the next one.
-    pub fn end_sync(&mut self, written: bool) {
-        if let Some(sync) = self.sync.take()
-            && !written
-        {
-            for page in sync.pages {
-                self.dirty[usize::from(sync.copy)][usize::try_from(page).unwrap_or(0)] = true;
-            }
-        }
+        Some(removed)
     }
 
     /// Every entry held, live or not.
@@ -297,6 +238,23 @@ impl Partition {
     /// Live entries (for statistics and tests).
     pub fn count(&self, live: impl Fn(&Slot) -> bool) -> usize {
         self.slots.iter().filter(|s| !s.is_empty() && live(s)).count()
+    }
+
+    /// Appends the live entries, encoded, to `out`, but none whose key
+    /// `skip` names (a checkpoint takes those as they were at its barrier).
+    pub fn encode_live(
+        &self,
+        seed: u64,
+        live: impl Fn(&Slot) -> bool,
+        skip: impl Fn(&[u8; 16]) -> bool,
+        out: &mut Vec<u8>,
+    ) {
+        let size = usize::try_from(SLOT_BYTES).unwrap_or(32);
+        for s in self.slots.iter().filter(|s| !s.is_empty() && live(s) && !skip(&s.fingerprint)) {
+            let at = out.len();
+            out.resize(at + size, 0);
+            s.encode(seed, &mut out[at..]);
+        }
     }
 }
 
@@ -334,7 +292,7 @@ mod tests {
         /// it never holds a key the model lacks, nor an old location.
         #[test]
         fn agrees_with_a_hash_map(ops in proptest::collection::vec((0u32..200, 0u8..3), 1..600)) {
-            let mut table = Partition::new(0, 8, 7);
+            let mut table = Partition::new(1024, 1024);
             let mut model: Model<u32, u64> = Model::new();
             let mut clock = 1u64;
             for (key, op) in ops {
@@ -346,7 +304,7 @@ mod tests {
                     }
                     _ => {
                         if let Some(at) = model.remove(&key) {
-                            prop_assert!(table.remove(&fp(key), at));
+                            prop_assert!(table.remove(&fp(key), at).is_some());
                         }
                     }
                 }
@@ -376,7 +334,7 @@ mod tests {
             use rand::{Rng, SeedableRng};
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let keys: Vec<[u8; 16]> = (0..300).map(|_| rng.random()).collect();
-            let mut table = Partition::new(0, 1, 5);
+            let mut table = Partition::new(128, 128);
             let mut model: Model<usize, u64> = Model::new();
             let mut clock = 0u64;
             for (key, op) in ops {
@@ -395,7 +353,7 @@ mod tests {
                     }
                     _ => {
                         if let Some(at) = model.remove(&key) {
-                            prop_assert!(table.remove(&fp, at));
+                            prop_assert!(table.remove(&fp, at).is_some());
                         }
                     }
                 }
@@ -410,7 +368,7 @@ mod tests {
 
     #[test]
     fn a_full_table_displaces_the_oldest_and_dead_entries_make_room() {
-        let mut table = Partition::new(0, 1, 1);
+        let mut table = Partition::new(128, 128);
         for n in 1..=u32::try_from(PROBES).unwrap() {
             table.insert(colliding(n), |_| true);
         }
@@ -438,7 +396,7 @@ mod tests {
         for seed in 0..4 {
             // Fingerprints are hash output: random bytes.
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let mut table = Partition::new(0, 64, 3);
+            let mut table = Partition::new(8192, 8192);
             let slots = table.slot_count();
             let mut stored = Vec::new();
             for n in 1u64.. {
@@ -459,7 +417,7 @@ mod tests {
 
     #[test]
     fn try_insert_never_displaces_a_live_entry() {
-        let mut table = Partition::new(0, 1, 1);
+        let mut table = Partition::new(128, 128);
         for n in 1..=u32::try_from(PROBES).unwrap() {
             assert_eq!(table.try_insert(colliding(n), |_| true), Ok(None));
         }
@@ -473,47 +431,42 @@ mod tests {
         assert_eq!(table.try_insert(colliding(100), |s| s.logical > 1), Ok(Some(colliding(1))));
     }
 
+    /// A table allotted too few slots doubles instead of refusing or
+    /// displacing: every key stays findable, dead entries are dropped on
+    /// the way, and only at its bound does an insert fail.
     #[test]
-    fn pages_are_written_as_they_were_at_the_barrier() {
-        let mut table = Partition::new(3, 2, 9);
-        table.insert(slot(1, 10), |_| true);
-        table.barrier(0);
-        // Changed after the barrier: not in this sync's pages.
-        table.insert(slot(1, 20), |_| true);
-        table.insert(slot(2, 30), |_| true);
-        let pages = table.pages_at_barrier(usize::MAX);
-        let mut copy = Partition::new(3, 2, 9);
-        for (page, bytes) in &pages {
-            assert!(*page >= 3, "pages are numbered within the whole table");
-            copy.load_page(page - 3, bytes);
+    fn a_full_table_grows_and_keeps_every_live_entry() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut table = Partition::new(16, 1024);
+        let mut stored = Vec::new();
+        for n in 1..=900u64 {
+            let s = Slot { fingerprint: rng.random(), logical: n, size: 1 };
+            assert_eq!(table.try_insert(s, |_| true), Ok(None), "entry {n}");
+            stored.push(s);
         }
-        assert_eq!(copy.lookup(&fp(1), |_| true).map(|s| s.logical), Some(10));
-        table.end_sync(true);
-        // The later changes are dirty for the next sync of that copy.
-        table.barrier(0);
-        let pages = table.pages_at_barrier(usize::MAX);
-        for (page, bytes) in &pages {
-            copy.load_page(page - 3, bytes);
+        assert!(table.slot_count() <= 1024 && table.slot_count() >= 512, "{}", table.slot_count());
+        for s in &stored {
+            assert_eq!(table.get(&Fingerprint(s.fingerprint)), Some(*s), "lost {s:?}");
         }
-        assert_eq!(copy.lookup(&fp(1), |_| true).map(|s| s.logical), Some(20));
-        assert_eq!(copy.lookup(&fp(2), |_| true).map(|s| s.logical), Some(30));
-        // A failed sync leaves its pages dirty.
-        table.insert(slot(3, 40), |_| true);
-        table.barrier(1);
-        let n = table.pages_at_barrier(usize::MAX).len();
-        table.end_sync(false);
-        table.barrier(1);
-        assert_eq!(table.pages_at_barrier(usize::MAX).len(), n);
-        // Handed out in bounded batches, each page once.
-        table.end_sync(false);
-        table.mark_all_dirty(1);
-        table.barrier(1);
-        let mut seen = Vec::new();
-        while !table.barrier_pages_done() {
-            let batch = table.pages_at_barrier(1);
-            assert_eq!(batch.len(), 1);
-            seen.extend(batch.into_iter().map(|(p, _)| p));
+        assert_eq!(table.count(|_| true), table.used());
+        // At the bound, a key that finds no room names the oldest entry.
+        let mut refused = 0;
+        for n in 901..=2000u64 {
+            let s = Slot { fingerprint: rng.random(), logical: n, size: 1 };
+            refused += usize::from(table.try_insert(s, |_| true).is_err());
         }
-        assert_eq!(seen, vec![3, 4]);
+        assert!(refused > 0, "a bounded table refuses at its bound");
+        assert_eq!(table.slot_count(), 1024);
+        let mut out = Vec::new();
+        table.encode_live(5, |s| s.logical > 1500, |fp| fp[0] == 0, &mut out);
+        let expected = (0..table.slot_count())
+            .map(|i| table.slot_at(i))
+            .filter(|s| !s.is_empty() && s.logical > 1500 && s.fingerprint[0] != 0)
+            .count();
+        assert_eq!(out.len(), expected * 32);
+        for raw in out.chunks_exact(32) {
+            assert!(Slot::decode(raw, 5).is_some_and(|s| s.logical > 1500));
+        }
     }
 }

@@ -33,6 +33,7 @@ pub mod engine;
 pub mod faulty;
 pub mod format;
 pub mod index;
+pub mod indexfile;
 pub mod io;
 pub mod open;
 pub mod rebuild;

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use kiln_proto::{Code, Error, Result};
 
 use super::device::{BlockDevice, FileDevice};
-use super::engine::{BlockConfig, Devices, geometry, index_file_bytes, slots_for};
-use super::format::{DataHeader, IndexLayout, PAGE_BYTES, PROBING_TWO_BUCKETS, Superblock};
+use super::engine::{BlockConfig, Devices, geometry, index_file_bytes};
+use super::format::{DataHeader, IndexLayout, PAGE_BYTES, Superblock};
 
 /// What the first page of a data device holds.
 #[derive(Debug)]
@@ -188,8 +188,8 @@ fn repair_header(config: &BlockConfig, devices: &Devices, why: &str) -> Result<D
 /// Opens a store's files, locked, and checks them against what they hold:
 /// a new data file is created and allocated at the configured size; an
 /// existing one keeps its own size, and its holes (a sparse copy) are
-/// allocated. An index sized for another `expected_blob_bytes` is rewritten
-/// for the new size beside the old one, then renamed over it.
+/// allocated. The index file grows with what it holds; one of an older
+/// layout is rewritten when loaded.
 pub fn open_files(config: &BlockConfig) -> Result<Devices> {
     let locked = |path: &Path| {
         FileDevice::open_locked(path).map_err(|e| {
@@ -239,16 +239,6 @@ pub fn open_files(config: &BlockConfig) -> Result<Devices> {
         Found::New => geometry(data.len(), config.block_bytes)?,
     };
     let needed = index_file_bytes(PAGE_BYTES + geometry_now.0, geometry_now.1, config.expected_blob_bytes)?;
-    let slots = slots_for(geometry_now.0, config.expected_blob_bytes);
-    let resize = !config.reformat
-        && matches!(found, Found::Store(_))
-        && best_superblock(&index).is_some_and(|sb| {
-            (sb.slots != slots || sb.probing != PROBING_TWO_BUCKETS) && sb.kind == config.kind
-        });
-    if resize {
-        let devices = Devices { data: data.clone(), index: Arc::new(index) };
-        return super::engine::resize_index(config, devices, geometry_now, slots);
-    }
     index
         .allocate(needed.max(index.len()))
         .map_err(|e| internal("allocate", &config.index_path.display().to_string(), &e))?;

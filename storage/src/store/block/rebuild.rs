@@ -20,12 +20,12 @@ use std::time::Instant;
 use kiln_proto::{Error, Result};
 
 use super::device::BlockDevice;
-use super::engine::{Devices, fill_index, write_index};
+use super::engine::Devices;
 use super::format::{
-    CRC_CHUNK_BYTES, DataHeader, Fingerprint, IndexLayout, Kind, PAGE_BYTES, PROBING_TWO_BUCKETS,
-    RECORD_HEADER_BYTES, RecordHeader, RecordKey, Slot, Superblock, crc_chunks, crc_offset, record_key,
-    record_len,
+    CRC_CHUNK_BYTES, DataHeader, Fingerprint, Kind, LAYOUT_LOGGED, PAGE_BYTES, RECORD_HEADER_BYTES,
+    REGION_START, RecordHeader, RecordKey, Slot, Superblock, crc_chunks, crc_offset, record_key, record_len,
 };
+use super::indexfile::{fill_index, write_checkpoint};
 use super::worker::check_chunks;
 
 /// Bytes of the ring read at once.
@@ -56,7 +56,7 @@ pub fn rebuild(kind: Kind, devices: &Devices, capacity: u64, slots: u64) -> Resu
     let seed: u64 = rand::random();
     let entries =
         found.into_iter().map(|(fp, (logical, size))| Slot { fingerprint: fp.0, logical, size }).collect();
-    let (mut partitions, tail, kept) = fill_index(entries, slots, seed, tail, header.block_bytes);
+    let (partitions, tail, kept) = fill_index(entries, slots, tail, header.block_bytes);
     let tail = tail.min(head);
     let sb = Superblock {
         kind,
@@ -65,13 +65,16 @@ pub fn rebuild(kind: Kind, devices: &Devices, capacity: u64, slots: u64) -> Resu
         capacity,
         block_bytes: header.block_bytes,
         slots,
-        probing: PROBING_TWO_BUCKETS,
+        layout: LAYOUT_LOGGED,
         sequence: 0,
         copy: 0,
         tail,
         head,
+        region: REGION_START,
+        checkpoint_bytes: 0,
+        log_bytes: 0,
     };
-    write_index(&*devices.index, &IndexLayout::new(slots), &mut partitions, &sb)
+    write_checkpoint(&*devices.index, &partitions, &sb, REGION_START)
         .map_err(|e| io("write the rebuilt index to", &*devices.index, &e))?;
     tracing::warn!(
         store = kind.name(),

@@ -3,21 +3,27 @@
 //!
 //! A sync, in this order (docs/storage-format.md gives the argument):
 //!
-//! 1. *Barrier*: every storage thread sets aside the index pages to write
-//!    and keeps their contents as of now. Every record committed before the
-//!    barrier has had its bytes written.
+//! 1. *Barrier*: every storage thread sets aside the index changes made
+//!    since the last sync (entries put in, tombstones). Every record
+//!    committed before the barrier has had its bytes written.
 //! 2. The ring's `tail` and `head` are read: they bound what the new state
 //!    may name.
 //! 3. The data device is synced: every record the barrier covers is
 //!    durable.
-//! 4. The threads write their pages, as of the barrier, into the index copy
-//!    not in use; their page checksums follow, then the index is synced.
-//! 5. That copy's superblock (sequence + 1, `tail`, `head`) is written and
-//!    synced: from now on a restart uses the new copy.
+//! 4. The changes are appended to the log of the index region in force,
+//!    and the index is synced. Once the log is longer than the region's
+//!    checkpoint, the sync writes a new region instead, where no
+//!    superblock's region in force lies: a checkpoint of every live entry
+//!    as of the barrier, which the threads hand out a partition at a time
+//!    while they go on serving.
+//! 5. The superblock not written last (sequence + 1, `tail`, `head`, the
+//!    region and the bytes of its checkpoint and log) is written and
+//!    synced: from now on a restart uses it.
 //! 6. Only now may space below the new tail be reused.
 //!
 //! A failure at any step abandons the sync; the previous state stays the
-//! one a restart uses, and the next sync tries again.
+//! one a restart uses, the changes wait for the next sync, and what was
+//! written past the end of the log in force is ignored.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -27,7 +33,7 @@ use futures::channel::oneshot;
 use kiln_proto::{Code, Error, Result};
 
 use super::device::BlockDevice;
-use super::format::{IndexLayout, Superblock};
+use super::format::{IndexLayout, LAYOUT_LOGGED, PAGE_BYTES, REGION_START, SLOT_BYTES, Superblock};
 use super::io::IoEngine;
 use super::ring::Ring;
 use super::worker::Request;
@@ -50,15 +56,15 @@ pub struct Syncer {
     pub ring: Arc<Ring>,
     pub data: Arc<dyn BlockDevice>,
     pub index_dev: Arc<dyn BlockDevice>,
-    pub layout: IndexLayout,
     pub superblock: Superblock,
-    /// Page checksums of each index copy.
-    pub crc_tables: [Vec<u32>; 2],
     pub workers: Vec<async_channel::Sender<Request>>,
     pub messages: mpsc::Receiver<SyncerMessage>,
     pub interval: Duration,
     /// Room kept free in the ring ahead of the head.
     pub headroom: u64,
+    /// The log is folded into a checkpoint once longer than this and than
+    /// the checkpoint.
+    pub log_min_bytes: u64,
     pub io: IoEngine,
     /// Syncs done and their durations, for statistics.
     pub stats: Arc<SyncStats>,
@@ -181,6 +187,55 @@ impl Syncer {
         }
     }
 
+    /// Where a new region goes, and the offset it must stay below: at the
+    /// start when room for twice the entries held lies before the region
+    /// in force, else after that region's log (the file grows).
+    fn place_checkpoint(&self, held: u64) -> (u64, u64) {
+        let sb = &self.superblock;
+        let estimate = 2 * held * SLOT_BYTES + self.log_min_bytes;
+        if sb.region >= REGION_START + estimate {
+            return (REGION_START, sb.region);
+        }
+        ((sb.region + sb.checkpoint_bytes + sb.log_bytes).next_multiple_of(PAGE_BYTES), u64::MAX)
+    }
+
+    /// Writes every thread's batches of the sync in progress one after
+    /// another from `at` (growing the index file as needed, never to
+    /// `limit` or past it); returns the bytes written.
+    fn write_batches(&self, at: u64, limit: u64) -> Result<u64> {
+        let index = &*self.index_dev;
+        let mut end = at;
+        for w in &self.workers {
+            loop {
+                let (tx, rx) = oneshot::channel();
+                if w.send_blocking(Request::Persist { reply: tx }).is_err() {
+                    break;
+                }
+                let Ok((bytes, last)) = futures::executor::block_on(rx) else {
+                    return Err(Error::new(Code::Unavailable, "a storage thread stopped during a sync"));
+                };
+                let next = end + bytes.len() as u64;
+                if next > limit {
+                    return Err(Error::new(
+                        Code::Unavailable,
+                        "the index checkpoint outgrew the room before the region in force; the next sync writes it at the end",
+                    ));
+                }
+                if next > index.len() {
+                    // In steps of an eighth, so the file grows rarely.
+                    let len = next.max(index.len() + index.len() / 8).next_multiple_of(PAGE_BYTES);
+                    index.grow(len).map_err(|e| unavailable("growing the index", index, &e))?;
+                }
+                index.write_at(&bytes, end).map_err(|e| unavailable("writing the index", index, &e))?;
+                end = next;
+                if last {
+                    break;
+                }
+            }
+        }
+        Ok(end - at)
+    }
+
     fn broadcast(&self, make: impl Fn() -> Request) {
         for w in &self.workers {
             let _ = w.send_blocking(make());
@@ -191,84 +246,63 @@ impl Syncer {
     pub fn sync(&mut self) -> Result<()> {
         let started = Instant::now();
         let copy = u8::try_from((self.superblock.sequence + 1) % 2).unwrap_or(0);
-        debug_assert_ne!(copy, self.superblock.copy, "a sync never writes the copy in force");
+        debug_assert_ne!(copy, self.superblock.copy, "a sync never writes the superblock in force");
+        let sb = self.superblock;
+        let checkpoint = sb.log_bytes >= sb.checkpoint_bytes.max(self.log_min_bytes);
         // 1. Barrier.
         let mut acks = Vec::new();
         for w in &self.workers {
             let (tx, rx) = oneshot::channel();
-            if w.send_blocking(Request::Barrier { copy, reply: tx }).is_ok() {
+            if w.send_blocking(Request::Barrier { checkpoint, reply: tx }).is_ok() {
                 acks.push(rx);
             }
         }
-        for ack in acks {
-            let _ = futures::executor::block_on(ack);
-        }
+        let held: u64 =
+            acks.into_iter().map(|ack| futures::executor::block_on(ack).map_or(0, |(h, _)| h)).sum();
         // 2. Bounds.
         let (tail, head) = (self.ring.tail(), self.ring.head());
         // 3. Data.
         if let Err(e) = self.io.sync(&*self.data) {
-            self.broadcast(|| Request::AbandonSync { data_lost: true });
+            self.broadcast(|| Request::EndSync { ok: false, data_lost: true });
             return Err(unavailable("syncing", &*self.data, &e));
         }
-        // 4. Index pages, a bounded batch per thread at a time, checksums.
-        let mut writing: Vec<usize> = (0..self.workers.len()).collect();
-        while !writing.is_empty() {
-            let mut waits = Vec::new();
-            for &w in &writing {
-                let (tx, rx) = oneshot::channel();
-                if self.workers[w].send_blocking(Request::Persist { reply: tx }).is_ok() {
-                    waits.push((w, rx));
-                }
-            }
-            let mut still = Vec::new();
-            let mut failed = None;
-            for (w, wait) in waits {
-                match futures::executor::block_on(wait) {
-                    Ok(Ok((pages, last))) => {
-                        for (page, crc) in pages {
-                            self.crc_tables[usize::from(copy)][usize::try_from(page).unwrap_or(0)] = crc;
-                        }
-                        if !last {
-                            still.push(w);
-                        }
-                    }
-                    Ok(Err(e)) => failed = Some(e),
-                    Err(_) => {
-                        failed = Some(Error::new(Code::Unavailable, "a storage thread stopped during a sync"))
-                    }
-                }
-            }
-            if let Some(e) = failed {
-                // Threads that had not finished keep their pages dirty.
-                self.broadcast(|| Request::AbandonSync { data_lost: false });
-                return Err(e);
-            }
-            writing = still;
-        }
-        let table: Vec<u8> =
-            self.crc_tables[usize::from(copy)].iter().flat_map(|c| c.to_le_bytes()).collect();
-        let mut padded = table;
-        padded.resize(usize::try_from(self.layout.crc_table_bytes).unwrap_or(0), 0);
-        // The pages went out; if what follows fails, they may not be on the
-        // disk: the next sync of this copy writes every page again.
-        let workers = self.workers.clone();
-        let rewrite = |e: Error| {
-            for w in &workers {
-                let _ = w.send_blocking(Request::Rewrite { copy });
+        // 4. The index: the changes appended to the log, or a new region.
+        let index = self.index_dev.clone();
+        let abandon = |e: Error| {
+            for w in &self.workers {
+                let _ = w.send_blocking(Request::EndSync { ok: false, data_lost: false });
             }
             e
         };
-        self.index_dev
-            .write_at(&padded, self.layout.crc_table_offset(copy))
-            .and_then(|()| self.io.sync(&*self.index_dev))
-            .map_err(|e| rewrite(unavailable("writing the index of", &*self.index_dev, &e)))?;
+        let (region, checkpoint_bytes, log_bytes) = if checkpoint {
+            let (at, limit) = self.place_checkpoint(held);
+            let written = self.write_batches(at, limit).map_err(abandon)?;
+            tracing::debug!(region = at, bytes = written, "index checkpoint written");
+            (at, written, 0)
+        } else {
+            let at = sb.region + sb.checkpoint_bytes + sb.log_bytes;
+            let written = self.write_batches(at, u64::MAX).map_err(abandon)?;
+            (sb.region, sb.checkpoint_bytes, sb.log_bytes + written)
+        };
+        index.sync().map_err(|e| abandon(unavailable("syncing the index", &*index, &e)))?;
         // 5. Superblock.
-        let next = Superblock { sequence: self.superblock.sequence + 1, copy, tail, head, ..self.superblock };
-        self.index_dev
+        let next = Superblock {
+            sequence: sb.sequence + 1,
+            copy,
+            tail,
+            head,
+            layout: LAYOUT_LOGGED,
+            region,
+            checkpoint_bytes,
+            log_bytes,
+            ..sb
+        };
+        index
             .write_at(&next.encode(), IndexLayout::superblock_offset(copy))
-            .and_then(|()| self.io.sync(&*self.index_dev))
-            .map_err(|e| rewrite(unavailable("writing the superblock of", &*self.index_dev, &e)))?;
+            .and_then(|()| index.sync())
+            .map_err(|e| abandon(unavailable("writing the superblock of", &*index, &e)))?;
         self.superblock = next;
+        self.broadcast(|| Request::EndSync { ok: true, data_lost: false });
         // 6. Room.
         self.ring.set_persisted_tail(tail);
         self.broadcast(|| Request::SpaceFreed);

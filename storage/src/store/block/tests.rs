@@ -43,6 +43,7 @@ pub(super) fn config(dir: &Path, kind: Kind, io: IoMode) -> BlockConfig {
         scrub_bytes_per_second: 0,
         staging_dir: std::env::temp_dir(),
         staging_bytes: 0,
+        index_log_min_bytes: kiln_proto::limits::BLOCK_INDEX_LOG_MIN_BYTES,
     }
 }
 

@@ -83,6 +83,8 @@ fn open(data: &Arc<FaultyDevice>, index: &Arc<FaultyDevice>, expected_blob_bytes
         expected_blob_bytes,
         room_wait: std::time::Duration::from_millis(300),
         scrub_bytes_per_second: 32 << 20,
+        // Checkpoints every few syncs, so crashes and faults meet them.
+        index_log_min_bytes: 256,
         ..config(Path::new("/nonexistent"), Kind::Cas)
     };
     BlockCas::new(Engine::open_on(&cfg, Devices { data: data.clone(), index: index.clone() }).unwrap())
@@ -384,8 +386,7 @@ impl Sim {
     }
 
     /// A clean stop, then the operator changes `expected_blob_bytes`: the
-    /// index is re-sized, keeping every live entry (or, when too small,
-    /// the newest, the tail moved past the rest).
+    /// index's tables are allotted another size, keeping every live entry.
     fn retune(&mut self) {
         let choices: Vec<u64> =
             [256, 4096, 65_536].into_iter().filter(|e| *e != self.expected_blob_bytes).collect();
@@ -393,12 +394,7 @@ impl Sim {
         self.clean_stop(&format!("retuned for {expected}-byte blobs"));
         let seed = self.rng.random();
         let data = Arc::new(self.data.restart(seed));
-        let old = Arc::new(self.index.restart(seed + 1));
-        let index = Arc::new(FaultyDevice::new(index_file_bytes(SIZE, BLOCK, expected).unwrap(), seed + 2));
-        let capacity = self.ring().capacity();
-        let slots = engine::slots_for(capacity, expected);
-        let devices = Devices { data: data.clone(), index: old };
-        engine::reindex_onto(Kind::Cas, &devices, (capacity, BLOCK), slots, &*index).unwrap();
+        let index = Arc::new(self.index.restart(seed + 1));
         self.expected_blob_bytes = expected;
         self.reopen(data, index);
     }

@@ -488,20 +488,30 @@ fn the_scrub_finds_damage_before_a_read_does() {
     }
 }
 
-/// An index too small for the blobs never forgets an acknowledged one:
-/// when a key's slots are all taken, the ring evicts its oldest blocks (as
-/// it would when full) and counts it; every acknowledged blob the tail has
-/// not passed stays findable.
+/// An index allotted too few slots for the blobs grows instead of
+/// forgetting or refusing: nothing is refused or evicted early until its
+/// tables reach their bound (16 times the allotment). Only there does a
+/// write find no room: the ring evicts its oldest blocks early where no
+/// promise covers them (as it would when full), else the write is refused
+/// with RESOURCE_EXHAUSTED; every acknowledged blob the tail has not
+/// passed stays findable throughout.
 #[test]
-fn a_full_index_evicts_by_age_and_never_forgets_a_live_blob() {
+fn a_full_index_grows_then_evicts_by_age_and_never_forgets_a_live_blob() {
     let dir = tempfile::tempdir().unwrap();
-    // Slots for a few hundred blobs; thousands are written.
-    let cfg = BlockConfig { expected_blob_bytes: 64 << 10, ..config(dir.path(), Kind::Cas) };
+    // 1,024 slots allotted (the least), so at most 16,384; 40,000 blobs
+    // of about 250 bytes, more than the ring holds.
+    let cfg = BlockConfig { expected_blob_bytes: 1 << 30, ..config(dir.path(), Kind::Cas) };
     let store = BlockCas::new(Engine::open(&cfg).unwrap());
+    let allotted = store.engine().index_slots();
     let evictions_before = kiln_proto::metrics::global().store_index_evictions.get();
+    let full_before = kiln_proto::metrics::global().store_index_full.get();
     let mut acked: Vec<(CasKey, u64)> = Vec::new();
-    for i in 0..6000 {
-        let (k, d) = blob(50_000 + i, 1000 + (i as usize % 7) * 200);
+    let mut first_eviction_at = None;
+    for i in 0..40_000 {
+        // Distinct bytes for every blob, so every write adds a key.
+        let mut d = vec![0u8; 150 + (i as usize % 7) * 10];
+        d[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let (k, d) = (CasKey::shared(DigestFunction::Sha256.compute(&d)), Bytes::from(d));
         match block_on(crate::store::put_all(&store, &k, d)) {
             Ok(()) => {
                 let fp = format::Fingerprint::cas(&k);
@@ -511,7 +521,13 @@ fn a_full_index_evicts_by_age_and_never_forgets_a_live_blob() {
             }
             Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e}"),
         }
-        if i % 100 == 99 {
+        let full = kiln_proto::metrics::global().store_index_full.get() > full_before;
+        if first_eviction_at.is_none()
+            && (full || kiln_proto::metrics::global().store_index_evictions.get() > evictions_before)
+        {
+            first_eviction_at = Some(store.engine().entries());
+        }
+        if i % 1000 == 999 {
             let tail = store.engine().ring.tail();
             acked.retain(|(_, at)| *at >= tail);
             let fps: Vec<format::Fingerprint> =
@@ -522,5 +538,7 @@ fn a_full_index_evicts_by_age_and_never_forgets_a_live_blob() {
             }
         }
     }
-    assert!(kiln_proto::metrics::global().store_index_evictions.get() > evictions_before);
+    let first = first_eviction_at.expect("the bounded index makes room or refuses at its bound");
+    assert!(first > 8 * allotted, "full at {first} entries with {allotted} slots allotted");
+    assert!(store.engine().index_slots() >= 16 * allotted / 2);
 }

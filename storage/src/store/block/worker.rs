@@ -10,8 +10,8 @@
 //! time, so that what a read or FindMissingBlobs found keeps living.
 
 use kiln_proto::limits::{
-    BLOCK_BATCH_REQUESTS_MAX as BATCH_REQUESTS_MAX, BLOCK_PERSIST_PAGES_MAX as PERSIST_PAGES_MAX,
-    BLOCK_ROOM_WAIT_MS, BLOCK_UNSYNCED_ENTRIES_SOFT_MAX as UNSYNCED_ENTRIES_SOFT_MAX,
+    BLOCK_BATCH_REQUESTS_MAX as BATCH_REQUESTS_MAX, BLOCK_ROOM_WAIT_MS,
+    BLOCK_UNSYNCED_ENTRIES_SOFT_MAX as UNSYNCED_ENTRIES_SOFT_MAX,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,13 +23,14 @@ use kiln_proto::{Code, Error, Result};
 
 use super::device::BlockDevice;
 use super::format::{
-    CRC_CHUNK_BYTES, Fingerprint, IndexLayout, Kind, RECORD_HEADER_BYTES, RecordHeader, RecordKey, Slot,
-    chunk_crc, crc_chunks, crc_offset, page_crc, record_len,
+    CRC_CHUNK_BYTES, Fingerprint, Kind, RECORD_HEADER_BYTES, RecordHeader, RecordKey, Slot, chunk_crc,
+    crc_chunks, crc_offset, record_len,
 };
 use super::index::Partition;
 use super::io::{Io, IoEngine};
 use super::ring::{Pinned, Ring};
 
+mod persist;
 mod refresh;
 mod scrub;
 
@@ -67,25 +68,26 @@ pub enum Request {
     Put { fp: Fingerprint, data: Bytes, reply: Reply<()> },
     /// Drops a record found corrupt.
     Forget { fp: Fingerprint, logical: u64 },
-    /// Sync protocol (see the syncer): barrier, write pages, abandon.
-    Barrier { copy: u8, reply: oneshot::Sender<()> },
-    /// Writes the next bounded batch of the barrier's pages; answers their
-    /// checksums and whether that was the last batch.
-    Persist { reply: Reply<(Vec<(u64, u32)>, bool)> },
-    /// The sync was abandoned. With `data_lost`, the data device failed
-    /// its sync: every entry committed since the last good sync may name
-    /// bytes that never reached the disk (Linux reports such an error
-    /// once), so those entries are dropped rather than persisted later.
-    AbandonSync { data_lost: bool },
-    /// A sync failed after the pages were written: they are written again
-    /// whole at the next sync of `copy`.
-    Rewrite { copy: u8 },
+    /// Sync protocol (see the syncer): the barrier (with `checkpoint`, the
+    /// sync writes every live entry, not the changes); answers the entries
+    /// held and the changes the sync covers.
+    Barrier { checkpoint: bool, reply: oneshot::Sender<(u64, u64)> },
+    /// The next bounded batch of the sync's entries, encoded, and whether
+    /// it is the last.
+    Persist { reply: oneshot::Sender<(Vec<u8>, bool)> },
+    /// The sync reached the disk (`ok`), or was abandoned. With
+    /// `data_lost`, the data device failed its sync: every entry committed
+    /// since the last good sync may name bytes that never reached the disk
+    /// (Linux reports such an error once), so those entries are dropped
+    /// rather than persisted later.
+    EndSync { ok: bool, data_lost: bool },
     /// Time passed: writes waiting for room past their deadline fail.
     Tick,
     /// The syncer persisted a newer tail: waiting reservations may go on.
     SpaceFreed,
-    /// Statistics: live entries in this thread's partitions.
-    Count { reply: oneshot::Sender<usize> },
+    /// Statistics: live entries in this thread's partitions, and their
+    /// slots.
+    Count { reply: oneshot::Sender<(usize, usize)> },
 }
 
 /// A request that touches the index, and the I/O it waits for.
@@ -128,11 +130,6 @@ enum Pending<'r> {
         _pin: Pinned<'r>,
         reply: Reply<()>,
     },
-    Persist {
-        ops: Vec<(u64, usize)>,
-        last: bool,
-        reply: Reply<(Vec<(u64, u32)>, bool)>,
-    },
 }
 
 /// An index entry not yet covered by a good sync, and the key's entry it
@@ -152,8 +149,6 @@ pub struct Worker {
     pub kind: Kind,
     pub ring: Arc<Ring>,
     pub data: Arc<dyn BlockDevice>,
-    pub index_dev: Arc<dyn BlockDevice>,
-    pub layout: IndexLayout,
     pub io: IoEngine,
     /// This thread's partitions, by partition number.
     pub partitions: HashMap<u32, Partition>,
@@ -161,8 +156,10 @@ pub struct Worker {
     pub requests: async_channel::Receiver<Request>,
     /// Tells the syncer that space is needed (the tail a reservation needs).
     pub need_space: async_channel::Sender<u64>,
-    /// Which copy the sync in progress writes.
-    pub sync_copy: Option<u8>,
+    /// Seeds the checksums of encoded index entries.
+    pub seed: u64,
+    /// Changes for the index log, and a checkpoint in progress.
+    log: persist::Log,
     /// Writes waiting for room, since when.
     pub waiting: VecDeque<(Instant, Request)>,
     /// Longest a write waits for room.
@@ -225,8 +222,6 @@ impl Worker {
         kind: Kind,
         ring: Arc<Ring>,
         data: Arc<dyn BlockDevice>,
-        index_dev: Arc<dyn BlockDevice>,
-        layout: IndexLayout,
         io: IoEngine,
         partitions: HashMap<u32, Partition>,
         partition_count: u32,
@@ -237,14 +232,13 @@ impl Worker {
             kind,
             ring,
             data,
-            index_dev,
-            layout,
             io,
             partitions,
             partition_count,
             requests,
             need_space,
-            sync_copy: None,
+            seed: 0,
+            log: persist::Log::default(),
             waiting: VecDeque::new(),
             room_wait: Duration::from_millis(BLOCK_ROOM_WAIT_MS),
             scrub: Scrub::new(0),
@@ -336,16 +330,9 @@ impl Worker {
         for request in batch {
             self.plan(&ring, request, &mut ops, &mut pending);
         }
-        let (data, index) = (self.data.clone(), self.index_dev.clone());
+        let data = self.data.clone();
         let data_results = if ops.data.is_empty() { Vec::new() } else { self.io.run(&*data, &mut ops.data) };
-        let index_results =
-            if ops.index.is_empty() { Vec::new() } else { self.io.run(&*index, &mut ops.index) };
-        let mut done = Done {
-            data: ops.data.into_iter().map(Some).collect(),
-            data_results,
-            index: ops.index.into_iter().map(Some).collect(),
-            index_results,
-        };
+        let mut done = Done { data: ops.data.into_iter().map(Some).collect(), data_results };
         for p in pending {
             self.complete(&ring, p, &mut done);
         }
@@ -452,51 +439,13 @@ impl Worker {
             Request::Forget { fp, logical } => {
                 self.remove(&fp, logical);
             }
-            Request::Barrier { copy, reply } => {
-                for p in self.partitions.values_mut() {
-                    p.barrier(copy);
-                }
-                let unsynced = std::mem::take(&mut self.unsynced);
-                self.in_sync.extend(unsynced);
-                self.sync_copy = Some(copy);
-                let _ = reply.send(());
+            Request::Barrier { checkpoint, reply } => {
+                let _ = reply.send(self.barrier(checkpoint));
             }
             Request::Persist { reply } => {
-                let Some(copy) = self.sync_copy else {
-                    let _ = reply.send(Ok((Vec::new(), true)));
-                    return;
-                };
-                let mut written = Vec::new();
-                for p in self.partitions.values_mut() {
-                    let room = PERSIST_PAGES_MAX - written.len();
-                    for (page, bytes) in p.pages_at_barrier(room) {
-                        let op = ops.index(Io::Write {
-                            at: self.layout.page_offset(copy, page),
-                            data: Bytes::from(bytes),
-                        });
-                        written.push((page, op));
-                    }
-                    if written.len() == PERSIST_PAGES_MAX {
-                        break;
-                    }
-                }
-                let last = self.partitions.values().all(Partition::barrier_pages_done);
-                pending.push(Pending::Persist { ops: written, last, reply });
+                let _ = reply.send(self.persist_batch());
             }
-            Request::AbandonSync { data_lost } => {
-                for p in self.partitions.values_mut() {
-                    p.end_sync(false);
-                }
-                self.sync_copy = None;
-                if data_lost {
-                    self.drop_unsynced();
-                }
-            }
-            Request::Rewrite { copy } => {
-                for p in self.partitions.values_mut() {
-                    p.mark_all_dirty(copy);
-                }
-            }
+            Request::EndSync { ok, data_lost } => self.end_sync(ok, data_lost),
             Request::SpaceFreed => {
                 let waiting: Vec<(Instant, Request)> = self.waiting.drain(..).collect();
                 for (since, r) in waiting {
@@ -511,7 +460,8 @@ impl Worker {
             }
             Request::Count { reply } => {
                 let live = Self::live(ring);
-                let _ = reply.send(self.partitions.values().map(|p| p.count(&live)).sum());
+                let count = self.partitions.values().map(|p| p.count(&live)).sum();
+                let _ = reply.send((count, self.partitions.values().map(Partition::slot_count).sum()));
             }
         }
     }
@@ -575,39 +525,18 @@ impl Worker {
                 });
                 let _ = reply.send(answer);
             }
-            Pending::Persist { ops: pages, last, reply } => {
-                let mut crcs = Vec::with_capacity(pages.len());
-                let mut failed = None;
-                for (page, op) in pages {
-                    match done.index(op) {
-                        Ok(bytes) => crcs.push((page, page_crc(&bytes))),
-                        Err(e) => failed = Some(io_error("writing the index", &*self.index_dev, &e)),
-                    }
-                }
-                // Ended once every page is out, or at the first failure
-                // (then every page of the barrier stays dirty).
-                if failed.is_some() || last {
-                    for p in self.partitions.values_mut() {
-                        p.end_sync(failed.is_none());
-                    }
-                    if failed.is_none() {
-                        self.in_sync.clear();
-                    }
-                    self.sync_copy = None;
-                }
-                let _ = reply.send(failed.map_or(Ok((crcs, last)), Err));
-            }
         }
     }
 
     /// Puts a live record's entry into the index, keeping the entry count
     /// and the list of what the next sync covers.
     ///
-    /// The index never drops a live entry to make room: when every slot the
-    /// key may use holds one, the oldest of them is evicted the way the
-    /// ring evicts, with everything older (FIFO, as if the ring were full),
-    /// provided no promise of FindMissingBlobs can still cover it (older
-    /// than twice `kept`); else the write is refused.
+    /// The index never drops a live entry to make room: its partition
+    /// grows. Only at its bound (see `index.rs`), when every slot the key
+    /// may use holds a live entry, is the oldest of them evicted the way
+    /// the ring evicts, with everything older (FIFO, as if the ring were
+    /// full), provided no promise of FindMissingBlobs can still cover it
+    /// (older than twice `kept`); else the write is refused.
     fn insert(&mut self, slot: Slot) -> Result<()> {
         let ring = self.ring.clone();
         let fp = Fingerprint(slot.fingerprint);
@@ -626,7 +555,7 @@ impl Worker {
                     tracing::warn!(
                         store = self.kind.name(),
                         evicted,
-                        "the index is full where a key must go: evicting the oldest blocks early; lower [storage] expected_blob_bytes (the index is re-sized at the next start, keeping every entry)"
+                        "the index reached its bound where a key must go: evicting the oldest blocks early; lower [storage] expected_blob_bytes (it sizes the index, which grows to 16 times that)"
                     );
                 }
                 ring.evict_to(oldest.logical + record_len(oldest.size));
@@ -645,6 +574,7 @@ impl Worker {
         // The key's own earlier entry (a copy forward, an upload again) is
         // what a failed data sync goes back to.
         let previous = replaced.filter(|old| old.fingerprint == slot.fingerprint);
+        self.log_insert(slot, previous);
         self.unsynced.push(Unsynced {
             fp,
             logical: slot.logical,
@@ -659,11 +589,10 @@ impl Worker {
 
     /// Removes `fp`'s entry if it still names the record at `logical`.
     fn remove(&mut self, fp: &Fingerprint, logical: u64) -> bool {
-        let removed = self.partition(fp).remove(fp, logical);
-        if removed {
-            self.ring.entry_removed(logical);
-        }
-        removed
+        let Some(removed) = self.partition(fp).remove(fp, logical) else { return false };
+        self.ring.entry_removed(logical);
+        self.log_remove(removed);
+        true
     }
 
     /// Parks a write until the syncer makes room (or its deadline passes).
@@ -750,11 +679,10 @@ impl Worker {
     }
 }
 
-/// The I/O of one batch, on the data and the index device.
+/// The I/O of one batch, on the data device.
 #[derive(Debug, Default)]
 pub struct Ops {
     data: Vec<Io>,
-    index: Vec<Io>,
 }
 
 impl Ops {
@@ -762,33 +690,18 @@ impl Ops {
         self.data.push(op);
         self.data.len() - 1
     }
-
-    fn index(&mut self, op: Io) -> usize {
-        self.index.push(op);
-        self.index.len() - 1
-    }
 }
 
 /// The I/O of one batch, done.
 struct Done {
     data: Vec<Option<Io>>,
     data_results: Vec<std::io::Result<()>>,
-    index: Vec<Option<Io>>,
-    index_results: Vec<std::io::Result<()>>,
 }
 
 impl Done {
-    fn take(ops: &mut [Option<Io>], results: &mut [std::io::Result<()>], i: usize) -> std::io::Result<Bytes> {
-        std::mem::replace(&mut results[i], Ok(()))?;
-        Ok(ops[i].take().map(Io::into_bytes).unwrap_or_default())
-    }
-
     fn data(&mut self, i: usize) -> std::io::Result<Bytes> {
-        Self::take(&mut self.data, &mut self.data_results, i)
-    }
-
-    fn index(&mut self, i: usize) -> std::io::Result<Bytes> {
-        Self::take(&mut self.index, &mut self.index_results, i)
+        std::mem::replace(&mut self.data_results[i], Ok(()))?;
+        Ok(self.data[i].take().map(Io::into_bytes).unwrap_or_default())
     }
 }
 

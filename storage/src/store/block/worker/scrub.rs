@@ -35,9 +35,8 @@ pub(crate) struct Scrub {
     slot: usize,
     /// The record being checked, and how many of its data bytes are.
     current: Option<(Fingerprint, Location, u64)>,
-    /// The thread's partition numbers in order, and their slots in all.
+    /// The thread's partition numbers in order.
     numbers: Vec<u32>,
-    slots: usize,
 }
 
 impl Scrub {
@@ -50,7 +49,6 @@ impl Scrub {
             slot: 0,
             current: None,
             numbers: Vec::new(),
-            slots: 0,
         }
     }
 }
@@ -130,9 +128,10 @@ impl Worker {
             // The thread's partitions never change: listed once, in order.
             self.scrub.numbers = self.partitions.keys().copied().collect();
             self.scrub.numbers.sort_unstable();
-            self.scrub.slots = self.partitions.values().map(|p| p.slot_count()).sum();
         }
-        let (numbers, total) = (&self.scrub.numbers, self.scrub.slots);
+        // Tables grow: their slots are counted afresh.
+        let total = self.partitions.values().map(|p| p.slot_count()).sum::<usize>();
+        let numbers = &self.scrub.numbers;
         let ring = self.ring.clone();
         // A sparse table is walked a bounded number of slots per tick.
         let limit = total.min(SLOTS_PER_TICK_MAX);
