@@ -113,24 +113,24 @@ pub fn load(kind: Kind, devices: &Devices, slots: u64) -> Result<Option<Loaded>>
     }
     let mut bad = 0u64;
     let end = sb.region + sb.checkpoint_bytes + sb.log_bytes;
-    let mut buf = vec![0u8; PERSIST_BYTES_MAX];
+    let mut buf = vec![0u8; 4 * PERSIST_BYTES_MAX];
+    // Threads replay disjoint runs of partitions, each in the file's order.
+    let threads = std::thread::available_parallelism().map_or(1, usize::from).clamp(1, 8);
+    let per_thread = partitions.len().div_ceil(threads);
     let mut at = sb.region;
     while at < end {
         let n = usize::try_from((end - at).min(buf.len() as u64)).unwrap_or(0);
         index.read_at(&mut buf[..n], at).map_err(|e| internal("read the index", index, &e))?;
-        for raw in buf[..n].chunks_exact(usize::try_from(SLOT_BYTES).unwrap_or(32)) {
-            let Some(slot) = Slot::decode(raw, sb.seed) else {
-                bad += 1;
-                continue;
-            };
-            let fp = Fingerprint(slot.fingerprint);
-            let part = &mut partitions[partition_of(&fp, count) as usize];
-            if slot.size == TOMBSTONE_SIZE {
-                part.remove(&fp, slot.logical);
-            } else if live(&slot) {
-                part.insert(slot, live);
-            }
-        }
+        let bytes = &buf[..n];
+        let sb = &sb;
+        bad += std::thread::scope(|scope| {
+            let runs: Vec<_> = partitions
+                .chunks_mut(per_thread)
+                .enumerate()
+                .map(|(i, run)| scope.spawn(move || replay(bytes, run, i * per_thread, count, sb)))
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap_or(0)).sum::<u64>()
+        });
         at += n as u64;
     }
     if bad > 0 {
@@ -142,6 +142,34 @@ pub fn load(kind: Kind, devices: &Devices, slots: u64) -> Result<Option<Loaded>>
     }
     let entries = partitions.iter().map(|p| p.count(live) as u64).sum();
     Ok(Some(Loaded { superblock: sb, partitions, entries }))
+}
+
+/// Applies the slots in `bytes` that belong to partitions `first..` (the
+/// run `partitions`) of `count`, in order: an entry replaces its key's
+/// entry, a tombstone removes it. Returns how many slots failed their
+/// checksum.
+fn replay(bytes: &[u8], partitions: &mut [Partition], first: usize, count: u32, sb: &Superblock) -> u64 {
+    let live = |s: &Slot| s.logical >= sb.tail && s.logical + record_len(s.size) <= sb.head;
+    let mut bad = 0;
+    for raw in bytes.chunks_exact(usize::try_from(SLOT_BYTES).unwrap_or(32)) {
+        let mut fp = Fingerprint([0; 16]);
+        fp.0.copy_from_slice(&raw[..16]);
+        let Some(part) =
+            (partition_of(&fp, count) as usize).checked_sub(first).and_then(|p| partitions.get_mut(p))
+        else {
+            continue;
+        };
+        let Some(slot) = Slot::decode(raw, sb.seed) else {
+            bad += 1;
+            continue;
+        };
+        if slot.size == TOMBSTONE_SIZE {
+            part.remove(&fp, slot.logical);
+        } else if live(&slot) {
+            part.insert(slot, live);
+        }
+    }
+    bad
 }
 
 /// Every entry of a page-table index, from the copy `sb` vouches for
