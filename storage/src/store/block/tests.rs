@@ -310,7 +310,7 @@ fn a_damaged_index_loses_entries_never_bytes() {
     // Flips in the region the entries live in (300 slots of 32 bytes after
     // the two superblocks): some entries keep their checksums, some not.
     for _ in 0..40 {
-        let at = rng.random_range(8192..8192 + 300 * 32);
+        let at: u64 = rng.random_range(8192..8192 + 300 * 32);
         index.corrupt(at, 1 << rng.random_range(0..8));
     }
     for _ in 0..50 {

@@ -507,10 +507,10 @@ fn a_full_index_grows_then_evicts_by_age_and_never_forgets_a_live_blob() {
     let full_before = kiln_proto::metrics::global().store_index_full.get();
     let mut acked: Vec<(CasKey, u64)> = Vec::new();
     let mut first_eviction_at = None;
-    for i in 0..40_000 {
+    for i in 0..40_000u64 {
         // Distinct bytes for every blob, so every write adds a key.
-        let mut d = vec![0u8; 150 + (i as usize % 7) * 10];
-        d[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let mut d = vec![0u8; 150 + usize::try_from(i % 7).unwrap() * 10];
+        d[..8].copy_from_slice(&i.to_le_bytes());
         let (k, d) = (CasKey::shared(DigestFunction::Sha256.compute(&d)), Bytes::from(d));
         match block_on(crate::store::put_all(&store, &k, d)) {
             Ok(()) => {
