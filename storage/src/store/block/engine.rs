@@ -13,8 +13,8 @@ use kiln_proto::{Code, Error, Result};
 
 use super::device::{BlockDevice, FileDevice};
 use super::format::{
-    DataHeader, Fingerprint, IndexLayout, Kind, LAYOUT_LOGGED, PAGE_BYTES, REGION_START, Superblock,
-    record_key, record_len,
+    DataHeader, FINGERPRINTS_KEYED, Fingerprint, Fingerprinter, IndexLayout, Kind, LAYOUT_LOGGED, PAGE_BYTES,
+    REGION_START, Superblock, record_key, record_len,
 };
 use super::index::Partition;
 use super::indexfile::{Loaded, load, new_partitions};
@@ -92,6 +92,8 @@ pub struct Engine {
     pub devices: Devices,
     /// Uploads in progress (a CAS's; an action cache takes whole values).
     pub staging: Option<Arc<Staging>>,
+    /// How this store names its keys.
+    pub fingerprints: Fingerprinter,
 }
 
 impl std::fmt::Debug for Engine {
@@ -286,6 +288,7 @@ impl Engine {
             stats,
             devices,
             staging,
+            fingerprints: Fingerprinter::new(sb.fingerprints, &sb.store_id),
         }))
     }
 
@@ -307,7 +310,7 @@ impl Engine {
     }
 
     /// Which of `fps` are present, in order.
-    pub async fn lookup(&self, fps: &[Fingerprint]) -> Result<Vec<bool>> {
+    pub async fn lookup(&self, fps: &[Fingerprint]) -> Result<Vec<Option<u64>>> {
         self.ask_each_worker(fps, |fps, reply| Request::Lookup { fps, reply }).await
     }
 
@@ -510,6 +513,7 @@ fn format(kind: Kind, devices: &Devices, capacity: u64, block_bytes: u64, slots:
     devices.index.grow(REGION_START).map_err(|e| internal("format the store", &e))?;
     let sb = Superblock {
         kind,
+        fingerprints: FINGERPRINTS_KEYED,
         store_id,
         seed,
         capacity,
@@ -527,7 +531,7 @@ fn format(kind: Kind, devices: &Devices, capacity: u64, block_bytes: u64, slots:
     write(&devices.index, &sb.encode(), IndexLayout::superblock_offset(0))?;
     write(&devices.index, &vec![0u8; 4096], IndexLayout::superblock_offset(1))?;
     devices.index.sync().map_err(|e| internal("format the store", &e))?;
-    let header = DataHeader { kind, store_id, capacity, block_bytes };
+    let header = DataHeader { kind, fingerprints: FINGERPRINTS_KEYED, store_id, capacity, block_bytes };
     write(&devices.data, &header.encode(), 0)?;
     devices.data.sync().map_err(|e| internal("format the store", &e))?;
     tracing::info!(store = kind.name(), data = devices.data.describe(), capacity, "formatted a new store");

@@ -97,6 +97,8 @@ impl Fingerprint {
         Fingerprint(fp)
     }
 
+    /// A CAS key's fingerprint in a store of [`FINGERPRINTS_BLAKE3`]
+    /// (stores name keys with [`Fingerprinter`]).
     pub fn cas(key: &CasKey) -> Fingerprint {
         Self::of(Kind::Cas, key.scope.as_str(), &key.digest)
     }
@@ -108,6 +110,107 @@ impl Fingerprint {
     /// Bits to choose a shard and a bucket with.
     pub fn bits(&self) -> u64 {
         u64_at(&self.0, 0)
+    }
+}
+
+/// How a store names its CAS keys (the data header's byte 13, the
+/// superblock's byte 14): every key hashed whole with BLAKE3 (stores
+/// formatted before 2026-12-07), or the keyed scheme of [`Fingerprinter`].
+/// Action cache keys are always hashed with BLAKE3.
+pub const FINGERPRINTS_BLAKE3: u8 = 0;
+pub const FINGERPRINTS_KEYED: u8 = 1;
+
+/// Names keys for one store. In the keyed scheme a CAS key's fingerprint
+/// is `AES-128_k(hash[0..16]) ^ hash[16..32] ^ T_k(scope, function)`,
+/// with `k` and `T_k` derived from the store's id (which never leaves its
+/// files): one block cipher call per key instead of a hash, and `T_k` once
+/// per request. Without `k`, nobody can make two keys share a
+/// fingerprint: for one scope and function, equal fingerprints of
+/// different hashes need `AES_k(a) ^ AES_k(b)`; across scopes, `T_k(s) ^
+/// T_k(s')`. The size is not in the fingerprint: a slot records the
+/// blob's size, and a lookup checks it, so keys differing only in size
+/// never match.
+#[derive(Clone)]
+pub struct Fingerprinter {
+    scheme: u8,
+    cipher: aes::Aes128,
+    scope_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Fingerprinter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fingerprinter").field("scheme", &self.scheme).finish_non_exhaustive()
+    }
+}
+
+impl Fingerprinter {
+    pub fn new(scheme: u8, store_id: &[u8; 16]) -> Fingerprinter {
+        use aes::cipher::KeyInit;
+        let key = blake3::derive_key("kiln block store 2026-12-07 CAS fingerprint cipher", store_id);
+        let scope_key = blake3::derive_key("kiln block store 2026-12-07 CAS fingerprint scope", store_id);
+        let cipher =
+            aes::Aes128::new(&aes::cipher::generic_array::GenericArray::clone_from_slice(&key[..16]));
+        Fingerprinter { scheme, cipher, scope_key }
+    }
+
+    pub fn scheme(&self) -> u8 {
+        self.scheme
+    }
+
+    /// `T_k` of a scope and digest function.
+    fn tweak(&self, scope: &str, function: DigestFunction) -> [u8; 16] {
+        let mut h = blake3::Hasher::new_keyed(&self.scope_key);
+        h.update(&(scope.len() as u64).to_le_bytes());
+        h.update(scope.as_bytes());
+        h.update(&[function as u8]);
+        let mut t = [0u8; 16];
+        t.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        t
+    }
+
+    pub fn cas(&self, key: &CasKey) -> Fingerprint {
+        self.cas_many(std::slice::from_ref(key))[0]
+    }
+
+    /// The fingerprints of `keys`, in order (the tweak is computed once per
+    /// run of keys of one scope and function).
+    pub fn cas_many(&self, keys: &[CasKey]) -> Vec<Fingerprint> {
+        use aes::cipher::BlockEncrypt;
+        if self.scheme == FINGERPRINTS_BLAKE3 {
+            return keys.iter().map(Fingerprint::cas).collect();
+        }
+        let mut blocks: Vec<aes::Block> =
+            keys.iter().map(|k| aes::Block::clone_from_slice(&k.digest.hash()[..16])).collect();
+        self.cipher.encrypt_blocks(&mut blocks);
+        let mut tweak: Option<(&str, DigestFunction, [u8; 16])> = None;
+        keys.iter()
+            .zip(blocks)
+            .map(|(k, block)| {
+                let function = k.digest.function();
+                let t = match tweak {
+                    Some((scope, f, t)) if scope == k.scope.as_str() && f == function => t,
+                    _ => {
+                        let t = self.tweak(k.scope.as_str(), function);
+                        tweak = Some((k.scope.as_str(), function, t));
+                        t
+                    }
+                };
+                let hash = k.digest.hash();
+                let mut fp = [0u8; 16];
+                for i in 0..16 {
+                    fp[i] = block[i] ^ hash.get(16 + i).copied().unwrap_or(0) ^ t[i];
+                }
+                // All zeros marks an empty slot.
+                if fp == [0; 16] {
+                    fp[0] = 1;
+                }
+                Fingerprint(fp)
+            })
+            .collect()
+    }
+
+    pub fn ac(&self, key: &AcKey) -> Fingerprint {
+        Fingerprint::ac(key)
     }
 }
 
@@ -281,6 +384,9 @@ impl Slot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataHeader {
     pub kind: Kind,
+    /// How the store names CAS keys: [`FINGERPRINTS_KEYED`], or
+    /// [`FINGERPRINTS_BLAKE3`] in stores formatted before it.
+    pub fingerprints: u8,
     pub store_id: [u8; 16],
     /// Bytes of the ring (the device less this header page).
     pub capacity: u64,
@@ -293,6 +399,7 @@ impl DataHeader {
         b[0..8].copy_from_slice(DATA_MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
         b[12] = self.kind as u8;
+        b[13] = self.fingerprints;
         b[16..32].copy_from_slice(&self.store_id);
         b[32..40].copy_from_slice(&self.capacity.to_le_bytes());
         b[40..48].copy_from_slice(&self.block_bytes.to_le_bytes());
@@ -315,7 +422,16 @@ impl DataHeader {
         let kind = Kind::from_byte(b[12]).ok_or_else(|| Error::internal("the data header names no store"))?;
         let mut store_id = [0u8; 16];
         store_id.copy_from_slice(&b[16..32]);
-        Ok(Some(DataHeader { kind, store_id, capacity: u64_at(b, 32), block_bytes: u64_at(b, 40) }))
+        if b[13] > FINGERPRINTS_KEYED {
+            return Err(Error::internal(format!("the data header names fingerprints of kind {}", b[13])));
+        }
+        Ok(Some(DataHeader {
+            kind,
+            fingerprints: b[13],
+            store_id,
+            capacity: u64_at(b, 32),
+            block_bytes: u64_at(b, 40),
+        }))
     }
 }
 
@@ -339,6 +455,8 @@ pub const TOMBSTONE_SIZE: u64 = SLOT_SIZE_BYTES_MAX;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Superblock {
     pub kind: Kind,
+    /// As in the data header (repairing it needs it).
+    pub fingerprints: u8,
     pub store_id: [u8; 16],
     /// Seeds slot checksums: a slot of another store never checks out.
     pub seed: u64,
@@ -371,6 +489,7 @@ impl Superblock {
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
         b[12] = self.kind as u8;
         b[13] = self.copy;
+        b[14] = self.fingerprints;
         b[16..32].copy_from_slice(&self.store_id);
         b[32..40].copy_from_slice(&self.seed.to_le_bytes());
         b[40..48].copy_from_slice(&self.capacity.to_le_bytes());
@@ -398,6 +517,7 @@ impl Superblock {
         Some(Superblock {
             kind: Kind::from_byte(b[12])?,
             copy: b[13],
+            fingerprints: b[14],
             store_id,
             seed: u64_at(b, 32),
             capacity: u64_at(b, 40),
@@ -463,6 +583,40 @@ mod tests {
 
     fn fp(n: u8) -> Fingerprint {
         Fingerprint::cas(&CasKey::shared(DigestFunction::Sha256.compute(&[n])))
+    }
+
+    /// Keyed fingerprints: one key, one fingerprint; another scope,
+    /// function or store, another one; keys of one run share a tweak but
+    /// not a fingerprint; the older scheme is BLAKE3 as before.
+    #[test]
+    fn keyed_fingerprints_separate_scopes_functions_and_stores() {
+        use crate::store::Scope;
+        let (a, b) = (
+            Fingerprinter::new(FINGERPRINTS_KEYED, &[1; 16]),
+            Fingerprinter::new(FINGERPRINTS_KEYED, &[2; 16]),
+        );
+        let d = DigestFunction::Sha256.compute(b"x");
+        let key = |scope: &str, d: &Digest| CasKey::new(Scope::new(scope), d.clone());
+        assert_eq!(a.cas(&key("t1", &d)), a.cas(&key("t1", &d)));
+        assert_ne!(a.cas(&key("t1", &d)), a.cas(&key("t2", &d)));
+        assert_ne!(a.cas(&key("t1", &d)), b.cas(&key("t1", &d)));
+        let blake = DigestFunction::Blake3.compute(b"x");
+        let same_bytes = Digest::new(DigestFunction::Blake3, *d.hash(), d.size_bytes()).unwrap();
+        assert_ne!(a.cas(&key("t1", &d)), a.cas(&key("t1", &same_bytes)), "{blake:?}");
+        // A hash that differs in its second half only is another key.
+        let mut other = *d.hash();
+        other[31] ^= 1;
+        let other = Digest::new(DigestFunction::Sha256, other, d.size_bytes()).unwrap();
+        assert_ne!(a.cas(&key("t1", &d)), a.cas(&key("t1", &other)));
+        let keys: Vec<CasKey> = (0..50u8)
+            .map(|n| key(if n < 25 { "t1" } else { "t2" }, &DigestFunction::Sha256.compute(&[n])))
+            .collect();
+        let many = a.cas_many(&keys);
+        assert_eq!(many, keys.iter().map(|k| a.cas(k)).collect::<Vec<_>>());
+        assert_eq!(many.iter().collect::<std::collections::HashSet<_>>().len(), 50);
+        let old = Fingerprinter::new(FINGERPRINTS_BLAKE3, &[1; 16]);
+        assert_eq!(old.cas(&keys[3]), Fingerprint::cas(&keys[3]));
+        assert_eq!(old.scheme(), FINGERPRINTS_BLAKE3);
     }
 
     /// Fingerprints are part of the format: they stay the keyed hash of
@@ -537,6 +691,7 @@ mod tests {
     fn superblocks_and_data_headers_round_trip() {
         let sb = Superblock {
             kind: Kind::Ac,
+            fingerprints: FINGERPRINTS_KEYED,
             store_id: [7; 16],
             seed: 42,
             capacity: 1 << 30,
@@ -555,7 +710,13 @@ mod tests {
         assert_eq!(Superblock::decode(&b), Some(sb));
         b[100] ^= 1;
         assert_eq!(Superblock::decode(&b), None);
-        let dh = DataHeader { kind: Kind::Cas, store_id: [3; 16], capacity: 1 << 30, block_bytes: 1 << 24 };
+        let dh = DataHeader {
+            kind: Kind::Cas,
+            fingerprints: FINGERPRINTS_KEYED,
+            store_id: [3; 16],
+            capacity: 1 << 30,
+            block_bytes: 1 << 24,
+        };
         assert_eq!(DataHeader::decode(&dh.encode()).unwrap(), Some(dh));
         assert_eq!(DataHeader::decode(&[0; 4096]).unwrap(), None);
         let layout = IndexLayout::new(1000);

@@ -30,10 +30,30 @@ use super::format::{Fingerprint, SLOT_BYTES, Slot};
 /// Slots of a bucket: a key may use two buckets.
 pub const BUCKET_SLOTS: usize = PROBES / 2;
 
+/// Eight slots, field by field: a lookup that misses reads the 64 bytes of
+/// first fingerprint halves and nothing else.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Bucket {
+    lo: [u64; BUCKET_SLOTS],
+    hi: [u64; BUCKET_SLOTS],
+    logical: [u64; BUCKET_SLOTS],
+    size: [u64; BUCKET_SLOTS],
+}
+
+const _: () = assert!(BUCKET_SLOTS == 8 && std::mem::size_of::<Bucket>() == 8 * 32);
+
+fn halves(fp: &[u8; 16]) -> (u64, u64) {
+    (
+        u64::from_le_bytes(fp[0..8].try_into().unwrap_or([0; 8])),
+        u64::from_le_bytes(fp[8..16].try_into().unwrap_or([0; 8])),
+    )
+}
+
 /// One partition of the index.
 #[derive(Debug)]
 pub struct Partition {
-    slots: Vec<Slot>,
+    buckets: Vec<Bucket>,
     /// Slots the table may grow to.
     max_slots: usize,
     /// Slots that hold an entry (live or not).
@@ -45,11 +65,46 @@ impl Partition {
     /// buckets) that may grow to `max_slots`.
     pub fn new(slots: usize, max_slots: usize) -> Partition {
         let slots = slots.max(BUCKET_SLOTS).next_multiple_of(BUCKET_SLOTS);
-        Partition { slots: vec![Slot::default(); slots], max_slots: max_slots.max(slots), used: 0 }
+        Partition {
+            buckets: vec![Bucket::default(); slots / BUCKET_SLOTS],
+            max_slots: max_slots.max(slots),
+            used: 0,
+        }
     }
 
     pub fn slot_count(&self) -> usize {
-        self.slots.len()
+        self.buckets.len() * BUCKET_SLOTS
+    }
+
+    fn slot(&self, i: usize) -> Slot {
+        let (b, lane) = (&self.buckets[i / BUCKET_SLOTS], i % BUCKET_SLOTS);
+        let mut fingerprint = [0u8; 16];
+        fingerprint[0..8].copy_from_slice(&b.lo[lane].to_le_bytes());
+        fingerprint[8..16].copy_from_slice(&b.hi[lane].to_le_bytes());
+        Slot { fingerprint, logical: b.logical[lane], size: b.size[lane] }
+    }
+
+    fn is_empty_at(&self, i: usize) -> bool {
+        let (b, lane) = (&self.buckets[i / BUCKET_SLOTS], i % BUCKET_SLOTS);
+        b.lo[lane] == 0 && b.hi[lane] == 0
+    }
+
+    /// The slot holding `fp`, if any: the first halves of its two buckets
+    /// are compared first.
+    fn find(&self, fp: &[u8; 16]) -> Option<usize> {
+        let (lo, hi) = halves(fp);
+        let (a, b) = self.buckets(fp);
+        [a, b].into_iter().find_map(|n| {
+            let bucket = &self.buckets[n];
+            (0..BUCKET_SLOTS)
+                .find(|&lane| bucket.lo[lane] == lo && bucket.hi[lane] == hi)
+                .map(|lane| n * BUCKET_SLOTS + lane)
+        })
+    }
+
+    /// Every slot, empty or not.
+    fn all(&self) -> impl Iterator<Item = Slot> + '_ {
+        (0..self.slot_count()).map(|i| self.slot(i))
     }
 
     /// Slots holding an entry, live or not.
@@ -59,14 +114,14 @@ impl Partition {
 
     /// The slot at `i` (`i < slot_count()`), as it is.
     pub fn slot_at(&self, i: usize) -> Slot {
-        self.slots[i]
+        self.slot(i)
     }
 
     /// The two buckets `fp` may live in. The partition is chosen by the
     /// first eight bytes modulo the partitions; the buckets by the last
     /// eight, and by the high half of the first eight.
     fn buckets(&self, fp: &[u8; 16]) -> (usize, usize) {
-        let count = (self.slots.len() / BUCKET_SLOTS).max(1) as u64;
+        let count = self.buckets.len().max(1) as u64;
         let first = u64::from_le_bytes(fp[8..16].try_into().unwrap_or([0; 8]));
         let second = u64::from_le_bytes(fp[0..8].try_into().unwrap_or([0; 8])).rotate_right(32);
         (usize::try_from(first % count).unwrap_or(0), usize::try_from(second % count).unwrap_or(0))
@@ -74,7 +129,7 @@ impl Partition {
 
     /// The other bucket of the entry in slot `i`.
     fn other_bucket(&self, i: usize) -> usize {
-        let (a, b) = self.buckets(&self.slots[i].fingerprint);
+        let (a, b) = self.buckets(&self.slot(i).fingerprint);
         if i / BUCKET_SLOTS == a { b } else { a }
     }
 
@@ -88,23 +143,28 @@ impl Partition {
     }
 
     fn set(&mut self, i: usize, slot: Slot) {
-        match (self.slots[i].is_empty(), slot.is_empty()) {
+        match (self.is_empty_at(i), slot.is_empty()) {
             (true, false) => self.used += 1,
             (false, true) => self.used -= 1,
             _ => {}
         }
-        self.slots[i] = slot;
+        let (lo, hi) = halves(&slot.fingerprint);
+        let (b, lane) = (&mut self.buckets[i / BUCKET_SLOTS], i % BUCKET_SLOTS);
+        b.lo[lane] = lo;
+        b.hi[lane] = hi;
+        b.logical[lane] = slot.logical;
+        b.size[lane] = slot.size;
     }
 
     /// The slot of `fp`, live or not, changing nothing.
     pub fn get(&self, fp: &Fingerprint) -> Option<Slot> {
-        self.probe(fp).map(|i| self.slots[i]).find(|s| s.fingerprint == fp.0)
+        self.find(&fp.0).map(|i| self.slot(i))
     }
 
     /// The live slot of `fp`, if any; a dead one is removed on the way.
     pub fn lookup(&mut self, fp: &Fingerprint, live: impl Fn(&Slot) -> bool) -> Option<Slot> {
-        let found = self.probe(fp).find(|i| self.slots[*i].fingerprint == fp.0)?;
-        let slot = self.slots[found];
+        let found = self.find(&fp.0)?;
+        let slot = self.slot(found);
         if live(&slot) {
             return Some(slot);
         }
@@ -131,9 +191,9 @@ impl Partition {
     /// overwritten at the end of the chain (an empty, dead or displaced
     /// entry, or the key's own).
     fn put(&mut self, moves: &[(usize, usize)], i: usize, slot: Slot) -> Option<Slot> {
-        let overwritten = moves.first().map_or(self.slots[i], |(_, to)| self.slots[*to]);
+        let overwritten = moves.first().map_or(self.slot(i), |(_, to)| self.slot(*to));
         for &(from, to) in moves {
-            self.set(to, self.slots[from]);
+            self.set(to, self.slot(from));
         }
         self.set(i, slot);
         (!overwritten.is_empty()).then_some(overwritten)
@@ -150,7 +210,7 @@ impl Partition {
         loop {
             match self.place(&slot, &live) {
                 Ok((moves, i)) => return Ok(self.put(&moves, i, slot)),
-                Err(oldest) if !self.grow(&live) => return Err(self.slots[oldest]),
+                Err(oldest) if !self.grow(&live) => return Err(self.slot(oldest)),
                 Err(_) => {}
             }
         }
@@ -159,14 +219,13 @@ impl Partition {
     /// Doubles the table, placing every live entry anew (dead ones are
     /// dropped); `false` at the bound.
     fn grow(&mut self, live: impl Fn(&Slot) -> bool) -> bool {
-        let mut size = self.slots.len() * 2;
+        let mut size = self.slot_count() * 2;
         while size <= self.max_slots {
-            let mut grown = Partition { slots: vec![Slot::default(); size], max_slots: size, used: 0 };
+            let mut grown = Partition::new(size, size);
             let placed = self
-                .slots
-                .iter()
+                .all()
                 .filter(|s| !s.is_empty() && live(s))
-                .all(|s| grown.place(s, |_| true).map(|(moves, i)| grown.put(&moves, i, *s)).is_ok());
+                .all(|s| grown.place(&s, |_| true).map(|(moves, i)| grown.put(&moves, i, s)).is_ok());
             if placed {
                 grown.max_slots = self.max_slots;
                 *self = grown;
@@ -191,8 +250,8 @@ impl Partition {
         for (p, i) in probed.iter_mut().zip(self.probe(&Fingerprint(slot.fingerprint))) {
             *p = i;
         }
-        let free = |i: usize| self.slots[i].is_empty() || !live(&self.slots[i]);
-        if let Some(i) = probed.iter().copied().find(|i| self.slots[*i].fingerprint == slot.fingerprint) {
+        let free = |i: usize| self.is_empty_at(i) || !live(&self.slot(i));
+        if let Some(i) = self.find(&slot.fingerprint) {
             return Ok((Vec::new(), i));
         }
         if let Some(i) = probed.iter().copied().find(|i| free(*i)) {
@@ -216,28 +275,26 @@ impl Partition {
                 }
             }
         }
-        Err(probed.iter().copied().min_by_key(|i| self.slots[*i].logical).unwrap_or(0))
+        Err(probed.iter().copied().min_by_key(|i| self.slot(*i).logical).unwrap_or(0))
     }
 
     /// Removes `fp`'s entry if it still names the record at `logical`;
     /// returns it.
     pub fn remove(&mut self, fp: &Fingerprint, logical: u64) -> Option<Slot> {
-        let i = self
-            .probe(fp)
-            .find(|i| self.slots[*i].fingerprint == fp.0 && self.slots[*i].logical == logical)?;
-        let removed = self.slots[i];
+        let i = self.find(&fp.0).filter(|i| self.slot(*i).logical == logical)?;
+        let removed = self.slot(i);
         self.set(i, Slot::default());
         Some(removed)
     }
 
     /// Every entry held, live or not.
-    pub fn entries(&self) -> impl Iterator<Item = &Slot> {
-        self.slots.iter().filter(|s| !s.is_empty())
+    pub fn entries(&self) -> impl Iterator<Item = Slot> + '_ {
+        self.all().filter(|s| !s.is_empty())
     }
 
     /// Live entries (for statistics and tests).
     pub fn count(&self, live: impl Fn(&Slot) -> bool) -> usize {
-        self.slots.iter().filter(|s| !s.is_empty() && live(s)).count()
+        self.all().filter(|s| !s.is_empty() && live(s)).count()
     }
 
     /// Appends the live entries, encoded, to `out`, but none whose key
@@ -250,7 +307,7 @@ impl Partition {
         out: &mut Vec<u8>,
     ) {
         let size = usize::try_from(SLOT_BYTES).unwrap_or(32);
-        for s in self.slots.iter().filter(|s| !s.is_empty() && live(s) && !skip(&s.fingerprint)) {
+        for s in self.all().filter(|s| !s.is_empty() && live(s) && !skip(&s.fingerprint)) {
             let at = out.len();
             out.resize(at + size, 0);
             s.encode(seed, &mut out[at..]);

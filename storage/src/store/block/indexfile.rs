@@ -62,6 +62,7 @@ fn plausible(sb: &Superblock, header: &DataHeader, kind: Kind, index_len: u64) -
         IndexLayout::new(sb.slots).file_bytes() <= index_len
     };
     sb.store_id == header.store_id
+        && sb.fingerprints == header.fingerprints
         && sb.kind == kind
         && sb.capacity == header.capacity
         && sb.block_bytes == header.block_bytes

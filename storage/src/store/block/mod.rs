@@ -293,10 +293,17 @@ impl CasStore for BlockCas {
     type Writer = BlockWriter;
 
     async fn read(&self, key: &CasKey, range: ByteRange) -> Result<BlockReader> {
-        let fp = Fingerprint::cas(key);
-        let (loc, whole) = self.engine.call(&fp, |reply| Request::Open { fp, reply }).await.map_err(|e| {
-            if e.is_not_found() { Error::not_found(format!("blob {key} not found")) } else { e }
-        })?;
+        let fp = self.engine.fingerprints.cas(key);
+        let not_found = || Error::not_found(format!("blob {key} not found"));
+        let (loc, whole) = self
+            .engine
+            .call(&fp, |reply| Request::Open { fp, reply })
+            .await
+            .map_err(|e| if e.is_not_found() { not_found() } else { e })?;
+        // A fingerprint does not cover the size: the slot's must match.
+        if loc.size != key.size_bytes() {
+            return Err(not_found());
+        }
         let (start, end) = range.resolve(loc.size)?;
         Ok(BlockReader { engine: self.engine.clone(), fp, loc, pos: start, start, end, whole })
     }
@@ -310,7 +317,7 @@ impl CasStore for BlockCas {
         }
         Ok(BlockWriter {
             engine: self.engine.clone(),
-            fp: Fingerprint::cas(key),
+            fp: self.engine.fingerprints.cas(key),
             size: key.size_bytes(),
             written: 0,
             buffered: Vec::new(),
@@ -321,9 +328,14 @@ impl CasStore for BlockCas {
     }
 
     async fn find_missing(&self, keys: &[CasKey]) -> Result<Vec<CasKey>> {
-        let fps: Vec<Fingerprint> = keys.iter().map(Fingerprint::cas).collect();
-        let present = self.engine.lookup(&fps).await?;
-        Ok(keys.iter().zip(present).filter(|(_, p)| !p).map(|(k, _)| k.clone()).collect())
+        let fps = self.engine.fingerprints.cas_many(keys);
+        let sizes = self.engine.lookup(&fps).await?;
+        Ok(keys
+            .iter()
+            .zip(sizes)
+            .filter(|(k, size)| *size != Some(k.size_bytes()))
+            .map(|(k, _)| k.clone())
+            .collect())
     }
 }
 

@@ -167,6 +167,7 @@ fn repair_header(config: &BlockConfig, devices: &Devices, why: &str) -> Result<D
     };
     let header = DataHeader {
         kind: sb.kind,
+        fingerprints: sb.fingerprints,
         store_id: sb.store_id,
         capacity: sb.capacity,
         block_bytes: sb.block_bytes,

@@ -60,6 +60,7 @@ pub fn rebuild(kind: Kind, devices: &Devices, capacity: u64, slots: u64) -> Resu
     let tail = tail.min(head);
     let sb = Superblock {
         kind,
+        fingerprints: header.fingerprints,
         store_id: header.store_id,
         seed,
         capacity,

@@ -453,7 +453,7 @@ impl Sim {
         let at = self.at();
         let step = self.step;
         let keys: Vec<CasKey> = self.known.keys().cloned().collect();
-        let fps: Vec<Fingerprint> = keys.iter().map(Fingerprint::cas).collect();
+        let fps: Vec<Fingerprint> = self.store.engine().fingerprints.cas_many(&keys);
         let found = block_on(self.store.engine().peek(&fps)).unwrap();
         let (tail, head, kept) = (self.ring().tail(), self.ring().head(), self.ring().kept_bytes());
         for (key, found) in keys.into_iter().zip(found) {

@@ -213,7 +213,7 @@ fn a_rebuild_believes_no_forged_record() {
     let reserved = store.engine().ring.head();
     let at = reserved + 64 + 4096;
     let fake = Bytes::from(vec![0x5a; 5000]);
-    let fp = format::Fingerprint::cas(&victim);
+    let fp = store.engine().fingerprints.cas(&victim);
     let header = format::RecordHeader { kind: Kind::Cas, fingerprint: fp, size: 5000, logical: at };
     let mut forged = header.encode().to_vec();
     forged.extend_from_slice(&fake);

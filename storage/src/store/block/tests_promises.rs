@@ -93,7 +93,7 @@ fn a_commit_overtaken_by_the_tail_is_not_acknowledged() {
     let store = BlockCas::new(Engine::open_on(&cfg, Devices { data: data.clone(), index }).unwrap());
     let engine = store.engine().clone();
     let (key, bytes) = blob(1, 300_000);
-    let (fp, size) = (format::Fingerprint::cas(&key), 300_000);
+    let (fp, size) = (engine.fingerprints.cas(&key), 300_000);
     // While the header write is in flight, the tail passes the record.
     let overtake = |logical: u64, commit: Box<dyn FnOnce() -> Result<()> + Send>| {
         data.armed.store(true, Ordering::SeqCst);
@@ -333,7 +333,7 @@ fn the_entry_counter_agrees_with_the_index() {
     agree(&store, "after puts");
     assert_eq!(store.engine().entries(), 40);
     let (k, _) = blob(3, 1300);
-    let fp = format::Fingerprint::cas(&k);
+    let fp = store.engine().fingerprints.cas(&k);
     let logical =
         block_on(store.engine().call(&fp, |reply| worker::Request::Open { fp, reply })).unwrap().0.logical;
     store.engine().tell(&fp, worker::Request::Forget { fp, logical });
@@ -401,7 +401,7 @@ fn what_find_missing_reports_present_survives_the_promised_writes() {
             ring.kept_bytes()
         );
         let fps: Vec<format::Fingerprint> =
-            present.iter().map(|(k, _)| format::Fingerprint::cas(k)).collect();
+            present.iter().map(|(k, _)| store.engine().fingerprints.cas(k)).collect();
         let there = block_on(store.engine().peek(&fps)).unwrap();
         let lost = there.iter().filter(|p| p.is_none()).count();
         assert_eq!(
@@ -441,7 +441,7 @@ fn a_failed_data_sync_after_a_copy_forward_keeps_the_earlier_copy() {
         filler += 1;
         block_on(crate::store::put_all(&store, &k, d)).unwrap();
     }
-    let fp = format::Fingerprint::cas(&key);
+    let fp = store.engine().fingerprints.cas(&key);
     let before = block_on(store.engine().peek(&[fp])).unwrap()[0].unwrap();
     assert!(block_on(store.find_missing(std::slice::from_ref(&key))).unwrap().is_empty());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -472,7 +472,7 @@ fn the_scrub_finds_damage_before_a_read_does() {
     }
     let damaged_before = kiln_proto::metrics::global().store_scrub_damaged.get();
     let (victim, victim_bytes) = &blobs[17];
-    let fp = format::Fingerprint::cas(victim);
+    let fp = store.engine().fingerprints.cas(victim);
     let logical = block_on(store.engine().peek(&[fp])).unwrap()[0].unwrap();
     data.corrupt(store.engine().ring.physical(logical) + 64 + victim_bytes.len() as u64 / 2, 0x08);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -514,7 +514,7 @@ fn a_full_index_grows_then_evicts_by_age_and_never_forgets_a_live_blob() {
         let (k, d) = (CasKey::shared(DigestFunction::Sha256.compute(&d)), Bytes::from(d));
         match block_on(crate::store::put_all(&store, &k, d)) {
             Ok(()) => {
-                let fp = format::Fingerprint::cas(&k);
+                let fp = store.engine().fingerprints.cas(&k);
                 let at =
                     block_on(store.engine().peek(&[fp])).unwrap()[0].expect("acknowledged and not findable");
                 acked.push((k, at));
@@ -531,7 +531,7 @@ fn a_full_index_grows_then_evicts_by_age_and_never_forgets_a_live_blob() {
             let tail = store.engine().ring.tail();
             acked.retain(|(_, at)| *at >= tail);
             let fps: Vec<format::Fingerprint> =
-                acked.iter().map(|(k, _)| format::Fingerprint::cas(k)).collect();
+                acked.iter().map(|(k, _)| store.engine().fingerprints.cas(k)).collect();
             let found = block_on(store.engine().peek(&fps)).unwrap();
             for ((k, at), found) in acked.iter().zip(found) {
                 assert!(found.is_some() || *at < tail, "{k} at {at} was forgotten (tail {tail})");
@@ -541,4 +541,26 @@ fn a_full_index_grows_then_evicts_by_age_and_never_forgets_a_live_blob() {
     let first = first_eviction_at.expect("the bounded index makes room or refuses at its bound");
     assert!(first > 8 * allotted, "full at {first} entries with {allotted} slots allotted");
     assert!(store.engine().index_slots() >= 16 * allotted / 2);
+}
+
+/// A fingerprint does not cover the size (a slot records it): a key that
+/// differs from a stored one only in its size is missing and unreadable,
+/// never the stored blob's bytes; a new store names keys the keyed way.
+#[test]
+fn a_key_differing_only_in_size_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlockCas::new(Engine::open(&config(dir.path(), Kind::Cas)).unwrap());
+    assert_eq!(store.engine().fingerprints.scheme(), format::FINGERPRINTS_KEYED);
+    let (key, bytes) = blob(77, 5000);
+    block_on(put_all(&store, &key, bytes.clone())).unwrap();
+    let d = &key.digest;
+    let wrong = CasKey::new(
+        key.scope.clone(),
+        kiln_proto::Digest::new(d.function(), *d.hash(), d.size_bytes() + 1).unwrap(),
+    );
+    let missing = block_on(store.find_missing(&[key.clone(), wrong.clone()])).unwrap();
+    assert_eq!(missing, vec![wrong.clone()]);
+    let e = block_on(read_all(&store, &wrong, u64::MAX)).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    assert_eq!(block_on(read_all(&store, &key, u64::MAX)).unwrap(), bytes);
 }

@@ -49,8 +49,9 @@ pub type Reply<T> = oneshot::Sender<Result<T>>;
 /// What a storage thread is asked to do.
 #[derive(Debug)]
 pub enum Request {
-    /// Which of these keys are present (refreshing old ones).
-    Lookup { fps: Vec<Fingerprint>, reply: oneshot::Sender<Vec<bool>> },
+    /// The sizes of these keys' blobs, for those present (refreshing old
+    /// ones).
+    Lookup { fps: Vec<Fingerprint>, reply: oneshot::Sender<Vec<Option<u64>>> },
     /// Where these keys' records lie, changing nothing (no copy forward):
     /// for tests and diagnostics.
     Peek { fps: Vec<Fingerprint>, reply: oneshot::Sender<Vec<Option<u64>>> },
@@ -342,7 +343,7 @@ impl Worker {
     fn plan<'r>(&mut self, ring: &'r Ring, request: Request, ops: &mut Ops, pending: &mut Vec<Pending<'r>>) {
         match request {
             Request::Lookup { fps, reply } => {
-                let found = fps.iter().map(|fp| self.lookup(fp, true).is_some()).collect();
+                let found = fps.iter().map(|fp| self.lookup(fp, true).map(|loc| loc.size)).collect();
                 let _ = reply.send(found);
             }
             Request::Peek { fps, reply } => {
