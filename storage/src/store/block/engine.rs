@@ -2,7 +2,6 @@
 //! the storage threads and the syncer; and closing it.
 
 use kiln_proto::limits::{BLOCK_INDEX_LOG_MIN_BYTES, BLOCK_QUEUE_DEPTH as QUEUE_DEPTH, BLOCK_TICK_MS};
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -16,7 +15,7 @@ use super::format::{
     DataHeader, FINGERPRINTS_KEYED, Fingerprint, Fingerprinter, IndexLayout, Kind, LAYOUT_LOGGED, PAGE_BYTES,
     REGION_START, Superblock, record_key, record_len,
 };
-use super::index::Partition;
+use super::index::{Owned, Partition};
 use super::indexfile::{Loaded, load, new_partitions};
 use super::io::{IoEngine, IoMode};
 use super::ring::Ring;
@@ -162,7 +161,7 @@ impl Engine {
         }
         let partition_count = loaded.partitions.len();
         let threads = config.threads.clamp(1, partition_count.max(1));
-        let mut owned: Vec<HashMap<u32, Partition>> = (0..threads).map(|_| HashMap::new()).collect();
+        let mut owned: Vec<Owned> = (0..threads).map(|_| Owned::default()).collect();
         for (p, partition) in loaded.partitions.into_iter().enumerate() {
             owned[p % threads].insert(u32::try_from(p).unwrap_or(0), partition);
         }

@@ -596,7 +596,7 @@ mod tests {
             Fingerprinter::new(FINGERPRINTS_KEYED, &[2; 16]),
         );
         let d = DigestFunction::Sha256.compute(b"x");
-        let key = |scope: &str, d: &Digest| CasKey::new(Scope::new(scope), d.clone());
+        let key = |scope: &str, d: &Digest| CasKey::new(Scope::new(scope), *d);
         assert_eq!(a.cas(&key("t1", &d)), a.cas(&key("t1", &d)));
         assert_ne!(a.cas(&key("t1", &d)), a.cas(&key("t2", &d)));
         assert_ne!(a.cas(&key("t1", &d)), b.cas(&key("t1", &d)));

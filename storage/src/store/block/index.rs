@@ -315,6 +315,52 @@ impl Partition {
     }
 }
 
+/// The partitions one storage thread owns, by partition number: a lookup
+/// finds its table by indexing, not hashing.
+#[derive(Debug, Default)]
+pub struct Owned {
+    tables: Vec<Option<Partition>>,
+}
+
+impl Owned {
+    pub fn insert(&mut self, p: u32, table: Partition) {
+        let p = p as usize;
+        if self.tables.len() <= p {
+            self.tables.resize_with(p + 1, || None);
+        }
+        self.tables[p] = Some(table);
+    }
+
+    pub fn get(&self, p: &u32) -> Option<&Partition> {
+        self.tables.get(*p as usize).and_then(Option::as_ref)
+    }
+
+    pub fn get_mut(&mut self, p: &u32) -> Option<&mut Partition> {
+        self.tables.get_mut(*p as usize).and_then(Option::as_mut)
+    }
+
+    /// The partition numbers owned, in order.
+    pub fn keys(&self) -> impl Iterator<Item = u32> + '_ {
+        self.tables.iter().enumerate().filter(|(_, t)| t.is_some()).filter_map(|(p, _)| u32::try_from(p).ok())
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Partition> {
+        self.tables.iter().flatten()
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Partition> {
+        self.tables.iter_mut().flatten()
+    }
+}
+
+impl std::ops::Index<&u32> for Owned {
+    type Output = Partition;
+
+    fn index(&self, p: &u32) -> &Partition {
+        self.get(p).expect("a partition this thread owns")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::cast_possible_truncation)] // Test data arithmetic.

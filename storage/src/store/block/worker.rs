@@ -26,7 +26,7 @@ use super::format::{
     CRC_CHUNK_BYTES, Fingerprint, Kind, RECORD_HEADER_BYTES, RecordHeader, RecordKey, Slot, chunk_crc,
     crc_chunks, crc_offset, record_len,
 };
-use super::index::Partition;
+use super::index::{Owned, Partition};
 use super::io::{Io, IoEngine};
 use super::ring::{Pinned, Ring};
 
@@ -152,7 +152,7 @@ pub struct Worker {
     pub data: Arc<dyn BlockDevice>,
     pub io: IoEngine,
     /// This thread's partitions, by partition number.
-    pub partitions: HashMap<u32, Partition>,
+    pub partitions: Owned,
     pub partition_count: u32,
     pub requests: async_channel::Receiver<Request>,
     /// Tells the syncer that space is needed (the tail a reservation needs).
@@ -186,11 +186,7 @@ impl std::fmt::Debug for Worker {
 }
 
 /// The partition a fingerprint belongs to.
-fn owned_partition<'p>(
-    partitions: &'p mut HashMap<u32, Partition>,
-    count: u32,
-    fp: &Fingerprint,
-) -> &'p mut Partition {
+fn owned_partition<'p>(partitions: &'p mut Owned, count: u32, fp: &Fingerprint) -> &'p mut Partition {
     let p = partition_of(fp, count);
     partitions.get_mut(&p).expect("requests reach the thread that owns their partition")
 }
@@ -224,7 +220,7 @@ impl Worker {
         ring: Arc<Ring>,
         data: Arc<dyn BlockDevice>,
         io: IoEngine,
-        partitions: HashMap<u32, Partition>,
+        partitions: Owned,
         partition_count: u32,
         requests: async_channel::Receiver<Request>,
         need_space: async_channel::Sender<u64>,

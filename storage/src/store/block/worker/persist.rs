@@ -65,7 +65,7 @@ impl Worker {
         let unsynced = std::mem::take(&mut self.unsynced);
         self.in_sync.extend(unsynced);
         self.log.checkpoint = checkpoint.then(|| {
-            let mut left: Vec<u32> = self.partitions.keys().copied().collect();
+            let mut left: Vec<u32> = self.partitions.keys().collect();
             left.sort_unstable_by(|a, b| b.cmp(a));
             Checkpoint { left, changed: HashMap::new() }
         });

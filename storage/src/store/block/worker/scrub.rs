@@ -126,7 +126,7 @@ impl Worker {
     fn scrub_next(&mut self, visited: &mut usize) -> Option<(Fingerprint, Location)> {
         if self.scrub.numbers.is_empty() {
             // The thread's partitions never change: listed once, in order.
-            self.scrub.numbers = self.partitions.keys().copied().collect();
+            self.scrub.numbers = self.partitions.keys().collect();
             self.scrub.numbers.sort_unstable();
         }
         // Tables grow: their slots are counted afresh.
