@@ -177,7 +177,7 @@ pub fn sandbox(runs: u32) -> Result<serde_json::Value> {
     let scratch = tempfile_dir("sandbox")?;
     let overhead =
         kiln_worker::sandbox::fork_exec_baseline(&config, &scratch, runs).map_err(|e| anyhow::anyhow!("{e}"));
-    let _ = std::fs::remove_dir_all(&scratch);
+    let _ = kiln_worker::remove::remove_tree(&scratch);
     let overhead = overhead?;
     let plain = overhead.plain / runs.max(1);
     let sandboxed = overhead.sandboxed / runs.max(1);
@@ -237,7 +237,7 @@ pub async fn inputs(files: usize) -> Result<serde_json::Value> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         times.push(t.elapsed());
     }
-    let _ = std::fs::remove_dir_all(&scratch);
+    let _ = kiln_worker::remove::remove_tree(&scratch);
     let (cold, warm) = (times[0], times[1].min(times[2]));
     println!("inputs: {files} files in {} directories: cold {cold:?}, warm {warm:?}", dirs.len());
     Ok(json!({ "files": files, "cold_ms": cold.as_millis(), "warm_ms": warm.as_millis() }))

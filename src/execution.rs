@@ -372,7 +372,9 @@ pub fn runner<F: CasFactory>(
         std::fs::canonicalize(&build_dir).with_context(|| format!("resolve {}", build_dir.display()))?;
     // Leftovers of a previous run are removed at start.
     for entry in std::fs::read_dir(&build_dir)?.flatten() {
-        let _ = std::fs::remove_dir_all(entry.path());
+        if let Err(e) = kiln_worker::remove::remove_tree(&entry.path()) {
+            tracing::warn!(dir = %entry.path().display(), error = %e, "could not remove what an earlier run left");
+        }
     }
     let cache = FileCache::open(&cache_dir, config.cache_size_bytes)
         .map_err(|e| anyhow::anyhow!("worker file cache: {}", e.message()))?;

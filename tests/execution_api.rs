@@ -368,3 +368,39 @@ async fn listing_operations_shows_only_the_callers_tenants_and_refuses_bad_pages
     assert!(status);
     assert!(!metrics.contains("kiln_auth_failures_total{"), "{metrics}");
 }
+
+/// An action that nests directories 40,000 deep in its exec root gets its
+/// result, and the node lives on: its directory is removed without
+/// recursion (a recursive removal overflowed the stack and took the whole
+/// process down), the next action runs, and the CAS still answers.
+#[tokio::test]
+async fn an_action_nesting_directories_deeper_than_any_stack_does_not_take_the_node_down() {
+    let kiln = Kiln::start();
+    let script = "echo ok > out.txt; exec python3 -c 'import os\nfor _ in range(40000):\n    os.mkdir(\"d\"); os.chdir(\"d\")'";
+    let (digest, blobs) = action(script, &[], 0, &[]);
+    upload(&kiln, &blobs).await;
+    let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    assert_eq!(status_code(&r), 0, "{r:?}");
+    assert_eq!(r.result.as_ref().unwrap().exit_code, 0, "{r:?}");
+    let build = kiln.data_dir.path().join("worker/build");
+    common::eventually(Duration::from_secs(60), "the exec directory removed", || {
+        let empty = std::fs::read_dir(&build).map(|mut d| d.next().is_none()).unwrap_or(false);
+        async move { empty.then_some(()) }
+    })
+    .await;
+    let (next, blobs) = action("echo again > out.txt", &[], 0, &[]);
+    upload(&kiln, &blobs).await;
+    let r = response_of(execute(&kiln, next, false).await.last().unwrap());
+    assert_eq!(status_code(&r), 0, "{r:?}");
+    let missing = kiln
+        .cas()
+        .await
+        .find_missing_blobs(reapi::FindMissingBlobsRequest {
+            blob_digests: vec![digest.to_proto()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(missing.missing_blob_digests.is_empty(), "the CAS still holds the action");
+}

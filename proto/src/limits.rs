@@ -199,6 +199,10 @@ pub const OUTPUT_FILE_BYTES_MAX: u64 = 16 << 30;
 pub const OUTPUT_TOTAL_BYTES_MAX: u64 = 64 << 30;
 pub const OUTPUT_ENTRIES_MAX: u64 = 1_000_000;
 pub const OUTPUT_DEPTH_MAX: usize = 128;
+/// Removing a tree an action wrote: subdirectory names kept per level from
+/// one reading of a directory (a wider directory is read again when they
+/// are done), so memory stays bounded whatever the tree's shape.
+pub const REMOVE_PENDING_NAMES_MAX: usize = 1024;
 
 /// Output files up to this size are kept in memory between hashing and
 /// upload, up to the second figure per collection.

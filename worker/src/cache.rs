@@ -225,7 +225,7 @@ impl FileCache {
         let device = fs::metadata(dir).map_err(|e| internal_io("cannot stat", dir, &e))?.dev();
 
         // A temporary file is a fetch that never finished.
-        fs::remove_dir_all(&tmp).map_err(|e| internal_io("cannot clear", &tmp, &e))?;
+        crate::remove::remove_tree(&tmp).map_err(|e| internal_io("cannot clear", &tmp, &e))?;
         fs::create_dir(&tmp).map_err(|e| internal_io("cannot create", &tmp, &e))?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(CACHE_DIR_MODE))
             .map_err(|e| internal_io("cannot set the mode of", &tmp, &e))?;
@@ -552,7 +552,7 @@ fn scan_entries(entries: &Path) -> Result<Vec<(Key, i64)>> {
             Some(key) if sound => found.push((key, meta.mtime())),
             _ => {
                 tracing::warn!(path = %path.display(), "file cache: removing an unsound entry");
-                let removed = if meta.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+                let removed = crate::remove::remove_tree(&path);
                 removed.map_err(|e| internal_io("cannot remove", &path, &e))?;
             }
         }

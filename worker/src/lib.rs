@@ -15,6 +15,7 @@ pub mod cas;
 pub mod grpc_cas;
 pub mod inputs;
 pub mod outputs;
+pub mod remove;
 pub mod runner;
 pub mod sandbox;
 pub mod session;

@@ -86,7 +86,8 @@ impl Drop for ExecDir {
     fn drop(&mut self) {
         let dir = std::mem::take(&mut self.0);
         let remove = move || {
-            if let Err(e) = std::fs::remove_dir_all(&dir)
+            // The action shaped this tree: removed without recursion.
+            if let Err(e) = crate::remove::remove_tree(&dir)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not remove an execution directory");

@@ -79,7 +79,7 @@ pub fn probe(config: &SandboxConfig) -> Result<(), SandboxError> {
         network: false,
     };
     let result = execute(config, &spec, true);
-    let _ = std::fs::remove_dir_all(&scratch);
+    let _ = crate::remove::remove_tree(&scratch);
     match result?.exit_code {
         0 => Ok(()),
         code => Err(setup(format!("the probe sandbox exited with {code}"))),
