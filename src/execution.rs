@@ -76,6 +76,27 @@ pub struct WorkerConfig {
     pub kill_grace_ms: u64,
     /// Extra platform properties the worker offers.
     pub properties: BTreeMap<String, String>,
+    /// Environment variables every action gets unless its Command sets
+    /// them (REAPI lets a worker provide defaults): a standard `PATH`, for
+    /// clients that send none (Pants, Buck2).
+    pub environment: BTreeMap<String, String>,
+}
+
+/// The `PATH` actions get when their Command sets none.
+pub const DEFAULT_ACTION_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+impl WorkerConfig {
+    /// Refuses variable names and values the kernel cannot pass.
+    pub fn validate(&self) -> Result<()> {
+        for (name, value) in &self.environment {
+            if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+                anyhow::bail!(
+                    "[execution.worker.environment] {name:?}: a name must be non-empty without '=' or NUL, a value without NUL"
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ExecutionConfig {
@@ -126,6 +147,7 @@ impl Default for WorkerConfig {
             root_fs: None,
             kill_grace_ms: 5_000,
             properties: BTreeMap::new(),
+            environment: BTreeMap::from([("PATH".to_owned(), DEFAULT_ACTION_PATH.to_owned())]),
         }
     }
 }
@@ -155,7 +177,7 @@ impl ExecutionConfig {
         )?;
         check(self.worker.uid_base >= 1000, "worker.uid_base must be an unprivileged uid (1000 or more)")?;
         check(self.worker.uid_base.checked_add(65_536).is_some(), "worker.uid_base is too large")?;
-        Ok(())
+        self.worker.validate()
     }
 
     pub fn scheduler_config(&self) -> kiln_scheduler::Config {
@@ -408,6 +430,7 @@ pub fn runner<F: CasFactory>(
             cpu_millicores: nonzero(config.cpu_millicores),
             allow_host_network: config.allow_host_network,
             kill_grace: ms(config.kill_grace_ms),
+            environment: config.environment.clone().into_iter().collect(),
         },
         cache,
         cas,

@@ -36,9 +36,23 @@ fn action(
     timeout_s: i64,
     platform: &[(&str, &str)],
 ) -> (Digest, Vec<Vec<u8>>) {
+    action_with_env(script, files, timeout_s, platform, &[("PATH", "/bin:/usr/bin")])
+}
+
+/// Like [`action`], with the Command's environment `env`.
+fn action_with_env(
+    script: &str,
+    files: &[(&str, &[u8])],
+    timeout_s: i64,
+    platform: &[(&str, &str)],
+    env: &[(&str, &str)],
+) -> (Digest, Vec<Vec<u8>>) {
     let command = reapi::Command {
         arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        environment_variables: vec![reapi::command::EnvironmentVariable { name: "PATH".into(), value: "/bin:/usr/bin".into() }],
+        environment_variables: env
+            .iter()
+            .map(|(name, value)| reapi::command::EnvironmentVariable { name: (*name).into(), value: (*value).into() })
+            .collect(),
         #[allow(deprecated)] // Bazel 4 sends output_files
         output_files: vec!["out.txt".into()],
         ..Default::default()
@@ -403,4 +417,45 @@ async fn an_action_nesting_directories_deeper_than_any_stack_does_not_take_the_n
         .unwrap()
         .into_inner();
     assert!(missing.missing_blob_digests.is_empty(), "the CAS still holds the action");
+}
+
+/// A Command without `PATH` (what Pants and Buck2 send) gets the worker's
+/// default one, and finds the usual tools; a Command's own variables win
+/// over the worker's defaults.
+#[tokio::test]
+async fn actions_without_a_path_get_the_workers_default_environment() {
+    let kiln = Kiln::start_with_config(
+        "[execution.worker.environment]\nPATH = \"/usr/bin:/bin\"\nKILN_SITE = \"rack-7\"\n",
+    );
+    let script = "env | sort > out.txt; echo \"$PATH $KILN_SITE\"; command -v sleep";
+    let (digest, blobs) = action_with_env(script, &[], 0, &[], &[]);
+    upload(&kiln, &blobs).await;
+    let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    assert_eq!(status_code(&r), 0, "{r:?}");
+    assert_eq!(r.result.as_ref().unwrap().exit_code, 0, "{r:?}");
+    let out = String::from_utf8(stdout_of(&kiln, &r).await).unwrap();
+    assert!(out.starts_with("/usr/bin:/bin rack-7\n") && out.contains("/sleep"), "{out}");
+    let (digest, blobs) = action_with_env(script, &[], 0, &[], &[("KILN_SITE", "own"), ("PATH", "/bin")]);
+    upload(&kiln, &blobs).await;
+    let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    let out = String::from_utf8(stdout_of(&kiln, &r).await).unwrap();
+    assert!(out.starts_with("/bin own\n"), "{out}");
+    // Without configuration, a standard PATH.
+    let kiln = Kiln::start();
+    let (digest, blobs) = action_with_env("echo \"$PATH\"", &[], 0, &[], &[]);
+    upload(&kiln, &blobs).await;
+    let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    let out = String::from_utf8(stdout_of(&kiln, &r).await).unwrap();
+    assert_eq!(out.trim(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+}
+
+/// A default variable the kernel could not pass is refused at start,
+/// naming the key.
+#[test]
+fn a_default_variable_the_kernel_cannot_pass_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("kiln.toml");
+    std::fs::write(&cfg, "[execution.worker.environment]\n\"A=B\" = \"x\"\n").unwrap();
+    let (ok, _, err) = common::serve_refused(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    assert!(!ok && err.contains("[execution.worker.environment]") && err.contains("A=B"), "{err}");
 }

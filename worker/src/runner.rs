@@ -56,6 +56,8 @@ pub struct RunnerConfig {
     /// Whether actions may ask for the host network.
     pub allow_host_network: bool,
     pub kill_grace: Duration,
+    /// Variables every action gets unless its Command sets them.
+    pub environment: Vec<(String, String)>,
 }
 
 /// Runs actions; shared by the worker's slots.
@@ -77,6 +79,21 @@ fn finished(execution_id: &str, code: tonic::Code, message: String) -> Finished 
 
 fn error_code(code: Code) -> tonic::Code {
     tonic::Code::from(code)
+}
+
+/// The Command's variables, then the worker's defaults it does not set.
+fn action_environment(
+    command: &[kiln_proto::reapi::command::EnvironmentVariable],
+    defaults: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut environment: Vec<(String, String)> =
+        command.iter().map(|v| (v.name.clone(), v.value.clone())).collect();
+    for (name, value) in defaults {
+        if !command.iter().any(|v| &v.name == name) {
+            environment.push((name.clone(), value.clone()));
+        }
+    }
+    environment
 }
 
 /// Keeps an execution's directory until the run ends, then removes it.
@@ -246,11 +263,7 @@ impl<F: CasFactory> Runner<F> {
             exec_root: exec_root.clone(),
             working_directory: working_directory.clone(),
             arguments: command.arguments.clone(),
-            environment: command
-                .environment_variables
-                .iter()
-                .map(|v| (v.name.clone(), v.value.clone()))
-                .collect(),
+            environment: action_environment(&command.environment_variables, &self.config.environment),
             stdout: stdout.clone(),
             stderr: stderr.clone(),
             timeout: Duration::from_millis(assign.timeout_ms),
