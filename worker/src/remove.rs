@@ -96,16 +96,16 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
     }
 }
 
+/// A listing of the open directory `dir`.
+fn list(dir: &OwnedFd) -> nix::Result<Dir> {
+    Dir::openat(dir.as_fd(), c".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+}
+
 /// Removes every entry of `dir` that is not a directory; answers the names
 /// of (at most [`PENDING_MAX`]) subdirectories that are left. Empty
 /// subdirectories are removed on the way.
 fn clear_files(dir: &OwnedFd) -> io::Result<Vec<CString>> {
-    let mut listing = Dir::openat(
-        dir.as_fd(),
-        c".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
+    let mut listing = list(dir)?;
     let mut files = Vec::new();
     let mut subdirectories = Vec::new();
     for entry in listing.iter() {
@@ -150,12 +150,7 @@ fn remove_files(dir: &OwnedFd, files: &mut Vec<CString>) -> io::Result<()> {
 
 /// The name under which `dir` holds the directory of inode `inode`.
 fn name_of(dir: &OwnedFd, inode: u64) -> io::Result<Option<CString>> {
-    let mut listing = Dir::openat(
-        dir.as_fd(),
-        c".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
+    let mut listing = list(dir)?;
     for entry in listing.iter() {
         let entry = entry?;
         if entry.ino() == inode && entry.file_name() != c"." && entry.file_name() != c".." {
