@@ -588,7 +588,7 @@ impl<'a> Scanner<'a> {
                 let fd = reopen_directory(&handle, path)?;
                 let mut tree = HashMap::new();
                 let mut components = components;
-                let (root, root_digest) = self.directory(fd, &mut components, 0, &mut tree)?;
+                let (root, root_digest) = self.directory(fd, &mut components, &mut tree)?;
                 let tree = build_tree(self.function, root, &tree);
                 let encoded = tree.encode_to_vec();
                 let tree_digest = self.function.compute(&encoded);
@@ -677,15 +677,77 @@ impl<'a> Scanner<'a> {
         target.into_string().map_err(|_| refused(shown, "is a symlink whose target is not UTF-8"))
     }
 
-    /// Reads a directory (recursively), adding every Directory to `tree`.
-    /// `components` is the directory's path from the exec root.
+    /// Reads a directory and everything below it, without recursion (one
+    /// level of an explicit stack per directory being read, at most
+    /// `depth_max` deep), adding every Directory to `tree`. `components` is
+    /// the directory's path from the exec root; it is as given on return.
     fn directory(
         &mut self,
         fd: OwnedFd,
         components: &mut Vec<String>,
-        depth: usize,
         tree: &mut HashMap<Digest, Directory>,
     ) -> Result<(Directory, Digest)> {
+        let base = components.len();
+        let mut stack = vec![self.level(fd, components)?];
+        loop {
+            let level = stack.last_mut().expect("the walk holds the level it reads");
+            let Some(name) = level.names.pop() else {
+                let done = stack.pop().expect("the walk holds the level it reads");
+                let (directory, digest) = self.seal(done.directory, tree);
+                let Some(parent) = stack.last_mut() else {
+                    components.truncate(base);
+                    return Ok((directory, digest));
+                };
+                let name = components.pop().unwrap_or_default();
+                parent.directory.directories.push(DirectoryNode { name, digest: Some(digest.to_proto()) });
+                continue;
+            };
+            components.push(name.clone());
+            let child_shown = components.join("/");
+            let Some((handle, meta)) = open_node(&level.dir, &name, &child_shown)? else {
+                components.pop();
+                continue;
+            };
+            match kind_of(&meta) {
+                Kind::Regular => {
+                    let (digest, is_executable) = self.file(&handle, &meta, components, &child_shown)?;
+                    level.directory.files.push(FileNode {
+                        name,
+                        digest: Some(digest.to_proto()),
+                        is_executable,
+                        node_properties: None,
+                    });
+                }
+                Kind::Directory => {
+                    if stack.len() > self.limits.depth_max {
+                        return Err(refused(
+                            &child_shown,
+                            &format!("nested more than {} levels deep", self.limits.depth_max),
+                        ));
+                    }
+                    let fd = reopen_directory(&handle, &child_shown)?;
+                    let next = self.level(fd, components)?;
+                    // The name stays in `components` until the child is sealed.
+                    stack.push(next);
+                    continue;
+                }
+                Kind::Symlink => {
+                    let target = self.symlink(&handle, &child_shown)?;
+                    level.directory.symlinks.push(SymlinkNode { name, target, node_properties: None });
+                }
+                Kind::Special(what) => {
+                    return Err(refused(
+                        &child_shown,
+                        &format!("is {what}; outputs can be files, directories and symlinks"),
+                    ));
+                }
+            }
+            components.pop();
+        }
+    }
+
+    /// Opens one directory of the walk: its entries' names, in order.
+    fn level(&mut self, fd: OwnedFd, components: &[String]) -> Result<Level> {
         let shown = components.join("/");
         self.count_entry(&shown)?;
         self.stats.directories += 1;
@@ -712,55 +774,27 @@ impl<'a> Scanner<'a> {
             }
             names.push(name.to_owned());
         }
-        names.sort_unstable();
-        let mut directory = Directory::default();
-        for name in names {
-            components.push(name.clone());
-            let child_shown = components.join("/");
-            let Some((handle, meta)) = open_node(&dir, &name, &child_shown)? else {
-                components.pop();
-                continue;
-            };
-            match kind_of(&meta) {
-                Kind::Regular => {
-                    let (digest, is_executable) = self.file(&handle, &meta, components, &child_shown)?;
-                    directory.files.push(FileNode {
-                        name,
-                        digest: Some(digest.to_proto()),
-                        is_executable,
-                        node_properties: None,
-                    });
-                }
-                Kind::Directory => {
-                    if depth + 1 > self.limits.depth_max {
-                        return Err(refused(
-                            &child_shown,
-                            &format!("nested more than {} levels deep", self.limits.depth_max),
-                        ));
-                    }
-                    let fd = reopen_directory(&handle, &child_shown)?;
-                    let (_, digest) = self.directory(fd, components, depth + 1, tree)?;
-                    directory.directories.push(DirectoryNode { name, digest: Some(digest.to_proto()) });
-                }
-                Kind::Symlink => {
-                    let target = self.symlink(&handle, &child_shown)?;
-                    directory.symlinks.push(SymlinkNode { name, target, node_properties: None });
-                }
-                Kind::Special(what) => {
-                    return Err(refused(
-                        &child_shown,
-                        &format!("is {what}; outputs can be files, directories and symlinks"),
-                    ));
-                }
-            }
-            components.pop();
-        }
+        // Taken from the end: in order.
+        names.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(Level { dir, names, directory: Directory::default() })
+    }
+
+    /// A directory read whole: encoded, recorded, its digest.
+    fn seal(&mut self, directory: Directory, tree: &mut HashMap<Digest, Directory>) -> (Directory, Digest) {
         let encoded = directory.encode_to_vec();
         let digest = self.function.compute(&encoded);
         self.blobs.entry(digest).or_insert(Source::Inline(Bytes::from(encoded)));
         tree.insert(digest, directory.clone());
-        Ok((directory, digest))
+        (directory, digest)
     }
+}
+
+/// One directory being read by [`Scanner::directory`]: the names still to
+/// visit (last first) and the Directory built so far.
+struct Level {
+    dir: nix::dir::Dir,
+    names: Vec<String>,
+    directory: Directory,
 }
 
 /// The Tree of `root`: its children each once, parents before children.

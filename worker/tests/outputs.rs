@@ -336,3 +336,40 @@ async fn logs_are_uploaded_when_missing() {
     symlink("/etc/passwd", work.path().join("sneaky")).unwrap();
     assert!(upload_log(&cas, DigestFunction::Sha256, &work.path().join("sneaky")).await.is_err());
 }
+
+/// An output directory is read without recursion: 800 levels are
+/// collected on a thread with a 128 KiB stack, the Tree holding every
+/// level once.
+#[test]
+fn deep_output_directories_are_read_without_recursion() {
+    let exec = tempfile::tempdir().unwrap();
+    let mut path = exec.path().join("out");
+    for _ in 0..800 {
+        path.push("d");
+    }
+    write(&path.join("leaf"), b"at the bottom", 0o644);
+    let root = exec.path().to_owned();
+    let (collected, cas) = std::thread::Builder::new()
+        .stack_size(128 << 10)
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let cas = TestCas::new();
+            let limits = OutputLimits { depth_max: 1000, ..OutputLimits::DEFAULT };
+            let command = legacy(&[], &["out"]);
+            let collected =
+                runtime.block_on(collect_with_limits(&cas, DigestFunction::Sha256, &root, &command, &limits));
+            (collected.unwrap(), cas)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(collected.output_directories.len(), 1);
+    let tree = Tree::decode(
+        cas.get(&digest_of(&collected.output_directories[0].tree_digest, DigestFunction::Sha256))
+            .unwrap()
+            .as_slice(),
+    )
+    .unwrap();
+    assert_eq!(tree.children.len(), 800, "every level once");
+    assert_eq!(tree.children.last().unwrap().files[0].name, "leaf");
+}
