@@ -454,3 +454,19 @@ fn sandbox_overhead_per_action() {
     // A loose bound for a shared, debug-built test machine; the goal is 5 ms.
     assert!(overhead.per_action() < Duration::from_millis(100), "{overhead:?}");
 }
+
+/// An action's view of its cgroups is rooted at its own: no host cgroup
+/// path (the worker's, the run's id) shows in `/proc/self/cgroup`.
+#[test]
+fn an_action_sees_no_host_cgroup_path() {
+    let f = Fixture::new();
+    let spec = f.shell("cat /proc/self/cgroup");
+    let (outcome, stdout, stderr) = f.run(&spec);
+    assert_eq!(outcome.exit_code, 0, "{stderr}");
+    assert!(!stdout.is_empty());
+    for line in stdout.lines() {
+        let path = line.splitn(3, ':').nth(2).unwrap_or_default();
+        assert!(path == "/" || path.is_empty(), "a host cgroup path shows: {line}");
+        assert!(!line.contains(&spec.id), "{line}");
+    }
+}

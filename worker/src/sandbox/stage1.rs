@@ -103,7 +103,12 @@ fn run(args: &[OsString], channel: &UnixStream) -> Result<i32, String> {
     setresuid(root_uid, root_uid, root_uid)
         .map_err(|e| format!("cannot take the sandbox's uid (is its uid map written?): {e}"))?;
 
-    let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    // The worker moved this process into the run's cgroups before `go`: a
+    // cgroup namespace rooted there hides the host's cgroup paths.
+    let mut flags = CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWCGROUP;
     if !network {
         flags |= CloneFlags::CLONE_NEWNET;
     }
