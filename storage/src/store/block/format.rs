@@ -169,11 +169,18 @@ impl Fingerprinter {
     }
 
     pub fn cas(&self, key: &CasKey) -> Fingerprint {
-        self.cas_many(std::slice::from_ref(key))[0]
+        use aes::cipher::BlockEncrypt;
+        if self.scheme == FINGERPRINTS_BLAKE3 {
+            return Fingerprint::cas(key);
+        }
+        let mut block = aes::Block::clone_from_slice(&key.digest.hash()[..16]);
+        self.cipher.encrypt_block(&mut block);
+        Self::combine(key, &block, &self.tweak(key.scope.as_str(), key.digest.function()))
     }
 
-    /// The fingerprints of `keys`, in order (the tweak is computed once per
-    /// run of keys of one scope and function).
+    /// The fingerprints of `keys`, in order: the cipher runs over all of
+    /// them at once, the tweak once per run of keys of one scope and
+    /// function.
     pub fn cas_many(&self, keys: &[CasKey]) -> Vec<Fingerprint> {
         use aes::cipher::BlockEncrypt;
         if self.scheme == FINGERPRINTS_BLAKE3 {
@@ -195,18 +202,22 @@ impl Fingerprinter {
                         t
                     }
                 };
-                let hash = k.digest.hash();
-                let mut fp = [0u8; 16];
-                for i in 0..16 {
-                    fp[i] = block[i] ^ hash.get(16 + i).copied().unwrap_or(0) ^ t[i];
-                }
-                // All zeros marks an empty slot.
-                if fp == [0; 16] {
-                    fp[0] = 1;
-                }
-                Fingerprint(fp)
+                Self::combine(k, &block, &t)
             })
             .collect()
+    }
+
+    /// `block ^ hash[16..32] ^ tweak`, never all zeros (an empty slot).
+    fn combine(key: &CasKey, block: &aes::Block, tweak: &[u8; 16]) -> Fingerprint {
+        let hash = key.digest.hash();
+        let mut fp = [0u8; 16];
+        for i in 0..16 {
+            fp[i] = block[i] ^ hash[16 + i] ^ tweak[i];
+        }
+        if fp == [0; 16] {
+            fp[0] = 1;
+        }
+        Fingerprint(fp)
     }
 
     pub fn ac(&self, key: &AcKey) -> Fingerprint {
