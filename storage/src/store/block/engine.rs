@@ -268,7 +268,7 @@ impl Engine {
             capacity_bytes = capacity,
             block_bytes,
             index_slots = slots,
-            entries = loaded.entries,
+            entries = ring.entries(),
             threads,
             io = io_path,
             millis = started.elapsed().as_millis(),
@@ -534,5 +534,5 @@ fn format(kind: Kind, devices: &Devices, capacity: u64, block_bytes: u64, slots:
     write(&devices.data, &header.encode(), 0)?;
     devices.data.sync().map_err(|e| internal("format the store", &e))?;
     tracing::info!(store = kind.name(), data = devices.data.describe(), capacity, "formatted a new store");
-    Ok(Loaded { superblock: sb, partitions: new_partitions(slots), entries: 0 })
+    Ok(Loaded { superblock: sb, partitions: new_partitions(slots) })
 }

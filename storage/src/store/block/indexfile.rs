@@ -31,8 +31,6 @@ use super::worker::partition_of;
 pub struct Loaded {
     pub superblock: Superblock,
     pub partitions: Vec<Partition>,
-    /// Live entries loaded.
-    pub entries: u64,
 }
 
 fn internal(what: &str, dev: &dyn BlockDevice, e: &std::io::Error) -> Error {
@@ -110,7 +108,7 @@ pub fn load(kind: Kind, devices: &Devices, slots: u64) -> Result<Option<Loaded>>
         let next = write_checkpoint(index, &partitions, &next, region)
             .map_err(|e| internal("rewrite the index", index, &e))?;
         tracing::info!(index = index.describe(), entries, "the index was rewritten in the logged layout");
-        return Ok(Some(Loaded { superblock: next, partitions, entries }));
+        return Ok(Some(Loaded { superblock: next, partitions }));
     }
     let mut bad = 0u64;
     let end = sb.region + sb.checkpoint_bytes + sb.log_bytes;
@@ -141,8 +139,8 @@ pub fn load(kind: Kind, devices: &Devices, slots: u64) -> Result<Option<Loaded>>
             "index entries failed their checksums; they are dropped"
         );
     }
-    let entries = partitions.iter().map(|p| p.count(live) as u64).sum();
-    Ok(Some(Loaded { superblock: sb, partitions, entries }))
+    // The entries are counted as the engine registers them with the ring.
+    Ok(Some(Loaded { superblock: sb, partitions }))
 }
 
 /// Applies the slots in `bytes` that belong to partitions `first..` (the
