@@ -15,7 +15,7 @@ use super::format::{
     DataHeader, FINGERPRINTS_KEYED, Fingerprint, Fingerprinter, IndexLayout, Kind, LAYOUT_LOGGED, PAGE_BYTES,
     REGION_START, Superblock, record_key, record_len,
 };
-use super::index::{Owned, Partition};
+use super::index::{Owned, Partition, Shared};
 use super::indexfile::{Loaded, load, new_partitions};
 use super::io::{IoEngine, IoMode};
 use super::ring::Ring;
@@ -81,6 +81,9 @@ pub struct Engine {
     pub kind: Kind,
     pub ring: Arc<Ring>,
     pub partitions: u32,
+    /// The index, read here for FindMissingBlobs; written only by the
+    /// storage threads.
+    index: Arc<Shared>,
     workers: Vec<async_channel::Sender<Request>>,
     syncer: Mutex<Option<mpsc::Sender<SyncerMessage>>>,
     ticker: Mutex<Option<mpsc::Sender<()>>>,
@@ -161,17 +164,17 @@ impl Engine {
         }
         let partition_count = loaded.partitions.len();
         let threads = config.threads.clamp(1, partition_count.max(1));
-        let mut owned: Vec<Owned> = (0..threads).map(|_| Owned::default()).collect();
-        for (p, partition) in loaded.partitions.into_iter().enumerate() {
-            owned[p % threads].insert(u32::try_from(p).unwrap_or(0), partition);
-        }
+        let index = Arc::new(Shared::new(loaded.partitions));
+        // Both at most the partitions, which number at most 256.
+        let threads_u32 = u32::try_from(threads).unwrap_or(1);
+        let owned = (0..threads_u32).map(|t| Owned::new(index.clone(), t, threads_u32));
         let (syncer_tx, syncer_rx) = mpsc::channel();
         let (space_tx, space_rx) = async_channel::unbounded::<u64>();
         let mut senders = Vec::new();
         let mut handles = Vec::new();
         let mut io_path = "pread/pwrite";
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        for (t, partitions) in owned.into_iter().enumerate() {
+        for (t, partitions) in owned.enumerate() {
             let (tx, rx) = async_channel::bounded(QUEUE_DEPTH);
             let io = IoEngine::new(config.io).map_err(|e| {
                 Error::new(
@@ -248,6 +251,7 @@ impl Engine {
             index_dev: devices.index.clone(),
             superblock: sb,
             workers: senders.clone(),
+            index: index.clone(),
             messages: syncer_rx,
             interval: config.sync_interval,
             headroom: ring.headroom(),
@@ -278,6 +282,7 @@ impl Engine {
             kind: config.kind,
             ring,
             partitions: u32::try_from(partition_count).unwrap_or(1),
+            index,
             workers: senders,
             syncer: Mutex::new(Some(syncer_tx)),
             ticker: Mutex::new(Some(ticker_tx)),
@@ -309,8 +314,65 @@ impl Engine {
     }
 
     /// Which of `fps` are present, in order.
+    ///
+    /// The index is read on the calling thread; only keys whose records
+    /// are near eviction go to their storage threads, which copy them
+    /// forward (or answer missing when they cannot).
     pub async fn lookup(&self, fps: &[Fingerprint]) -> Result<Vec<Option<u64>>> {
-        self.ask_each_worker(fps, |fps, reply| Request::Lookup { fps, reply }).await
+        if self.index.drops_pending() {
+            return self.ask_each_worker(fps, |fps, reply| Request::Lookup { fps, reply }).await;
+        }
+        let (mut answers, old) = self.lookup_here(fps);
+        if old.is_empty() {
+            return Ok(answers);
+        }
+        let asked: Vec<Fingerprint> = old.iter().map(|&i| fps[i]).collect();
+        let found = self.ask_each_worker(&asked, |fps, reply| Request::Lookup { fps, reply }).await?;
+        for (i, f) in old.into_iter().zip(found) {
+            answers[i] = f;
+        }
+        Ok(answers)
+    }
+
+    /// The sizes of the live records of `fps` (`None`: absent), read from
+    /// the index one partition at a time; and the positions of the keys
+    /// whose records are old enough to need a copy forward (their answers
+    /// are left `None`).
+    fn lookup_here(&self, fps: &[Fingerprint]) -> (Vec<Option<u64>>, Vec<usize>) {
+        let partitions = self.index.partitions();
+        // Positions grouped by partition (a counting sort): one lock each.
+        let of: Vec<u32> = fps.iter().map(|fp| partition_of(fp, partitions)).collect();
+        let mut starts = vec![0usize; partitions as usize + 1];
+        for &p in &of {
+            starts[p as usize + 1] += 1;
+        }
+        for p in 0..partitions as usize {
+            starts[p + 1] += starts[p];
+        }
+        let mut order = vec![0usize; fps.len()];
+        let mut next = starts.clone();
+        for (i, &p) in of.iter().enumerate() {
+            order[next[p as usize]] = i;
+            next[p as usize] += 1;
+        }
+        let mut answers = vec![None; fps.len()];
+        let mut old = Vec::new();
+        let (head, kept) = (self.ring.head(), self.ring.kept_bytes());
+        for p in (0..partitions).filter(|&p| starts[p as usize] < starts[p as usize + 1]) {
+            let table = self.index.read(p);
+            for &i in &order[starts[p as usize]..starts[p as usize + 1]] {
+                let Some(slot) = table.get(&fps[i]) else { continue };
+                if !self.ring.is_live(slot.logical, record_len(slot.size)) {
+                    continue;
+                }
+                if head.saturating_sub(slot.logical) > kept {
+                    old.push(i);
+                } else {
+                    answers[i] = Some(slot.size);
+                }
+            }
+        }
+        (answers, old)
     }
 
     /// Where the records of `fps` lie, if present, without copying any
@@ -355,6 +417,17 @@ impl Engine {
     /// Sends a request that needs no answer.
     pub fn tell(&self, fp: &Fingerprint, request: Request) {
         let _ = self.worker(fp).try_send(request);
+    }
+
+    /// Drops `fp`'s entry if it still names the record at `logical` (a
+    /// reader found it damaged). Until its storage thread has done so,
+    /// lookups go through the threads' queues, behind the drop: a client
+    /// told DATA_LOSS never hears the blob present again.
+    pub fn forget(&self, fp: &Fingerprint, logical: u64) {
+        self.index.drops_told();
+        if self.worker(fp).try_send(Request::Forget { fp: *fp, logical }).is_err() {
+            self.index.drops_done();
+        }
     }
 
     /// Why the store cannot make its writes durable, while its syncs keep

@@ -173,7 +173,7 @@ impl Fingerprinter {
         if self.scheme == FINGERPRINTS_BLAKE3 {
             return Fingerprint::cas(key);
         }
-        let mut block = aes::Block::clone_from_slice(&key.digest.hash()[..16]);
+        let mut block = first_half(key);
         self.cipher.encrypt_block(&mut block);
         Self::combine(key, &block, &self.tweak(key.scope.as_str(), key.digest.function()))
     }
@@ -186,8 +186,7 @@ impl Fingerprinter {
         if self.scheme == FINGERPRINTS_BLAKE3 {
             return keys.iter().map(Fingerprint::cas).collect();
         }
-        let mut blocks: Vec<aes::Block> =
-            keys.iter().map(|k| aes::Block::clone_from_slice(&k.digest.hash()[..16])).collect();
+        let mut blocks: Vec<aes::Block> = keys.iter().map(first_half).collect();
         self.cipher.encrypt_blocks(&mut blocks);
         let mut tweak: Option<(&str, DigestFunction, [u8; 16])> = None;
         keys.iter()
@@ -223,6 +222,14 @@ impl Fingerprinter {
     pub fn ac(&self, key: &AcKey) -> Fingerprint {
         Fingerprint::ac(key)
     }
+}
+
+/// The first 16 bytes of a key's hash, as a cipher block (copied as an
+/// array: a slice copy goes through an iterator per byte).
+fn first_half(key: &CasKey) -> aes::Block {
+    let mut half = [0u8; 16];
+    half.copy_from_slice(&key.digest.hash()[..16]);
+    aes::Block::from(half)
 }
 
 /// How many CRC chunks a blob of `size` bytes has.

@@ -23,6 +23,9 @@
 //!
 //! [`BLOCK_INDEX_GROWTH_MAX`]: kiln_proto::limits::BLOCK_INDEX_GROWTH_MAX
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
 use kiln_proto::limits::BLOCK_INDEX_PROBES as PROBES;
 
 use super::format::{Fingerprint, SLOT_BYTES, Slot};
@@ -42,6 +45,34 @@ struct Bucket {
 }
 
 const _: () = assert!(BUCKET_SLOTS == 8 && std::mem::size_of::<Bucket>() == 8 * 32);
+
+impl Bucket {
+    /// The lane holding the fingerprint `(lo, hi)`, if any. The first
+    /// halves are compared in every lane without a branch per lane (one
+    /// cache line); the second halves only where the first matched, so a
+    /// key that is absent costs one cache line per bucket.
+    fn lane_of(&self, lo: u64, hi: u64) -> Option<usize> {
+        let mut hits = 0u32;
+        for lane in 0..BUCKET_SLOTS {
+            hits |= u32::from(self.lo[lane] == lo) << lane;
+        }
+        while hits != 0 {
+            let lane = hits.trailing_zeros() as usize;
+            if self.hi[lane] == hi {
+                return Some(lane);
+            }
+            hits &= hits - 1;
+        }
+        None
+    }
+}
+
+/// `x` scaled from `0..2^64` to `0..count` by its high bits: a multiply
+/// where a remainder would divide. The buckets are chosen again whenever a
+/// table is built, so the choice is free to change between versions.
+fn scale(x: u64, count: u64) -> usize {
+    usize::try_from((u128::from(x) * u128::from(count)) >> 64).unwrap_or(0)
+}
 
 fn halves(fp: &[u8; 16]) -> (u64, u64) {
     (
@@ -95,10 +126,8 @@ impl Partition {
         let (lo, hi) = halves(fp);
         let (a, b) = self.buckets(fp);
         [a, b].into_iter().find_map(|n| {
-            let bucket = &self.buckets[n];
-            (0..BUCKET_SLOTS)
-                .find(|&lane| bucket.lo[lane] == lo && bucket.hi[lane] == hi)
-                .map(|lane| n * BUCKET_SLOTS + lane)
+            let lane = self.buckets[n].lane_of(lo, hi)?;
+            Some(n * BUCKET_SLOTS + lane)
         })
     }
 
@@ -118,13 +147,13 @@ impl Partition {
     }
 
     /// The two buckets `fp` may live in. The partition is chosen by the
-    /// first eight bytes modulo the partitions; the buckets by the last
-    /// eight, and by the high half of the first eight.
+    /// first eight bytes modulo the partitions (their low bits); the
+    /// buckets by the high bits of the last eight and of the first eight.
     fn buckets(&self, fp: &[u8; 16]) -> (usize, usize) {
         let count = self.buckets.len().max(1) as u64;
         let first = u64::from_le_bytes(fp[8..16].try_into().unwrap_or([0; 8]));
-        let second = u64::from_le_bytes(fp[0..8].try_into().unwrap_or([0; 8])).rotate_right(32);
-        (usize::try_from(first % count).unwrap_or(0), usize::try_from(second % count).unwrap_or(0))
+        let second = u64::from_le_bytes(fp[0..8].try_into().unwrap_or([0; 8]));
+        (scale(first, count), scale(second, count))
     }
 
     /// The other bucket of the entry in slot `i`.
@@ -315,49 +344,95 @@ impl Partition {
     }
 }
 
-/// The partitions one storage thread owns, by partition number: a lookup
-/// finds its table by indexing, not hashing.
-#[derive(Debug, Default)]
+/// Every partition of a store's index, each behind its own lock.
+/// Partition `p` is written only by the storage thread that owns it
+/// ([`Owned`]); any thread may read it: FindMissingBlobs answers on the
+/// caller's thread, without a hop to the storage threads.
+#[derive(Debug)]
+pub struct Shared {
+    tables: Box<[RwLock<Partition>]>,
+    /// Drops of entries sent to the storage threads and not yet made (of
+    /// damaged records; of writes a failed data sync lost): while any are,
+    /// lookups queue behind them.
+    drops: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(tables: Vec<Partition>) -> Shared {
+        Shared { tables: tables.into_iter().map(RwLock::new).collect(), drops: AtomicUsize::new(0) }
+    }
+
+    pub fn drops_told(&self) {
+        self.drops.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn drops_done(&self) {
+        self.drops.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    pub fn drops_pending(&self) -> bool {
+        self.drops.load(Ordering::SeqCst) > 0
+    }
+
+    /// How many partitions there are (at least one).
+    pub fn partitions(&self) -> u32 {
+        u32::try_from(self.tables.len()).unwrap_or(u32::MAX).max(1)
+    }
+
+    /// Partition `p`, to read. A storage thread that panicked while writing
+    /// leaves its table as it was: the store is stopping then.
+    pub fn read(&self, p: u32) -> RwLockReadGuard<'_, Partition> {
+        self.tables[p as usize].read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self, p: u32) -> RwLockWriteGuard<'_, Partition> {
+        self.tables[p as usize].write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The partitions one storage thread owns, and writes.
+#[derive(Debug)]
 pub struct Owned {
-    tables: Vec<Option<Partition>>,
+    shared: Arc<Shared>,
+    numbers: Vec<u32>,
 }
 
 impl Owned {
-    pub fn insert(&mut self, p: u32, table: Partition) {
-        let p = p as usize;
-        if self.tables.len() <= p {
-            self.tables.resize_with(p + 1, || None);
-        }
-        self.tables[p] = Some(table);
-    }
-
-    pub fn get(&self, p: &u32) -> Option<&Partition> {
-        self.tables.get(*p as usize).and_then(Option::as_ref)
-    }
-
-    pub fn get_mut(&mut self, p: &u32) -> Option<&mut Partition> {
-        self.tables.get_mut(*p as usize).and_then(Option::as_mut)
+    /// Thread `thread` of `threads` owns the partitions `p` with
+    /// `p % threads == thread`.
+    pub fn new(shared: Arc<Shared>, thread: u32, threads: u32) -> Owned {
+        let numbers = (0..shared.partitions()).filter(|p| p % threads.max(1) == thread).collect();
+        Owned { shared, numbers }
     }
 
     /// The partition numbers owned, in order.
     pub fn keys(&self) -> impl Iterator<Item = u32> + '_ {
-        self.tables.iter().enumerate().filter(|(_, t)| t.is_some()).filter_map(|(p, _)| u32::try_from(p).ok())
+        self.numbers.iter().copied()
     }
 
-    pub fn values(&self) -> impl Iterator<Item = &Partition> {
-        self.tables.iter().flatten()
+    fn owns(&self, p: u32) -> bool {
+        self.numbers.binary_search(&p).is_ok()
     }
 
-    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Partition> {
-        self.tables.iter_mut().flatten()
+    /// Partition `p`, if this thread owns it, to read.
+    pub fn get(&self, p: u32) -> Option<RwLockReadGuard<'_, Partition>> {
+        self.owns(p).then(|| self.shared.read(p))
     }
-}
 
-impl std::ops::Index<&u32> for Owned {
-    type Output = Partition;
+    /// Partition `p`, which this thread owns, to change.
+    pub fn write(&self, p: u32) -> RwLockWriteGuard<'_, Partition> {
+        assert!(self.owns(p), "requests reach the thread that owns their partition");
+        self.shared.write(p)
+    }
 
-    fn index(&self, p: &u32) -> &Partition {
-        self.get(p).expect("a partition this thread owns")
+    /// Drops [`Shared::drops_told`] announced are made.
+    pub fn drops_done(&self) {
+        self.shared.drops_done();
+    }
+
+    /// `f` summed over the partitions owned.
+    pub fn sum(&self, f: impl Fn(&Partition) -> usize) -> usize {
+        self.keys().map(|p| f(&self.shared.read(p))).sum()
     }
 }
 
@@ -369,11 +444,12 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::HashMap as Model;
 
+    /// Distinct, spread over every bit as real fingerprints are, never zero.
     fn fp(n: u32) -> Fingerprint {
         let mut b = [0u8; 16];
-        b[..4].copy_from_slice(&n.to_le_bytes());
-        b[8..12].copy_from_slice(&n.wrapping_mul(2_654_435_761).to_le_bytes());
-        b[15] = 1;
+        let n = u64::from(n) + 1;
+        b[..8].copy_from_slice(&n.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+        b[8..].copy_from_slice(&(n ^ 0x5555).wrapping_mul(0xC2B2_AE3D_27D4_EB4F).to_le_bytes());
         Fingerprint(b)
     }
 
@@ -381,7 +457,7 @@ mod tests {
     /// one-page table): [`PROBES`] slots for all of them.
     fn colliding(n: u32) -> Slot {
         let mut b = [0u8; 16];
-        let second = ((u64::from(n) << 4) | 1).rotate_left(32);
+        let second = (1 << 60) | (u64::from(n) << 4) | 1;
         b[0..8].copy_from_slice(&second.to_le_bytes());
         Slot { fingerprint: b, logical: u64::from(n), size: 1 }
     }

@@ -125,7 +125,7 @@ impl BlobReader for BlockReader {
 
     fn report_corrupt(&mut self, why: &str) {
         tracing::error!(fp = ?self.fp, why, "dropping a blob reported corrupt");
-        self.engine.tell(&self.fp, Request::Forget { fp: self.fp, logical: self.loc.logical });
+        self.engine.forget(&self.fp, self.loc.logical);
     }
 }
 

@@ -34,6 +34,7 @@ use kiln_proto::{Code, Error, Result};
 
 use super::device::BlockDevice;
 use super::format::{IndexLayout, LAYOUT_LOGGED, PAGE_BYTES, REGION_START, SLOT_BYTES, Superblock};
+use super::index::Shared;
 use super::io::IoEngine;
 use super::ring::Ring;
 use super::worker::Request;
@@ -58,6 +59,8 @@ pub struct Syncer {
     pub index_dev: Arc<dyn BlockDevice>,
     pub superblock: Superblock,
     pub workers: Vec<async_channel::Sender<Request>>,
+    /// The index, to announce the drops a failed data sync makes.
+    pub index: Arc<Shared>,
     pub messages: mpsc::Receiver<SyncerMessage>,
     pub interval: Duration,
     /// Room kept free in the ring ahead of the head.
@@ -263,6 +266,10 @@ impl Syncer {
         let (tail, head) = (self.ring.tail(), self.ring.head());
         // 3. Data.
         if let Err(e) = self.io.sync(&*self.data) {
+            // Lookups queue behind the drops until every thread made them.
+            for _ in &self.workers {
+                self.index.drops_told();
+            }
             self.broadcast(|| Request::EndSync { ok: false, data_lost: true });
             return Err(unavailable("syncing", &*self.data, &e));
         }

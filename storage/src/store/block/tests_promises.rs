@@ -336,7 +336,7 @@ fn the_entry_counter_agrees_with_the_index() {
     let fp = store.engine().fingerprints.cas(&k);
     let logical =
         block_on(store.engine().call(&fp, |reply| worker::Request::Open { fp, reply })).unwrap().0.logical;
-    store.engine().tell(&fp, worker::Request::Forget { fp, logical });
+    store.engine().forget(&fp, logical);
     assert_eq!(block_on(store.find_missing(std::slice::from_ref(&k))).unwrap().len(), 1);
     agree(&store, "after a drop");
     // Through the ring several times: eviction takes entries off.
@@ -563,4 +563,23 @@ fn a_key_differing_only_in_size_is_missing() {
     let e = block_on(read_all(&store, &wrong, u64::MAX)).unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
     assert_eq!(block_on(read_all(&store, &key, u64::MAX)).unwrap(), bytes);
+}
+
+/// FindMissingBlobs reads the index on the caller's thread, while drops go
+/// through the storage threads' queues: a blob a reader found damaged is
+/// never reported present after the reader was told DATA_LOSS.
+#[test]
+fn a_blob_found_damaged_is_never_reported_present_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlockCas::new(Engine::open(&config(dir.path(), Kind::Cas)).unwrap());
+    for i in 0..200 {
+        let (k, d) = blob(i, 500);
+        block_on(put_all(&store, &k, d)).unwrap();
+        let fp = store.engine().fingerprints.cas(&k);
+        let (loc, _) =
+            block_on(store.engine().call(&fp, |reply| worker::Request::Open { fp, reply })).unwrap();
+        store.engine().forget(&fp, loc.logical);
+        let missing = block_on(store.find_missing(std::slice::from_ref(&k))).unwrap();
+        assert_eq!(missing, vec![k], "blob {i} reported present after its drop");
+    }
 }

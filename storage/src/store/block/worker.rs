@@ -14,7 +14,7 @@ use kiln_proto::limits::{
     BLOCK_UNSYNCED_ENTRIES_SOFT_MAX as UNSYNCED_ENTRIES_SOFT_MAX,
 };
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -185,12 +185,6 @@ impl std::fmt::Debug for Worker {
     }
 }
 
-/// The partition a fingerprint belongs to.
-fn owned_partition<'p>(partitions: &'p mut Owned, count: u32, fp: &Fingerprint) -> &'p mut Partition {
-    let p = partition_of(fp, count);
-    partitions.get_mut(&p).expect("requests reach the thread that owns their partition")
-}
-
 pub fn partition_of(fp: &Fingerprint, partitions: u32) -> u32 {
     u32::try_from(fp.bits() % u64::from(partitions.max(1))).unwrap_or(0)
 }
@@ -248,8 +242,11 @@ impl Worker {
         }
     }
 
-    fn partition(&mut self, fp: &Fingerprint) -> &mut Partition {
-        owned_partition(&mut self.partitions, self.partition_count, fp)
+    /// The partition `fp` belongs to, to change; held no longer than a
+    /// statement, never across I/O, so that readers on other threads wait
+    /// no more than one index operation.
+    fn partition(&self, fp: &Fingerprint) -> RwLockWriteGuard<'_, Partition> {
+        self.partitions.write(partition_of(fp, self.partition_count))
     }
 
     fn live(ring: &Ring) -> impl Fn(&Slot) -> bool + '_ {
@@ -263,10 +260,7 @@ impl Worker {
     /// on it. Reads call this with `must_keep` false: they serve what is
     /// there now.
     fn lookup(&mut self, fp: &Fingerprint, must_keep: bool) -> Option<Location> {
-        // Borrows only the partitions, not the whole worker: the ring is
-        // read beside them without a reference count per lookup.
-        let partition = owned_partition(&mut self.partitions, self.partition_count, fp);
-        let slot = partition.lookup(fp, Self::live(&self.ring))?;
+        let slot = self.partition(fp).lookup(fp, Self::live(&self.ring))?;
         let loc = Location { logical: slot.logical, size: slot.size };
         let old = self.ring.head().saturating_sub(loc.logical) > self.ring.kept_bytes();
         if old && !self.queue_refresh(*fp, loc) {
@@ -435,6 +429,7 @@ impl Worker {
             }
             Request::Forget { fp, logical } => {
                 self.remove(&fp, logical);
+                self.partitions.drops_done();
             }
             Request::Barrier { checkpoint, reply } => {
                 let _ = reply.send(self.barrier(checkpoint));
@@ -442,7 +437,12 @@ impl Worker {
             Request::Persist { reply } => {
                 let _ = reply.send(self.persist_batch());
             }
-            Request::EndSync { ok, data_lost } => self.end_sync(ok, data_lost),
+            Request::EndSync { ok, data_lost } => {
+                self.end_sync(ok, data_lost);
+                if data_lost {
+                    self.partitions.drops_done();
+                }
+            }
             Request::SpaceFreed => {
                 let waiting: Vec<(Instant, Request)> = self.waiting.drain(..).collect();
                 for (since, r) in waiting {
@@ -457,8 +457,8 @@ impl Worker {
             }
             Request::Count { reply } => {
                 let live = Self::live(ring);
-                let count = self.partitions.values().map(|p| p.count(&live)).sum();
-                let _ = reply.send((count, self.partitions.values().map(Partition::slot_count).sum()));
+                let count = self.partitions.sum(|p| p.count(&live));
+                let _ = reply.send((count, self.partitions.sum(Partition::slot_count)));
             }
         }
     }
@@ -537,7 +537,10 @@ impl Worker {
     fn insert(&mut self, slot: Slot) -> Result<()> {
         let ring = self.ring.clone();
         let fp = Fingerprint(slot.fingerprint);
-        let replaced = match self.partition(&fp).try_insert(slot, Self::live(&ring)) {
+        // Bound first: a guard in the match's scrutinee would be held
+        // through its arms, which take the partition again.
+        let tried = self.partition(&fp).try_insert(slot, Self::live(&ring));
+        let replaced = match tried {
             Ok(replaced) => replaced,
             Err(oldest) => {
                 // Only what no promise can still cover: a blob reported

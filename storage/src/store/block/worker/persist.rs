@@ -15,6 +15,7 @@ use kiln_proto::limits::BLOCK_PERSIST_BYTES_MAX as PERSIST_BYTES_MAX;
 
 use super::Worker;
 use crate::store::block::format::{SLOT_BYTES, Slot, TOMBSTONE_SIZE};
+use crate::store::block::index::Partition;
 
 /// This thread's changes not yet in the index log, and a checkpoint in
 /// progress.
@@ -69,7 +70,7 @@ impl Worker {
             left.sort_unstable_by(|a, b| b.cmp(a));
             Checkpoint { left, changed: HashMap::new() }
         });
-        let held = self.partitions.values().map(|p| p.used() as u64).sum();
+        let held = self.partitions.sum(Partition::used) as u64;
         (held, self.log.in_sync.len() as u64)
     }
 
@@ -93,7 +94,7 @@ impl Worker {
         let live = Self::live(&ring);
         // At least one partition per batch.
         while let Some(p) = c.left.pop() {
-            if let Some(partition) = self.partitions.get(&p) {
+            if let Some(partition) = self.partitions.get(p) {
                 partition.encode_live(seed, &live, |fp| c.changed.contains_key(fp), &mut out);
             }
             if out.len() >= PERSIST_BYTES_MAX {

@@ -78,7 +78,8 @@ impl Worker {
             Ok(Step::Done) => {
                 // Only if the entry still names the old copy (dead or not:
                 // the tail may have been moved past the held source).
-                if self.partition(&job.fp).get(&job.fp).is_some_and(|s| s.logical == job.from.logical) {
+                let current = self.partition(&job.fp).get(&job.fp);
+                if current.is_some_and(|s| s.logical == job.from.logical) {
                     // The key's own slot takes the copy: this never needs room.
                     if self
                         .insert(Slot { fingerprint: job.fp.0, logical: job.to, size: job.from.size })

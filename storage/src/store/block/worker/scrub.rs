@@ -19,6 +19,7 @@ use kiln_proto::limits::{
 use super::super::format::{
     CRC_CHUNK_BYTES, Fingerprint, RECORD_HEADER_BYTES, RecordHeader, crc_offset, record_len,
 };
+use super::super::index::Partition;
 use super::{Location, Worker, check_chunks};
 
 /// Where the scrub of one storage thread stands.
@@ -130,14 +131,14 @@ impl Worker {
             self.scrub.numbers.sort_unstable();
         }
         // Tables grow: their slots are counted afresh.
-        let total = self.partitions.values().map(|p| p.slot_count()).sum::<usize>();
+        let total = self.partitions.sum(Partition::slot_count);
         let numbers = &self.scrub.numbers;
         let ring = self.ring.clone();
         // A sparse table is walked a bounded number of slots per tick.
         let limit = total.min(SLOTS_PER_TICK_MAX);
         while *visited < limit {
             *visited += 1;
-            let partition = &self.partitions[&numbers[self.scrub.partition % numbers.len()]];
+            let partition = self.partitions.get(numbers[self.scrub.partition % numbers.len()])?;
             let slot = (self.scrub.slot < partition.slot_count()).then(|| partition.slot_at(self.scrub.slot));
             self.scrub.slot += 1;
             if self.scrub.slot >= partition.slot_count() {
