@@ -95,8 +95,14 @@ fn response_of(op: &Operation) -> ExecuteResponse {
 
 /// Runs Execute to the end; the operations streamed.
 async fn execute(kiln: &Kiln, action: Digest, skip_cache: bool) -> Vec<Operation> {
+    execute_in(kiln, "", action, skip_cache).await
+}
+
+/// [`execute`] on the instance `instance`.
+async fn execute_in(kiln: &Kiln, instance: &str, action: Digest, skip_cache: bool) -> Vec<Operation> {
     let mut client = ExecutionClient::new(kiln.channel().await);
     let request = ExecuteRequest {
+        instance_name: instance.into(),
         action_digest: Some(action.to_proto()),
         skip_cache_lookup: skip_cache,
         ..Default::default()
@@ -458,4 +464,33 @@ fn a_default_variable_the_kernel_cannot_pass_is_refused() {
     std::fs::write(&cfg, "[execution.worker.environment]\n\"A=B\" = \"x\"\n").unwrap();
     let (ok, _, err) = common::serve_refused(dir.path(), &["--config", cfg.to_str().unwrap()]);
     assert!(!ok && err.contains("[execution.worker.environment]") && err.contains("A=B"), "{err}");
+}
+
+/// The worker's file cache is shared by every tenant, but a file is used
+/// only if the action's own CAS holds it: naming another tenant's file by
+/// its digest gets FAILED_PRECONDITION, exactly as a file nobody has.
+#[tokio::test]
+async fn a_tenant_cannot_read_another_tenants_input_through_the_workers_cache() {
+    let kiln = Kiln::start();
+    let secret: &[u8] = b"tenant b's secret";
+    let (b_action, b_blobs) = action("cat s.txt > out.txt", &[("s.txt", secret)], 0, &[]);
+    kiln.upload("teamb", &b_blobs.iter().map(Vec::as_slice).collect::<Vec<_>>()).await;
+    let r = response_of(execute_in(&kiln, "teamb", b_action, false).await.last().unwrap());
+    assert_eq!(status_code(&r), 0, "{r:?}");
+    // Tenant A uploads everything but the file, once naming B's (now in the
+    // worker's cache), once a file of the same size nobody has.
+    let mut answers = Vec::new();
+    for data in [secret, b"nobody's bytes!!!"] {
+        let (a_action, a_blobs) = action("cat s.txt; cat s.txt > out.txt", &[("s.txt", data)], 0, &[]);
+        kiln.upload("teama", &a_blobs[..3].iter().map(Vec::as_slice).collect::<Vec<_>>()).await;
+        let r = response_of(execute_in(&kiln, "teama", a_action, false).await.last().unwrap());
+        assert_eq!(status_code(&r), tonic::Code::FailedPrecondition as i32, "{r:?}");
+        assert!(r.result.is_none_or(|result| result.stdout_raw.is_empty()), "the action ran");
+        let status = r.status.unwrap();
+        let text = String::from_utf8_lossy(&status.details[0].value).into_owned();
+        let d = sha(data);
+        assert!(text.contains(&format!("blobs/{}/{}", d.hash_hex(), d.size_bytes())), "{text}");
+        answers.push((status.message.replace(&d.hash_hex(), "H"), text.replace(&d.hash_hex(), "H")));
+    }
+    assert_eq!(answers[0], answers[1], "a cached file is told apart from an absent one");
 }

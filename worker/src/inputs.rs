@@ -202,7 +202,11 @@ pub async fn materialize_with_limits<C: CasClient>(
     let plan = Plan::build(function, root, &index, limits, exec_root_bytes)?;
     drop(index);
 
-    // Every distinct entry, and the blobs that are not cached in either mode.
+    // Every distinct entry, and every blob, cached or not: the cache is
+    // shared by every tenant of this worker, so a file is used only if the
+    // action's own CAS holds it. A hit in the cache saves the download,
+    // never this check (else one tenant could read another's file by
+    // naming its digest, and tell a cached file from an absent one).
     let keys: Vec<(Digest, bool)> =
         plan.files.iter().map(|f| (f.digest, f.executable)).collect::<HashSet<_>>().into_iter().collect();
     let to_check: Vec<Digest> = keys
@@ -210,7 +214,7 @@ pub async fn materialize_with_limits<C: CasClient>(
         .map(|&(digest, _)| digest)
         .collect::<HashSet<_>>()
         .into_iter()
-        .filter(|d| !d.is_empty_blob() && !cache.contains(d, false) && !cache.contains(d, true))
+        .filter(|d| !d.is_empty_blob())
         .collect();
     let mut missing = plan.missing_directories.clone();
     for batch in to_check.chunks(FIND_MISSING_BATCH) {

@@ -227,21 +227,24 @@ pub async fn run_suite(options: &SuiteOptions) -> Result<SuiteResult> {
     }
     let repeats = if options.quick { 2 } else { 3 };
     for bench in workloads(options.quick) {
-        for (target, remote, instance) in &targets {
-            let client = ClientOptions { remote: remote.clone(), ..ClientOptions::default() };
-            let bench = BenchOptions { instance: instance.clone(), ..bench.clone() };
-            // Best of several runs: on a shared machine, noise only ever
-            // slows a run down.
-            let mut best: Option<Report> = None;
-            for _ in 0..repeats {
+        // Best of several runs: on a shared machine, noise only ever slows
+        // a run down. The runs alternate between the targets, so that a
+        // slow stretch of the machine falls on all of them alike.
+        let mut best: Vec<Option<Report>> = vec![None; targets.len()];
+        for _ in 0..repeats {
+            for ((target, remote, instance), best) in targets.iter().zip(&mut best) {
+                let client = ClientOptions { remote: remote.clone(), ..ClientOptions::default() };
+                let bench = BenchOptions { instance: instance.clone(), ..bench.clone() };
                 let report = run(&client, &bench)
                     .await
                     .with_context(|| format!("{} on {target}", bench.workload.name()))?;
                 if best.as_ref().is_none_or(|b| report.headline() > b.headline() || report.errors > b.errors)
                 {
-                    best = Some(report);
+                    *best = Some(report);
                 }
             }
+        }
+        for ((target, _, _), best) in targets.iter().zip(best) {
             let report = best.expect("at least one repeat");
             println!("{target:>4} {}", report.to_text());
             // Errors are failures for Kiln and the null server; a peer's
