@@ -85,6 +85,11 @@ fn halves(fp: &[u8; 16]) -> (u64, u64) {
 #[derive(Debug)]
 pub struct Partition {
     buckets: Vec<Bucket>,
+    /// Per bucket, how many entries whose first bucket it is live in their
+    /// second: a lookup reads the second bucket only when this is not 0
+    /// (an absent key then costs one bucket, not two). Saturates: a count
+    /// that reached the maximum stays there, which only costs the read.
+    spilled: Vec<u8>,
     /// Slots the table may grow to.
     max_slots: usize,
     /// Slots that hold an entry (live or not).
@@ -98,6 +103,7 @@ impl Partition {
         let slots = slots.max(BUCKET_SLOTS).next_multiple_of(BUCKET_SLOTS);
         Partition {
             buckets: vec![Bucket::default(); slots / BUCKET_SLOTS],
+            spilled: vec![0; slots / BUCKET_SLOTS],
             max_slots: max_slots.max(slots),
             used: 0,
         }
@@ -125,10 +131,28 @@ impl Partition {
     fn find(&self, fp: &[u8; 16]) -> Option<usize> {
         let (lo, hi) = halves(fp);
         let (a, b) = self.buckets(fp);
-        [a, b].into_iter().find_map(|n| {
-            let lane = self.buckets[n].lane_of(lo, hi)?;
-            Some(n * BUCKET_SLOTS + lane)
-        })
+        if let Some(lane) = self.buckets[a].lane_of(lo, hi) {
+            return Some(a * BUCKET_SLOTS + lane);
+        }
+        if self.spilled[a] == 0 {
+            return None;
+        }
+        Some(b * BUCKET_SLOTS + self.buckets[b].lane_of(lo, hi)?)
+    }
+
+    /// Counts (`add`) or uncounts the entry `fp` stored in bucket `at` in
+    /// its first bucket's spill count, if `at` is its second.
+    fn count_spill(&mut self, fp: &[u8; 16], at: usize, add: bool) {
+        let (a, _) = self.buckets(fp);
+        if at == a {
+            return;
+        }
+        let count = &mut self.spilled[a];
+        *count = match (add, *count) {
+            (_, u8::MAX) => u8::MAX,
+            (true, n) => n + 1,
+            (false, n) => n.saturating_sub(1),
+        };
     }
 
     /// Every slot, empty or not.
@@ -176,6 +200,13 @@ impl Partition {
             (true, false) => self.used += 1,
             (false, true) => self.used -= 1,
             _ => {}
+        }
+        let bucket = i / BUCKET_SLOTS;
+        if !self.is_empty_at(i) {
+            self.count_spill(&self.slot(i).fingerprint, bucket, false);
+        }
+        if !slot.is_empty() {
+            self.count_spill(&slot.fingerprint, bucket, true);
         }
         let (lo, hi) = halves(&slot.fingerprint);
         let (b, lane) = (&mut self.buckets[i / BUCKET_SLOTS], i % BUCKET_SLOTS);
@@ -462,6 +493,18 @@ mod tests {
         Slot { fingerprint: b, logical: u64::from(n), size: 1 }
     }
 
+    /// Each bucket's spill count, counted afresh from the entries.
+    fn spills_recounted(table: &Partition) -> Vec<u8> {
+        let mut counts = vec![0u8; table.buckets.len()];
+        for i in (0..table.slot_count()).filter(|i| !table.is_empty_at(*i)) {
+            let (a, _) = table.buckets(&table.slot(i).fingerprint);
+            if i / BUCKET_SLOTS != a {
+                counts[a] = counts[a].saturating_add(1);
+            }
+        }
+        counts
+    }
+
     fn slot(n: u32, logical: u64) -> Slot {
         Slot { fingerprint: fp(n).0, logical, size: u64::from(n) }
     }
@@ -542,6 +585,7 @@ mod tests {
                 prop_assert_eq!(table.get(&Fingerprint(keys[*k])).map(|s| s.logical), Some(*at));
             }
             prop_assert_eq!(table.count(|_| true), model.len());
+            prop_assert_eq!(&table.spilled, &spills_recounted(&table));
         }
     }
 
