@@ -494,3 +494,21 @@ async fn a_tenant_cannot_read_another_tenants_input_through_the_workers_cache() 
     }
     assert_eq!(answers[0], answers[1], "a cached file is told apart from an absent one");
 }
+
+/// An output larger than the store can hold is the action's limit, not the
+/// worker's trouble: RESOURCE_EXHAUSTED naming it, after one run, never
+/// retried on another worker.
+#[tokio::test]
+async fn an_output_larger_than_the_store_takes_fails_once_with_resource_exhausted() {
+    // A 16 MiB store takes blobs of at most a quarter of its ring.
+    let kiln = Kiln::start_with(&["--cas-size", "16777216"]);
+    let (digest, blobs) = action("head -c 8000000 /dev/zero > out.txt", &[], 0, &[]);
+    upload(&kiln, &blobs).await;
+    let retries = kiln.metric("kiln_scheduler_retries_total", &[]);
+    let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    assert_eq!(status_code(&r), tonic::Code::ResourceExhausted as i32, "{r:?}");
+    let message = r.status.unwrap().message;
+    assert!(message.contains("larger than this store can hold"), "{message}");
+    assert_eq!(kiln.metric("kiln_scheduler_retries_total", &[]), retries, "the action was run again");
+    assert_eq!(kiln.metric("kiln_worker_runs_total", &[]), 1.0);
+}

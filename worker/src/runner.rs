@@ -170,10 +170,18 @@ impl<F: CasFactory> Runner<F> {
             Err(e) => {
                 tracing::warn!(execution = %assign.execution_id, error = %e, "action could not run");
                 let code = match e.code() {
-                    // Broken requests are the client's; everything else is
-                    // this worker's trouble, which the scheduler retries.
-                    Code::InvalidArgument | Code::FailedPrecondition => error_code(e.code()),
                     Code::NotFound => tonic::Code::FailedPrecondition,
+                    // What another attempt cannot fix reaches the client as
+                    // it is, run once: a broken request, a limit the action
+                    // passed (an output larger than the store takes).
+                    Code::InvalidArgument
+                    | Code::FailedPrecondition
+                    | Code::ResourceExhausted
+                    | Code::OutOfRange
+                    | Code::Unimplemented => error_code(e.code()),
+                    // Everything else is this worker's trouble (its disk,
+                    // its sandbox, its connection, a damaged copy the store
+                    // has since dropped), which the scheduler retries.
                     _ => tonic::Code::Internal,
                 };
                 finished(&assign.execution_id, code, e.message().to_owned())
