@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use crate::backend::Backend;
 use crate::ops::{self, OpState};
 use crate::platform::{Platform, Rules};
-use crate::queue::{Entry, ExecId, FairQueue};
+use crate::queue::{Entry, ExecId, FairQueue, Lane};
 
 /// How the scheduler behaves; see the `[execution]` configuration.
 #[derive(Debug, Clone)]
@@ -98,7 +98,8 @@ struct Execution {
     action: Bytes,
     platform: Platform,
     priority: i32,
-    invocation: String,
+    /// Its tenant and invocation, whose shares it counts against.
+    lane: Lane,
     timeout: Duration,
     do_not_cache: bool,
     ops: Vec<String>,
@@ -534,7 +535,7 @@ impl<B: Backend> Inner<B> {
                 action,
                 platform,
                 priority: args.priority,
-                invocation: args.invocation.clone(),
+                lane: Lane::new(kiln_proto::tenant::base(&args.instance), &args.invocation),
                 timeout,
                 do_not_cache,
                 ops: vec![name.to_owned()],
@@ -583,9 +584,9 @@ impl<B: Backend> Inner<B> {
             Some(worker) => self.assign(s, id, worker),
             None => {
                 let entry = Entry { id, priority: e.priority, seq: e.seq };
-                let invocation = e.invocation.clone();
+                let lane = e.lane.clone();
                 let ops = e.ops.clone();
-                s.queue.push(&invocation, entry, front);
+                s.queue.push(&lane, entry, front);
                 Self::set_stage(s, &ops, Stage::Queued);
             }
         }
@@ -638,9 +639,9 @@ impl<B: Backend> Inner<B> {
             "action dispatched"
         );
         let sent = w.tx.try_send(message).is_ok();
-        let invocation = e.invocation.clone();
+        let lane = e.lane.clone();
         let ops = e.ops.clone();
-        s.queue.started(&invocation);
+        s.queue.started(&lane);
         Self::set_stage(s, &ops, Stage::Executing);
         if !sent {
             self.lose_worker(s, worker, "its message queue is full or closed");
@@ -680,7 +681,7 @@ impl<B: Backend> Inner<B> {
         }
         match e.running {
             Some((worker, _)) => {
-                s.queue.stopped(&e.invocation);
+                s.queue.stopped(&e.lane);
                 if let Some(w) = s.workers.get_mut(&worker)
                     && w.running.remove(&id)
                 {
@@ -693,7 +694,7 @@ impl<B: Backend> Inner<B> {
                 self.fill(s, worker);
             }
             None => {
-                s.queue.remove(&e.invocation, id);
+                s.queue.remove(&e.lane, id);
             }
         }
     }
@@ -714,8 +715,8 @@ impl<B: Backend> Inner<B> {
             kiln_proto::metrics::global().action_duration.observe(started.elapsed().as_secs_f64());
         }
         e.running = None;
-        let invocation = e.invocation.clone();
-        s.queue.stopped(&invocation);
+        let lane = e.lane.clone();
+        s.queue.stopped(&lane);
         let code = tonic::Code::from_i32(f.code);
         let mut result = if f.action_result.is_empty() {
             None
@@ -803,8 +804,8 @@ impl<B: Backend> Inner<B> {
         for id in w.running {
             let Some(e) = s.executions.get_mut(&id) else { continue };
             e.running = None;
-            let invocation = e.invocation.clone();
-            s.queue.stopped(&invocation);
+            let lane = e.lane.clone();
+            s.queue.stopped(&lane);
             let e = s.executions.get(&id).expect("present");
             if e.attempts < self.config.attempts_max {
                 self.place(s, id, true);

@@ -1,12 +1,16 @@
-//! The queue of executions waiting for a worker, fair across invocations.
+//! The queue of executions waiting for a worker, fair across tenants,
+//! then across invocations within a tenant.
 //!
-//! Executions wait in one FIFO per invocation (`tool_invocation_id`). When
-//! a worker slot frees, each invocation offers its best waiting execution
-//! that the worker can run (lowest priority value, then oldest, among the
-//! first few), and the invocation with the lowest score wins:
-//! `(running + 1) * 2^(priority / 100)`. Two builds therefore share the
-//! slots about evenly whatever their sizes, and a priority 100 lower
-//! (more urgent) doubles a build's share.
+//! Executions wait in one FIFO per lane: a tenant's invocation
+//! (`tool_invocation_id`). When a worker slot frees, each lane offers its
+//! best waiting execution that the worker can run (lowest priority value,
+//! then oldest, among the first few). The tenant with the fewest running
+//! executions wins; within it, the invocation with the lowest score
+//! `(running + 1) * 2^(priority / 100)`. Tenants therefore share the slots
+//! about evenly however many builds each runs and whatever priorities they
+//! ask for; within a tenant, two builds share its slots about evenly
+//! whatever their sizes, and a priority 100 lower (more urgent) doubles a
+//! build's share.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -24,12 +28,31 @@ pub struct Entry {
     pub seq: u64,
 }
 
+/// Whose share an execution counts against: its tenant's, then its
+/// invocation's within the tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Lane {
+    pub tenant: String,
+    pub invocation: String,
+}
+
+impl Lane {
+    pub fn new(tenant: &str, invocation: &str) -> Lane {
+        Lane { tenant: tenant.to_owned(), invocation: invocation.to_owned() }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct FairQueue {
-    waiting: HashMap<String, VecDeque<Entry>>,
-    running: HashMap<String, u32>,
+    waiting: HashMap<Lane, VecDeque<Entry>>,
+    running: HashMap<Lane, u32>,
+    tenants_running: HashMap<String, u32>,
     len: usize,
 }
+
+/// How a lane's offer compares, lowest first: its tenant's running
+/// executions, its invocation's score, the priority, the arrival.
+type Rank = (u32, f64, i32, u64);
 
 fn score(running: u32, priority: i32) -> f64 {
     f64::from(running + 1) * 2f64.powf(f64::from(priority) / 100.0)
@@ -46,8 +69,8 @@ impl FairQueue {
 
     /// Adds an execution at the back of its invocation's queue (or the
     /// front, for a retry after its worker was lost).
-    pub fn push(&mut self, invocation: &str, entry: Entry, front: bool) {
-        let q = self.waiting.entry(invocation.to_owned()).or_default();
+    pub fn push(&mut self, lane: &Lane, entry: Entry, front: bool) {
+        let q = self.waiting.entry(lane.clone()).or_default();
         if front {
             q.push_front(entry);
         } else {
@@ -57,12 +80,12 @@ impl FairQueue {
     }
 
     /// Removes a waiting execution; whether it was waiting.
-    pub fn remove(&mut self, invocation: &str, id: ExecId) -> bool {
-        let Some(q) = self.waiting.get_mut(invocation) else { return false };
+    pub fn remove(&mut self, lane: &Lane, id: ExecId) -> bool {
+        let Some(q) = self.waiting.get_mut(lane) else { return false };
         let Some(at) = q.iter().position(|e| e.id == id) else { return false };
         q.remove(at);
         if q.is_empty() {
-            self.waiting.remove(invocation);
+            self.waiting.remove(lane);
         }
         self.len -= 1;
         true
@@ -70,54 +93,56 @@ impl FairQueue {
 
     /// Takes the execution a worker should run next, among those
     /// `can_run` accepts.
-    pub fn pick(&mut self, mut can_run: impl FnMut(ExecId) -> bool) -> Option<(String, Entry)> {
-        let mut best: Option<(f64, i32, u64, &str, usize)> = None;
-        for (invocation, q) in &self.waiting {
-            let running = self.running.get(invocation).copied().unwrap_or(0);
+    pub fn pick(&mut self, mut can_run: impl FnMut(ExecId) -> bool) -> Option<(Lane, Entry)> {
+        let mut best: Option<(Rank, &Lane, usize)> = None;
+        for (lane, q) in &self.waiting {
             let candidate = q
                 .iter()
                 .take(SCHEDULER_QUEUE_SCAN_MAX)
                 .enumerate()
                 .filter(|(_, e)| can_run(e.id))
                 .min_by_key(|(_, e)| (e.priority, e.seq));
-            if let Some((at, e)) = candidate {
-                let s = score(running, e.priority);
-                let better = match &best {
-                    None => true,
-                    Some((bs, bp, bseq, ..)) => (s, e.priority, e.seq) < (*bs, *bp, *bseq),
-                };
-                if better {
-                    best = Some((s, e.priority, e.seq, invocation.as_str(), at));
-                }
+            let Some((at, e)) = candidate else { continue };
+            let tenant = self.tenants_running.get(&lane.tenant).copied().unwrap_or(0);
+            let running = self.running.get(lane).copied().unwrap_or(0);
+            let rank = (tenant, score(running, e.priority), e.priority, e.seq);
+            if best.as_ref().is_none_or(|(b, ..)| rank < *b) {
+                best = Some((rank, lane, at));
             }
         }
-        let (_, _, _, invocation, at) = best?;
-        let invocation = invocation.to_owned();
-        let q = self.waiting.get_mut(&invocation)?;
+        let (_, lane, at) = best?;
+        let lane = lane.clone();
+        let q = self.waiting.get_mut(&lane)?;
         let entry = q.remove(at)?;
         if q.is_empty() {
-            self.waiting.remove(&invocation);
+            self.waiting.remove(&lane);
         }
         self.len -= 1;
-        Some((invocation, entry))
+        Some((lane, entry))
     }
 
-    pub fn started(&mut self, invocation: &str) {
-        *self.running.entry(invocation.to_owned()).or_default() += 1;
+    pub fn started(&mut self, lane: &Lane) {
+        *self.running.entry(lane.clone()).or_default() += 1;
+        *self.tenants_running.entry(lane.tenant.clone()).or_default() += 1;
     }
 
-    pub fn stopped(&mut self, invocation: &str) {
-        if let Some(n) = self.running.get_mut(invocation) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.running.remove(invocation);
+    pub fn stopped(&mut self, lane: &Lane) {
+        let Some(n) = self.running.get_mut(lane) else { return };
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.running.remove(lane);
+        }
+        if let Some(t) = self.tenants_running.get_mut(&lane.tenant) {
+            *t = t.saturating_sub(1);
+            if *t == 0 {
+                self.tenants_running.remove(&lane.tenant);
             }
         }
     }
 
     /// Every waiting execution, for sweeps.
-    pub fn waiting(&self) -> impl Iterator<Item = (&str, &Entry)> {
-        self.waiting.iter().flat_map(|(i, q)| q.iter().map(move |e| (i.as_str(), e)))
+    pub fn waiting(&self) -> impl Iterator<Item = (&Lane, &Entry)> {
+        self.waiting.iter().flat_map(|(lane, q)| q.iter().map(move |e| (lane, e)))
     }
 }
 
@@ -125,28 +150,59 @@ impl FairQueue {
 mod tests {
     use super::*;
 
-    fn fill(q: &mut FairQueue, invocation: &str, n: u64, first_seq: u64, priority: i32) {
+    /// Lane `invocation` of the tenant "t".
+    fn lane(invocation: &str) -> Lane {
+        Lane::new("t", invocation)
+    }
+
+    fn fill_lane(q: &mut FairQueue, lane: &Lane, n: u64, first_seq: u64, priority: i32) {
         for i in 0..n {
-            q.push(invocation, Entry { id: first_seq + i, priority, seq: first_seq + i }, false);
+            q.push(lane, Entry { id: first_seq + i, priority, seq: first_seq + i }, false);
         }
     }
 
+    fn fill(q: &mut FairQueue, invocation: &str, n: u64, first_seq: u64, priority: i32) {
+        fill_lane(q, &lane(invocation), n, first_seq, priority);
+    }
+
     /// Runs `slots` executions at a time until `steps` have started;
-    /// returns how many each invocation started.
-    fn simulate(q: &mut FairQueue, slots: usize, steps: usize) -> HashMap<String, usize> {
-        let mut started: HashMap<String, usize> = HashMap::new();
-        let mut running: VecDeque<String> = VecDeque::new();
+    /// returns how many each lane started.
+    fn simulate_lanes(q: &mut FairQueue, slots: usize, steps: usize) -> HashMap<Lane, usize> {
+        let mut started: HashMap<Lane, usize> = HashMap::new();
+        let mut running: VecDeque<Lane> = VecDeque::new();
         for _ in 0..steps {
             if running.len() == slots {
                 let done = running.pop_front().unwrap();
                 q.stopped(&done);
             }
-            let (invocation, _) = q.pick(|_| true).expect("work left");
-            q.started(&invocation);
-            *started.entry(invocation.clone()).or_default() += 1;
-            running.push_back(invocation);
+            let (lane, _) = q.pick(|_| true).expect("work left");
+            q.started(&lane);
+            *started.entry(lane.clone()).or_default() += 1;
+            running.push_back(lane);
         }
         started
+    }
+
+    /// [`simulate_lanes`] by invocation name.
+    fn simulate(q: &mut FairQueue, slots: usize, steps: usize) -> HashMap<String, usize> {
+        simulate_lanes(q, slots, steps).into_iter().map(|(lane, n)| (lane.invocation, n)).collect()
+    }
+
+    #[test]
+    fn a_tenant_with_many_urgent_builds_takes_no_more_than_its_share() {
+        let mut q = FairQueue::default();
+        // Tenant "a": fifty builds at the most urgent priority there is.
+        let urgent = *kiln_proto::limits::EXECUTION_PRIORITY_RANGE.start();
+        for b in 0..50u64 {
+            fill_lane(&mut q, &Lane::new("a", &format!("build-{b}")), 100, b * 1000, urgent);
+        }
+        // Tenant "b": one build at the default priority.
+        fill_lane(&mut q, &Lane::new("b", "only"), 1000, 100_000, 0);
+        let started = simulate_lanes(&mut q, 10, 1000);
+        let by_tenant =
+            |t: &str| started.iter().filter(|(l, _)| l.tenant == t).map(|(_, n)| n).sum::<usize>();
+        let (a, b) = (by_tenant("a"), by_tenant("b"));
+        assert!((450..=550).contains(&b), "tenants share the slots evenly: a {a}, b {b}");
     }
 
     #[test]
@@ -169,10 +225,10 @@ mod tests {
         assert!((1.6..2.5).contains(&ratio), "a priority 100 lower doubles the share: {started:?}");
 
         let mut q = FairQueue::default();
-        q.push("a", Entry { id: 1, priority: 5, seq: 1 }, false);
-        q.push("a", Entry { id: 2, priority: -5, seq: 2 }, false);
+        q.push(&lane("a"), Entry { id: 1, priority: 5, seq: 1 }, false);
+        q.push(&lane("a"), Entry { id: 2, priority: -5, seq: 2 }, false);
         assert_eq!(q.pick(|_| true).unwrap().1.id, 2, "the more urgent of one build's actions goes first");
-        q.push("a", Entry { id: 3, priority: 5, seq: 3 }, true);
+        q.push(&lane("a"), Entry { id: 3, priority: 5, seq: 3 }, true);
         assert_eq!(q.pick(|_| true).unwrap().1.id, 1, "equal priority: the older");
     }
 
@@ -182,8 +238,8 @@ mod tests {
         fill(&mut q, "a", 3, 0, 0);
         assert!(q.pick(|id| id == 7).is_none());
         assert_eq!(q.pick(|id| id == 2).unwrap().1.id, 2);
-        assert!(q.remove("a", 0));
-        assert!(!q.remove("a", 0));
+        assert!(q.remove(&lane("a"), 0));
+        assert!(!q.remove(&lane("a"), 0));
         assert_eq!(q.len(), 1);
         assert_eq!(q.waiting().count(), 1);
     }

@@ -90,7 +90,7 @@ impl<B: Backend> Scheduler<B> {
                         execution: exec_name(*id),
                         action: e.key.action.to_string(),
                         instance: e.key.instance.clone(),
-                        invocation: e.invocation.clone(),
+                        invocation: e.lane.invocation.clone(),
                         worker: w.id.clone(),
                         attempt: e.attempts,
                         running_for: now.saturating_duration_since(started),
@@ -98,7 +98,7 @@ impl<B: Backend> Scheduler<B> {
                 }
                 Some(_) => {}
                 None if !e.finishing => {
-                    *by_invocation.entry(e.invocation.clone()).or_default() += 1;
+                    *by_invocation.entry(e.lane.invocation.clone()).or_default() += 1;
                     // Once per distinct platform: a long queue of few
                     // platforms must not cost queue × workers under the lock.
                     let pool = pools

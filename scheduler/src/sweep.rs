@@ -70,7 +70,7 @@ impl<B: Backend> Inner<B> {
                 }
                 let attempts = e.attempts;
                 let worker_id = e.last_worker.clone();
-                let invocation = e.invocation.clone();
+                let lane = e.lane.clone();
                 if let Some(w) = s.workers.get_mut(&worker) {
                     w.running.remove(&id);
                     let cancel = SchedulerMessage {
@@ -78,7 +78,7 @@ impl<B: Backend> Inner<B> {
                     };
                     let _ = w.tx.try_send(cancel);
                 }
-                s.queue.stopped(&invocation);
+                s.queue.stopped(&lane);
                 if let Some(e) = s.executions.get_mut(&id) {
                     e.running = None;
                 }
