@@ -50,7 +50,28 @@ pub struct ExecutionConfig {
     pub queued_max: usize,
     /// How each platform property matches: "exact" (default), "minimum", "ignore".
     pub platform: BTreeMap<String, Rule>,
+    /// `[execution.tenants.NAME]`: a tenant's part of the workers.
+    pub tenants: BTreeMap<String, TenantConfig>,
     pub worker: WorkerConfig,
+}
+
+/// `[execution.tenants.NAME]`: how many shares of the workers a tenant
+/// (an instance name's first component) gets against the others, and how
+/// many actions it may run at once.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantConfig {
+    /// Shares against the others' (1 each unless configured), 1 to 1000.
+    pub weight: u32,
+    /// Most of its actions running at once; 0: no cap.
+    pub slots_max: u32,
+}
+
+impl Default for TenantConfig {
+    fn default() -> Self {
+        let share = kiln_scheduler::TenantShare::default();
+        TenantConfig { weight: share.weight, slots_max: share.slots_max }
+    }
 }
 
 /// `[execution.worker]`: the local worker, and `kiln worker`.
@@ -128,6 +149,7 @@ impl Default for ExecutionConfig {
             operations_max: 1_000_000,
             queued_max: 1_000_000,
             platform: BTreeMap::new(),
+            tenants: BTreeMap::new(),
             worker: WorkerConfig::default(),
         }
     }
@@ -175,6 +197,16 @@ impl ExecutionConfig {
             self.operations_max >= 1 && self.queued_max >= 1,
             "operations_max and queued_max must be positive",
         )?;
+        for (name, tenant) in &self.tenants {
+            if name.is_empty() || name.contains('.') {
+                anyhow::bail!(
+                    "[execution.tenants.{name:?}] names a tenant: an instance name's first component, not empty and without '.'"
+                );
+            }
+            if !(1..=1000).contains(&tenant.weight) {
+                anyhow::bail!("[execution.tenants.{name}] weight must be 1 to 1000, not {}", tenant.weight);
+            }
+        }
         check(self.worker.uid_base >= 1000, "worker.uid_base must be an unprivileged uid (1000 or more)")?;
         check(self.worker.uid_base.checked_add(65_536).is_some(), "worker.uid_base is too large")?;
         self.worker.validate()
@@ -194,6 +226,13 @@ impl ExecutionConfig {
             operation_retention: ms(self.operation_retention_ms),
             operations_max: self.operations_max,
             queued_max: self.queued_max,
+            tenants: self
+                .tenants
+                .iter()
+                .map(|(name, t)| {
+                    (name.clone(), kiln_scheduler::TenantShare { weight: t.weight, slots_max: t.slots_max })
+                })
+                .collect(),
         }
     }
 }

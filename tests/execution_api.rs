@@ -512,3 +512,46 @@ async fn an_output_larger_than_the_store_takes_fails_once_with_resource_exhauste
     assert_eq!(kiln.metric("kiln_scheduler_retries_total", &[]), retries, "the action was run again");
     assert_eq!(kiln.metric("kiln_worker_runs_total", &[]), 1.0);
 }
+
+/// `[execution.tenants.NAME]`: a tenant capped at one slot runs its actions
+/// one at a time on a worker with two; a weight out of range is refused at
+/// start, naming the tenant.
+#[tokio::test]
+async fn a_tenants_slot_cap_holds_and_bad_shares_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("kiln.toml");
+    std::fs::write(&cfg, "[execution.tenants.main]\nweight = 0\n").unwrap();
+    let (ok, _, err) = common::serve_refused(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    assert!(!ok && err.contains("[execution.tenants.main] weight"), "{err}");
+
+    let kiln = Kiln::start_with_config(
+        "[execution]\nlocal_worker_slots = 2\n\n[execution.tenants.capped]\nslots_max = 1\n",
+    );
+    // Each prints when it started and ended, in nanoseconds.
+    let script = |n: u32| format!("date +%s%N; sleep 0.5; date +%s%N; echo {n} > out.txt");
+    let mut runs = Vec::new();
+    for n in 0..2 {
+        let (digest, blobs) = action(&script(n), &[], 0, &[]);
+        kiln.upload("capped", &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>()).await;
+        runs.push(digest);
+    }
+    let (a, b) =
+        tokio::join!(execute_in(&kiln, "capped", runs[0], true), execute_in(&kiln, "capped", runs[1], true));
+    let mut spans = Vec::new();
+    for ops in [a, b] {
+        let r = response_of(ops.last().unwrap());
+        assert_eq!(status_code(&r), 0, "{r:?}");
+        let d = r.result.unwrap().stdout_digest.unwrap();
+        let read = reapi::BatchReadBlobsRequest {
+            instance_name: "capped".into(),
+            digests: vec![d],
+            ..Default::default()
+        };
+        let out =
+            kiln.cas().await.batch_read_blobs(read).await.unwrap().into_inner().responses.remove(0).data;
+        let times: Vec<u128> = String::from_utf8(out).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+        spans.push((times[0], times[1]));
+    }
+    spans.sort_unstable();
+    assert!(spans[0].1 <= spans[1].0, "the capped tenant ran two at once: {spans:?}");
+}

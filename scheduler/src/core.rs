@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use crate::backend::Backend;
 use crate::ops::{self, OpState};
 use crate::platform::{Platform, Rules};
-use crate::queue::{Entry, ExecId, FairQueue, Lane};
+use crate::queue::{Entry, ExecId, FairQueue, Lane, TenantShare};
 
 /// How the scheduler behaves; see the `[execution]` configuration.
 #[derive(Debug, Clone)]
@@ -61,6 +61,8 @@ pub struct Config {
     pub operations_max: usize,
     /// Most executions waiting in the queue.
     pub queued_max: usize,
+    /// Tenants' weights and caps; a tenant not named has weight 1, no cap.
+    pub tenants: HashMap<String, TenantShare>,
 }
 
 /// One Execute call.
@@ -224,12 +226,13 @@ impl<B: Backend> Scheduler<B> {
     /// A scheduler; its sweeper runs on the current tokio runtime until
     /// the last clone is dropped.
     pub fn new(backend: B, config: Config) -> Self {
+        let state = State { queue: FairQueue::with_shares(config.tenants.clone()), ..State::default() };
         let inner = Arc::new_cyclic(|me| Inner {
             me: me.clone(),
             backend,
             config,
             started: Instant::now(),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
         });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
@@ -579,7 +582,9 @@ impl<B: Backend> Inner<B> {
                 w.running.len() < w.slots && self.config.rules.satisfies(&w.platform, &e.platform)
             })
             .min_by_key(|(_, w)| w.running.len() * 1000 / w.slots)
-            .map(|(k, _)| *k);
+            .map(|(k, _)| *k)
+            // A tenant at its cap waits even for a free slot.
+            .filter(|_| !s.queue.at_cap(&e.lane.tenant));
         match free {
             Some(worker) => self.assign(s, id, worker),
             None => {

@@ -89,6 +89,7 @@ fn config() -> Config {
         operation_retention: Duration::from_secs(600),
         operations_max: 100_000,
         queued_max: 100_000,
+        tenants: HashMap::new(),
     }
 }
 

@@ -21,6 +21,7 @@ pub mod workers;
 pub use backend::Backend;
 pub use core::snapshot::{ExecutingView, FailureView, Snapshot, WorkerView};
 pub use core::{Config, ExecuteArgs, Scheduler, Stats, Watch};
+pub use queue::TenantShare;
 
 /// What the scheduler advertises in GetCapabilities: execution enabled,
 /// SHA-256 in the singular field Bazel 4 reads, every digest function in

@@ -42,23 +42,51 @@ impl Lane {
     }
 }
 
+/// A tenant's part of the slots: `weight` shares against the others'
+/// (1 when not configured), and at most `slots_max` running at once
+/// (0: no cap; its executions wait, within the queue timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantShare {
+    pub weight: u32,
+    pub slots_max: u32,
+}
+
+impl Default for TenantShare {
+    fn default() -> Self {
+        TenantShare { weight: 1, slots_max: 0 }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct FairQueue {
     waiting: HashMap<Lane, VecDeque<Entry>>,
     running: HashMap<Lane, u32>,
     tenants_running: HashMap<String, u32>,
+    shares: HashMap<String, TenantShare>,
     len: usize,
 }
 
 /// How a lane's offer compares, lowest first: its tenant's running
-/// executions, its invocation's score, the priority, the arrival.
-type Rank = (u32, f64, i32, u64);
+/// executions per share, its invocation's score, the priority, the
+/// arrival.
+type Rank = (f64, f64, i32, u64);
 
 fn score(running: u32, priority: i32) -> f64 {
     f64::from(running + 1) * 2f64.powf(f64::from(priority) / 100.0)
 }
 
 impl FairQueue {
+    /// A queue sharing slots between tenants by `shares`.
+    pub fn with_shares(shares: HashMap<String, TenantShare>) -> FairQueue {
+        FairQueue { shares, ..FairQueue::default() }
+    }
+
+    /// Whether `tenant` runs as many executions as its cap allows.
+    pub fn at_cap(&self, tenant: &str) -> bool {
+        let share = self.shares.get(tenant).copied().unwrap_or_default();
+        share.slots_max > 0 && self.tenants_running.get(tenant).copied().unwrap_or(0) >= share.slots_max
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -103,9 +131,14 @@ impl FairQueue {
                 .filter(|(_, e)| can_run(e.id))
                 .min_by_key(|(_, e)| (e.priority, e.seq));
             let Some((at, e)) = candidate else { continue };
+            if self.at_cap(&lane.tenant) {
+                continue;
+            }
             let tenant = self.tenants_running.get(&lane.tenant).copied().unwrap_or(0);
+            let share = self.shares.get(&lane.tenant).copied().unwrap_or_default();
             let running = self.running.get(lane).copied().unwrap_or(0);
-            let rank = (tenant, score(running, e.priority), e.priority, e.seq);
+            let tenant_score = f64::from(tenant + 1) / f64::from(share.weight.max(1));
+            let rank = (tenant_score, score(running, e.priority), e.priority, e.seq);
             if best.as_ref().is_none_or(|(b, ..)| rank < *b) {
                 best = Some((rank, lane, at));
             }
@@ -203,6 +236,36 @@ mod tests {
             |t: &str| started.iter().filter(|(l, _)| l.tenant == t).map(|(_, n)| n).sum::<usize>();
         let (a, b) = (by_tenant("a"), by_tenant("b"));
         assert!((450..=550).contains(&b), "tenants share the slots evenly: a {a}, b {b}");
+    }
+
+    #[test]
+    fn tenants_share_by_weight_within_their_caps() {
+        let by_tenant = |started: &HashMap<Lane, usize>, t: &str| {
+            started.iter().filter(|(l, _)| l.tenant == t).map(|(_, n)| n).sum::<usize>()
+        };
+        let share = |weight, slots_max| TenantShare { weight, slots_max };
+        let mut q = FairQueue::with_shares(HashMap::from([("a".to_owned(), share(3, 0))]));
+        fill_lane(&mut q, &Lane::new("a", "x"), 2000, 0, 0);
+        fill_lane(&mut q, &Lane::new("b", "y"), 2000, 10_000, 0);
+        let started = simulate_lanes(&mut q, 8, 1000);
+        let (a, b) = (by_tenant(&started, "a"), by_tenant(&started, "b"));
+        assert!((700..=800).contains(&a), "weight 3 against 1: a {a}, b {b}");
+
+        // A cap holds whatever the weight: "a" never runs more than 2.
+        let mut q = FairQueue::with_shares(HashMap::from([("a".to_owned(), share(100, 2))]));
+        fill_lane(&mut q, &Lane::new("a", "x"), 2000, 0, 0);
+        fill_lane(&mut q, &Lane::new("b", "y"), 2000, 10_000, 0);
+        let started = simulate_lanes(&mut q, 8, 800);
+        let (a, b) = (by_tenant(&started, "a"), by_tenant(&started, "b"));
+        assert!((150..=250).contains(&a), "2 slots of 8: a {a}, b {b}");
+        // With only the capped tenant waiting, a slot stays free.
+        let mut q = FairQueue::with_shares(HashMap::from([("a".to_owned(), share(1, 1))]));
+        fill_lane(&mut q, &Lane::new("a", "x"), 3, 0, 0);
+        let (lane, _) = q.pick(|_| true).unwrap();
+        q.started(&lane);
+        assert!(q.pick(|_| true).is_none(), "the cap is reached");
+        q.stopped(&lane);
+        assert!(q.pick(|_| true).is_some());
     }
 
     #[test]
