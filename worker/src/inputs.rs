@@ -1,8 +1,9 @@
 //! Materializing an action's input root in its exec root.
 //!
 //! [`materialize`] fetches the tree, validates every directory, asks the
-//! CAS in bulk which file blobs it lacks (reporting all of them at once as
-//! [`MaterializeError::MissingInputs`]), fetches the rest into the
+//! action's own CAS in bulk which file blobs it lacks, whether cached here
+//! or not, since the cache is shared by every tenant (reporting all of
+//! them at once as [`MaterializeError::MissingInputs`]), fetches the rest into the
 //! [`FileCache`] with bounded concurrency, and then, on a blocking thread,
 //! creates the directories, hard-links the files and creates the symlinks.
 //! It runs before the action, into an exec root that is absent or empty and

@@ -1,5 +1,6 @@
 //! The index: hash tables from fingerprint to record, one per partition,
-//! each owned by a storage thread, each growing on its own.
+//! each written only by the storage thread that owns it and read by any
+//! thread ([`Shared`]), each growing on its own.
 //!
 //! Slots are 32 bytes ([`Slot`]), in buckets of [`BUCKET_SLOTS`]. A key
 //! may live in either of two buckets its fingerprint names (bucketized
