@@ -191,6 +191,11 @@ pub const INPUT_DIRECTORIES_MAX: u64 = 100_000;
 pub const INPUT_SYMLINKS_MAX: u64 = 100_000;
 pub const INPUT_DEPTH_MAX: usize = 128;
 pub const INPUT_TOTAL_BYTES_MAX: u64 = 64 << 30;
+/// Most bytes of an action's inputs written as copies: a blob linked more
+/// often than the filesystem allows (65,000 links on ext4) is copied, so a
+/// small blob named many times would otherwise write up to
+/// [`INPUT_TOTAL_BYTES_MAX`] per action.
+pub const INPUT_COPIED_BYTES_MAX: u64 = 1 << 30;
 
 /// An action's outputs: largest file (and log), most bytes of all files,
 /// most entries (files, directories and symlinks), deepest nesting inside

@@ -38,7 +38,7 @@ use nix::sys::stat::{Mode, fchmod, mkdirat};
 use nix::unistd::{Gid, Uid, fchown};
 use prost::Message;
 
-use crate::cache::{Acquired, FileCache, PinnedEntry};
+use crate::cache::{Acquired, FileCache, PinnedEntry, Placed};
 use crate::cas::CasClient;
 use crate::outputs::resolve_output_path;
 
@@ -70,17 +70,21 @@ pub struct InputLimits {
     pub depth_max: usize,
     /// Most bytes of files in all (occurrences).
     pub total_bytes_max: u64,
+    /// Most bytes written as copies, for blobs past the filesystem's
+    /// hard-link limit.
+    pub copied_bytes_max: u64,
 }
 
 impl InputLimits {
     /// One million files, 100,000 directories and symlinks each, 128
-    /// levels, 64 GiB.
+    /// levels, 64 GiB, of which 1 GiB copies.
     pub const DEFAULT: InputLimits = InputLimits {
         files_max: kiln_proto::limits::INPUT_FILES_MAX,
         directories_max: kiln_proto::limits::INPUT_DIRECTORIES_MAX,
         symlinks_max: kiln_proto::limits::INPUT_SYMLINKS_MAX,
         depth_max: kiln_proto::limits::INPUT_DEPTH_MAX,
         total_bytes_max: kiln_proto::limits::INPUT_TOTAL_BYTES_MAX,
+        copied_bytes_max: kiln_proto::limits::INPUT_COPIED_BYTES_MAX,
     };
 }
 
@@ -260,7 +264,8 @@ pub async fn materialize_with_limits<C: CasClient>(
     stats.symlinks = plan.symlinks.len() as u64;
     stats.bytes = plan.bytes;
     let exec_root = exec_root.to_owned();
-    tokio::task::spawn_blocking(move || plan.create(&exec_root, &pinned, dir_owner))
+    let copy_budget = limits.copied_bytes_max;
+    tokio::task::spawn_blocking(move || plan.create(&exec_root, &pinned, dir_owner, copy_budget))
         .await
         .map_err(|e| Error::internal(format!("materializing inputs: a blocking task failed: {e}")))??;
     stats.duration = start.elapsed();
@@ -449,12 +454,14 @@ impl Plan {
         Ok(plan)
     }
 
-    /// Creates the tree under `exec_root`. Blocking.
+    /// Creates the tree under `exec_root`, writing at most `copy_budget`
+    /// bytes of copies for blobs past the hard-link limit. Blocking.
     fn create(
         &self,
         exec_root: &Path,
         pinned: &HashMap<(Digest, bool), PinnedEntry>,
         dir_owner: Option<(u32, u32)>,
+        copy_budget: u64,
     ) -> Result<()> {
         let io = |what: &str, path: &Path, e: std::io::Error| {
             Error::internal(format!("materializing inputs: cannot {what} {}: {e}", path.display()))
@@ -479,11 +486,25 @@ impl Plan {
         for directory in &self.directories {
             make_dir(&exec_root.join(directory), false)?;
         }
+        let mut copied = 0u64;
         for file in &self.files {
             let entry = pinned.get(&(file.digest, file.executable)).ok_or_else(|| {
                 Error::internal(format!("materializing inputs: no cache entry for {}", file.digest))
             })?;
-            entry.link_to(&exec_root.join(&file.path))?;
+            let size = file.digest.size_bytes();
+            let may_copy = copied.saturating_add(size) <= copy_budget;
+            let placed = entry.link_or_copy(&exec_root.join(&file.path), may_copy).map_err(|e| {
+                if e.code() != kiln_proto::Code::ResourceExhausted {
+                    return e;
+                }
+                Error::resource_exhausted(format!(
+                    "{}, and copying it would pass the {copy_budget} bytes of copies an action may have; name it fewer times",
+                    e.message()
+                ))
+            })?;
+            if placed == Placed::Copied {
+                copied += size;
+            }
         }
         for (path, target) in &self.symlinks {
             let path = exec_root.join(path);

@@ -363,3 +363,29 @@ async fn a_tree_with_too_many_directories_is_refused_without_being_fetched_whole
     assert!(error.message().contains("directories"), "{error}");
     assert!(s.cas.tree_returned() <= 12, "the CAS client stopped early: {}", s.cas.tree_returned());
 }
+
+/// A blob named more often than the filesystem can link it is copied, but
+/// only up to the action's budget of copied bytes: past it, RESOURCE_EXHAUSTED
+/// naming the blob, and nothing more written.
+#[tokio::test]
+async fn copies_past_the_link_limit_stop_at_the_budget() {
+    let s = setup();
+    let data = vec![7u8; 4096];
+    let blob = s.cas.put(&data);
+    // 66,000 names: past ext4's 65,000 links; at most 10 copies allowed.
+    let files: Vec<_> = (0..66_000).map(|i| file(&format!("f{i:05}"), &blob, false)).collect();
+    let root = s.cas.put_directory(DigestFunction::Sha256, &directory(files, vec![], vec![]));
+    let limits = InputLimits { copied_bytes_max: 10 * 4096, ..InputLimits::DEFAULT };
+    let exec_root = s.work.path().join("exec");
+    let result =
+        materialize_with_limits(&s.cache, &s.cas, DigestFunction::Sha256, &root, &exec_root, None, &limits)
+            .await;
+    if s.cache.stats().link_copies == 0 && result.is_ok() {
+        println!("this filesystem allows more than 66,000 links; nothing to check");
+        return;
+    }
+    let Err(MaterializeError::Failed(error)) = result else { panic!("{result:?}") };
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error}");
+    assert!(error.message().contains(&blob.to_string()) && error.message().contains("40960"), "{error}");
+    assert_eq!(s.cache.stats().link_copies, 10, "copies past the budget");
+}
