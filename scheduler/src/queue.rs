@@ -238,25 +238,24 @@ mod tests {
         assert!((450..=550).contains(&b), "tenants share the slots evenly: a {a}, b {b}");
     }
 
+    /// Starts of tenant "a" (with `share`) against tenant "b", both with
+    /// plenty waiting, in `steps` starts on `slots` slots.
+    fn starts_of_a(share: TenantShare, slots: usize, steps: usize) -> (usize, usize) {
+        let mut q = FairQueue::with_shares(HashMap::from([("a".to_owned(), share)]));
+        fill_lane(&mut q, &Lane::new("a", "x"), 2000, 0, 0);
+        fill_lane(&mut q, &Lane::new("b", "y"), 2000, 10_000, 0);
+        let started = simulate_lanes(&mut q, slots, steps);
+        let a = started.iter().filter(|(l, _)| l.tenant == "a").map(|(_, n)| n).sum::<usize>();
+        (a, steps - a)
+    }
+
     #[test]
     fn tenants_share_by_weight_within_their_caps() {
-        let by_tenant = |started: &HashMap<Lane, usize>, t: &str| {
-            started.iter().filter(|(l, _)| l.tenant == t).map(|(_, n)| n).sum::<usize>()
-        };
         let share = |weight, slots_max| TenantShare { weight, slots_max };
-        let mut q = FairQueue::with_shares(HashMap::from([("a".to_owned(), share(3, 0))]));
-        fill_lane(&mut q, &Lane::new("a", "x"), 2000, 0, 0);
-        fill_lane(&mut q, &Lane::new("b", "y"), 2000, 10_000, 0);
-        let started = simulate_lanes(&mut q, 8, 1000);
-        let (a, b) = (by_tenant(&started, "a"), by_tenant(&started, "b"));
+        let (a, b) = starts_of_a(share(3, 0), 8, 1000);
         assert!((700..=800).contains(&a), "weight 3 against 1: a {a}, b {b}");
-
         // A cap holds whatever the weight: "a" never runs more than 2.
-        let mut q = FairQueue::with_shares(HashMap::from([("a".to_owned(), share(100, 2))]));
-        fill_lane(&mut q, &Lane::new("a", "x"), 2000, 0, 0);
-        fill_lane(&mut q, &Lane::new("b", "y"), 2000, 10_000, 0);
-        let started = simulate_lanes(&mut q, 8, 800);
-        let (a, b) = (by_tenant(&started, "a"), by_tenant(&started, "b"));
+        let (a, b) = starts_of_a(share(100, 2), 8, 800);
         assert!((150..=250).contains(&a), "2 slots of 8: a {a}, b {b}");
         // With only the capped tenant waiting, a slot stays free.
         let mut q = FairQueue::with_shares(HashMap::from([("a".to_owned(), share(1, 1))]));
