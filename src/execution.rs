@@ -51,27 +51,8 @@ pub struct ExecutionConfig {
     /// How each platform property matches: "exact" (default), "minimum", "ignore".
     pub platform: BTreeMap<String, Rule>,
     /// `[execution.tenants.NAME]`: a tenant's part of the workers.
-    pub tenants: BTreeMap<String, TenantConfig>,
+    pub tenants: BTreeMap<String, kiln_scheduler::TenantShare>,
     pub worker: WorkerConfig,
-}
-
-/// `[execution.tenants.NAME]`: how many shares of the workers a tenant
-/// (an instance name's first component) gets against the others, and how
-/// many actions it may run at once.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TenantConfig {
-    /// Shares against the others' (1 each unless configured), 1 to 1000.
-    pub weight: u32,
-    /// Most of its actions running at once; 0: no cap.
-    pub slots_max: u32,
-}
-
-impl Default for TenantConfig {
-    fn default() -> Self {
-        let share = kiln_scheduler::TenantShare::default();
-        TenantConfig { weight: share.weight, slots_max: share.slots_max }
-    }
 }
 
 /// `[execution.worker]`: the local worker, and `kiln worker`.
@@ -226,13 +207,7 @@ impl ExecutionConfig {
             operation_retention: ms(self.operation_retention_ms),
             operations_max: self.operations_max,
             queued_max: self.queued_max,
-            tenants: self
-                .tenants
-                .iter()
-                .map(|(name, t)| {
-                    (name.clone(), kiln_scheduler::TenantShare { weight: t.weight, slots_max: t.slots_max })
-                })
-                .collect(),
+            tenants: self.tenants.iter().map(|(name, share)| (name.clone(), *share)).collect(),
         }
     }
 }

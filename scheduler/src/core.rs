@@ -597,8 +597,21 @@ impl<B: Backend> Inner<B> {
         }
     }
 
-    /// Gives a worker's free slots to the queue.
+    /// Gives a worker's free slots to the queue; when a tenant came off its
+    /// cap, every worker's: its executions waited although slots were free,
+    /// maybe on workers other than the one whose slot came back.
     fn fill(&self, s: &mut State, worker: WorkerKey) {
+        self.fill_one(s, worker);
+        if s.queue.take_uncapped() {
+            let free: Vec<WorkerKey> =
+                s.workers.iter().filter(|(_, w)| w.running.len() < w.slots).map(|(k, _)| *k).collect();
+            for w in free {
+                self.fill_one(s, w);
+            }
+        }
+    }
+
+    fn fill_one(&self, s: &mut State, worker: WorkerKey) {
         loop {
             let Some(w) = s.workers.get(&worker) else { return };
             if w.running.len() >= w.slots || s.queue.is_empty() {

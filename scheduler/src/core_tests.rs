@@ -557,3 +557,27 @@ async fn sessions_without_register_end_with_deadline_exceeded() {
     let refused = crate::workers::session(s, broken).await.unwrap_err();
     assert_eq!(refused.code(), kiln_proto::Code::Unavailable, "{refused:?}");
 }
+
+/// A tenant at its cap waits even for free slots; when one of its runs
+/// ends, its waiting execution goes to any worker that can run it, not
+/// only to the one whose slot came back.
+#[tokio::test(start_paused = true)]
+async fn a_tenant_leaving_its_cap_gets_any_free_worker() {
+    let b = MemoryBackend::default();
+    let share = TenantShare { weight: 1, slots_max: 1 };
+    let s = Scheduler::new(
+        b.clone(),
+        Config { tenants: HashMap::from([("main".to_owned(), share)]), ..config() },
+    );
+    let mut a = FakeWorker::attach(&s, "a", 1, &[("pool", "a")]);
+    let mut other = FakeWorker::attach(&s, "b", 1, &[("pool", "b")]);
+    let first = b.action(&["true"], &[("pool", "a")], 0, false);
+    let second = b.action(&["true"], &[("pool", "b")], 0, false);
+    let _first_op = s.execute(args(first, "")).unwrap();
+    let assign = a.assigned().await;
+    let _second_op = s.execute(args(second, "")).unwrap();
+    tokio::task::yield_now().await;
+    assert!(other.idle(), "the tenant is at its cap: the free worker waits");
+    a.finish(&s, &assign, tonic::Code::Ok, ok(0));
+    other.assigned().await;
+}

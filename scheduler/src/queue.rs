@@ -15,6 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use kiln_proto::limits::SCHEDULER_QUEUE_SCAN_MAX;
+use serde::Deserialize;
 
 /// An execution's handle in the scheduler.
 pub type ExecId = u64;
@@ -42,13 +43,22 @@ impl Lane {
     }
 }
 
-/// A tenant's part of the slots: `weight` shares against the others'
-/// (1 when not configured), and at most `slots_max` running at once
-/// (0: no cap; its executions wait, within the queue timeout).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A tenant's part of the slots (`[execution.tenants.NAME]`): `weight`
+/// shares against the others' (1 when not configured), and at most
+/// `slots_max` running at once (0: no cap; its executions wait, within the
+/// queue timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TenantShare {
     pub weight: u32,
     pub slots_max: u32,
+}
+
+impl TenantShare {
+    /// Whether `running` executions fill the cap.
+    fn full(&self, running: u32) -> bool {
+        self.slots_max > 0 && running >= self.slots_max
+    }
 }
 
 impl Default for TenantShare {
@@ -63,6 +73,9 @@ pub struct FairQueue {
     running: HashMap<Lane, u32>,
     tenants_running: HashMap<String, u32>,
     shares: HashMap<String, TenantShare>,
+    /// A tenant came off its cap since [`FairQueue::take_uncapped`] was
+    /// last asked: its waiting executions may fit any worker's free slot.
+    uncapped: bool,
     len: usize,
 }
 
@@ -81,10 +94,23 @@ impl FairQueue {
         FairQueue { shares, ..FairQueue::default() }
     }
 
+    /// `tenant`'s running executions and share.
+    fn tenant(&self, tenant: &str) -> (u32, TenantShare) {
+        (
+            self.tenants_running.get(tenant).copied().unwrap_or(0),
+            self.shares.get(tenant).copied().unwrap_or_default(),
+        )
+    }
+
     /// Whether `tenant` runs as many executions as its cap allows.
     pub fn at_cap(&self, tenant: &str) -> bool {
-        let share = self.shares.get(tenant).copied().unwrap_or_default();
-        share.slots_max > 0 && self.tenants_running.get(tenant).copied().unwrap_or(0) >= share.slots_max
+        let (running, share) = self.tenant(tenant);
+        share.full(running)
+    }
+
+    /// Whether a tenant came off its cap since the last call.
+    pub fn take_uncapped(&mut self) -> bool {
+        std::mem::take(&mut self.uncapped)
     }
 
     pub fn len(&self) -> usize {
@@ -124,6 +150,10 @@ impl FairQueue {
     pub fn pick(&mut self, mut can_run: impl FnMut(ExecId) -> bool) -> Option<(Lane, Entry)> {
         let mut best: Option<(Rank, &Lane, usize)> = None;
         for (lane, q) in &self.waiting {
+            let (tenant, share) = self.tenant(&lane.tenant);
+            if share.full(tenant) {
+                continue;
+            }
             let candidate = q
                 .iter()
                 .take(SCHEDULER_QUEUE_SCAN_MAX)
@@ -131,11 +161,6 @@ impl FairQueue {
                 .filter(|(_, e)| can_run(e.id))
                 .min_by_key(|(_, e)| (e.priority, e.seq));
             let Some((at, e)) = candidate else { continue };
-            if self.at_cap(&lane.tenant) {
-                continue;
-            }
-            let tenant = self.tenants_running.get(&lane.tenant).copied().unwrap_or(0);
-            let share = self.shares.get(&lane.tenant).copied().unwrap_or_default();
             let running = self.running.get(lane).copied().unwrap_or(0);
             let tenant_score = f64::from(tenant + 1) / f64::from(share.weight.max(1));
             let rank = (tenant_score, score(running, e.priority), e.priority, e.seq);
@@ -165,12 +190,14 @@ impl FairQueue {
         if *n == 0 {
             self.running.remove(lane);
         }
+        let was_full = self.at_cap(&lane.tenant);
         if let Some(t) = self.tenants_running.get_mut(&lane.tenant) {
             *t = t.saturating_sub(1);
             if *t == 0 {
                 self.tenants_running.remove(&lane.tenant);
             }
         }
+        self.uncapped |= was_full;
     }
 
     /// Every waiting execution, for sweeps.
@@ -263,7 +290,9 @@ mod tests {
         let (lane, _) = q.pick(|_| true).unwrap();
         q.started(&lane);
         assert!(q.pick(|_| true).is_none(), "the cap is reached");
+        assert!(!q.take_uncapped());
         q.stopped(&lane);
+        assert!(q.take_uncapped() && !q.take_uncapped(), "coming off the cap is told once");
         assert!(q.pick(|_| true).is_some());
     }
 
