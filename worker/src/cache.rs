@@ -599,24 +599,21 @@ impl PinnedEntry {
     /// writes a copy instead, owned by the worker, with the entry's mode.
     /// Blocking: call it from a blocking context.
     pub fn link_to(&self, dest: &Path) -> Result<Placed> {
-        self.link_or_copy(dest, true)
+        self.link_or_copy(dest, true)?.ok_or_else(|| Error::internal("a copy allowed was not made"))
     }
 
     /// [`PinnedEntry::link_to`], copying past the link limit only when
-    /// `may_copy`; else RESOURCE_EXHAUSTED.
-    pub fn link_or_copy(&self, dest: &Path, may_copy: bool) -> Result<Placed> {
+    /// `may_copy`; `None` when the limit is reached and it may not.
+    pub fn link_or_copy(&self, dest: &Path, may_copy: bool) -> Result<Option<Placed>> {
         match fs::hard_link(&self.path, dest) {
-            Ok(()) => Ok(Placed::Linked),
-            Err(e) if e.raw_os_error() == Some(Errno::EMLINK as i32) && !may_copy => {
-                Err(Error::resource_exhausted(format!(
-                    "input blob {} is named more often than the filesystem can link it",
-                    self.key.digest
-                )))
-            }
+            Ok(()) => Ok(Some(Placed::Linked)),
             Err(e) if e.raw_os_error() == Some(Errno::EMLINK as i32) => {
+                if !may_copy {
+                    return Ok(None);
+                }
                 self.copy_to(dest)?;
                 self.inner.link_copies.fetch_add(1, Ordering::Relaxed);
-                Ok(Placed::Copied)
+                Ok(Some(Placed::Copied))
             }
             Err(e) if e.raw_os_error() == Some(Errno::EXDEV as i32) => Err(Error::new(
                 Code::FailedPrecondition,

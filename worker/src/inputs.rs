@@ -493,17 +493,15 @@ impl Plan {
             })?;
             let size = file.digest.size_bytes();
             let may_copy = copied.saturating_add(size) <= copy_budget;
-            let placed = entry.link_or_copy(&exec_root.join(&file.path), may_copy).map_err(|e| {
-                if e.code() != kiln_proto::Code::ResourceExhausted {
-                    return e;
+            match entry.link_or_copy(&exec_root.join(&file.path), may_copy)? {
+                Some(Placed::Linked) => {}
+                Some(Placed::Copied) => copied += size,
+                None => {
+                    return Err(Error::resource_exhausted(format!(
+                        "input blob {} is named more often than the filesystem can link it, and copying it would pass the {copy_budget} bytes of copies an action may have; name it fewer times",
+                        file.digest
+                    )));
                 }
-                Error::resource_exhausted(format!(
-                    "{}, and copying it would pass the {copy_budget} bytes of copies an action may have; name it fewer times",
-                    e.message()
-                ))
-            })?;
-            if placed == Placed::Copied {
-                copied += size;
             }
         }
         for (path, target) in &self.symlinks {

@@ -357,7 +357,6 @@ impl Engine {
         }
         let mut answers = vec![None; fps.len()];
         let mut old = Vec::new();
-        let (head, kept) = (self.ring.head(), self.ring.kept_bytes());
         for p in (0..partitions).filter(|&p| starts[p as usize] < starts[p as usize + 1]) {
             let table = self.index.read(p);
             for &i in &order[starts[p as usize]..starts[p as usize + 1]] {
@@ -365,7 +364,7 @@ impl Engine {
                 if !self.ring.is_live(slot.logical, record_len(slot.size)) {
                     continue;
                 }
-                if head.saturating_sub(slot.logical) > kept {
+                if self.ring.past_kept(slot.logical) {
                     old.push(i);
                 } else {
                     answers[i] = Some(slot.size);

@@ -197,20 +197,21 @@ impl Partition {
     }
 
     fn set(&mut self, i: usize, slot: Slot) {
-        match (self.is_empty_at(i), slot.is_empty()) {
+        let (bucket, lane) = (i / BUCKET_SLOTS, i % BUCKET_SLOTS);
+        let old = self.slot(i);
+        match (old.is_empty(), slot.is_empty()) {
             (true, false) => self.used += 1,
             (false, true) => self.used -= 1,
             _ => {}
         }
-        let bucket = i / BUCKET_SLOTS;
-        if !self.is_empty_at(i) {
-            self.count_spill(&self.slot(i).fingerprint, bucket, false);
+        if !old.is_empty() {
+            self.count_spill(&old.fingerprint, bucket, false);
         }
         if !slot.is_empty() {
             self.count_spill(&slot.fingerprint, bucket, true);
         }
         let (lo, hi) = halves(&slot.fingerprint);
-        let (b, lane) = (&mut self.buckets[i / BUCKET_SLOTS], i % BUCKET_SLOTS);
+        let b = &mut self.buckets[bucket];
         b.lo[lane] = lo;
         b.hi[lane] = hi;
         b.logical[lane] = slot.logical;
@@ -426,24 +427,24 @@ impl Shared {
 #[derive(Debug)]
 pub struct Owned {
     shared: Arc<Shared>,
-    numbers: Vec<u32>,
+    thread: u32,
+    threads: u32,
 }
 
 impl Owned {
     /// Thread `thread` of `threads` owns the partitions `p` with
     /// `p % threads == thread`.
     pub fn new(shared: Arc<Shared>, thread: u32, threads: u32) -> Owned {
-        let numbers = (0..shared.partitions()).filter(|p| p % threads.max(1) == thread).collect();
-        Owned { shared, numbers }
+        Owned { shared, thread, threads: threads.max(1) }
     }
 
     /// The partition numbers owned, in order.
     pub fn keys(&self) -> impl Iterator<Item = u32> + '_ {
-        self.numbers.iter().copied()
+        (self.thread..self.shared.partitions()).step_by(self.threads as usize)
     }
 
     fn owns(&self, p: u32) -> bool {
-        self.numbers.binary_search(&p).is_ok()
+        p < self.shared.partitions() && p % self.threads == self.thread
     }
 
     /// Partition `p`, if this thread owns it, to read.

@@ -124,6 +124,12 @@ impl Ring {
         self.lifetime() / 2
     }
 
+    /// Whether the record at `logical` is older than [`Ring::kept_bytes`]:
+    /// touched now, it must be copied forward to keep the promise.
+    pub fn past_kept(&self, logical: u64) -> bool {
+        self.head().saturating_sub(logical) > self.kept_bytes()
+    }
+
     /// Bytes a record written now is sure to survive: the ring less the
     /// headroom the syncer evicts ahead, less a block (the tail moves in
     /// whole blocks).

@@ -262,8 +262,7 @@ impl Worker {
     fn lookup(&mut self, fp: &Fingerprint, must_keep: bool) -> Option<Location> {
         let slot = self.partition(fp).lookup(fp, Self::live(&self.ring))?;
         let loc = Location { logical: slot.logical, size: slot.size };
-        let old = self.ring.head().saturating_sub(loc.logical) > self.ring.kept_bytes();
-        if old && !self.queue_refresh(*fp, loc) {
+        if self.ring.past_kept(loc.logical) && !self.queue_refresh(*fp, loc) {
             kiln_proto::metrics::global().store_refreshes_skipped.inc();
             if must_keep {
                 return None;

@@ -128,7 +128,6 @@ impl Worker {
         if self.scrub.numbers.is_empty() {
             // The thread's partitions never change: listed once, in order.
             self.scrub.numbers = self.partitions.keys().collect();
-            self.scrub.numbers.sort_unstable();
         }
         // Tables grow: their slots are counted afresh.
         let total = self.partitions.sum(Partition::slot_count);
