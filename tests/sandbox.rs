@@ -470,3 +470,90 @@ fn an_action_sees_no_host_cgroup_path() {
         assert!(!line.contains(&spec.id), "{line}");
     }
 }
+
+/// Every call of every denied family fails with `EPERM` inside the
+/// sandbox, and the calls an unfiltered sandbox would let succeed (or fail
+/// with another error) show the filter at work; `/proc/self/status` names
+/// one filter in filter mode.
+#[test]
+fn each_denied_system_call_family_fails_with_eperm() {
+    let f = Fixture::new();
+    let mut probes = String::new();
+    for (family, calls) in sandbox::DENIED_SYSCALLS {
+        for (name, nr) in *calls {
+            // Zero arguments; then, for some, arguments the kernel would
+            // accept without the filter.
+            probes.push_str(&format!("probe({family:?}, {name:?}, {nr}, [])\n"));
+            let accepted = match *name {
+                "keyctl" => "[0, -3, 0]", // KEYCTL_GET_KEYRING_ID of the session keyring
+                "add_key" => "[b'user', b'kiln-probe', b'x', 1, -3]",
+                "userfaultfd" => "[1]", // UFFD_USER_MODE_ONLY
+                "fsopen" => "[b'tmpfs', 0]",
+                "mount" => "[b'none', b'/tmp', b'tmpfs', 0, None]",
+                "perf_event_open" => "[None, 0, -1, -1, 0]", // EFAULT without the filter
+                "io_uring_setup" => "[1, None]",             // EFAULT without the filter
+                _ => continue,
+            };
+            probes.push_str(&format!("probe({family:?}, {name:?}, {nr}, {accepted})\n"));
+        }
+    }
+    let script = format!(
+        "import ctypes\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         libc.syscall.restype = ctypes.c_long\n\
+         def arg(a):\n    return ctypes.c_long(a) if isinstance(a, int) else a\n\
+         def probe(family, name, nr, args):\n    \
+             ctypes.set_errno(0)\n    \
+             r = libc.syscall(ctypes.c_long(nr), *[arg(a) for a in args])\n    \
+             print(family, name, len(args), r, ctypes.get_errno())\n\
+         {probes}"
+    );
+    std::fs::write(f.exec_root.join("probe.py"), script).unwrap();
+    let spec = f.shell("grep -E '^Seccomp(_filters)?:' /proc/self/status; exec python3 probe.py");
+    let (outcome, stdout, stderr) = f.run(&spec);
+    assert_eq!(outcome.exit_code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("Seccomp:\t2\n"), "the action runs without a filter: {stdout}");
+    let mut checked = 0;
+    for line in stdout.lines().filter(|l| !l.starts_with("Seccomp")) {
+        let fields: Vec<&str> = line.rsplitn(3, ' ').collect();
+        assert_eq!(fields[..2], ["1", "-1"], "a denied call did not fail with EPERM: {line}");
+        checked += 1;
+    }
+    let calls: usize = sandbox::DENIED_SYSCALLS.iter().map(|(_, calls)| calls.len()).sum();
+    assert_eq!(checked, calls + 7, "{stdout}");
+}
+
+/// The worker's session keyring, and the keys it holds, are not the
+/// action's: searching the session keyring for the worker's key fails
+/// (the filter denies `keyctl`; behind it the action holds a fresh
+/// keyring of its own), and `/proc/keys` lists none of the worker's keys.
+#[test]
+fn an_action_cannot_read_the_workers_session_keyring() {
+    use linux_keyutils::{KeyRing, KeyRingIdentifier};
+    let f = Fixture::new();
+    let session = KeyRing::from_special_id(KeyRingIdentifier::Session, true).unwrap();
+    let description = format!("kiln-worker-secret-{}", f.marker);
+    let key = session.add_key(&description, b"the worker's secret").unwrap();
+    let script = format!(
+        "import ctypes, sys\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         KEYCTL_SEARCH = 10\n\
+         r = libc.syscall(ctypes.c_long({nr}), ctypes.c_long(KEYCTL_SEARCH), ctypes.c_long(-3), b'user', b'{description}', ctypes.c_long(0))\n\
+         print('search', r, ctypes.get_errno())\n",
+        nr = nix::libc::SYS_keyctl
+    );
+    std::fs::write(f.exec_root.join("keys.py"), script).unwrap();
+    let spec = f.shell("python3 keys.py; cat /proc/keys");
+    let (outcome, stdout, stderr) = f.run(&spec);
+    let _ = key.invalidate();
+    assert_eq!(outcome.exit_code, 0, "{stderr}");
+    // EPERM from the filter; ENOKEY (126) from the fresh keyring alone.
+    let search = stdout.lines().next().unwrap_or_default();
+    assert!(
+        ["search -1 1", "search -1 126"].contains(&search),
+        "the action found the worker's key: {stdout}"
+    );
+    let id = format!("{:08x} ", key.get_id().as_raw_id());
+    assert!(!stdout.contains(&description), "the action sees the worker's key: {stdout}");
+    assert!(!stdout.lines().any(|l| l.starts_with(&id)), "the action sees the worker's key: {stdout}");
+}

@@ -17,7 +17,7 @@ use nix::unistd::{AccessFlags, Pid, access, sethostname};
 
 use super::protocol::{Report, receive_spec, report};
 use super::stage1::{channel, signal_fd};
-use super::{EXEC_ROOT, netlink, rootfs};
+use super::{EXEC_ROOT, netlink, rootfs, seccomp};
 
 /// Where programs are looked up when the action's environment has no
 /// `PATH` (what `execvp` uses).
@@ -68,6 +68,7 @@ fn run(channel: &UnixStream, fds: Vec<RawFd>) -> Result<Report, Failure> {
     // killed; it is set before init starts anything.
     set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("cannot set the parent-death signal: {e}"))?;
     let spec = receive_spec(channel)?;
+    let filter = seccomp::program()?;
     rootfs::build(&spec, &fds)?;
     sethostname("localhost").map_err(|e| format!("cannot set the sandbox's hostname: {e}"))?;
     if !spec.network {
@@ -78,6 +79,7 @@ fn run(channel: &UnixStream, fds: Vec<RawFd>) -> Result<Report, Failure> {
         let _ = nix::unistd::close(fd);
     }
     set_no_new_privs().map_err(|e| format!("cannot set no_new_privs: {e}"))?;
+    seccomp::install(&filter)?;
     if spec.dry_run {
         return Ok(Report::Exited(0));
     }

@@ -54,11 +54,13 @@ mod bench;
 mod cgroup;
 mod host;
 mod init;
+mod keyring;
 mod limits;
 mod netlink;
 mod plan;
 mod protocol;
 mod rootfs;
+mod seccomp;
 mod spec;
 mod stage1;
 
@@ -71,6 +73,7 @@ pub use bench::{Overhead, fork_exec_baseline};
 pub use cgroup::{Cgroups, Controller};
 pub use host::{probe, run};
 pub use limits::*;
+pub use seccomp::DENIED_SYSCALLS;
 
 /// Where the exec root is mounted, read-write, inside the sandbox; the
 /// action's working directory is relative to it.

@@ -23,8 +23,8 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Gid, Pid, Uid, getppid, setgroups, setresgid, setresuid};
 
-use super::INIT;
 use super::protocol::{Report, SourcePath, report, wait_go};
+use super::{INIT, keyring};
 
 /// Signals stage 1 and init handle through a signalfd.
 pub(super) fn handled_signals() -> SigSet {
@@ -102,6 +102,7 @@ fn run(args: &[OsString], channel: &UnixStream) -> Result<i32, String> {
         .map_err(|e| format!("cannot take the sandbox's gid (is its gid map written?): {e}"))?;
     setresuid(root_uid, root_uid, root_uid)
         .map_err(|e| format!("cannot take the sandbox's uid (is its uid map written?): {e}"))?;
+    keyring::join_fresh_session()?;
 
     // The worker moved this process into the run's cgroups before `go`: a
     // cgroup namespace rooted there hides the host's cgroup paths.

@@ -8,7 +8,7 @@
 //! io_uring; then (or when configured so) the fallback is used, and which
 //! path runs is logged at start.
 //!
-//! This is the one module with `unsafe` code: io_uring reads into and
+//! This is one of two modules with `unsafe` code: io_uring reads into and
 //! writes from memory the kernel uses after the submission call returns.
 //! The safety argument is local: the buffers belong to `ops`, which this
 //! function borrows mutably until every submitted operation has completed.
