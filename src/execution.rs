@@ -20,6 +20,7 @@ use kiln_storage::store::{
 };
 use kiln_worker::cache::FileCache;
 use kiln_worker::cas::CasClient;
+use kiln_worker::outputs::OutputLimits;
 use kiln_worker::runner::{CasFactory, Runner, RunnerConfig};
 use prost::Message;
 use serde::Deserialize;
@@ -82,6 +83,13 @@ pub struct WorkerConfig {
     /// them (REAPI lets a worker provide defaults): a standard `PATH`, for
     /// clients that send none (Pants, Buck2).
     pub environment: BTreeMap<String, String>,
+    /// Most bytes of one output file or log; most bytes of all an
+    /// action's output files; longest the worker spends hashing and
+    /// uploading one action's outputs and logs. Past any of them the
+    /// action fails with RESOURCE_EXHAUSTED and is not run again.
+    pub output_file_bytes_max: u64,
+    pub output_bytes_max: u64,
+    pub output_collect_secs_max: u64,
 }
 
 /// The `PATH` actions get when their Command sets none.
@@ -97,7 +105,27 @@ impl WorkerConfig {
                 );
             }
         }
+        if self.output_file_bytes_max == 0 || self.output_bytes_max < self.output_file_bytes_max {
+            anyhow::bail!(
+                "[execution.worker] output_file_bytes_max must be above zero and at most output_bytes_max ({} > {})",
+                self.output_file_bytes_max,
+                self.output_bytes_max
+            );
+        }
+        if self.output_collect_secs_max == 0 {
+            anyhow::bail!("[execution.worker] output_collect_secs_max must be above zero");
+        }
         Ok(())
+    }
+
+    /// The bounds on collecting each action's outputs.
+    pub fn output_limits(&self) -> OutputLimits {
+        OutputLimits {
+            file_size_bytes_max: self.output_file_bytes_max,
+            total_bytes_max: self.output_bytes_max,
+            collect_time_max: Duration::from_secs(self.output_collect_secs_max),
+            ..OutputLimits::DEFAULT
+        }
     }
 }
 
@@ -151,6 +179,9 @@ impl Default for WorkerConfig {
             kill_grace_ms: 5_000,
             properties: BTreeMap::new(),
             environment: BTreeMap::from([("PATH".to_owned(), DEFAULT_ACTION_PATH.to_owned())]),
+            output_file_bytes_max: OutputLimits::DEFAULT.file_size_bytes_max,
+            output_bytes_max: OutputLimits::DEFAULT.total_bytes_max,
+            output_collect_secs_max: kiln_proto::limits::OUTPUT_COLLECT_SECS_MAX,
         }
     }
 }
@@ -445,6 +476,7 @@ pub fn runner<F: CasFactory>(
             allow_host_network: config.allow_host_network,
             kill_grace: ms(config.kill_grace_ms),
             environment: config.environment.clone().into_iter().collect(),
+            outputs: config.output_limits(),
         },
         cache,
         cas,

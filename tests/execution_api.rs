@@ -513,6 +513,31 @@ async fn an_output_larger_than_the_store_takes_fails_once_with_resource_exhauste
     assert_eq!(kiln.metric("kiln_worker_runs_total", &[]), 1.0);
 }
 
+/// `[execution.worker] output_collect_secs_max`: an 8 GiB sparse output,
+/// whose hashing would take minutes, ends the action with
+/// RESOURCE_EXHAUSTED at the bound, run once; a bad bound is refused at
+/// start.
+#[tokio::test]
+async fn output_collection_is_bounded_in_time_and_run_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("kiln.toml");
+    std::fs::write(&cfg, "[execution.worker]\noutput_collect_secs_max = 0\n").unwrap();
+    let (ok, _, err) = common::serve_refused(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    assert!(!ok && err.contains("output_collect_secs_max"), "{err}");
+
+    let kiln = Kiln::start_with_config("[execution.worker]\noutput_collect_secs_max = 1\n");
+    let (digest, blobs) = action("truncate -s 8G out.txt", &[], 0, &[]);
+    upload(&kiln, &blobs).await;
+    let start = std::time::Instant::now();
+    let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    assert_eq!(status_code(&r), tonic::Code::ResourceExhausted as i32, "{r:?}");
+    let message = r.status.unwrap().message;
+    assert!(message.contains("longer than the 1 s") && message.contains("out.txt"), "{message}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(30), "{:?}", start.elapsed());
+    assert_eq!(kiln.metric("kiln_scheduler_retries_total", &[]), 0.0, "the action was run again");
+    assert_eq!(kiln.metric("kiln_worker_runs_total", &[]), 1.0);
+}
+
 /// `[execution.tenants.NAME]`: a tenant capped at one slot runs its actions
 /// one at a time on a worker with two; a weight out of range is refused at
 /// start, naming the tenant.

@@ -204,6 +204,9 @@ pub const OUTPUT_FILE_BYTES_MAX: u64 = 16 << 30;
 pub const OUTPUT_TOTAL_BYTES_MAX: u64 = 64 << 30;
 pub const OUTPUT_ENTRIES_MAX: u64 = 1_000_000;
 pub const OUTPUT_DEPTH_MAX: usize = 128;
+/// Longest the worker spends collecting one action's outputs and logs
+/// (hashing and uploading them) after the action ended.
+pub const OUTPUT_COLLECT_SECS_MAX: u64 = 600;
 /// Removing a tree an action wrote: subdirectory names kept per level from
 /// one reading of a directory (a wider directory is read again when they
 /// are done), so memory stays bounded whatever the tree's shape.

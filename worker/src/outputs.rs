@@ -83,11 +83,14 @@ pub struct OutputLimits {
     pub inline_file_bytes_max: u64,
     /// Most bytes kept in memory that way by one collection.
     pub inline_total_bytes_max: u64,
+    /// Longest a collection (hashing and uploading the outputs and logs)
+    /// may take.
+    pub collect_time_max: Duration,
 }
 
 impl OutputLimits {
     /// 16 GiB per file, 64 GiB in all, one million entries, 128 levels;
-    /// files up to 1 MiB, 64 MiB in all, kept in memory.
+    /// files up to 1 MiB, 64 MiB in all, kept in memory; ten minutes.
     pub const DEFAULT: OutputLimits = OutputLimits {
         file_size_bytes_max: kiln_proto::limits::OUTPUT_FILE_BYTES_MAX,
         total_bytes_max: kiln_proto::limits::OUTPUT_TOTAL_BYTES_MAX,
@@ -95,7 +98,13 @@ impl OutputLimits {
         depth_max: kiln_proto::limits::OUTPUT_DEPTH_MAX,
         inline_file_bytes_max: kiln_proto::limits::OUTPUT_INLINE_FILE_BYTES_MAX,
         inline_total_bytes_max: kiln_proto::limits::OUTPUT_INLINE_TOTAL_BYTES_MAX,
+        collect_time_max: Duration::from_secs(kiln_proto::limits::OUTPUT_COLLECT_SECS_MAX),
     };
+
+    /// When a collection starting now must be done.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.collect_time_max
+    }
 }
 
 impl Default for OutputLimits {
@@ -186,18 +195,21 @@ pub async fn collect<C: CasClient>(
     exec_root: &Path,
     command: &Command,
 ) -> Result<CollectedOutputs> {
-    collect_with_limits(cas, function, exec_root, command, &OutputLimits::DEFAULT).await
+    let limits = OutputLimits::DEFAULT;
+    collect_with_limits(cas, function, exec_root, command, &limits, limits.deadline()).await
 }
 
 /// Collects the outputs `command` names from `exec_root` after the action
 /// exited, uploads the blobs the CAS lacks, and returns the ActionResult's
-/// output fields.
+/// output fields. Past `deadline` (see [`OutputLimits::deadline`]) it stops
+/// with RESOURCE_EXHAUSTED: another attempt would take as long.
 pub async fn collect_with_limits<C: CasClient>(
     cas: &C,
     function: DigestFunction,
     exec_root: &Path,
     command: &Command,
     limits: &OutputLimits,
+    deadline: Instant,
 ) -> Result<CollectedOutputs> {
     let start = Instant::now();
     check_proc()?;
@@ -205,13 +217,16 @@ pub async fn collect_with_limits<C: CasClient>(
     let command = command.clone();
     let limits = *limits;
     let (mut collected, blobs) = tokio::task::spawn_blocking(move || {
-        let mut scanner = Scanner::open(function, &root, &limits)?;
+        let mut scanner = Scanner::open(function, &root, &limits, deadline)?;
         let collected = scanner.scan(&command)?;
         Ok::<_, Error>((collected, scanner.blobs))
     })
     .await
     .map_err(|e| Error::internal(format!("collecting outputs: a blocking task failed: {e}")))??;
-    let (uploaded_blobs, uploaded_bytes) = upload_missing(cas, exec_root, &blobs).await?;
+    let (uploaded_blobs, uploaded_bytes) =
+        tokio::time::timeout_at(deadline.into(), upload_missing(cas, exec_root, &blobs))
+            .await
+            .map_err(|_| over_time(&limits, "uploading the outputs"))??;
     collected.stats.uploaded_blobs = uploaded_blobs;
     collected.stats.uploaded_bytes = uploaded_bytes;
     collected.stats.duration = start.elapsed();
@@ -221,12 +236,30 @@ pub async fn collect_with_limits<C: CasClient>(
 /// Uploads the log at `path` (the action's stdout or stderr, as the worker
 /// captured it) if the CAS lacks it, and returns its digest. The file
 /// itself must be a regular file, not a symlink; its size is bounded by
-/// [`OutputLimits::DEFAULT`].
-pub async fn upload_log<C: CasClient>(cas: &C, function: DigestFunction, path: &Path) -> Result<Digest> {
+/// `limits`, the time it takes by `deadline`.
+pub async fn upload_log<C: CasClient>(
+    cas: &C,
+    function: DigestFunction,
+    path: &Path,
+    limits: &OutputLimits,
+    deadline: Instant,
+) -> Result<Digest> {
+    let limits = *limits;
+    tokio::time::timeout_at(deadline.into(), upload_log_by(cas, function, path, limits, deadline))
+        .await
+        .map_err(|_| over_time(&limits, "uploading a log"))?
+}
+
+async fn upload_log_by<C: CasClient>(
+    cas: &C,
+    function: DigestFunction,
+    path: &Path,
+    limits: OutputLimits,
+    deadline: Instant,
+) -> Result<Digest> {
     check_proc()?;
     let owned = path.to_owned();
     let (digest, bytes, handle) = tokio::task::spawn_blocking(move || {
-        let limits = OutputLimits::DEFAULT;
         let shown = owned.display().to_string();
         let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let handle = nix::fcntl::open(&owned, flags, Mode::empty())
@@ -240,7 +273,7 @@ pub async fn upload_log<C: CasClient>(cas: &C, function: DigestFunction, path: &
             return Err(too_large(&shown, meta.size(), limits.file_size_bytes_max));
         }
         let keep = meta.size() <= limits.inline_file_bytes_max;
-        let (digest, bytes) = hash_file(function, &handle, &meta, keep, &shown)?;
+        let (digest, bytes) = hash_file(function, &handle, &meta, keep, &shown, (&limits, deadline))?;
         Ok((digest, bytes, handle))
     })
     .await
@@ -379,6 +412,15 @@ fn metadata(handle: &File, shown: &str) -> Result<Metadata> {
     handle.metadata().map_err(|e| Error::internal(format!("output {}: cannot stat: {e}", quoted(shown))))
 }
 
+/// A collection that ran past its deadline, while doing `what`.
+fn over_time(limits: &OutputLimits, what: &str) -> Error {
+    Error::resource_exhausted(format!(
+        "collecting the action's outputs took longer than the {} s a collection may take ({what}); \
+         produce fewer or smaller outputs",
+        limits.collect_time_max.as_secs_f64()
+    ))
+}
+
 fn too_large(shown: &str, size: u64, max: u64) -> Error {
     Error::invalid_argument(format!("output {}: {size} bytes, more than the {max} allowed", quoted(shown)))
 }
@@ -440,13 +482,15 @@ fn walk(root: OwnedFd, components: &[String], shown: &str) -> Result<Option<Owne
 }
 
 /// Hashes `handle`'s file (an `O_PATH` handle to a regular file, whose
-/// metadata is `meta`) in one pass, keeping the bytes when `keep`.
+/// metadata is `meta`) in one pass, keeping the bytes when `keep`; fails
+/// once `until`'s deadline has passed.
 fn hash_file(
     function: DigestFunction,
     handle: &File,
     meta: &Metadata,
     keep: bool,
     shown: &str,
+    until: (&OutputLimits, Instant),
 ) -> Result<(Digest, Option<Bytes>)> {
     let flags = OFlag::O_RDONLY | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
     let mut file = File::from(
@@ -464,6 +508,9 @@ fn hash_file(
             .map_err(|e| Error::internal(format!("output {}: cannot read: {e}", quoted(shown))))?;
         if n == 0 {
             break;
+        }
+        if Instant::now() > until.1 {
+            return Err(over_time(until.0, &format!("hashing {}", quoted(shown))));
         }
         read_bytes += n as u64;
         if read_bytes > size {
@@ -485,6 +532,7 @@ fn hash_file(
 struct Scanner<'a> {
     function: DigestFunction,
     limits: &'a OutputLimits,
+    deadline: Instant,
     exec_root: &'a Path,
     /// The exec root's owner: the action's uid when it was given one.
     action_uid: u32,
@@ -497,12 +545,18 @@ struct Scanner<'a> {
 }
 
 impl<'a> Scanner<'a> {
-    fn open(function: DigestFunction, exec_root: &'a Path, limits: &'a OutputLimits) -> Result<Self> {
+    fn open(
+        function: DigestFunction,
+        exec_root: &'a Path,
+        limits: &'a OutputLimits,
+        deadline: Instant,
+    ) -> Result<Self> {
         let root = File::from(open_directory(exec_root)?);
         let action_uid = metadata(&root, "")?.uid();
         Ok(Scanner {
             function,
             limits,
+            deadline,
             exec_root,
             action_uid,
             blobs: HashMap::new(),
@@ -648,7 +702,8 @@ impl<'a> Scanner<'a> {
         }
         let keep = size <= self.limits.inline_file_bytes_max
             && self.inline_bytes + size <= self.limits.inline_total_bytes_max;
-        let (digest, bytes) = hash_file(self.function, handle, meta, keep, shown)?;
+        let (digest, bytes) =
+            hash_file(self.function, handle, meta, keep, shown, (self.limits, self.deadline))?;
         if meta.nlink() > 1 {
             self.inodes.insert(identity, digest);
         }

@@ -16,6 +16,7 @@ use crate::cache::FileCache;
 use crate::cas::CasClient;
 use crate::inputs::{self, MaterializeError};
 use crate::outputs;
+use crate::outputs::OutputLimits;
 use crate::sandbox::{self, SandboxConfig, SandboxError};
 
 /// The platform property an action sets to `host` to share the host's
@@ -58,6 +59,8 @@ pub struct RunnerConfig {
     pub kill_grace: Duration,
     /// Variables every action gets unless its Command sets them.
     pub environment: Vec<(String, String)>,
+    /// Bounds on collecting each action's outputs and logs.
+    pub outputs: OutputLimits,
 }
 
 /// Runs actions; shared by the worker's slots.
@@ -321,9 +324,14 @@ impl<F: CasFactory> Runner<F> {
 
         let upload_start = SystemTime::now();
         let mut result = ActionResult { exit_code: outcome.exit_code, ..Default::default() };
-        outputs::collect(&cas, function, &exec_root, &command).await?.apply_to(&mut result);
-        result.stdout_digest = Some(outputs::upload_log(&cas, function, &stdout).await?.to_proto());
-        result.stderr_digest = Some(outputs::upload_log(&cas, function, &stderr).await?.to_proto());
+        let limits = &self.config.outputs;
+        let deadline = limits.deadline();
+        outputs::collect_with_limits(&cas, function, &exec_root, &command, limits, deadline)
+            .await?
+            .apply_to(&mut result);
+        for (log, digest) in [(&stdout, &mut result.stdout_digest), (&stderr, &mut result.stderr_digest)] {
+            *digest = Some(outputs::upload_log(&cas, function, log, limits, deadline).await?.to_proto());
+        }
         let upload_done = SystemTime::now();
         tracing::debug!(
             files = result.output_files.len(),

@@ -45,7 +45,9 @@ async fn files_and_executables_are_uploaded_once() {
     // Small inline bounds: big.bin is uploaded through /proc/self/fd.
     let limits = OutputLimits { inline_file_bytes_max: 64, ..OutputLimits::DEFAULT };
     let collected =
-        collect_with_limits(&cas, DigestFunction::Sha256, exec.path(), &command, &limits).await.unwrap();
+        collect_with_limits(&cas, DigestFunction::Sha256, exec.path(), &command, &limits, limits.deadline())
+            .await
+            .unwrap();
     let files: Vec<(&str, bool)> =
         collected.output_files.iter().map(|f| (f.path.as_str(), f.is_executable)).collect();
     assert_eq!(files, [("out/a.txt", false), ("out/big.bin", false), ("out/tool", true)]);
@@ -267,9 +269,16 @@ async fn sizes_counts_and_depth_are_bounded() {
         (legacy(&[], &["many"]), "entries"),
         (legacy(&[], &["d"]), "levels"),
     ] {
-        let error = collect_with_limits(&cas, DigestFunction::Sha256, exec.path(), &command, &limits)
-            .await
-            .unwrap_err();
+        let error = collect_with_limits(
+            &cas,
+            DigestFunction::Sha256,
+            exec.path(),
+            &command,
+            &limits,
+            limits.deadline(),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(error.code(), Code::InvalidArgument, "{error}");
         assert!(error.message().contains(what), "{error}");
     }
@@ -281,10 +290,52 @@ async fn sizes_counts_and_depth_are_bounded() {
         exec.path(),
         &legacy(&["big", "d/a/b/c/leaf"], &[]),
         &total,
+        total.deadline(),
     )
     .await
     .unwrap_err();
     assert!(error.message().contains("more than 2001 bytes"), "{error}");
+}
+
+/// [`upload_log`] with the default limits.
+async fn log(cas: &TestCas, function: DigestFunction, path: &std::path::Path) -> kiln_proto::Result<Digest> {
+    let limits = OutputLimits::DEFAULT;
+    upload_log(cas, function, path, &limits, limits.deadline()).await
+}
+
+/// Hashing and uploading stop at the collection's deadline with
+/// RESOURCE_EXHAUSTED (not retried): an 8 GiB sparse output, which takes
+/// seconds to hash, ends within a fraction of that under a 50 ms bound, and
+/// so does its log.
+#[tokio::test]
+async fn a_collection_past_its_time_bound_stops_with_resource_exhausted() {
+    let exec = tempfile::tempdir().unwrap();
+    let sparse = std::fs::File::create(exec.path().join("sparse")).unwrap();
+    sparse.set_len(8 << 30).unwrap();
+    let cas = TestCas::new();
+    let limits = OutputLimits { collect_time_max: Duration::from_millis(50), ..OutputLimits::DEFAULT };
+    let start = std::time::Instant::now();
+    let error = collect_with_limits(
+        &cas,
+        DigestFunction::Sha256,
+        exec.path(),
+        &legacy(&["sparse"], &[]),
+        &limits,
+        limits.deadline(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error}");
+    assert!(error.message().contains("0.05 s") && error.message().contains("\"sparse\""), "{error}");
+    assert!(start.elapsed() < Duration::from_secs(2), "hashing went on: {:?}", start.elapsed());
+    let start = std::time::Instant::now();
+    let error =
+        upload_log(&cas, DigestFunction::Sha256, &exec.path().join("sparse"), &limits, limits.deadline())
+            .await
+            .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error}");
+    assert!(start.elapsed() < Duration::from_secs(2), "hashing went on: {:?}", start.elapsed());
+    assert!(cas.uploads().is_empty());
 }
 
 #[tokio::test]
@@ -321,20 +372,17 @@ async fn logs_are_uploaded_when_missing() {
     let empty = work.path().join("empty");
     std::fs::write(&empty, b"").unwrap();
     let cas = TestCas::new();
-    let d1 = upload_log(&cas, DigestFunction::Blake3, &small).await.unwrap();
+    let d1 = log(&cas, DigestFunction::Blake3, &small).await.unwrap();
     assert_eq!(d1, DigestFunction::Blake3.compute(b"hello from the action\n"));
-    let d2 = upload_log(&cas, DigestFunction::Sha256, &large).await.unwrap();
+    let d2 = log(&cas, DigestFunction::Sha256, &large).await.unwrap();
     assert_eq!(cas.get(&d2).unwrap(), bytes);
-    assert_eq!(
-        upload_log(&cas, DigestFunction::Sha256, &empty).await.unwrap(),
-        DigestFunction::Sha256.empty()
-    );
+    assert_eq!(log(&cas, DigestFunction::Sha256, &empty).await.unwrap(), DigestFunction::Sha256.empty());
     assert_eq!(cas.uploads(), [d1, d2]);
-    upload_log(&cas, DigestFunction::Blake3, &small).await.unwrap();
+    log(&cas, DigestFunction::Blake3, &small).await.unwrap();
     assert_eq!(cas.uploads().len(), 2, "present blobs are not uploaded again");
     // A log that is a symlink is not followed.
     symlink("/etc/passwd", work.path().join("sneaky")).unwrap();
-    assert!(upload_log(&cas, DigestFunction::Sha256, &work.path().join("sneaky")).await.is_err());
+    assert!(log(&cas, DigestFunction::Sha256, &work.path().join("sneaky")).await.is_err());
 }
 
 /// An output directory is read without recursion: 800 levels are
@@ -356,8 +404,14 @@ fn deep_output_directories_are_read_without_recursion() {
             let cas = TestCas::new();
             let limits = OutputLimits { depth_max: 1000, ..OutputLimits::DEFAULT };
             let command = legacy(&[], &["out"]);
-            let collected =
-                runtime.block_on(collect_with_limits(&cas, DigestFunction::Sha256, &root, &command, &limits));
+            let collected = runtime.block_on(collect_with_limits(
+                &cas,
+                DigestFunction::Sha256,
+                &root,
+                &command,
+                &limits,
+                limits.deadline(),
+            ));
             (collected.unwrap(), cas)
         })
         .unwrap()
