@@ -20,6 +20,7 @@ use kiln_storage::store::{
 };
 use kiln_worker::cache::FileCache;
 use kiln_worker::cas::CasClient;
+use kiln_worker::disk::{DiskLimits, SlotDisks};
 use kiln_worker::outputs::OutputLimits;
 use kiln_worker::runner::{CasFactory, Runner, RunnerConfig};
 use prost::Message;
@@ -90,6 +91,15 @@ pub struct WorkerConfig {
     pub output_file_bytes_max: u64,
     pub output_bytes_max: u64,
     pub output_collect_secs_max: u64,
+    /// Give each slot a filesystem of its own that bounds what its actions
+    /// write (bytes and inodes). Off: actions write in `build_dir`,
+    /// unbounded.
+    pub disk_limits: bool,
+    /// Size of each slot's filesystem; 0: the free space beyond the file
+    /// cache and a reserve, split between the slots, at most 16 GiB.
+    pub disk_bytes: u64,
+    /// Files and directories on each slot's filesystem; 0: one per 16 KiB.
+    pub disk_inodes: u64,
 }
 
 /// The `PATH` actions get when their Command sets none.
@@ -182,6 +192,9 @@ impl Default for WorkerConfig {
             output_file_bytes_max: OutputLimits::DEFAULT.file_size_bytes_max,
             output_bytes_max: OutputLimits::DEFAULT.total_bytes_max,
             output_collect_secs_max: kiln_proto::limits::OUTPUT_COLLECT_SECS_MAX,
+            disk_limits: true,
+            disk_bytes: 0,
+            disk_inodes: 0,
         }
     }
 }
@@ -226,7 +239,11 @@ impl ExecutionConfig {
 
     pub fn scheduler_config(&self) -> kiln_scheduler::Config {
         kiln_scheduler::Config {
-            rules: Rules::new(self.platform.clone()),
+            rules: Rules::new({
+                let mut rules = self.platform.clone();
+                rules.entry(kiln_worker::runner::DISK_PROPERTY.to_owned()).or_insert(Rule::Minimum);
+                rules
+            }),
             default_timeout: ms(self.default_timeout_ms),
             max_timeout: ms(self.max_timeout_ms),
             unsatisfiable_grace: ms(self.unsatisfiable_grace_ms),
@@ -251,10 +268,13 @@ pub fn isa() -> &'static str {
     }
 }
 
-/// What a worker offers: OSFamily, ISA, cores, the network choices, and
-/// the configured extras.
-pub fn worker_properties(config: &WorkerConfig, slots: usize) -> Vec<Property> {
+/// What a worker offers: OSFamily, ISA, cores, the network choices, each
+/// action's disk, and the configured extras.
+pub fn worker_properties(config: &WorkerConfig, slots: usize, disk: Option<DiskLimits>) -> Vec<Property> {
     let mut props: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if let Some(disk) = disk {
+        props.entry(kiln_worker::runner::DISK_PROPERTY.into()).or_default().push(disk.bytes.to_string());
+    }
     props.entry("OSFamily".into()).or_default().push("linux".into());
     props.entry("ISA".into()).or_default().push(isa().into());
     props.entry("cores".into()).or_default().push(slots.to_string());
@@ -429,6 +449,7 @@ pub fn runner<F: CasFactory>(
     config: &WorkerConfig,
     data_dir: &Path,
     worker_id: &str,
+    slots: usize,
     cas: F,
 ) -> Result<Runner<F>> {
     let (build_dir, cache_dir) = worker_dirs(config, data_dir);
@@ -463,6 +484,7 @@ pub fn runner<F: CasFactory>(
     if swept > 0 {
         tracing::warn!(runs = swept, "removed the cgroups of runs a previous worker left behind");
     }
+    let disks = slot_disks(config, data_dir, slots)?;
     let nonzero = |v: u64| (v > 0).then_some(v);
     Ok(Runner {
         config: RunnerConfig {
@@ -477,10 +499,60 @@ pub fn runner<F: CasFactory>(
             kill_grace: ms(config.kill_grace_ms),
             environment: config.environment.clone().into_iter().collect(),
             outputs: config.output_limits(),
+            disks,
         },
         cache,
         cas,
     })
+}
+
+/// Each slot's filesystem, sized from the configuration and the free space
+/// of the worker's filesystem: every slot's disk full at once, with the
+/// file cache full, still leaves the reserve free.
+fn slot_disks(config: &WorkerConfig, data_dir: &Path, slots: usize) -> Result<Option<Arc<SlotDisks>>> {
+    use kiln_proto::limits::{
+        ACTION_DISK_BYTES_DEFAULT_MAX, ACTION_DISK_BYTES_MIN, ACTION_DISK_BYTES_PER_INODE,
+        WORKER_DISK_RESERVE_BYTES,
+    };
+    if !config.disk_limits {
+        tracing::warn!("[execution.worker] disk_limits is off: an action can fill the worker's disk");
+        return Ok(None);
+    }
+    let dir = data_dir.join("worker").join("disks");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    // Images of an earlier run count as free: they are made anew.
+    for entry in std::fs::read_dir(&dir)?.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "img") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let stat = nix::sys::statvfs::statvfs(&dir).with_context(|| format!("statvfs {}", dir.display()))?;
+    let free = stat.blocks_available().saturating_mul(stat.fragment_size());
+    let budget = free.saturating_sub(config.cache_size_bytes).saturating_sub(WORKER_DISK_RESERVE_BYTES);
+    let slots_u64 = slots.max(1) as u64;
+    let bytes = match config.disk_bytes {
+        0 => (budget / slots_u64).min(ACTION_DISK_BYTES_DEFAULT_MAX),
+        n => n,
+    };
+    if bytes < ACTION_DISK_BYTES_MIN || bytes.saturating_mul(slots_u64) > budget {
+        anyhow::bail!(
+            "[execution.worker] disk_bytes: {slots} slots of {bytes} bytes do not fit: {} has {free} bytes free, \
+             of which the file cache (cache_size_bytes = {}) and a reserve of {WORKER_DISK_RESERVE_BYTES} are kept; \
+             each slot needs at least {ACTION_DISK_BYTES_MIN}. Lower disk_bytes, cache_size_bytes or the slots, \
+             or free space",
+            dir.display(),
+            config.cache_size_bytes
+        );
+    }
+    let inodes = match config.disk_inodes {
+        0 => (bytes / ACTION_DISK_BYTES_PER_INODE).clamp(1024, u64::from(u32::MAX)),
+        n => n,
+    };
+    let slots = u32::try_from(slots).context("too many slots")?;
+    let disks = SlotDisks::prepare(&dir, slots, DiskLimits { bytes, inodes })
+        .map_err(|e| anyhow::anyhow!("per-action disks ([execution.worker] disk_limits): {e}"))?;
+    tracing::info!(slots, bytes, inodes, dir = %dir.display(), "each slot has a disk of its own");
+    Ok(Some(Arc::new(disks)))
 }
 
 /// Runs the local worker against `scheduler` in this process, restarting

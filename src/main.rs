@@ -399,12 +399,23 @@ fn main() -> Result<()> {
         std::process::exit(code);
     }
     let cli = Cli::parse();
+    // Before any thread starts: the local worker mounts each run's exec
+    // root, and those mounts die with this process's namespace.
+    let private_mounts = match &cli.command {
+        Command::Serve(_) | Command::Worker(_) if nix::unistd::geteuid().is_root() => {
+            Some(kiln_worker::disk::enter_private_mount_namespace())
+        }
+        _ => None,
+    };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
     let _logging = {
         let _inside = runtime.enter();
         telemetry::init_logging(&log_config(&cli))?
     };
+    if let Some(Err(e)) = private_mounts {
+        tracing::warn!(error = %e, "the worker shares the host's mount namespace");
+    }
     runtime.block_on(run(cli))
 }
 

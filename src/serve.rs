@@ -436,13 +436,18 @@ where
             "local-{}",
             nix::unistd::gethostname().map_or_else(|_| "kiln".into(), |h| h.to_string_lossy().into_owned())
         );
-        match crate::execution::runner(&execution.worker, &config.data_dir, &id, StoreCasFactory(cas)) {
+        match crate::execution::runner(&execution.worker, &config.data_dir, &id, slots, StoreCasFactory(cas))
+        {
             Ok(runner) => {
                 worker =
                     Some(Arc::new(crate::telemetry::WorkerCollector::new(id.clone(), runner.cache.clone())));
                 let register = Register {
                     worker_id: id,
-                    properties: crate::execution::worker_properties(&execution.worker, slots),
+                    properties: crate::execution::worker_properties(
+                        &execution.worker,
+                        slots,
+                        runner.disk_limits(),
+                    ),
                     slots: u32::try_from(slots).unwrap_or(u32::MAX),
                 };
                 tracing::info!(slots, "local worker starting");

@@ -85,11 +85,20 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     let cas = connect(&options(cas_remote.clone()))
         .await
         .with_context(|| format!("connect to the CAS {cas_remote}"))?;
-    let runner =
-        Arc::new(crate::execution::runner(&config.execution.worker, &data_dir, &id, GrpcCasFactory(cas))?);
+    let runner = Arc::new(crate::execution::runner(
+        &config.execution.worker,
+        &data_dir,
+        &id,
+        slots,
+        GrpcCasFactory(cas),
+    )?);
     let register = Register {
         worker_id: id.clone(),
-        properties: crate::execution::worker_properties(&config.execution.worker, slots),
+        properties: crate::execution::worker_properties(
+            &config.execution.worker,
+            slots,
+            runner.disk_limits(),
+        ),
         slots: u32::try_from(slots).unwrap_or(u32::MAX),
     };
     tracing::info!(worker = %id, slots, scheduler = %args.scheduler, cas = %cas_remote, "worker starting");

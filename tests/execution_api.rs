@@ -580,3 +580,70 @@ async fn a_tenants_slot_cap_holds_and_bad_shares_are_refused() {
     spans.sort_unstable();
     assert!(spans[0].1 <= spans[1].0, "the capped tenant ran two at once: {spans:?}");
 }
+
+/// Runs `script` as an action to the end; its response.
+async fn run_script(kiln: &Kiln, script: &str) -> ExecuteResponse {
+    let (digest, blobs) = action(script, &[], 0, &[]);
+    upload(kiln, &blobs).await;
+    response_of(execute(kiln, digest, true).await.last().unwrap())
+}
+
+/// `[execution.worker] disk_bytes` and `disk_inodes`: an action that fills
+/// its disk with a file, with files, or with its stdout ends with
+/// RESOURCE_EXHAUSTED, run once, while an action beside it writes what it
+/// needs; the next action on the slot has the whole disk again. A size the
+/// worker's filesystem cannot hold for every slot is refused at start.
+#[tokio::test]
+async fn an_action_that_fills_its_disk_fails_alone_with_resource_exhausted() {
+    let kiln = Kiln::start_with_config(
+        "[execution]\nlocal_worker_slots = 2\nunsatisfiable_grace_ms = 0\n\n[execution.worker]\ndisk_bytes = 67108864\ndisk_inodes = 4096\n",
+    );
+    // The worker offers its disk as a platform property, matched as a minimum.
+    for (wanted, code) in [("1048576", tonic::Code::Ok), ("67108865", tonic::Code::FailedPrecondition)] {
+        let (digest, blobs) = action("echo > out.txt", &[], 0, &[("disk-bytes", wanted)]);
+        upload(&kiln, &blobs).await;
+        let r = response_of(execute(&kiln, digest, true).await.last().unwrap());
+        assert_eq!(status_code(&r), code as i32, "disk-bytes={wanted}: {r:?}");
+    }
+    let filler = "dd if=/dev/zero of=big bs=1M count=200 2>/dev/null; echo done > out.txt";
+    let beside = "dd if=/dev/zero of=mine bs=1M count=40 2>/dev/null && sleep 0.2 && echo ok > out.txt";
+    let (full, fine) = tokio::join!(run_script(&kiln, filler), run_script(&kiln, beside));
+    assert_eq!(status_code(&full), tonic::Code::ResourceExhausted as i32, "{full:?}");
+    let message = full.status.unwrap().message;
+    assert!(message.contains("filled its disk") && message.contains("67108864"), "{message}");
+    assert_eq!((status_code(&fine), fine.result.unwrap().exit_code), (0, 0));
+    for script in [
+        "i=0; while [ $i -lt 5000 ] && : > f$i; do i=$((i+1)); done; echo done > out.txt",
+        "head -c 200000000 /dev/zero; echo done > out.txt",
+    ] {
+        let r = run_script(&kiln, script).await;
+        assert_eq!(status_code(&r), tonic::Code::ResourceExhausted as i32, "{script}: {r:?}");
+    }
+    for _ in 0..2 {
+        let r = run_script(&kiln, "dd if=/dev/zero of=again bs=1M count=50 2>/dev/null && echo ok > out.txt")
+            .await;
+        assert_eq!((status_code(&r), r.result.unwrap().exit_code), (0, 0), "the disk was not cleared");
+    }
+    assert_eq!(kiln.metric("kiln_scheduler_retries_total", &[]), 0.0, "an action was run again");
+
+    let huge = Kiln::start_with_config("[execution.worker]\ndisk_bytes = 1125899906842624\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !huge.log_contains("do not fit") {
+        assert!(std::time::Instant::now() < deadline, "{}", huge.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(huge.log_contains("Lower disk_bytes"), "{}", huge.log());
+}
+
+/// The exec root's source is invisible: the action's mount table names no
+/// directory of the worker's.
+#[tokio::test]
+async fn an_actions_mount_table_shows_no_host_path_of_the_worker() {
+    let kiln = Kiln::start();
+    let r = run_script(&kiln, "cat /proc/self/mountinfo; echo > out.txt").await;
+    assert_eq!(status_code(&r), 0, "{r:?}");
+    let table = String::from_utf8(stdout_of(&kiln, &r).await).unwrap();
+    assert!(table.contains(" /kiln/exec "), "{table}");
+    let data_dir = kiln.data_dir.path().to_str().unwrap().to_owned();
+    assert!(!table.contains(&data_dir) && !table.contains("/worker/"), "{table}");
+}

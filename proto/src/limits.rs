@@ -204,6 +204,17 @@ pub const OUTPUT_FILE_BYTES_MAX: u64 = 16 << 30;
 pub const OUTPUT_TOTAL_BYTES_MAX: u64 = 64 << 30;
 pub const OUTPUT_ENTRIES_MAX: u64 = 1_000_000;
 pub const OUTPUT_DEPTH_MAX: usize = 128;
+/// One action's disk (its slot's filesystem) when `[execution.worker]
+/// disk_bytes` is left to the worker: the free space left after the file
+/// cache and the reserve, split between the slots, at most this much.
+pub const ACTION_DISK_BYTES_DEFAULT_MAX: u64 = 16 << 30;
+/// The smallest disk a slot may have.
+pub const ACTION_DISK_BYTES_MIN: u64 = 64 << 20;
+/// Bytes per inode of a slot's filesystem when `disk_inodes` is left to
+/// the worker (ext4's own default ratio).
+pub const ACTION_DISK_BYTES_PER_INODE: u64 = 16 << 10;
+/// Free space of the worker's filesystem no slot's disk may count on.
+pub const WORKER_DISK_RESERVE_BYTES: u64 = 1 << 30;
 /// Longest the worker spends collecting one action's outputs and logs
 /// (hashing and uploading them) after the action ended.
 pub const OUTPUT_COLLECT_SECS_MAX: u64 = 600;

@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use crate::cache::FileCache;
 use crate::cas::CasClient;
+use crate::disk::{RunDisk, SlotDisks};
 use crate::inputs::{self, MaterializeError};
 use crate::outputs;
 use crate::outputs::OutputLimits;
@@ -22,6 +23,9 @@ use crate::sandbox::{self, SandboxConfig, SandboxError};
 /// The platform property an action sets to `host` to share the host's
 /// network (workers that allow it offer `network=host`).
 pub const NETWORK_PROPERTY: &str = "network";
+/// The platform property a worker with per-slot disks offers: each
+/// action's disk in bytes (matched as a minimum).
+pub const DISK_PROPERTY: &str = "disk-bytes";
 
 /// Gives the CAS client for an action's instance and digest function.
 pub trait CasFactory: Send + Sync + 'static {
@@ -61,6 +65,9 @@ pub struct RunnerConfig {
     pub environment: Vec<(String, String)>,
     /// Bounds on collecting each action's outputs and logs.
     pub outputs: OutputLimits,
+    /// Each slot's filesystem, where actions write; `None`: actions write
+    /// in the build directory, unbounded.
+    pub disks: Option<Arc<SlotDisks>>,
 }
 
 /// Runs actions; shared by the worker's slots.
@@ -162,6 +169,11 @@ impl Drop for KillOnDrop {
 }
 
 impl<F: CasFactory> Runner<F> {
+    /// Each action's disk, when slots have disks of their own.
+    pub fn disk_limits(&self) -> Option<crate::disk::DiskLimits> {
+        self.config.disks.as_ref().map(|d| d.limits())
+    }
+
     /// Runs `assign` on slot `slot`; always answers with a Finished.
     pub async fn run(self: &Arc<Self>, assign: &Assign, slot: u32) -> Finished {
         // Every event of the run carries its execution name, which the
@@ -267,8 +279,9 @@ impl<F: CasFactory> Runner<F> {
         if network && !self.config.allow_host_network {
             return Err(Error::new(Code::FailedPrecondition, "this worker does not offer the host network"));
         }
-        let stdout = dir.0.join("stdout");
-        let stderr = dir.0.join("stderr");
+        let (run_disk, exec_root) = self.mount_disk(slot, &run_id, &dir.0, exec_root).await?;
+        let log = |name: &str| run_disk.as_ref().map_or_else(|| dir.0.join(name), |d| d.log_path(name));
+        let (stdout, stderr) = (log("stdout"), log("stderr"));
         let spec = sandbox::Spec {
             id: run_id,
             exec_root: exec_root.clone(),
@@ -322,6 +335,9 @@ impl<F: CasFactory> Runner<F> {
             "executed"
         );
 
+        if let Some(why) = run_disk.as_ref().and_then(RunDisk::exhausted) {
+            return Err(Error::resource_exhausted(why));
+        }
         let upload_start = SystemTime::now();
         let mut result = ActionResult { exit_code: outcome.exit_code, ..Default::default() };
         let limits = &self.config.outputs;
@@ -360,7 +376,30 @@ impl<F: CasFactory> Runner<F> {
         };
         let mut f = finished(&assign.execution_id, code, message);
         f.action_result = result.encode_to_vec();
+        if let Some(disk) = run_disk {
+            disk.clear().await;
+        }
         Ok(f)
+    }
+
+    /// With per-slot disks, mounts the run's exec root (an overlay of the
+    /// input tree at `lower` and the slot's filesystem) and returns it
+    /// with where the action sees its files; without, `lower` itself.
+    async fn mount_disk(
+        &self,
+        slot: u32,
+        run_id: &str,
+        dir: &std::path::Path,
+        lower: PathBuf,
+    ) -> Result<(Option<RunDisk>, PathBuf)> {
+        let Some(disks) = self.config.disks.clone() else { return Ok((None, lower)) };
+        let merged = dir.join("exec");
+        let (run, target) = (run_id.to_owned(), merged.clone());
+        let disk = tokio::task::spawn_blocking(move || disks.mount(slot, &run, &lower, &target))
+            .await
+            .map_err(|e| Error::internal(format!("mounting the exec root: {e}")))?
+            .map_err(Error::internal)?;
+        Ok((Some(disk), merged))
     }
 }
 
