@@ -111,6 +111,7 @@ pub async fn scheduler(n: usize, workers: usize, slots: u32, in_flight: usize) -
                     skip_cache_lookup: true,
                     priority: 0,
                     invocation: format!("inv-{}", i % 4),
+                    principal: String::new(),
                 };
                 let mut watch = scheduler.execute(args).map_err(|e| anyhow::anyhow!("{e}"))?;
                 loop {
@@ -142,6 +143,7 @@ pub async fn scheduler(n: usize, workers: usize, slots: u32, in_flight: usize) -
             skip_cache_lookup: true,
             priority: 0,
             invocation: String::new(),
+            principal: String::new(),
         };
         let t = Instant::now();
         let mut watch = scheduler.execute(args).map_err(|e| anyhow::anyhow!("{e}"))?;

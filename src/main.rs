@@ -246,7 +246,7 @@ pub(crate) enum TokenCommand {
         /// Tenant (instance name) the token is for, subtenants included.
         #[arg(long, default_value = "")]
         tenant: String,
-        /// Comma-separated: read, write, cas-read, cas-write, ac-read, ac-write, execute, admin.
+        /// Comma-separated: read, write, cas-read, cas-write, ac-read, ac-write, execute, admin, worker, urgent (priorities below 0), all.
         #[arg(long = "perm", value_delimiter = ',', required = true)]
         permissions: Vec<String>,
         /// Lifetime such as 365d, 12h, or never.

@@ -647,3 +647,39 @@ async fn an_actions_mount_table_shows_no_host_path_of_the_worker() {
     let data_dir = kiln.data_dir.path().to_str().unwrap().to_owned();
     assert!(!table.contains(&data_dir) && !table.contains("/worker/"), "{table}");
 }
+
+/// A priority below 0 is used only by principals holding the `urgent`
+/// permission; others run at 0 (counted), and both builds run.
+#[tokio::test]
+async fn only_urgent_principals_may_ask_for_priorities_below_zero() {
+    use kiln_tools::client::{ClientOptions, connect};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.json");
+    let dev = common::bootstrap_token(&file, "dev", "main", "execute,read,write", "never");
+    let ci = common::bootstrap_token(&file, "ci", "main", "execute,read,write,urgent", "never");
+    let kiln = Kiln::start_with_config(&common::token_config(&file, ""));
+    let clamped = || kiln.metric("kiln_scheduler_priorities_clamped_total", &[]);
+    for (n, (token, expected)) in [(dev, 1.0), (ci, 1.0)].into_iter().enumerate() {
+        let conn =
+            connect(&ClientOptions { token: Some(token), remote: kiln.remote(), ..Default::default() })
+                .await
+                .unwrap();
+        let (digest, blobs) = action(&format!("echo {n} > out.txt"), &[], 0, &[]);
+        let blobs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
+        conn.cas().batch_update_blobs(common::upload_request("main", &blobs)).await.unwrap();
+        let request = ExecuteRequest {
+            instance_name: "main".into(),
+            action_digest: Some(digest.to_proto()),
+            execution_policy: Some(reapi::ExecutionPolicy { priority: -500 }),
+            ..Default::default()
+        };
+        let mut stream = ExecutionClient::new(conn.channel()).execute(request).await.unwrap().into_inner();
+        let mut last = None;
+        while let Some(op) = stream.next().await {
+            last = Some(op.unwrap());
+        }
+        let r = response_of(&last.unwrap());
+        assert_eq!(status_code(&r), 0, "{r:?}");
+        assert_eq!(clamped(), expected, "after the build of token {n}");
+    }
+}

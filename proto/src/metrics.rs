@@ -99,6 +99,9 @@ pub struct Metrics {
     pub action_duration: Histogram,
     pub executions: Family<OutcomeLabels, Counter>,
     pub retries: Counter,
+    /// Execute calls whose priority was raised to 0 for want of the
+    /// urgent permission.
+    pub priorities_clamped: Counter,
     pub lost_workers: Counter,
     pub worker_runs: Family<OutcomeLabels, Counter>,
     /// Slots of this process's workers, set when they start.
@@ -142,6 +145,7 @@ impl Metrics {
             action_duration: seconds_histogram(),
             executions: Family::default(),
             retries: Counter::default(),
+            priorities_clamped: Counter::default(),
             lost_workers: Counter::default(),
             worker_runs: Family::default(),
             worker_slots: Gauge::default(),
@@ -300,6 +304,11 @@ impl Metrics {
             "scheduler_retries",
             "Executions requeued after their worker was lost or gave up",
             self.retries.clone(),
+        );
+        r.register(
+            "scheduler_priorities_clamped",
+            "Execute calls asking a priority below 0 without the urgent permission, run at priority 0",
+            self.priorities_clamped.clone(),
         );
         r.register(
             "worker_runs",

@@ -74,6 +74,8 @@ pub struct ExecuteArgs {
     pub priority: i32,
     /// `tool_invocation_id` from the request metadata ("" when absent).
     pub invocation: String,
+    /// Who asked: shares are fair between principals within a tenant.
+    pub principal: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -538,7 +540,7 @@ impl<B: Backend> Inner<B> {
                 action,
                 platform,
                 priority: args.priority,
-                lane: Lane::new(kiln_proto::tenant::base(&args.instance), &args.invocation),
+                lane: Lane::new(kiln_proto::tenant::base(&args.instance), &args.principal, &args.invocation),
                 timeout,
                 do_not_cache,
                 ops: vec![name.to_owned()],

@@ -176,6 +176,7 @@ fn args(action: Digest, invocation: &str) -> ExecuteArgs {
         skip_cache_lookup: false,
         priority: 0,
         invocation: invocation.into(),
+        principal: String::new(),
     }
 }
 

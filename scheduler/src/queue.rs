@@ -1,16 +1,18 @@
 //! The queue of executions waiting for a worker, fair across tenants,
-//! then across invocations within a tenant.
+//! then across principals within a tenant, then across invocations.
 //!
-//! Executions wait in one FIFO per lane: a tenant's invocation
-//! (`tool_invocation_id`). When a worker slot frees, each lane offers its
-//! best waiting execution that the worker can run (lowest priority value,
-//! then oldest, among the first few). The tenant with the fewest running
-//! executions wins; within it, the invocation with the lowest score
-//! `(running + 1) * 2^(priority / 100)`. Tenants therefore share the slots
-//! about evenly however many builds each runs and whatever priorities they
-//! ask for; within a tenant, two builds share its slots about evenly
-//! whatever their sizes, and a priority 100 lower (more urgent) doubles a
-//! build's share.
+//! Executions wait in one FIFO per lane: a principal's invocation
+//! (`tool_invocation_id`) in a tenant. When a worker slot frees, each lane
+//! offers its best waiting execution that the worker can run (lowest
+//! priority value, then oldest, among the first few). The tenant with the
+//! fewest running executions per weight wins; within it, the principal
+//! with the fewest running; within that, the invocation with the lowest
+//! score `(running + 1) * 2^(priority / 100)`. Tenants therefore share the
+//! slots by weight however many builds each runs and whatever priorities
+//! they ask for; within a tenant, principals share its slots about evenly
+//! however many builds each starts; a principal's builds share its part
+//! about evenly whatever their sizes, and a priority 100 lower (more
+//! urgent) doubles a build's share.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -30,16 +32,17 @@ pub struct Entry {
 }
 
 /// Whose share an execution counts against: its tenant's, then its
-/// invocation's within the tenant.
+/// principal's within the tenant, then its invocation's.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Lane {
     pub tenant: String,
+    pub principal: String,
     pub invocation: String,
 }
 
 impl Lane {
-    pub fn new(tenant: &str, invocation: &str) -> Lane {
-        Lane { tenant: tenant.to_owned(), invocation: invocation.to_owned() }
+    pub fn new(tenant: &str, principal: &str, invocation: &str) -> Lane {
+        Lane { tenant: tenant.to_owned(), principal: principal.to_owned(), invocation: invocation.to_owned() }
     }
 }
 
@@ -72,6 +75,8 @@ pub struct FairQueue {
     waiting: HashMap<Lane, VecDeque<Entry>>,
     running: HashMap<Lane, u32>,
     tenants_running: HashMap<String, u32>,
+    /// Running executions per principal, per tenant.
+    principals_running: HashMap<String, HashMap<String, u32>>,
     shares: HashMap<String, TenantShare>,
     /// A tenant came off its cap since [`FairQueue::take_uncapped`] was
     /// last asked: its waiting executions may fit any worker's free slot.
@@ -80,9 +85,9 @@ pub struct FairQueue {
 }
 
 /// How a lane's offer compares, lowest first: its tenant's running
-/// executions per share, its invocation's score, the priority, the
-/// arrival.
-type Rank = (f64, f64, i32, u64);
+/// executions per share, its principal's running executions, its
+/// invocation's score, the priority, the arrival.
+type Rank = (f64, u32, f64, i32, u64);
 
 fn score(running: u32, priority: i32) -> f64 {
     f64::from(running + 1) * 2f64.powf(f64::from(priority) / 100.0)
@@ -163,7 +168,8 @@ impl FairQueue {
             let Some((at, e)) = candidate else { continue };
             let running = self.running.get(lane).copied().unwrap_or(0);
             let tenant_score = f64::from(tenant + 1) / f64::from(share.weight.max(1));
-            let rank = (tenant_score, score(running, e.priority), e.priority, e.seq);
+            let principal = self.principal_running(lane);
+            let rank = (tenant_score, principal, score(running, e.priority), e.priority, e.seq);
             if best.as_ref().is_none_or(|(b, ..)| rank < *b) {
                 best = Some((rank, lane, at));
             }
@@ -179,7 +185,13 @@ impl FairQueue {
         Some((lane, entry))
     }
 
+    fn principal_running(&self, lane: &Lane) -> u32 {
+        self.principals_running.get(&lane.tenant).and_then(|p| p.get(&lane.principal)).copied().unwrap_or(0)
+    }
+
     pub fn started(&mut self, lane: &Lane) {
+        let principals = self.principals_running.entry(lane.tenant.clone()).or_default();
+        *principals.entry(lane.principal.clone()).or_default() += 1;
         *self.running.entry(lane.clone()).or_default() += 1;
         *self.tenants_running.entry(lane.tenant.clone()).or_default() += 1;
     }
@@ -189,6 +201,17 @@ impl FairQueue {
         *n = n.saturating_sub(1);
         if *n == 0 {
             self.running.remove(lane);
+        }
+        if let Some(principals) = self.principals_running.get_mut(&lane.tenant) {
+            if let Some(p) = principals.get_mut(&lane.principal) {
+                *p = p.saturating_sub(1);
+                if *p == 0 {
+                    principals.remove(&lane.principal);
+                }
+            }
+            if principals.is_empty() {
+                self.principals_running.remove(&lane.tenant);
+            }
         }
         let was_full = self.at_cap(&lane.tenant);
         if let Some(t) = self.tenants_running.get_mut(&lane.tenant) {
@@ -210,9 +233,9 @@ impl FairQueue {
 mod tests {
     use super::*;
 
-    /// Lane `invocation` of the tenant "t".
+    /// Lane `invocation` of principal "p" in the tenant "t".
     fn lane(invocation: &str) -> Lane {
-        Lane::new("t", invocation)
+        Lane::new("t", "p", invocation)
     }
 
     fn fill_lane(q: &mut FairQueue, lane: &Lane, n: u64, first_seq: u64, priority: i32) {
@@ -254,10 +277,10 @@ mod tests {
         // Tenant "a": fifty builds at the most urgent priority there is.
         let urgent = *kiln_proto::limits::EXECUTION_PRIORITY_RANGE.start();
         for b in 0..50u64 {
-            fill_lane(&mut q, &Lane::new("a", &format!("build-{b}")), 100, b * 1000, urgent);
+            fill_lane(&mut q, &Lane::new("a", "p", &format!("build-{b}")), 100, b * 1000, urgent);
         }
         // Tenant "b": one build at the default priority.
-        fill_lane(&mut q, &Lane::new("b", "only"), 1000, 100_000, 0);
+        fill_lane(&mut q, &Lane::new("b", "p", "only"), 1000, 100_000, 0);
         let started = simulate_lanes(&mut q, 10, 1000);
         let by_tenant =
             |t: &str| started.iter().filter(|(l, _)| l.tenant == t).map(|(_, n)| n).sum::<usize>();
@@ -269,8 +292,8 @@ mod tests {
     /// plenty waiting, in `steps` starts on `slots` slots.
     fn starts_of_a(share: TenantShare, slots: usize, steps: usize) -> (usize, usize) {
         let mut q = FairQueue::with_shares(HashMap::from([("a".to_owned(), share)]));
-        fill_lane(&mut q, &Lane::new("a", "x"), 2000, 0, 0);
-        fill_lane(&mut q, &Lane::new("b", "y"), 2000, 10_000, 0);
+        fill_lane(&mut q, &Lane::new("a", "p", "x"), 2000, 0, 0);
+        fill_lane(&mut q, &Lane::new("b", "p", "y"), 2000, 10_000, 0);
         let started = simulate_lanes(&mut q, slots, steps);
         let a = started.iter().filter(|(l, _)| l.tenant == "a").map(|(_, n)| n).sum::<usize>();
         (a, steps - a)
@@ -286,7 +309,7 @@ mod tests {
         assert!((150..=250).contains(&a), "2 slots of 8: a {a}, b {b}");
         // With only the capped tenant waiting, a slot stays free.
         let mut q = FairQueue::with_shares(HashMap::from([("a".to_owned(), share(1, 1))]));
-        fill_lane(&mut q, &Lane::new("a", "x"), 3, 0, 0);
+        fill_lane(&mut q, &Lane::new("a", "p", "x"), 3, 0, 0);
         let (lane, _) = q.pick(|_| true).unwrap();
         q.started(&lane);
         assert!(q.pick(|_| true).is_none(), "the cap is reached");
@@ -294,6 +317,20 @@ mod tests {
         q.stopped(&lane);
         assert!(q.take_uncapped() && !q.take_uncapped(), "coming off the cap is told once");
         assert!(q.pick(|_| true).is_some());
+    }
+
+    /// Within a tenant, a principal running twenty builds at once shares
+    /// the tenant's slots evenly with one running a single build.
+    #[test]
+    fn principals_share_their_tenants_slots_evenly() {
+        let mut q = FairQueue::default();
+        for b in 0..20u64 {
+            fill_lane(&mut q, &Lane::new("t", "ci", &format!("build-{b}")), 100, b * 1000, 0);
+        }
+        fill_lane(&mut q, &Lane::new("t", "alice", "one"), 1000, 100_000, 0);
+        let started = simulate_lanes(&mut q, 8, 800);
+        let alice = started.iter().filter(|(l, _)| l.principal == "alice").map(|(_, n)| n).sum::<usize>();
+        assert!((360..=440).contains(&alice), "principals share evenly: alice {alice} of 800");
     }
 
     #[test]

@@ -103,13 +103,13 @@ impl<B: Backend> Execution for ExecutionService<B> {
     type WaitExecutionStream = OperationStream;
 
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<OperationStream>, Status> {
-        self.auth.check(&request, &request.get_ref().instance_name, Permission::Execute)?;
+        let caller = self.auth.check(&request, &request.get_ref().instance_name, Permission::Execute)?;
         let invocation = invocation_of(&request);
         let req = request.into_inner();
         validate_instance_name(&req.instance_name).map_err(Status::from)?;
         let function = DigestFunction::from_proto(req.digest_function).map_err(Status::from)?;
         let action = Digest::from_required(function, req.action_digest.as_ref(), "action_digest")?;
-        let priority = req.execution_policy.as_ref().map_or(0, |p| p.priority);
+        let mut priority = req.execution_policy.as_ref().map_or(0, |p| p.priority);
         let range = kiln_proto::limits::EXECUTION_PRIORITY_RANGE;
         if !range.contains(&priority) {
             return Err(Status::invalid_argument(format!(
@@ -118,12 +118,20 @@ impl<B: Backend> Execution for ExecutionService<B> {
                 range.end()
             )));
         }
+        // More urgent than the default only with the urgent permission;
+        // otherwise clamped, so a build that asks still runs.
+        if priority < 0 && !self.auth.allows(&caller.principal, &req.instance_name, Permission::Urgent) {
+            tracing::debug!(principal = %caller.principal, priority, "priority clamped to 0: no urgent permission");
+            kiln_proto::metrics::global().priorities_clamped.inc();
+            priority = 0;
+        }
         let args = ExecuteArgs {
             instance: req.instance_name,
             action,
             skip_cache_lookup: req.skip_cache_lookup,
             priority,
             invocation,
+            principal: caller.principal.to_string(),
         };
         let watch = self.scheduler.execute(args)?;
         Ok(Response::new(follow(watch)))

@@ -18,10 +18,13 @@ pub enum Permission {
     Admin,
     /// Connect to the scheduler's worker port as a worker.
     Worker,
+    /// Ask for execution priorities below 0 (more urgent than the
+    /// default); without it they are clamped to 0.
+    Urgent,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 7] = [
+    pub const ALL: [Permission; 8] = [
         Permission::CasRead,
         Permission::CasWrite,
         Permission::AcRead,
@@ -29,6 +32,7 @@ impl Permission {
         Permission::Execute,
         Permission::Admin,
         Permission::Worker,
+        Permission::Urgent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,6 +44,7 @@ impl Permission {
             Permission::Execute => "execute",
             Permission::Admin => "admin",
             Permission::Worker => "worker",
+            Permission::Urgent => "urgent",
         }
     }
 
@@ -107,9 +112,10 @@ impl Permissions {
                 "execute" => &[Permission::Execute],
                 "admin" => &[Permission::Admin],
                 "worker" => &[Permission::Worker],
+                "urgent" => &[Permission::Urgent],
                 other => {
                     return Err(Error::invalid_argument(format!(
-                        "unknown permission {}; use read, write, cas-read, cas-write, ac-read, ac-write, execute, admin, worker or all",
+                        "unknown permission {}; use read, write, cas-read, cas-write, ac-read, ac-write, execute, admin, worker, urgent or all",
                         crate::text::quoted(other)
                     )));
                 }
@@ -148,7 +154,7 @@ mod tests {
         assert_eq!(p.to_string(), "cas-read,ac-read,ac-write");
         assert_eq!(Permissions::parse(p.names()).unwrap(), p);
         assert!(Permissions::parse(["root"]).unwrap_err().message().contains("unknown permission"));
-        assert_eq!(Permissions::all().iter().count(), 7);
+        assert_eq!(Permissions::all().iter().count(), 8);
         assert!(Permissions::parse(["worker"]).unwrap().contains(Permission::Worker));
         assert_eq!(Permissions::parse(["all"]).unwrap(), Permissions::all());
         let read = Permissions::parse(["read"]).unwrap();
