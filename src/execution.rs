@@ -528,8 +528,17 @@ fn slot_disks(config: &WorkerConfig, data_dir: &Path, slots: usize) -> Result<Op
     }
     let stat = nix::sys::statvfs::statvfs(&dir).with_context(|| format!("statvfs {}", dir.display()))?;
     let free = stat.blocks_available().saturating_mul(stat.fragment_size());
-    let budget = free.saturating_sub(config.cache_size_bytes).saturating_sub(WORKER_DISK_RESERVE_BYTES);
     let slots_u64 = slots.max(1) as u64;
+    // What else may fill this filesystem at once: the file cache, and the
+    // copies of inputs past the hard-link limit in every slot's exec root.
+    let (build_dir, cache_dir) = worker_dirs(config, data_dir);
+    let here = |d: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(d).is_ok_and(|m| std::fs::metadata(&dir).is_ok_and(|h| h.dev() == m.dev()))
+    };
+    let cache = if here(&cache_dir) { config.cache_size_bytes } else { 0 };
+    let copies = if here(&build_dir) { slots_u64 * kiln_proto::limits::INPUT_COPIED_BYTES_MAX } else { 0 };
+    let budget = free.saturating_sub(cache).saturating_sub(copies).saturating_sub(WORKER_DISK_RESERVE_BYTES);
     let bytes = match config.disk_bytes {
         0 => (budget / slots_u64).min(ACTION_DISK_BYTES_DEFAULT_MAX),
         n => n,
@@ -537,11 +546,10 @@ fn slot_disks(config: &WorkerConfig, data_dir: &Path, slots: usize) -> Result<Op
     if bytes < ACTION_DISK_BYTES_MIN || bytes.saturating_mul(slots_u64) > budget {
         anyhow::bail!(
             "[execution.worker] disk_bytes: {slots} slots of {bytes} bytes do not fit: {} has {free} bytes free, \
-             of which the file cache (cache_size_bytes = {}) and a reserve of {WORKER_DISK_RESERVE_BYTES} are kept; \
-             each slot needs at least {ACTION_DISK_BYTES_MIN}. Lower disk_bytes, cache_size_bytes or the slots, \
-             or free space",
+             of which the file cache ({cache} bytes), copies of inputs ({copies} bytes: 1 GiB per slot) and a \
+             reserve of {WORKER_DISK_RESERVE_BYTES} are kept; each slot needs at least {ACTION_DISK_BYTES_MIN}. \
+             Lower disk_bytes, cache_size_bytes or the slots, or free space",
             dir.display(),
-            config.cache_size_bytes
         );
     }
     let inodes = match config.disk_inodes {
