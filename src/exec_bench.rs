@@ -174,8 +174,12 @@ pub async fn scheduler(n: usize, workers: usize, slots: u32, in_flight: usize) -
 #[allow(clippy::print_stdout)] // A report for people.
 pub fn sandbox(runs: u32) -> Result<serde_json::Value> {
     let uid = ExecutionConfig::default().worker.uid_base;
-    let config = kiln_worker::sandbox::SandboxConfig::new(std::env::current_exe()?, uid, uid)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = kiln_worker::sandbox::SandboxConfig::new(
+        kiln_worker::sandbox::stage_binary(&std::env::current_exe()?),
+        uid,
+        uid,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let scratch = tempfile_dir("sandbox")?;
     let overhead =
         kiln_worker::sandbox::fork_exec_baseline(&config, &scratch, runs).map_err(|e| anyhow::anyhow!("{e}"));

@@ -468,7 +468,7 @@ pub fn runner<F: CasFactory>(
         .map_err(|e| anyhow::anyhow!("worker file cache: {}", e.message()))?;
     cache.check_same_filesystem(&build_dir).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     let mut sandbox = kiln_worker::sandbox::SandboxConfig::new(
-        std::env::current_exe().context("locate the kiln binary")?,
+        kiln_worker::sandbox::stage_binary(&std::env::current_exe().context("locate the kiln binary")?),
         config.uid_base,
         config.uid_base,
     )

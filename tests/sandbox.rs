@@ -59,7 +59,8 @@ impl Fixture {
         require_root();
         let n = nonce();
         let uid = 2_000_000 + u32::try_from(n % 100_000).unwrap();
-        let config = SandboxConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_kiln")), uid, uid).unwrap();
+        let stages = PathBuf::from(env!("CARGO_BIN_EXE_kiln-sandbox"));
+        let config = SandboxConfig::new(stages, uid, uid).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let exec_root = dir.path().join("exec");
         std::fs::create_dir_all(exec_root.join("pkg/sub")).unwrap();
@@ -431,10 +432,19 @@ fn a_missing_program_or_directory_is_an_exec_error() {
     f.assert_host_intact(&spec);
 }
 
+/// The probe builds a sandbox with the small stage binary, and with
+/// `kiln` itself, which a worker re-executes when `kiln-sandbox` is not
+/// next to it; a uid that is the worker's own is refused.
 #[test]
 fn probe_builds_a_sandbox() {
     let f = Fixture::new();
     sandbox::probe(&f.config).unwrap();
+    let kiln = PathBuf::from(env!("CARGO_BIN_EXE_kiln"));
+    assert_eq!(sandbox::stage_binary(&kiln), f.config.kiln_binary, "kiln-sandbox lies next to kiln");
+    let alone = f.dir.path().join("kiln");
+    std::os::unix::fs::symlink(&kiln, &alone).unwrap();
+    assert_eq!(sandbox::stage_binary(&alone), alone, "without kiln-sandbox, kiln runs the stages");
+    sandbox::probe(&SandboxConfig { kiln_binary: alone, ..f.config.clone() }).unwrap();
     let mut bad = f.config.clone();
     bad.uid = nix::unistd::geteuid().as_raw();
     assert!(matches!(sandbox::probe(&bad), Err(SandboxError::Invalid(_))));

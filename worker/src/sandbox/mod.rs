@@ -1,9 +1,10 @@
 //! The action sandbox: Linux namespaces, a fresh root, cgroup limits.
 //!
 //! The worker is multi-threaded, and a multi-threaded process cannot enter
-//! a new user namespace, so [`run`] re-executes the `kiln` binary into two
-//! stages (`src/main.rs` hands them to [`dispatch_stage`] before anything
-//! else runs):
+//! a new user namespace, so [`run`] executes a binary into two stages: the
+//! small `kiln-sandbox` (`src/bin/kiln-sandbox.rs`) where it lies next to
+//! `kiln`, or `kiln` itself (`src/main.rs` hands the stages to
+//! [`dispatch_stage`] before anything else runs):
 //!
 //! ```text
 //! worker thread (root)          stage 1                       init (pid 1)          action (pid 2)
@@ -108,9 +109,10 @@ const INIT: &str = "__kiln-sandbox-init";
 /// [`probe`].
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
-    /// The binary re-executed as the sandbox's stages: `std::env::current_exe()`
-    /// in the worker (it must reach [`dispatch_stage`] first thing), and
-    /// `env!("CARGO_BIN_EXE_kiln")` in tests.
+    /// The binary run as the sandbox's stages: [`stage_binary`] of
+    /// `std::env::current_exe()` in the worker (either binary reaches
+    /// [`dispatch_stage`] first thing), and `env!("CARGO_BIN_EXE_kiln-sandbox")`
+    /// in tests.
     pub kiln_binary: PathBuf,
     /// The host uid the sandbox's root maps to: unprivileged, never the
     /// worker's own; one per slot keeps concurrent actions apart.
@@ -233,6 +235,17 @@ impl fmt::Display for SandboxError {
 }
 
 impl std::error::Error for SandboxError {}
+
+/// The name of the small binary that holds only the sandbox's stages.
+pub const STAGE_BINARY: &str = "kiln-sandbox";
+
+/// The binary to run the sandbox's stages with: [`STAGE_BINARY`] next to
+/// `kiln` when it is there, which costs less to start than `kiln` itself
+/// (docs/BENCHMARKS.md), else `kiln`.
+pub fn stage_binary(kiln: &std::path::Path) -> PathBuf {
+    let small = kiln.with_file_name(STAGE_BINARY);
+    if small.is_file() { small } else { kiln.to_owned() }
+}
 
 /// Runs a sandbox stage when the `kiln` binary was re-executed as one
 /// (`args[1]` names the stage); `None` for every other command line.
