@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::StreamExt;
 use kiln_proto::kiln::worker::{Property, Register};
-use kiln_proto::reapi::{ActionResult, Directory};
+use kiln_proto::reapi::ActionResult;
 use kiln_proto::{Digest, DigestFunction, Error};
 use kiln_scheduler::platform::{Rule, Rules};
 use kiln_storage::store::{
@@ -404,34 +404,6 @@ impl<C: CasStore> CasClient for StoreCas<C> {
 
     async fn upload_bytes(&self, digest: &Digest, data: Bytes) -> kiln_proto::Result<()> {
         put_all(&self.cas, &self.key(digest), data).await
-    }
-
-    async fn get_tree(&self, root: &Digest, count_max: u64) -> kiln_proto::Result<Vec<Directory>> {
-        let mut seen = std::collections::HashSet::new();
-        let mut queue = std::collections::VecDeque::from([*root]);
-        let mut out = Vec::new();
-        while let Some(d) = queue.pop_front() {
-            if !seen.insert(d) {
-                continue;
-            }
-            if out.len() as u64 > count_max {
-                break;
-            }
-            let bytes = read_all(&self.cas, &self.key(&d), kiln_proto::limits::ACTION_MESSAGE_SIZE_BYTES_MAX)
-                .await
-                .map_err(|e| {
-                    if e.is_not_found() { Error::not_found(format!("directory {d} not found")) } else { e }
-                })?;
-            let dir = Directory::decode(bytes.as_ref())
-                .map_err(|e| Error::invalid_argument(format!("directory {d} does not decode: {e}")))?;
-            for child in &dir.directories {
-                if let Some(cd) = &child.digest {
-                    queue.push_back(Digest::from_proto(Some(root.function()), cd)?);
-                }
-            }
-            out.push(dir);
-        }
-        Ok(out)
     }
 }
 

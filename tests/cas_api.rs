@@ -405,3 +405,35 @@ async fn get_tree_walks_are_bounded() {
     .await;
     assert_eq!(pages, 301);
 }
+
+#[tokio::test]
+async fn get_tree_refuses_a_tree_past_tree_directories_max() {
+    let kiln = Kiln::start_with_config("[limits]\ntree_directories_max = 4\n");
+    let mut cas = kiln.cas().await;
+    let names: Vec<String> = (0..4).map(|i| format!("f{i}")).collect();
+    let leaves: Vec<Directory> = names.iter().map(|n| dir(&[n.as_str()], &[])).collect();
+    let children: Vec<(&str, Digest)> =
+        names.iter().zip(&leaves).map(|(n, d)| (n.as_str(), sha(&d.encode_to_vec()))).collect();
+    let small = dir(&[], &children[..3]);
+    let large = dir(&[], &children);
+    let mut requests: Vec<_> = leaves.iter().map(|d| blob(&d.encode_to_vec())).collect();
+    requests.extend([blob(&small.encode_to_vec()), blob(&large.encode_to_vec())]);
+    cas.batch_update_blobs(BatchUpdateBlobsRequest { requests, ..Default::default() }).await.unwrap();
+    let walk = |root: &Directory| {
+        let req =
+            GetTreeRequest { root_digest: Some(sha(&root.encode_to_vec()).to_proto()), ..Default::default() };
+        let mut cas = cas.clone();
+        async move {
+            let mut stream = cas.get_tree(req).await?.into_inner();
+            let mut n = 0;
+            while let Some(page) = stream.message().await? {
+                n += page.directories.len();
+            }
+            Ok::<_, tonic::Status>(n)
+        }
+    };
+    assert_eq!(walk(&small).await.unwrap(), 4, "the root and three: at the bound");
+    let err = walk(&large).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("more than 4 directories"), "{}", err.message());
+}

@@ -122,6 +122,20 @@ fn status_code(r: &ExecuteResponse) -> i32 {
     r.status.as_ref().map_or(0, |s| s.code)
 }
 
+/// The PreconditionFailure of a FAILED_PRECONDITION response, as text to
+/// find the MISSING violations' subjects in.
+fn precondition_failure(r: &ExecuteResponse) -> String {
+    assert_eq!(status_code(r), tonic::Code::FailedPrecondition as i32, "{r:?}");
+    let details = &r.status.as_ref().unwrap().details;
+    assert_eq!(details[0].type_url, "type.googleapis.com/google.rpc.PreconditionFailure");
+    String::from_utf8_lossy(&details[0].value).into_owned()
+}
+
+/// A MISSING violation's subject for `digest`.
+fn subject(digest: &Digest) -> String {
+    format!("blobs/{}/{}", digest.hash_hex(), digest.size_bytes())
+}
+
 async fn stdout_of(kiln: &Kiln, r: &ExecuteResponse) -> Vec<u8> {
     let d = r.result.as_ref().unwrap().stdout_digest.clone().unwrap();
     let read = reapi::BatchReadBlobsRequest { digests: vec![d], ..Default::default() };
@@ -153,14 +167,9 @@ async fn actions_run_and_missing_inputs_are_reported_all_at_once() {
     upload(&kiln, &blobs[..3]).await;
     let ops = execute(&kiln, digest, false).await;
     assert!(!ops[0].done, "the first message comes at once");
-    let r = response_of(ops.last().unwrap());
-    assert_eq!(status_code(&r), tonic::Code::FailedPrecondition as i32, "{r:?}");
-    let details = &r.status.as_ref().unwrap().details;
-    assert_eq!(details[0].type_url, "type.googleapis.com/google.rpc.PreconditionFailure");
-    let text = String::from_utf8_lossy(&details[0].value).into_owned();
+    let text = precondition_failure(&response_of(ops.last().unwrap()));
     for data in [&b"alpha "[..], b"beta"] {
-        let d = sha(data);
-        assert!(text.contains(&format!("blobs/{}/{}", d.hash_hex(), d.size_bytes())), "{text}");
+        assert!(text.contains(&subject(&sha(data))), "{text}");
     }
     // Uploaded, it runs.
     upload(&kiln, &blobs[3..]).await;
@@ -175,6 +184,62 @@ async fn actions_run_and_missing_inputs_are_reported_all_at_once() {
     // And again: a cache hit.
     let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
     assert!(r.cached_result);
+}
+
+/// An action `cat sub/f > out.txt` whose input root names the directory
+/// `sub` by the digest of `sub`; its digest, the blobs of the action, and
+/// `sub`'s digest.
+fn action_with_subdirectory(sub: &[u8]) -> (Digest, Vec<Vec<u8>>, Digest) {
+    let (_, mut blobs) = action("cat sub/f > out.txt", &[], 0, &[]);
+    let root = reapi::Directory {
+        directories: vec![reapi::DirectoryNode { name: "sub".into(), digest: Some(sha(sub).to_proto()) }],
+        ..Default::default()
+    };
+    let mut action = reapi::Action::decode(blobs[0].as_slice()).unwrap();
+    action.input_root_digest = Some(sha(&root.encode_to_vec()).to_proto());
+    blobs[0] = action.encode_to_vec();
+    blobs[2] = root.encode_to_vec();
+    (sha(&blobs[0]), blobs, sha(sub))
+}
+
+/// The one rule for a missing directory: an input directory the CAS lacks
+/// is a missing input like a missing file, named by its digest in the
+/// PreconditionFailure, so that the client uploads it and the action runs.
+#[tokio::test]
+async fn a_missing_input_directory_is_reported_by_its_digest() {
+    let kiln = Kiln::start();
+    let file = b"in a subdirectory\n";
+    let sub = reapi::Directory {
+        files: vec![reapi::FileNode {
+            name: "f".into(),
+            digest: Some(sha(file).to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let (digest, blobs, missing) = action_with_subdirectory(&sub.encode_to_vec());
+    upload(&kiln, &blobs).await;
+    let text = precondition_failure(&response_of(execute(&kiln, digest, false).await.last().unwrap()));
+    assert!(text.contains(&subject(&missing)), "{text}");
+    upload(&kiln, &[sub.encode_to_vec(), file.to_vec()]).await;
+    let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    assert_eq!((status_code(&r), r.result.as_ref().map(|r| r.exit_code)), (0, Some(0)), "{r:?}");
+}
+
+/// A blob the input tree names as a directory but that is not a Directory
+/// message fails the action as GetTree fails: FAILED_PRECONDITION naming
+/// the digest (what the CAS holds does not form a tree).
+#[tokio::test]
+async fn an_input_directory_that_is_not_a_directory_fails_naming_it() {
+    let kiln = Kiln::start();
+    let junk = b"\xff\xff\xff\xff not a Directory message".to_vec();
+    let (digest, mut blobs, junk_digest) = action_with_subdirectory(&junk);
+    blobs.push(junk);
+    upload(&kiln, &blobs).await;
+    let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    let status = r.status.clone().unwrap_or_default();
+    assert_eq!(status.code, tonic::Code::FailedPrecondition as i32, "{r:?}");
+    assert!(status.message.contains(&junk_digest.hash_hex()), "{}", status.message);
 }
 
 #[tokio::test]

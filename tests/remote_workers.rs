@@ -3,7 +3,8 @@
 //! action runs again elsewhere), and an action whose worker dies every time
 //! fails after the bounded attempts instead of hanging; a worker serves
 //! its own metrics and status page; its CAS client takes an early answer
-//! for a blob the CAS already holds.
+//! for a blob the CAS already holds, and reports an input directory the
+//! CAS lacks by its digest.
 //!
 //! Needs root: actions run in sandboxes mapped to other uids.
 
@@ -104,17 +105,22 @@ impl Drop for Worker {
 
 /// Uploads an action running `sh -c script`; its digest.
 async fn action(kiln: &Kiln, script: &str) -> Digest {
+    action_in(kiln, script, &reapi::Directory::default()).await
+}
+
+/// Uploads an action running `sh -c script` in the input root `root` (the
+/// Directory `root` itself, none of what it names); its digest.
+async fn action_in(kiln: &Kiln, script: &str, root: &reapi::Directory) -> Digest {
     let command = reapi::Command {
         arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
         ..Default::default()
     };
-    let dir = reapi::Directory::default();
     let action = reapi::Action {
         command_digest: Some(sha(&command.encode_to_vec()).to_proto()),
-        input_root_digest: Some(sha(&dir.encode_to_vec()).to_proto()),
+        input_root_digest: Some(sha(&root.encode_to_vec()).to_proto()),
         ..Default::default()
     };
-    let blobs = [action.encode_to_vec(), command.encode_to_vec(), dir.encode_to_vec()];
+    let blobs = [action.encode_to_vec(), command.encode_to_vec(), root.encode_to_vec()];
     kiln.upload("", &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>()).await;
     sha(&blobs[0])
 }
@@ -245,4 +251,34 @@ async fn a_worker_uploading_a_blob_the_cas_already_holds_succeeds() {
     // chunk, and the rest of the file is never sent.
     cas.upload_file(&digest, &file).await.expect("an upload the CAS already holds");
     cas.upload_bytes(&digest, bytes::Bytes::from(data)).await.expect("the same, from memory");
+}
+
+/// A worker apart from its storage walks input trees by the same rule as
+/// the local one: a directory the CAS lacks is a missing input named by its
+/// digest, and the action runs once it is uploaded.
+#[tokio::test]
+async fn a_remote_worker_reports_a_missing_input_directory_by_its_digest() {
+    let kiln = scheduler("");
+    let _worker = Worker::registered(&kiln, "remote").await;
+    let node = |name: &str, d: &reapi::Directory| reapi::DirectoryNode {
+        name: name.into(),
+        digest: Some(sha(&d.encode_to_vec()).to_proto()),
+    };
+    // `sub` holds the empty directory, which every CAS holds.
+    let sub = reapi::Directory {
+        directories: vec![node("empty", &reapi::Directory::default())],
+        ..Default::default()
+    };
+    let root = reapi::Directory { directories: vec![node("sub", &sub)], ..Default::default() };
+    let digest = action_in(&kiln, "test -d sub/empty", &root).await;
+    let r = execute(&kiln, digest, |_| {}).await;
+    let status = r.status.clone().unwrap_or_default();
+    assert_eq!(status.code, tonic::Code::FailedPrecondition as i32, "{r:?}");
+    let missing = sha(&sub.encode_to_vec());
+    let text = String::from_utf8_lossy(&status.details[0].value).into_owned();
+    assert!(text.contains(&format!("blobs/{}/{}", missing.hash_hex(), missing.size_bytes())), "{text}");
+    kiln.upload("", &[&sub.encode_to_vec()]).await;
+    let r = execute(&kiln, digest, |_| {}).await;
+    assert_eq!(r.status.as_ref().map_or(0, |s| s.code), 0, "{r:?}");
+    assert_eq!(r.result.unwrap().exit_code, 0);
 }

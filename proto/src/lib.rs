@@ -5,7 +5,9 @@
 //! rest of the workspace names one crate for wire types. Next to it live the
 //! hand-written helpers that must agree byte for byte with the specification:
 //! [`Digest`] (SHA-256 and BLAKE3), ByteStream [`resource`] names, and the
-//! [`Error`] type that keeps its gRPC code as it gains context.
+//! [`Error`] type that keeps its gRPC code as it gains context; and the one
+//! walk over a Directory tree in a CAS ([`tree`]), shared by the storage
+//! node's GetTree and the worker.
 
 pub mod access;
 pub mod digest;
@@ -17,6 +19,7 @@ pub mod resource;
 pub mod tenant;
 pub mod text;
 pub mod transport;
+pub mod tree;
 
 pub use digest::{Digest, DigestFunction, Hasher};
 pub use error::{Code, Error, Result};

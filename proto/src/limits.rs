@@ -191,6 +191,14 @@ pub const INPUT_DIRECTORIES_MAX: u64 = 100_000;
 pub const INPUT_SYMLINKS_MAX: u64 = 100_000;
 pub const INPUT_DEPTH_MAX: usize = 128;
 pub const INPUT_TOTAL_BYTES_MAX: u64 = 64 << 30;
+/// Walking a directory tree (GetTree, an action's input root): most
+/// directories read at once, and most bytes of them by their digests'
+/// sizes (a larger directory is read alone).
+pub const TREE_READ_BATCH_DIRECTORIES_MAX: usize = 32;
+pub const TREE_READ_BATCH_BYTES_MAX: u64 = 8 << 20;
+/// Digests per FindMissingBlobs call a client sends (about 1 MiB of
+/// request); longer lists are sent in several calls.
+pub const FIND_MISSING_BATCH: usize = 10_000;
 /// Most bytes of an action's inputs written as copies: a blob linked more
 /// often than the filesystem allows (65,000 links on ext4) is copied, so a
 /// small blob named many times would otherwise write up to

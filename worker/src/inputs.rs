@@ -36,7 +36,6 @@ use nix::errno::Errno;
 use nix::fcntl::{OFlag, openat};
 use nix::sys::stat::{Mode, fchmod, mkdirat};
 use nix::unistd::{Gid, Uid, fchown};
-use prost::Message;
 
 use crate::cache::{Acquired, FileCache, PinnedEntry, Placed};
 use crate::cas::CasClient;
@@ -44,10 +43,8 @@ use crate::outputs::resolve_output_path;
 
 /// Files fetched into the cache at once by one materialization.
 pub const INPUT_FETCH_CONCURRENCY: usize = 32;
-/// Directories read at once when a tree is walked one level at a time.
-pub const TREE_READ_CONCURRENCY: usize = 32;
 /// Digests per `find_missing` call (about 1 MiB of request).
-pub const FIND_MISSING_BATCH: usize = 10_000;
+pub use kiln_proto::limits::FIND_MISSING_BATCH;
 /// Mode of every directory the worker creates in an exec root.
 pub const DIRECTORY_MODE: u32 = 0o755;
 /// Linux's longest file name (NAME_MAX), in bytes.
@@ -202,7 +199,7 @@ pub async fn materialize_with_limits<C: CasClient>(
     limits: &InputLimits,
 ) -> Result<InputStats, MaterializeError> {
     let start = Instant::now();
-    let index = fetch_tree(cas, function, root, limits).await?;
+    let index = fetch_tree(cas, root, limits).await?;
     let exec_root_bytes = exec_root.as_os_str().len();
     let plan = Plan::build(function, root, &index, limits, exec_root_bytes)?;
     drop(index);
@@ -272,81 +269,26 @@ pub async fn materialize_with_limits<C: CasClient>(
     Ok(stats)
 }
 
-/// Every Directory of the tree, by digest. Uses `get_tree` and indexes its
-/// answer by the digest of each message as prost encodes it; when that
-/// misses a directory (reported missing, or a client's encoding that prost
-/// does not reproduce, such as unknown fields), walks the tree a level at a
-/// time by the digests the parents name, so that every directory really
-/// missing is found (they are then absent from the index).
+/// Every Directory of the tree, by the digest it was read by (so that an
+/// encoding prost would not reproduce, such as one with unknown fields, is
+/// found too). The tree is walked by the one rule of [`kiln_proto::tree`]:
+/// a directory the CAS lacks is absent from the index, and [`Plan::build`]
+/// reports it as a missing input with the files.
 async fn fetch_tree<C: CasClient>(
     cas: &C,
-    function: DigestFunction,
     root: &Digest,
     limits: &InputLimits,
 ) -> Result<HashMap<Digest, Directory>, MaterializeError> {
-    // The root and `directories_max` below it: a client stops one past
-    // that, which is refused below without holding the rest.
-    let directories = match cas.get_tree(root, limits.directories_max.saturating_add(1)).await {
-        Ok(directories) => directories,
-        Err(e) if e.is_not_found() => return walk_tree(cas, function, root, limits).await,
-        Err(e) => return Err(e.context(format!("input root {root}")).into()),
-    };
-    if directories.len() as u64 > limits.directories_max.saturating_add(1) {
+    // The root and `directories_max` distinct directories below it: the
+    // walk stops past that, without holding the rest, and it is refused.
+    let tree = cas
+        .get_tree(root, limits.directories_max.saturating_add(1))
+        .await
+        .map_err(|e| e.context(format!("input root {root}")))?;
+    if tree.exceeded {
         return Err(too_many(root, "directories", limits.directories_max).into());
     }
-    let index: HashMap<Digest, Directory> =
-        directories.into_iter().map(|d| (function.compute(&d.encode_to_vec()), d)).collect();
-    let complete = index.contains_key(root)
-        && index.values().flat_map(|d| &d.directories).all(|node| {
-            // Malformed digests are reported by the validation later.
-            Digest::from_required(Some(function), node.digest.as_ref(), "digest")
-                .map_or(true, |digest| index.contains_key(&digest))
-        });
-    if complete { Ok(index) } else { walk_tree(cas, function, root, limits).await }
-}
-
-/// The slow path of [`fetch_tree`]: reads Directory messages one level at
-/// a time, skipping the missing ones.
-async fn walk_tree<C: CasClient>(
-    cas: &C,
-    function: DigestFunction,
-    root: &Digest,
-    limits: &InputLimits,
-) -> Result<HashMap<Digest, Directory>, MaterializeError> {
-    let mut index = HashMap::new();
-    let mut seen = HashSet::from([*root]);
-    let mut level = vec![*root];
-    while !level.is_empty() {
-        let mut reads = futures::stream::iter(level)
-            .map(|digest| async move { (digest, cas.read_bytes(&digest).await) })
-            .buffer_unordered(TREE_READ_CONCURRENCY);
-        let mut next = Vec::new();
-        while let Some((digest, result)) = reads.next().await {
-            let bytes = match result {
-                Ok(bytes) => bytes,
-                Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(e.context(format!("input directory {digest}")).into()),
-            };
-            let directory = Directory::decode(bytes).map_err(|e| {
-                Error::invalid_argument(format!("input directory {digest} is not a Directory message: {e}"))
-            })?;
-            for child in &directory.directories {
-                // Malformed digests are reported by the validation later.
-                let Ok(child) = Digest::from_required(Some(function), child.digest.as_ref(), "digest") else {
-                    continue;
-                };
-                if seen.insert(child) {
-                    next.push(child);
-                }
-            }
-            index.insert(digest, directory);
-        }
-        if seen.len() as u64 > limits.directories_max.saturating_add(1) {
-            return Err(too_many(root, "directories", limits.directories_max).into());
-        }
-        level = next;
-    }
-    Ok(index)
+    Ok(tree.directories.into_iter().collect())
 }
 
 fn too_many(root: &Digest, what: &str, max: u64) -> Error {

@@ -1,30 +1,31 @@
 //! `ContentAddressableStorage`: FindMissingBlobs, BatchUpdateBlobs,
 //! BatchReadBlobs and GetTree.
 
-use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
 use kiln_proto::reapi::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse,
-    Directory, FindMissingBlobsRequest, FindMissingBlobsResponse, GetChunkMappingRequest,
-    GetChunkMappingResponse, GetTreeRequest, GetTreeResponse, RegisterChunkMappingRequest,
-    RegisterChunkMappingResponse, SpliceBlobRequest, SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse,
-    batch_read_blobs_response, batch_update_blobs_request, batch_update_blobs_response, compressor,
+    FindMissingBlobsRequest, FindMissingBlobsResponse, GetChunkMappingRequest, GetChunkMappingResponse,
+    GetTreeRequest, GetTreeResponse, RegisterChunkMappingRequest, RegisterChunkMappingResponse,
+    SpliceBlobRequest, SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse, batch_read_blobs_response,
+    batch_update_blobs_request, batch_update_blobs_response, compressor,
 };
 use kiln_proto::{Digest, DigestFunction, Error};
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::compression;
 use crate::store::{CasKey, CasStore, Scope, put_all, read_all};
+use kiln_proto::Code;
 use kiln_proto::access::{Authorizer, Permission};
-use kiln_proto::limits::{BATCH_BLOBS_IN_FLIGHT, Limits};
-use kiln_proto::{Code, text::quoted};
+use kiln_proto::limits::{
+    BATCH_BLOBS_IN_FLIGHT, Limits, TREE_READ_BATCH_BYTES_MAX, TREE_READ_BATCH_DIRECTORIES_MAX,
+};
+use kiln_proto::tree::{Batch, Reached, TreeWalk};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -249,24 +250,27 @@ impl<C: CasStore + Clone> ContentAddressableStorage for CasService<C> {
                 .into());
             }
         };
-        // The root must exist; missing subdirectories are omitted per the spec.
-        let directory_max = self.limits.grpc_message_size_bytes_max as u64 / 2;
-        let root_data = read_all(&self.cas, &CasKey::in_instance(&req.instance_name, root), directory_max)
-            .await
-            .map_err(|e| e.context("GetTree root"))?;
-        Directory::decode(root_data.as_ref())
-            .map_err(|e| Status::invalid_argument(format!("GetTree root {root} is not a Directory: {e}")))?;
-        let walk = TreeWalk {
-            cas: self.cas.clone(),
-            scope: Scope::cas_of(&req.instance_name),
-            function: root.function(),
+        let mut pager = TreePager {
+            source: TreeSource {
+                cas: self.cas.clone(),
+                scope: Scope::cas_of(&req.instance_name),
+                directory_bytes_max: self.limits.grpc_message_size_bytes_max as u64 / 2,
+            },
+            walk: TreeWalk::new(root, self.limits.tree_directories_max as u64),
             page_size,
             page_bytes_max: self.limits.grpc_message_size_bytes_max / 2,
             directories_max: self.limits.tree_directories_max,
+            skip,
         };
+        // The root is read here, so that a missing or malformed root is the
+        // call's own status; the rest streams.
+        let first = pager.next().await?.unwrap_or_default();
+        if let [Reached::Missing(_)] = first.as_slice() {
+            return Err(Error::not_found(format!("GetTree root {root} is not in the CAS")).into());
+        }
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
-            walk.run(root, skip, tx).await;
+            pager.run(first, tx).await;
             drop(turn);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -311,102 +315,112 @@ fn parse_page_token(token: &str) -> Result<usize, Status> {
     })
 }
 
-/// A breadth-first walk over a directory tree, streamed in pages.
+/// Reads a walk's directories from the store, a batch at a time.
+struct TreeSource<C> {
+    cas: C,
+    scope: Scope,
+    /// A directory larger than half a message cannot be returned in a page.
+    directory_bytes_max: u64,
+}
+
+impl<C: CasStore> TreeSource<C> {
+    async fn read(&self, digests: Vec<Digest>) -> Result<Vec<Option<Bytes>>, Error> {
+        futures::stream::iter(digests)
+            .map(|digest| self.read_one(digest))
+            .buffered(TREE_READ_BATCH_DIRECTORIES_MAX)
+            .try_collect()
+            .await
+    }
+
+    async fn read_one(&self, digest: Digest) -> Result<Option<Bytes>, Error> {
+        let key = CasKey::new(self.scope.clone(), digest);
+        match read_all(&self.cas, &key, self.directory_bytes_max).await {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) if e.code() == Code::ResourceExhausted => Err(Error::new(
+                Code::FailedPrecondition,
+                format!("GetTree: directory {digest} is larger than a response page can hold"),
+            )),
+            Err(e) => Err(e.context(format!("GetTree directory {digest}"))),
+        }
+    }
+}
+
+/// The one tree walk ([`kiln_proto::tree`]), streamed in pages; missing
+/// subdirectories are left out, as the REAPI says.
 ///
 /// Page tokens are the number of directories already returned: the walk is
 /// deterministic (directories are visited once, in BFS order), so a new
 /// request can skip to that point without server-side state.
-struct TreeWalk<C> {
-    cas: C,
-    scope: Scope,
-    function: DigestFunction,
+struct TreePager<C> {
+    source: TreeSource<C>,
+    walk: TreeWalk,
     page_size: usize,
     page_bytes_max: usize,
     directories_max: usize,
+    skip: usize,
 }
 
-impl<C: CasStore> TreeWalk<C> {
-    async fn run(self, root: Digest, skip: usize, tx: mpsc::Sender<Result<GetTreeResponse, Status>>) {
-        if let Err(status) = self.walk(root, skip, &tx).await {
+impl<C: CasStore> TreePager<C> {
+    /// The walk's next directories.
+    async fn next(&mut self) -> Result<Option<Vec<Reached>>, Error> {
+        let batch = Batch {
+            directories: TREE_READ_BATCH_DIRECTORIES_MAX,
+            bytes: TREE_READ_BATCH_BYTES_MAX.min(self.source.directory_bytes_max),
+        };
+        let source = &self.source;
+        self.walk.next(batch, |digests| source.read(digests)).await
+    }
+
+    async fn run(mut self, first: Vec<Reached>, tx: mpsc::Sender<Result<GetTreeResponse, Status>>) {
+        if let Err(status) = self.stream(first, &tx).await {
             let _ = tx.send(Err(status)).await;
         }
     }
 
-    async fn walk(
-        &self,
-        root: Digest,
-        skip: usize,
+    async fn stream(
+        &mut self,
+        first: Vec<Reached>,
         tx: &mpsc::Sender<Result<GetTreeResponse, Status>>,
     ) -> Result<(), Status> {
-        let mut queue = VecDeque::from([root]);
-        let mut seen = HashSet::from([root]);
+        let mut reached = first;
         let mut visited = 0usize;
         let mut page = Vec::new();
         let mut page_bytes = 0usize;
-        while let Some(digest) = queue.pop_front() {
-            let key = CasKey::new(self.scope.clone(), digest);
-            // A directory larger than half a message cannot be returned in a page.
-            let data = match read_all(&self.cas, &key, self.page_bytes_max as u64).await {
-                Ok(data) => data,
-                // Missing subdirectories are omitted, as the REAPI says.
-                Err(e) if e.is_not_found() => continue,
-                Err(e) if e.code() == Code::ResourceExhausted => {
-                    return Err(Error::new(
-                        Code::FailedPrecondition,
-                        format!("GetTree: directory {digest} is larger than a response page can hold"),
-                    )
-                    .into());
+        loop {
+            if self.walk.exceeded() {
+                return Err(Error::resource_exhausted(format!(
+                    "tree has more than {} directories",
+                    self.directories_max
+                ))
+                .into());
+            }
+            let mut batch = reached.into_iter().peekable();
+            while let Some(item) = batch.next() {
+                let Reached::Directory(digest, directory) = item else { continue };
+                visited += 1;
+                if visited <= self.skip {
+                    continue;
                 }
-                Err(e) => return Err(e.context(format!("GetTree directory {digest}")).into()),
-            };
-            let dir = Directory::decode(data.as_ref()).map_err(|e| {
-                Error::new(
-                    Code::FailedPrecondition,
-                    format!("GetTree: blob {digest} is referenced as a directory but is not a Directory message: {e}"),
-                )
-            })?;
-            for child in &dir.directories {
-                let d = Digest::from_required(Some(self.function), child.digest.as_ref(), "digest").map_err(
-                    |e| {
-                        Error::new(
-                            Code::FailedPrecondition,
-                            format!(
-                                "GetTree: directory {digest} names child {} with a bad digest: {}",
-                                quoted(&child.name),
-                                e.message()
-                            ),
-                        )
-                    },
-                )?;
-                if seen.len() >= self.directories_max {
-                    return Err(Error::resource_exhausted(format!(
-                        "tree has more than {} directories",
-                        self.directories_max
-                    ))
-                    .into());
-                }
-                if seen.insert(d) {
-                    queue.push_back(d);
+                page_bytes += usize::try_from(digest.size_bytes()).unwrap_or(usize::MAX);
+                page.push(directory);
+                if page.len() >= self.page_size || page_bytes >= self.page_bytes_max {
+                    let more = batch.peek().is_some() || !self.walk.is_done();
+                    let token = if more { format!("{PAGE_TOKEN_PREFIX}{visited}") } else { String::new() };
+                    let response =
+                        GetTreeResponse { directories: std::mem::take(&mut page), next_page_token: token };
+                    page_bytes = 0;
+                    if tx.send(Ok(response)).await.is_err() {
+                        return Ok(()); // The client went away.
+                    }
                 }
             }
-            visited += 1;
-            if visited <= skip {
-                continue;
-            }
-            page_bytes += data.len();
-            page.push(dir);
-            if page.len() >= self.page_size || page_bytes >= self.page_bytes_max {
-                let more = !queue.is_empty();
-                let token = if more { format!("{PAGE_TOKEN_PREFIX}{visited}") } else { String::new() };
-                let response =
-                    GetTreeResponse { directories: std::mem::take(&mut page), next_page_token: token };
-                page_bytes = 0;
-                if tx.send(Ok(response)).await.is_err() {
-                    return Ok(()); // The client went away.
-                }
+            match self.next().await? {
+                Some(next) => reached = next,
+                None => break,
             }
         }
-        if !page.is_empty() || visited <= skip {
+        if !page.is_empty() || visited <= self.skip {
             let _ = tx.send(Ok(GetTreeResponse { directories: page, next_page_token: String::new() })).await;
         }
         Ok(())

@@ -7,13 +7,14 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kiln_proto::reapi::{Directory, DirectoryNode, FileNode, SymlinkNode};
+use kiln_proto::tree::Tree;
 use kiln_proto::{Digest, DigestFunction, Error, Result};
 use kiln_worker::cas::CasClient;
 use prost::Message;
@@ -157,27 +158,10 @@ impl CasClient for TestCas {
         self.store_verified(digest, &data)
     }
 
-    async fn get_tree(&self, root: &Digest, count_max: u64) -> Result<Vec<Directory>> {
-        let mut out = Vec::new();
-        let mut seen = HashSet::from([*root]);
-        let mut queue = VecDeque::from([*root]);
-        while let Some(digest) = queue.pop_front() {
-            let data = self.get(&digest).ok_or_else(|| Error::not_found(format!("directory {digest}")))?;
-            let directory = Directory::decode(data.as_slice()).unwrap();
-            for child in &directory.directories {
-                let child =
-                    Digest::from_proto(Some(digest.function()), child.digest.as_ref().unwrap()).unwrap();
-                if seen.insert(child) {
-                    queue.push_back(child);
-                }
-            }
-            out.push(directory);
-            if out.len() as u64 > count_max {
-                break;
-            }
-        }
-        *self.tree_returned.lock().unwrap() = out.len() as u64;
-        Ok(out)
+    async fn get_tree(&self, root: &Digest, count_max: u64) -> Result<Tree> {
+        let tree = kiln_worker::cas::read_tree(self, *root, count_max).await?;
+        *self.tree_returned.lock().unwrap() = tree.directories.len() as u64;
+        Ok(tree)
     }
 }
 
