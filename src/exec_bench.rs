@@ -187,13 +187,17 @@ pub fn sandbox(runs: u32) -> Result<serde_json::Value> {
     let overhead = overhead?;
     let plain = overhead.plain / runs.max(1);
     let sandboxed = overhead.sandboxed / runs.max(1);
+    let prepared = overhead.prepared / runs.max(1);
     println!(
-        "sandbox: /bin/true x {runs}: plain fork+exec {plain:?} each, sandboxed {sandboxed:?} each, overhead {:?} per action",
-        overhead.per_action()
+        "sandbox: /bin/true x {runs}, alternating: plain fork+exec {plain:?} each; sandboxed {sandboxed:?} each \
+         (overhead {:?}); in a sandbox prepared ahead {prepared:?} each (overhead {:?})",
+        overhead.per_action(),
+        overhead.per_prepared_action()
     );
     Ok(json!({
         "runs": runs, "plain_us": plain.as_micros(), "sandboxed_us": sandboxed.as_micros(),
         "overhead_us": overhead.per_action().as_micros(),
+        "prepared_us": prepared.as_micros(), "prepared_overhead_us": overhead.per_prepared_action().as_micros(),
     }))
 }
 

@@ -458,7 +458,12 @@ pub fn runner<F: CasFactory>(
     }
     let disks = slot_disks(config, data_dir, slots)?;
     let nonzero = |v: u64| (v > 0).then_some(v);
+    let prefix = kiln_worker::runner::run_prefix(&build_dir);
+    let slot_threads =
+        kiln_worker::slots::Slots::new(u32::try_from(slots).context("too many slots")?, &prefix)
+            .context("start the slots' sandbox threads")?;
     Ok(Runner {
+        slots: slot_threads,
         config: RunnerConfig {
             worker_id: worker_id.to_owned(),
             build_dir,

@@ -463,6 +463,7 @@ fn sandbox_overhead_per_action() {
     );
     // A loose bound for a shared, debug-built test machine; the goal is 5 ms.
     assert!(overhead.per_action() < Duration::from_millis(100), "{overhead:?}");
+    assert!(overhead.per_prepared_action() < Duration::from_millis(100), "{overhead:?}");
 }
 
 /// An action's view of its cgroups is rooted at its own: no host cgroup
@@ -566,4 +567,26 @@ fn an_action_cannot_read_the_workers_session_keyring() {
     let id = format!("{:08x} ", key.get_id().as_raw_id());
     assert!(!stdout.contains(&description), "the action sees the worker's key: {stdout}");
     assert!(!stdout.lines().any(|l| l.starts_with(&id)), "the action sees the worker's key: {stdout}");
+}
+
+/// A sandbox prepared ahead runs the action it was made for, refuses a run
+/// it does not fit, and dropped unused leaves no cgroup behind.
+#[test]
+fn a_prepared_sandbox_runs_its_action_and_an_unused_one_leaves_nothing() {
+    let f = Fixture::new();
+    let spec = f.shell("cat input.txt; echo prepared");
+    let ready = sandbox::prepare(&f.config, &spec).unwrap();
+    assert!(f.config.cgroups.run_dirs(&spec.id).iter().all(|d| d.exists()), "its cgroups are made ahead");
+    let outcome = sandbox::run_prepared(&f.config, ready, &spec).unwrap();
+    f.assert_host_intact(&spec);
+    assert_eq!(outcome.exit_code, 0);
+    assert_eq!(std::fs::read_to_string(&spec.stdout).unwrap(), format!("{CACHE_CONTENT}prepared\n"));
+
+    let other = f.shell("true");
+    let mut ready = sandbox::prepare(&f.config, &other).unwrap();
+    assert!(ready.is_alive());
+    let mismatched = sandbox::Spec { network: true, ..other.clone() };
+    assert!(!ready.fits(&f.config, &mismatched));
+    drop(ready);
+    f.assert_host_intact(&other);
 }

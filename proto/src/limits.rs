@@ -179,6 +179,9 @@ pub const SANDBOX_CPU_MILLICORES_MIN: u64 = 10;
 /// to be gone and its cgroups removed.
 pub const SANDBOX_CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Longest a sandbox made ahead of its action may take to get ready.
+pub const SANDBOX_PREPARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How long a killed sandbox may take to report before the worker stops
 /// reading from it.
 pub const SANDBOX_KILL_REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

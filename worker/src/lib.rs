@@ -21,3 +21,4 @@ pub mod remove;
 pub mod runner;
 pub mod sandbox;
 pub mod session;
+pub mod slots;

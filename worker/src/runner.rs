@@ -75,6 +75,8 @@ pub struct Runner<F> {
     pub config: RunnerConfig,
     pub cache: FileCache,
     pub cas: F,
+    /// Each slot's sandbox thread, which prepares its next sandbox ahead.
+    pub slots: crate::slots::Slots,
 }
 
 impl<F> std::fmt::Debug for Runner<F> {
@@ -145,10 +147,11 @@ impl Drop for Running {
     }
 }
 
-/// Kills a sandbox whose run was abandoned.
+/// Kills a sandbox whose run was abandoned, or keeps it from starting.
 struct KillOnDrop {
     config: SandboxConfig,
     id: String,
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
     armed: bool,
 }
 
@@ -161,8 +164,11 @@ impl KillOnDrop {
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if self.armed {
-            // Its pid namespace's init dies, the kernel takes the rest, and
-            // the run's own thread cleans up.
+            // Not started: it never will. Started: its pid namespace's init
+            // dies, the kernel takes the rest, and the slot's thread cleans
+            // up. The flag goes first: the slot checks it once the run's
+            // cgroups exist.
+            self.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
             self.config.cgroups.kill_run(&self.id);
         }
     }
@@ -283,7 +289,7 @@ impl<F: CasFactory> Runner<F> {
         let log = |name: &str| run_disk.as_ref().map_or_else(|| dir.0.join(name), |d| d.log_path(name));
         let (stdout, stderr) = (log("stdout"), log("stderr"));
         let spec = sandbox::Spec {
-            id: run_id,
+            id: self.slots.next_id(slot),
             exec_root: exec_root.clone(),
             working_directory: working_directory.clone(),
             arguments: command.arguments.clone(),
@@ -302,23 +308,26 @@ impl<F: CasFactory> Runner<F> {
         sandbox_config.gid = uid;
         // If this run is abandoned (cancelled, or its session ended), the
         // guard kills what the sandbox runs.
-        let guard = KillOnDrop { config: sandbox_config.clone(), id: spec.id.clone(), armed: true };
-        let outcome = tokio::task::spawn_blocking(move || sandbox::run(&sandbox_config, &spec))
-            .await
-            .map_err(|e| Error::internal(format!("sandbox thread: {e}")))?
-            .map_err(|e| match e {
-                // The request's fault: not retried elsewhere.
-                SandboxError::Invalid(_) | SandboxError::Exec(_) => {
-                    run_outcome("refused");
-                    Error::invalid_argument(e.to_string())
-                }
-                // This worker's: the scheduler retries on another.
-                SandboxError::Setup(_) | SandboxError::Cleanup(_) => {
-                    run_outcome("sandbox_error");
-                    tracing::warn!(error = %e, "sandbox failed");
-                    Error::internal(e.to_string())
-                }
-            })?;
+        let cancelled = Arc::default();
+        let guard = KillOnDrop {
+            config: sandbox_config.clone(),
+            id: spec.id.clone(),
+            cancelled: Arc::clone(&cancelled),
+            armed: true,
+        };
+        let outcome = self.slots.run(slot, sandbox_config, spec, cancelled).await.map_err(|e| match e {
+            // The request's fault: not retried elsewhere.
+            SandboxError::Invalid(_) | SandboxError::Exec(_) => {
+                run_outcome("refused");
+                Error::invalid_argument(e.to_string())
+            }
+            // This worker's: the scheduler retries on another.
+            SandboxError::Setup(_) | SandboxError::Cleanup(_) => {
+                run_outcome("sandbox_error");
+                tracing::warn!(error = %e, "sandbox failed");
+                Error::internal(e.to_string())
+            }
+        })?;
         run_outcome(if outcome.timed_out {
             "timeout"
         } else if outcome.oom_killed {

@@ -374,7 +374,7 @@ fn parse_proc_cgroup(text: &str) -> Vec<(u32, Vec<String>, String)> {
 }
 
 /// The limits a run's cgroups enforce.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Limits {
     pub memory_bytes: Option<u64>,
     pub pids_max: Option<u64>,

@@ -2,22 +2,19 @@
 //! deadline, the kill, the cleanup.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
-use super::cgroup::{Limits, RunCgroup};
+use super::cgroup::RunCgroup;
 use super::limits::{SANDBOX_CLEANUP_TIMEOUT, SANDBOX_KILL_REPORT_TIMEOUT, TMPFS_SIZE_BYTES_DEFAULT};
 use super::plan::plan;
-use super::protocol::{Event, InitSpec, Report, ReportReader, SourcePath, send_go};
+use super::prepared::{Prepared, prepare};
+use super::protocol::{Event, Go, InitSpec, Report, send_go};
 use super::spec::{validate, validate_config};
-use super::{Outcome, STAGE1, SandboxConfig, SandboxError, Spec};
+use super::{Outcome, SandboxConfig, SandboxError, Spec};
 
 fn setup(message: String) -> SandboxError {
     SandboxError::Setup(message)
@@ -78,7 +75,7 @@ pub fn probe(config: &SandboxConfig) -> Result<(), SandboxError> {
         cpu_millicores: None,
         network: false,
     };
-    let result = execute(config, &spec, true);
+    let result = execute(config, &spec, None, true);
     let _ = crate::remove::remove_tree(&scratch);
     match result?.exit_code {
         0 => Ok(()),
@@ -90,10 +87,31 @@ pub fn probe(config: &SandboxConfig) -> Result<(), SandboxError> {
 /// (blocking: call it from a thread that may block). An `Ok` outcome
 /// means nothing of the run is left: no process, no cgroup.
 pub fn run(config: &SandboxConfig, spec: &Spec) -> Result<Outcome, SandboxError> {
-    execute(config, spec, false)
+    execute(config, spec, None, false)
 }
 
-fn execute(config: &SandboxConfig, spec: &Spec, dry_run: bool) -> Result<Outcome, SandboxError> {
+/// [`run`] in a sandbox [`prepare`]d for it (see [`Prepared::fits`]).
+pub fn run_prepared(
+    config: &SandboxConfig,
+    prepared: Prepared,
+    spec: &Spec,
+) -> Result<Outcome, SandboxError> {
+    if !prepared.fits(config, spec) {
+        return Err(SandboxError::Invalid(format!(
+            "the sandbox prepared as {} does not fit run {}",
+            prepared.id(),
+            spec.id
+        )));
+    }
+    execute(config, spec, Some(prepared), false)
+}
+
+fn execute(
+    config: &SandboxConfig,
+    spec: &Spec,
+    prepared: Option<Prepared>,
+    dry_run: bool,
+) -> Result<Outcome, SandboxError> {
     validate(spec)?;
     validate_config(config)?;
     let plan = plan(config, &spec.exec_root)?;
@@ -106,24 +124,20 @@ fn execute(config: &SandboxConfig, spec: &Spec, dry_run: bool) -> Result<Outcome
         tmpfs_size_bytes: spec.memory_bytes.unwrap_or(TMPFS_SIZE_BYTES_DEFAULT),
         dry_run,
     };
-    let output = |path: &Path| {
-        File::create(path).map_err(|e| setup(format!("cannot create output file {}: {e}", path.display())))
+    // The worker's own, empty files; stage 1 opens them as their owner.
+    for path in [&spec.stdout, &spec.stderr] {
+        File::create(path)
+            .map_err(|e| setup(format!("cannot create output file {}: {e}", path.display())))?;
+    }
+    let go = Go { sources: plan.sources, stdout: spec.stdout.clone(), stderr: spec.stderr.clone() };
+    let mut prepared = match prepared {
+        Some(prepared) => prepared,
+        None => prepare(config, spec)?,
     };
-    let stdout = output(&spec.stdout)?;
-    let stderr = if spec.stderr == spec.stdout {
-        stdout.try_clone().map_err(|e| setup(format!("cannot duplicate the output file: {e}")))?
-    } else {
-        output(&spec.stderr)?
-    };
-    let limits = Limits {
-        memory_bytes: spec.memory_bytes,
-        pids_max: spec.pids_max,
-        cpu_millicores: spec.cpu_millicores,
-    };
-    let mut cgroup = RunCgroup::create(&config.cgroups, &spec.id, limits)?;
+    let mut cgroup = prepared.cgroup.take().ok_or_else(|| setup("the sandbox was used before".to_owned()))?;
 
     let started = SystemTime::now();
-    let supervised = supervise(config, spec, &init, &plan.sources, (stdout, stderr), &cgroup);
+    let supervised = supervise(spec, &go, &init, &mut prepared, &cgroup);
     let oom_killed = cgroup.oom_killed();
     let removed = cgroup.remove(SANDBOX_CLEANUP_TIMEOUT);
     let finished = SystemTime::now();
@@ -157,85 +171,27 @@ struct Ended {
     stage1: String,
 }
 
-/// Stage 1, killed and reaped if it is still there when dropped.
-#[derive(Debug)]
-struct Stage1(Option<Child>);
-
-impl Stage1 {
-    fn pid(&self) -> Option<Pid> {
-        let child = self.0.as_ref()?;
-        i32::try_from(child.id()).ok().map(Pid::from_raw)
-    }
-
-    fn signal(&self, signal: Signal) {
-        if let Some(pid) = self.pid() {
-            // Our unreaped child: the pid cannot belong to anyone else.
-            let _ = kill(pid, signal);
-        }
-    }
-
-    fn reap(&mut self) -> String {
-        match self.0.take().map(|mut child| child.wait()) {
-            Some(Ok(status)) => status.to_string(),
-            Some(Err(e)) => format!("cannot be waited for: {e}"),
-            None => "was already reaped".to_owned(),
-        }
-    }
-}
-
-impl Drop for Stage1 {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
+/// Gives the prepared sandbox its go-ahead and follows the run to its end:
+/// the timeout's SIGTERM, the grace, the kill.
 fn supervise(
-    config: &SandboxConfig,
     spec: &Spec,
+    go: &Go,
     init: &InitSpec,
-    sources: &[SourcePath],
-    (stdout, stderr): (File, File),
+    prepared: &mut Prepared,
     cgroup: &RunCgroup,
 ) -> Result<Ended, SandboxError> {
-    let (ours, theirs) =
-        UnixStream::pair().map_err(|e| setup(format!("cannot create a socket pair: {e}")))?;
-    let start = Instant::now();
-    let child = Command::new(&config.kiln_binary)
-        .arg(STAGE1)
-        .arg(if spec.network { "net" } else { "isolated" })
-        .arg(std::process::id().to_string())
-        .env_clear()
-        .stdin(Stdio::from(OwnedFd::from(theirs)))
-        .stdout(stdout)
-        .stderr(stderr)
-        .spawn()
-        .map_err(|e| setup(format!("cannot start {}: {e}", config.kiln_binary.display())))?;
-    let mut stage1 = Stage1(Some(child));
-    let mut reader = ReportReader::new(ours);
     let lost = |e: std::io::Error| setup(format!("lost the sandbox's control channel: {e}"));
-    // At once, while stage 1 starts up: moving a process between cgroups
-    // waits for an RCU grace period (milliseconds) unless the hierarchy
-    // is mounted with `favordynmods`. Stage 1 starts nothing before Go.
-    let pid = stage1.pid().ok_or_else(|| setup("stage 1 has no pid".to_owned()))?;
-    cgroup.attach(u32::try_from(pid.as_raw()).unwrap_or(0))?;
-
-    let mut deadline = later(start, spec.timeout);
-    let mut ready = false;
+    let mut deadline = later(Instant::now(), spec.timeout);
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let reader = &mut prepared.reader;
+    let stage1 = &mut prepared.stage1;
+    reader.stream().set_write_timeout(Some(left)).map_err(lost)?;
+    send_go(reader.stream(), go, init).map_err(lost)?;
     let mut ended = Ended { status: None, timed_out: false, stage1: String::new() };
     // 0: running; 1: SIGTERM sent; 2: killed.
     let mut phase = 0;
     loop {
         match reader.next(deadline).map_err(lost)? {
-            Event::Report(Report::Ready) if !ready && phase == 0 => {
-                ready = true;
-                map_ids(pid, config.uid, config.gid)?;
-                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-                reader.stream().set_write_timeout(Some(left)).map_err(lost)?;
-                send_go(reader.stream(), sources, init).map_err(lost)?;
-            }
             Event::Report(Report::Ready) => return Err(setup("stage 1 sent Ready out of turn".to_owned())),
             Event::Report(report @ (Report::Exited(_) | Report::Signaled(_))) => ended.status = Some(report),
             Event::Report(report @ (Report::Failed(_) | Report::CannotExec(_))) => {
@@ -271,19 +227,4 @@ fn supervise(
 /// `from + wait`, or a day later if that does not fit in an `Instant`.
 fn later(from: Instant, wait: Duration) -> Instant {
     from.checked_add(wait).unwrap_or_else(|| from + Duration::from_secs(86_400))
-}
-
-/// Maps root of stage 1's new user namespace to the sandbox's uid and gid,
-/// and denies it `setgroups`.
-fn map_ids(pid: Pid, uid: u32, gid: u32) -> Result<(), SandboxError> {
-    let proc = Path::new("/proc").join(pid.to_string());
-    for (file, content) in [
-        ("setgroups", "deny".to_owned()),
-        ("uid_map", format!("0 {uid} 1\n")),
-        ("gid_map", format!("0 {gid} 1\n")),
-    ] {
-        std::fs::write(proc.join(file), &content)
-            .map_err(|e| setup(format!("cannot write {content:?} to /proc/{pid}/{file}: {e}")))?;
-    }
-    Ok(())
 }

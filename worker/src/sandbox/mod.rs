@@ -7,13 +7,16 @@
 //! [`dispatch_stage`] before anything else runs):
 //!
 //! ```text
-//! worker thread (root)          stage 1                       init (pid 1)          action (pid 2)
-//! cgroups for spec.id
+//! slot thread (root)            stage 1                       init (pid 1)          action (pid 2)
+//! prepare: cgroups for spec.id
 //! spawn stage 1 --------------> close stray fds, drop groups
 //! cgroup.procs                  unshare(user)
 //!            <---- Ready ------
 //! setgroups, uid_map, gid_map
-//!            ----- Go, sources, spec ------------>
+//! ... (ahead of the action: [`prepare`]; then [`run_prepared`])
+//! log files
+//!            ----- Go, sources, logs, spec ------>
+//!                               open logs as stdout, stderr
 //!                               unshare(mnt), open sources
 //!                               setresuid(0) in the userns
 //!                               unshare(pid ipc uts [net])
@@ -21,7 +24,8 @@
 //!                                                             read-only binds, /dev,
 //!                                                             /tmp, fresh /proc),
 //!                                                             hostname, lo up,
-//!                                                             pivot_root, spawn ---> argv, env
+//!                                                             pivot_root, seccomp,
+//!                                                             spawn ---------------> argv, env
 //!            <---------------------------------- Exited/Signaled/Failed ---------
 //! ```
 //!
@@ -59,6 +63,7 @@ mod keyring;
 mod limits;
 mod netlink;
 mod plan;
+mod prepared;
 mod protocol;
 mod rootfs;
 mod seccomp;
@@ -72,8 +77,9 @@ use std::time::{Duration, SystemTime};
 
 pub use bench::{Overhead, fork_exec_baseline};
 pub use cgroup::{Cgroups, Controller};
-pub use host::{probe, run};
+pub use host::{probe, run, run_prepared};
 pub use limits::*;
+pub use prepared::{Prepared, prepare};
 pub use seccomp::DENIED_SYSCALLS;
 
 /// Where the exec root is mounted, read-write, inside the sandbox; the

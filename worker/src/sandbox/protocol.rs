@@ -2,8 +2,9 @@
 //! Unix stream socket, the stages' stdin.
 //!
 //! Worker to stages: after stage 1's [`Report::Ready`], one byte [`GO`],
-//! a frame of [`SourcePath`]s stage 1 opens for init's binds, and a frame
-//! with the [`InitSpec`] for init. Each stage reads exactly its part.
+//! a [`Go`] frame (the sources stage 1 opens for init's binds, and the
+//! files it makes the action's stdout and stderr), and a frame with the
+//! [`InitSpec`] for init. Each stage reads exactly its part.
 //! Stages to worker: [`Report`] frames. A frame is a little-endian `u32`
 //! length and that many bytes of JSON. Reports are small and written with
 //! one `write`, so the two stages' reports never interleave.
@@ -56,6 +57,16 @@ pub(super) struct SourcePath {
     pub path: PathBuf,
     /// Follow a final symlink (else the path must not be one).
     pub follow: bool,
+}
+
+/// Stage 1's part of the go-ahead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Go {
+    pub sources: Vec<SourcePath>,
+    /// Files the worker made (its own, empty) for the action's stdout and
+    /// stderr; the same path for both shares one file.
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
 }
 
 /// One entry of the sandbox's root.
@@ -139,21 +150,21 @@ fn read_frame<T: for<'de> Deserialize<'de>>(mut stream: &UnixStream, what: &str)
 }
 
 /// The worker's side: [`GO`], stage 1's sources, init's spec.
-pub(super) fn send_go(stream: &UnixStream, sources: &[SourcePath], spec: &InitSpec) -> io::Result<()> {
+pub(super) fn send_go(stream: &UnixStream, go: &Go, spec: &InitSpec) -> io::Result<()> {
     let mut writer = stream;
     writer.write_all(&[GO])?;
-    write_frame(stream, &sources)?;
+    write_frame(stream, go)?;
     write_frame(stream, spec)
 }
 
-/// Stage 1's side: waits for [`GO`] and reads the sources to open.
-pub(super) fn wait_go(mut stream: &UnixStream) -> Result<Vec<SourcePath>, String> {
+/// Stage 1's side: waits for [`GO`] and reads its part.
+pub(super) fn wait_go(mut stream: &UnixStream) -> Result<Go, String> {
     let mut byte = [0u8; 1];
     stream.read_exact(&mut byte).map_err(|e| format!("the worker went away before its go-ahead: {e}"))?;
     if byte[0] != GO {
         return Err(format!("expected the worker's go-ahead, got byte {}", byte[0]));
     }
-    read_frame(stream, "list of mount sources")
+    read_frame(stream, "go-ahead")
 }
 
 /// Init's side.
@@ -288,9 +299,13 @@ mod tests {
     #[test]
     fn go_then_sources_then_spec() {
         let (a, b) = UnixStream::pair().unwrap();
-        let sources = vec![SourcePath { path: PathBuf::from("/usr"), follow: false }];
-        send_go(&a, &sources, &spec()).unwrap();
-        assert_eq!(wait_go(&b).unwrap(), sources);
+        let go = Go {
+            sources: vec![SourcePath { path: PathBuf::from("/usr"), follow: false }],
+            stdout: PathBuf::from("/out"),
+            stderr: PathBuf::from("/err"),
+        };
+        send_go(&a, &go, &spec()).unwrap();
+        assert_eq!(wait_go(&b).unwrap(), go);
         assert_eq!(receive_spec(&b).unwrap(), spec());
         drop(a);
         assert!(receive_spec(&b).is_err());

@@ -23,7 +23,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Gid, Pid, Uid, getppid, setgroups, setresgid, setresuid};
 
-use super::protocol::{Report, SourcePath, report, wait_go};
+use super::protocol::{Go, Report, SourcePath, report, wait_go};
 use super::{INIT, keyring};
 
 /// Signals stage 1 and init handle through a signalfd.
@@ -89,11 +89,12 @@ fn run(args: &[OsString], channel: &UnixStream) -> Result<i32, String> {
     setgroups(&[]).map_err(|e| format!("cannot drop supplementary groups: {e}"))?;
     unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| format!("cannot create a user namespace: {e}"))?;
     report(channel, &Report::Ready);
-    let sources = wait_go(channel)?;
+    let go = wait_go(channel)?;
+    take_logs(&go)?;
     unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("cannot create a mount namespace: {e}"))?;
     // Inherited by init (no close-on-exec; this process has one thread),
     // which closes them once bound.
-    let opened = sources.iter().map(open_source).collect::<Result<Vec<OwnedFd>, String>>()?;
+    let opened = go.sources.iter().map(open_source).collect::<Result<Vec<OwnedFd>, String>>()?;
     let fds: Vec<String> = opened.iter().map(|fd| fd.as_raw_fd().to_string()).collect();
     // Root of the new namespace is the sandbox's unprivileged host uid.
     let root_gid = Gid::from_raw(0);
@@ -152,6 +153,23 @@ fn run(args: &[OsString], channel: &UnixStream) -> Result<i32, String> {
             None => {}
         }
     }
+}
+
+/// Makes the worker's log files this process's stdout and stderr, which
+/// init and the action inherit. Opened while this process is still the
+/// files' owner (the worker's root, without capabilities), never through
+/// a final symlink.
+fn take_logs(go: &Go) -> Result<(), String> {
+    let open = |path: &std::path::Path| {
+        open(path, OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| format!("cannot open the action's log {}: {e}", path.display()))
+    };
+    let stdout = open(&go.stdout)?;
+    let stderr = if go.stderr == go.stdout { None } else { Some(open(&go.stderr)?) };
+    nix::unistd::dup2_stdout(&stdout).map_err(|e| format!("cannot make the log the action's stdout: {e}"))?;
+    nix::unistd::dup2_stderr(stderr.as_ref().unwrap_or(&stdout))
+        .map_err(|e| format!("cannot make the log the action's stderr: {e}"))?;
+    Ok(())
 }
 
 fn open_source(source: &SourcePath) -> Result<OwnedFd, String> {
