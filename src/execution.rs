@@ -98,7 +98,7 @@ pub struct WorkerConfig {
     /// Size of each slot's filesystem; 0: the free space beyond the file
     /// cache and a reserve, split between the slots, at most 16 GiB.
     pub disk_bytes: u64,
-    /// Files and directories on each slot's filesystem; 0: one per 16 KiB.
+    /// Files and directories on each slot's filesystem; 0: one per 8 KiB.
     pub disk_inodes: u64,
 }
 

@@ -460,7 +460,9 @@ async fn listing_operations_shows_only_the_callers_tenants_and_refuses_bad_pages
 /// process down), the next action runs, and the CAS still answers.
 #[tokio::test]
 async fn an_action_nesting_directories_deeper_than_any_stack_does_not_take_the_node_down() {
-    let kiln = Kiln::start();
+    // 40,000 directories need as many inodes, whatever disk the worker
+    // gives each slot on this machine.
+    let kiln = Kiln::start_with_config("[execution.worker]\ndisk_inodes = 65536\n");
     let script = "echo ok > out.txt; exec python3 -c 'import os\nfor _ in range(40000):\n    os.mkdir(\"d\"); os.chdir(\"d\")'";
     let (digest, blobs) = action(script, &[], 0, &[]);
     upload(&kiln, &blobs).await;

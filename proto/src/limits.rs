@@ -222,8 +222,9 @@ pub const ACTION_DISK_BYTES_DEFAULT_MAX: u64 = 16 << 30;
 /// The smallest disk a slot may have.
 pub const ACTION_DISK_BYTES_MIN: u64 = 64 << 20;
 /// Bytes per inode of a slot's filesystem when `disk_inodes` is left to
-/// the worker (ext4's own default ratio).
-pub const ACTION_DISK_BYTES_PER_INODE: u64 = 16 << 10;
+/// the worker: twice ext4's default density, since build outputs are many
+/// small files and directories (each inode takes 256 bytes of the disk).
+pub const ACTION_DISK_BYTES_PER_INODE: u64 = 8 << 10;
 /// Free space of the worker's filesystem no slot's disk may count on.
 pub const WORKER_DISK_RESERVE_BYTES: u64 = 1 << 30;
 /// Longest the worker spends collecting one action's outputs and logs
