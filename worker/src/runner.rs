@@ -108,6 +108,26 @@ fn action_environment(
     environment
 }
 
+/// What an assignment asks, read and checked.
+struct Job<C> {
+    function: DigestFunction,
+    input_root: Digest,
+    command: reapi::Command,
+    network: bool,
+    cas: C,
+}
+
+/// The Finished that reports `digests` missing from the CAS.
+fn missing(assign: &Assign, digests: &[Digest]) -> Finished {
+    let mut f = finished(
+        &assign.execution_id,
+        tonic::Code::FailedPrecondition,
+        format!("{} blob(s) missing from the CAS", digests.len()),
+    );
+    f.missing_blobs = digests.iter().map(|d| format!("{}/{}", d.hash_hex(), d.size_bytes())).collect();
+    f
+}
+
 /// Keeps an execution's directory until the run ends, then removes it.
 struct ExecDir(PathBuf);
 
@@ -212,6 +232,68 @@ impl<F: CasFactory> Runner<F> {
 
     async fn try_run(self: &Arc<Self>, assign: &Assign, slot: u32) -> Result<Finished> {
         let worker_start = SystemTime::now();
+        let job = match self.read_job(assign).await? {
+            Ok(job) => job,
+            Err(missing) => return Ok(missing),
+        };
+        let name = safe_name(&assign.execution_id);
+        // Unique across runs and worker processes.
+        let run_id =
+            format!("{}{name}-{}", run_prefix(&self.config.build_dir), uuid::Uuid::new_v4().simple());
+        let dir = self.config.build_dir.join(&run_id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::internal(format!("create {}: {e}", dir.display())))?;
+        let dir = ExecDir(dir);
+        let uid = self.config.uid_base + slot;
+
+        let fetch_start = SystemTime::now();
+        let inputs = dir.0.join("root");
+        if let Some(missing) = self.stage_inputs(assign, &job, &inputs, uid).await? {
+            return Ok(missing);
+        }
+        let fetch_done = SystemTime::now();
+
+        let (run_disk, exec_root) = self.mount_disk(slot, &run_id, &dir.0, inputs).await?;
+        let log = |name: &str| run_disk.as_ref().map_or_else(|| dir.0.join(name), |d| d.log_path(name));
+        let logs = (log("stdout"), log("stderr"));
+        let outcome = self.sandboxed(assign, slot, &job, &exec_root, &logs).await?;
+        if let Some(why) = run_disk.as_ref().and_then(RunDisk::exhausted) {
+            return Err(Error::resource_exhausted(why));
+        }
+
+        let upload_start = SystemTime::now();
+        let mut result = self.collect(&job, outcome.exit_code, &exec_root, &logs).await?;
+        let upload_done = SystemTime::now();
+        result.execution_metadata = Some(ExecutedActionMetadata {
+            worker: self.config.worker_id.clone(),
+            worker_start_timestamp: Some(kiln_proto::timestamp(worker_start)),
+            input_fetch_start_timestamp: Some(kiln_proto::timestamp(fetch_start)),
+            input_fetch_completed_timestamp: Some(kiln_proto::timestamp(fetch_done)),
+            execution_start_timestamp: Some(kiln_proto::timestamp(outcome.started)),
+            execution_completed_timestamp: Some(kiln_proto::timestamp(outcome.finished)),
+            output_upload_start_timestamp: Some(kiln_proto::timestamp(upload_start)),
+            output_upload_completed_timestamp: Some(kiln_proto::timestamp(upload_done)),
+            worker_completed_timestamp: Some(kiln_proto::timestamp(SystemTime::now())),
+            ..Default::default()
+        });
+        let (code, message) = if outcome.timed_out {
+            (tonic::Code::DeadlineExceeded, format!("the action timed out after {} ms", assign.timeout_ms))
+        } else if outcome.oom_killed {
+            (tonic::Code::Ok, "the action was killed: it exceeded its memory limit".to_owned())
+        } else {
+            (tonic::Code::Ok, String::new())
+        };
+        let mut f = finished(&assign.execution_id, code, message);
+        f.action_result = result.encode_to_vec();
+        if let Some(disk) = run_disk {
+            disk.clear().await;
+        }
+        Ok(f)
+    }
+
+    /// The Action and its Command, or the Finished that reports the
+    /// Command missing.
+    async fn read_job(&self, assign: &Assign) -> Result<std::result::Result<Job<F::Client>, Finished>> {
         let function = DigestFunction::from_name(&assign.digest_function).ok_or_else(|| {
             Error::invalid_argument(format!("unknown digest function {}", assign.digest_function))
         })?;
@@ -222,61 +304,15 @@ impl<F: CasFactory> Runner<F> {
         let input_root =
             Digest::from_required(Some(function), action.input_root_digest.as_ref(), "input_root_digest")?;
         let cas = self.cas.client(&assign.instance_name, function);
-        let missing = |digests: Vec<Digest>| {
-            let mut f = finished(
-                &assign.execution_id,
-                tonic::Code::FailedPrecondition,
-                format!("{} blob(s) missing from the CAS", digests.len()),
-            );
-            f.missing_blobs =
-                digests.iter().map(|d| format!("{}/{}", d.hash_hex(), d.size_bytes())).collect();
-            f
-        };
         let command = match cas.read_bytes(&command_digest).await {
             Ok(bytes) => reapi::Command::decode(bytes.as_ref())
                 .map_err(|e| Error::invalid_argument(format!("the Command does not decode: {e}")))?,
-            Err(e) if e.is_not_found() => return Ok(missing(vec![command_digest])),
+            Err(e) if e.is_not_found() => return Ok(Err(missing(assign, &[command_digest]))),
             Err(e) => return Err(e),
         };
         if command.arguments.is_empty() {
             return Err(Error::invalid_argument("the Command has no arguments"));
         }
-
-        let name = safe_name(&assign.execution_id);
-        // Unique across runs and worker processes: names the run's cgroups,
-        // which a restarted worker finds by its tag.
-        let run_id =
-            format!("{}{name}-{}", run_prefix(&self.config.build_dir), uuid::Uuid::new_v4().simple());
-        let dir = self.config.build_dir.join(&run_id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::internal(format!("create {}: {e}", dir.display())))?;
-        let dir = ExecDir(dir);
-        let exec_root = dir.0.join("root");
-        let uid = self.config.uid_base + slot;
-        let owner = Some((uid, uid));
-
-        let fetch_start = SystemTime::now();
-        match inputs::materialize(&self.cache, &cas, function, &input_root, &exec_root, owner).await {
-            Ok(stats) => tracing::debug!(
-                files = stats.files,
-                bytes = stats.bytes,
-                fetched = stats.cache_misses,
-                ms = stats.duration.as_millis(),
-                "inputs fetched"
-            ),
-            Err(MaterializeError::MissingInputs(digests)) => return Ok(missing(digests)),
-            Err(MaterializeError::Failed(e)) => return Err(e),
-        }
-        let working_directory = command.working_directory.clone();
-        {
-            let (root, cmd) = (exec_root.clone(), command.clone());
-            let wd = working_directory.clone();
-            tokio::task::spawn_blocking(move || inputs::prepare_outputs(&root, &wd, &cmd, owner))
-                .await
-                .map_err(|e| Error::internal(format!("prepare outputs: {e}")))??;
-        }
-        let fetch_done = SystemTime::now();
-
         let network = action
             .platform
             .iter()
@@ -285,23 +321,63 @@ impl<F: CasFactory> Runner<F> {
         if network && !self.config.allow_host_network {
             return Err(Error::new(Code::FailedPrecondition, "this worker does not offer the host network"));
         }
-        let (run_disk, exec_root) = self.mount_disk(slot, &run_id, &dir.0, exec_root).await?;
-        let log = |name: &str| run_disk.as_ref().map_or_else(|| dir.0.join(name), |d| d.log_path(name));
-        let (stdout, stderr) = (log("stdout"), log("stderr"));
+        Ok(Ok(Job { function, input_root, command, network, cas }))
+    }
+
+    /// Materializes the input tree at `root` for the sandbox's `uid`, with
+    /// the outputs' parents; the Finished that reports missing inputs.
+    async fn stage_inputs(
+        &self,
+        assign: &Assign,
+        job: &Job<F::Client>,
+        root: &std::path::Path,
+        uid: u32,
+    ) -> Result<Option<Finished>> {
+        let owner = Some((uid, uid));
+        match inputs::materialize(&self.cache, &job.cas, job.function, &job.input_root, root, owner).await {
+            Ok(stats) => tracing::debug!(
+                files = stats.files,
+                bytes = stats.bytes,
+                fetched = stats.cache_misses,
+                ms = stats.duration.as_millis(),
+                "inputs fetched"
+            ),
+            Err(MaterializeError::MissingInputs(digests)) => return Ok(Some(missing(assign, &digests))),
+            Err(MaterializeError::Failed(e)) => return Err(e),
+        }
+        let (root, cmd) = (root.to_owned(), job.command.clone());
+        tokio::task::spawn_blocking(move || {
+            inputs::prepare_outputs(&root, &cmd.working_directory, &cmd, owner)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("prepare outputs: {e}")))??;
+        Ok(None)
+    }
+
+    /// Runs the job's command in `slot`'s sandbox, its logs going to `logs`.
+    async fn sandboxed(
+        &self,
+        assign: &Assign,
+        slot: u32,
+        job: &Job<F::Client>,
+        exec_root: &std::path::Path,
+        logs: &(PathBuf, PathBuf),
+    ) -> Result<sandbox::Outcome> {
+        let uid = self.config.uid_base + slot;
         let spec = sandbox::Spec {
             id: self.slots.next_id(slot),
-            exec_root: exec_root.clone(),
-            working_directory: working_directory.clone(),
-            arguments: command.arguments.clone(),
-            environment: action_environment(&command.environment_variables, &self.config.environment),
-            stdout: stdout.clone(),
-            stderr: stderr.clone(),
+            exec_root: exec_root.to_owned(),
+            working_directory: job.command.working_directory.clone(),
+            arguments: job.command.arguments.clone(),
+            environment: action_environment(&job.command.environment_variables, &self.config.environment),
+            stdout: logs.0.clone(),
+            stderr: logs.1.clone(),
             timeout: Duration::from_millis(assign.timeout_ms),
             kill_grace: self.config.kill_grace,
             memory_bytes: self.config.memory_bytes,
             pids_max: self.config.pids_max,
             cpu_millicores: self.config.cpu_millicores,
-            network,
+            network: job.network,
         };
         let mut sandbox_config = self.config.sandbox.clone();
         sandbox_config.uid = uid;
@@ -343,52 +419,36 @@ impl<F: CasFactory> Runner<F> {
             ms = outcome.finished.duration_since(outcome.started).unwrap_or_default().as_millis(),
             "executed"
         );
+        Ok(outcome)
+    }
 
-        if let Some(why) = run_disk.as_ref().and_then(RunDisk::exhausted) {
-            return Err(Error::resource_exhausted(why));
-        }
-        let upload_start = SystemTime::now();
-        let mut result = ActionResult { exit_code: outcome.exit_code, ..Default::default() };
+    /// The ActionResult: outputs and logs uploaded, within the collection's
+    /// bounds.
+    async fn collect(
+        &self,
+        job: &Job<F::Client>,
+        exit_code: i32,
+        exec_root: &std::path::Path,
+        logs: &(PathBuf, PathBuf),
+    ) -> Result<ActionResult> {
+        let start = std::time::Instant::now();
+        let mut result = ActionResult { exit_code, ..Default::default() };
         let limits = &self.config.outputs;
         let deadline = limits.deadline();
-        outputs::collect_with_limits(&cas, function, &exec_root, &command, limits, deadline)
+        outputs::collect_with_limits(&job.cas, job.function, exec_root, &job.command, limits, deadline)
             .await?
             .apply_to(&mut result);
-        for (log, digest) in [(&stdout, &mut result.stdout_digest), (&stderr, &mut result.stderr_digest)] {
-            *digest = Some(outputs::upload_log(&cas, function, log, limits, deadline).await?.to_proto());
+        for (log, digest) in [(&logs.0, &mut result.stdout_digest), (&logs.1, &mut result.stderr_digest)] {
+            *digest =
+                Some(outputs::upload_log(&job.cas, job.function, log, limits, deadline).await?.to_proto());
         }
-        let upload_done = SystemTime::now();
         tracing::debug!(
             files = result.output_files.len(),
             directories = result.output_directories.len(),
-            ms = upload_done.duration_since(upload_start).unwrap_or_default().as_millis(),
+            ms = start.elapsed().as_millis(),
             "outputs uploaded"
         );
-        result.execution_metadata = Some(ExecutedActionMetadata {
-            worker: self.config.worker_id.clone(),
-            worker_start_timestamp: Some(kiln_proto::timestamp(worker_start)),
-            input_fetch_start_timestamp: Some(kiln_proto::timestamp(fetch_start)),
-            input_fetch_completed_timestamp: Some(kiln_proto::timestamp(fetch_done)),
-            execution_start_timestamp: Some(kiln_proto::timestamp(outcome.started)),
-            execution_completed_timestamp: Some(kiln_proto::timestamp(outcome.finished)),
-            output_upload_start_timestamp: Some(kiln_proto::timestamp(upload_start)),
-            output_upload_completed_timestamp: Some(kiln_proto::timestamp(upload_done)),
-            worker_completed_timestamp: Some(kiln_proto::timestamp(SystemTime::now())),
-            ..Default::default()
-        });
-        let (code, message) = if outcome.timed_out {
-            (tonic::Code::DeadlineExceeded, format!("the action timed out after {} ms", assign.timeout_ms))
-        } else if outcome.oom_killed {
-            (tonic::Code::Ok, "the action was killed: it exceeded its memory limit".to_owned())
-        } else {
-            (tonic::Code::Ok, String::new())
-        };
-        let mut f = finished(&assign.execution_id, code, message);
-        f.action_result = result.encode_to_vec();
-        if let Some(disk) = run_disk {
-            disk.clear().await;
-        }
-        Ok(f)
+        Ok(result)
     }
 
     /// With per-slot disks, mounts the run's exec root (an overlay of the
