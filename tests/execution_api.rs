@@ -526,10 +526,7 @@ async fn actions_without_a_path_get_the_workers_default_environment() {
 /// naming the key.
 #[test]
 fn a_default_variable_the_kernel_cannot_pass_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("kiln.toml");
-    std::fs::write(&cfg, "[execution.worker.environment]\n\"A=B\" = \"x\"\n").unwrap();
-    let (ok, _, err) = common::serve_refused(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let (ok, err) = common::serve_refused_config("[execution.worker.environment]\n\"A=B\" = \"x\"\n");
     assert!(!ok && err.contains("[execution.worker.environment]") && err.contains("A=B"), "{err}");
 }
 
@@ -586,10 +583,7 @@ async fn an_output_larger_than_the_store_takes_fails_once_with_resource_exhauste
 /// start.
 #[tokio::test]
 async fn output_collection_is_bounded_in_time_and_run_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("kiln.toml");
-    std::fs::write(&cfg, "[execution.worker]\noutput_collect_secs_max = 0\n").unwrap();
-    let (ok, _, err) = common::serve_refused(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let (ok, err) = common::serve_refused_config("[execution.worker]\noutput_collect_secs_max = 0\n");
     assert!(!ok && err.contains("output_collect_secs_max"), "{err}");
 
     let kiln = Kiln::start_with_config("[execution.worker]\noutput_collect_secs_max = 1\n");
@@ -610,10 +604,7 @@ async fn output_collection_is_bounded_in_time_and_run_once() {
 /// start, naming the tenant.
 #[tokio::test]
 async fn a_tenants_slot_cap_holds_and_bad_shares_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("kiln.toml");
-    std::fs::write(&cfg, "[execution.tenants.main]\nweight = 0\n").unwrap();
-    let (ok, _, err) = common::serve_refused(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let (ok, err) = common::serve_refused_config("[execution.tenants.main]\nweight = 0\n");
     assert!(!ok && err.contains("[execution.tenants.main] weight"), "{err}");
 
     let kiln = Kiln::start_with_config(

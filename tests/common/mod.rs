@@ -302,6 +302,17 @@ pub fn serve_refused(data_dir: &std::path::Path, extra: &[&str]) -> (bool, Strin
     kiln(&args)
 }
 
+/// Runs `kiln serve` with a configuration file holding `toml`, expecting
+/// it to refuse to start; whether it started, and what it printed on
+/// stderr.
+pub fn serve_refused_config(toml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("kiln.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let (ok, _, err) = serve_refused(dir.path(), &["--config", path.to_str().expect("utf-8 path")]);
+    (ok, err)
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, failing with `what`
 /// after `timeout`. Tests wait for asynchronous effects (a file reload, a
 /// revocation reaching another node) this way, never with a fixed sleep.

@@ -101,7 +101,7 @@ impl SlotDisks {
         run(Command::new("mkfs.ext4")
             .args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-N"])
             .arg(self.limits.inodes.to_string())
-            .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0"])
+            .args(["-E", "lazy_itable_init=1,nodiscard,root_owner=0:0"])
             .arg(&image))?;
         std::fs::create_dir_all(&target).map_err(|e| format!("cannot create {}: {e}", target.display()))?;
         run(Command::new("mount")
@@ -120,7 +120,7 @@ impl SlotDisks {
         clear_leftovers(&slot_root)?;
         let scratch = slot_root.join(run);
         let (upper, work) = (scratch.join("upper"), scratch.join("work"));
-        for d in [&upper, &work, &merged.to_owned()] {
+        for d in [upper.as_path(), work.as_path(), merged] {
             std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
         }
         let open = |p: &Path| File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()));
@@ -184,8 +184,9 @@ fn run(command: &mut Command) -> Result<(), String> {
     ))
 }
 
-/// One run's exec root mount and scratch space; unmounted and removed on
-/// drop.
+/// One run's exec root mount and scratch space: [`RunDisk::clear`]
+/// unmounts and empties it; dropped, it is unmounted, and the next run on
+/// the slot empties it.
 #[derive(Debug)]
 pub struct RunDisk {
     merged: PathBuf,

@@ -5,7 +5,6 @@
 //! thread that started it, so preparing and running must share one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::sandbox::{self, Outcome, Prepared, SandboxConfig, SandboxError, Spec};
@@ -21,7 +20,8 @@ struct Job {
 }
 
 struct Slot {
-    jobs: SyncSender<Job>,
+    /// One job at a time: a slot runs one action at a time.
+    jobs: tokio::sync::mpsc::Sender<Job>,
     /// The id of the sandbox this slot has ready, or is making.
     next_id: Arc<Mutex<Option<String>>>,
 }
@@ -44,13 +44,13 @@ impl Slots {
     pub fn new(count: u32, prefix: &str) -> std::io::Result<Slots> {
         let mut slots = Vec::new();
         for n in 0..count {
-            let (jobs, receiver) = sync_channel(1);
+            let (jobs, mut receiver) = tokio::sync::mpsc::channel(1);
             let next_id = Arc::new(Mutex::new(None));
             let shared = next_id.clone();
             let prefix = format!("{prefix}slot{n}-");
             std::thread::Builder::new()
                 .name(format!("kiln-slot-{n}"))
-                .spawn(move || serve(&receiver, &shared, &prefix))?;
+                .spawn(move || serve(&mut receiver, &shared, &prefix))?;
             slots.push(Slot { jobs, next_id });
         }
         Ok(Slots { slots, prefix: prefix.to_owned() })
@@ -77,12 +77,7 @@ impl Slots {
         let gone = || SandboxError::Setup(format!("slot {slot}'s sandbox thread is gone"));
         let s = self.slots.get(slot as usize).ok_or_else(gone)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let jobs = s.jobs.clone();
-        // The thread takes one job at a time; a slot runs one at a time.
-        tokio::task::spawn_blocking(move || jobs.send(Job { config, spec, cancelled, reply }).map_err(drop))
-            .await
-            .map_err(|_| gone())?
-            .map_err(|_| gone())?;
+        s.jobs.send(Job { config, spec, cancelled, reply }).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
 }
@@ -110,7 +105,7 @@ fn fresh_id(prefix: &str) -> String {
 
 /// A slot's thread: runs each job, then makes the next sandbox like the
 /// last run's, under the id it announced before answering.
-fn serve(jobs: &Receiver<Job>, next_id: &Mutex<Option<String>>, prefix: &str) {
+fn serve(jobs: &mut tokio::sync::mpsc::Receiver<Job>, next_id: &Mutex<Option<String>>, prefix: &str) {
     let mut prepared: Option<Prepared> = None;
     let mut template: Option<(SandboxConfig, Spec)> = None;
     loop {
@@ -126,7 +121,7 @@ fn serve(jobs: &Receiver<Job>, next_id: &Mutex<Option<String>>, prefix: &str) {
                 }
             }
         }
-        let Ok(job) = jobs.recv() else { return };
+        let Some(job) = jobs.blocking_recv() else { return };
         let ready = prepared
             .take()
             .filter(|p| p.fits(&job.config, &job.spec))
