@@ -126,7 +126,9 @@ fn serve(jobs: &mut tokio::sync::mpsc::Receiver<Job>, next_id: &Mutex<Option<Str
             .take()
             .filter(|p| p.fits(&job.config, &job.spec))
             .and_then(|mut p| p.is_alive().then_some(p));
-        let result = start(&job, ready);
+        // A panic in the sandbox's code fails this run, not the slot.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| start(&job, ready)))
+            .unwrap_or_else(|_| Err(SandboxError::Setup("the sandbox's code panicked".to_owned())));
         // Announced before the answer, so that the next run asks for it.
         *lock(next_id) = Some(fresh_id(prefix));
         template = Some((job.config, job.spec));
