@@ -112,6 +112,23 @@ pub const EXECUTION_REPORT_GRACE: std::time::Duration = std::time::Duration::fro
 /// Execute and WaitExecution streams send the operation at least this
 /// often (Bazel's keepalive gives each call a 60 s deadline).
 pub const OPERATION_UPDATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+/// `kiln serve`'s local worker process: the pause before starting it again
+/// after it ended, doubled after each that lived under
+/// [`LOCAL_WORKER_HEALTHY_RUN`], at most the max.
+pub const LOCAL_WORKER_RESTART_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+pub const LOCAL_WORKER_RESTART_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+/// A local worker process that lived this long resets the pause.
+pub const LOCAL_WORKER_HEALTHY_RUN: std::time::Duration = std::time::Duration::from_secs(60);
+/// Longest `kiln serve` waits at start for its local worker to register
+/// before it serves anyway.
+pub const LOCAL_WORKER_READY_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+/// A scrape of `kiln serve` reads at most this much of its local worker's
+/// `/metrics`, within the timeout.
+pub const LOCAL_WORKER_METRICS_BYTES_MAX: usize = 1 << 20;
+pub const LOCAL_WORKER_METRICS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Scheduler: distinct platforms of lost workers it remembers (so that
+/// an action for one waits for the worker to come back).
+pub const LOST_PLATFORMS_MAX: usize = 1024;
 /// Scheduler: messages queued to one worker session.
 pub const WORKER_SESSION_QUEUE: usize = 1024;
 /// Most operations one ListOperations page returns.

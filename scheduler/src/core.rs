@@ -138,6 +138,7 @@ struct State {
     workers: HashMap<WorkerKey, Worker>,
     worker_ids: HashMap<String, WorkerKey>,
     failures: VecDeque<snapshot::FailureView>,
+    lost_platforms: crate::platform::LostPlatforms,
 }
 
 /// Counts for tests, logs and metrics.
@@ -493,7 +494,10 @@ impl<B: Backend> Inner<B> {
         if s.operations.get(name).is_none_or(|op| op.tx.borrow().is_done()) {
             return;
         }
-        if !s.workers.values().any(|w| self.config.rules.satisfies(&w.platform, &platform)) {
+        let grace = self.config.unsatisfiable_grace;
+        if !s.workers.values().any(|w| self.config.rules.satisfies(&w.platform, &platform))
+            && !s.lost_platforms.covers(&self.config.rules, &platform, Instant::now(), grace)
+        {
             let explanation = self.config.rules.explain(s.workers.values().map(|w| &w.platform), &platform);
             let status = if self.started.elapsed() < self.config.unsatisfiable_grace {
                 ops::status(
@@ -820,6 +824,7 @@ impl<B: Backend> Inner<B> {
             s.worker_ids.remove(&w.id);
         }
         tracing::warn!(worker = %w.id, running = w.running.len(), "worker lost: {why}");
+        s.lost_platforms.record(&w.platform, Instant::now());
         kiln_proto::metrics::global().lost_workers.inc();
         for id in w.running {
             let Some(e) = s.executions.get_mut(&id) else { continue };

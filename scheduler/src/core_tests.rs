@@ -321,6 +321,30 @@ async fn queued_actions_whose_workers_leave_fail_instead_of_waiting_forever() {
     assert_eq!(code(&r), tonic::Code::FailedPrecondition, "{r:?}");
 }
 
+/// A worker that goes away (its process restarting, a reconnect) fails no
+/// action submitted before it is back within the grace; past the grace,
+/// an action for its platform is refused as before.
+#[tokio::test(start_paused = true)]
+async fn an_action_submitted_while_its_worker_restarts_waits_for_it() {
+    let b = MemoryBackend::default();
+    let s = Scheduler::new(b.clone(), config());
+    // Past the start-up grace, when nobody offering a platform means no.
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let w = FakeWorker::attach(&s, "local", 1, &[("gpu", "1")]);
+    s.detach_worker(w.key, "its process ended");
+    let mut op = s.execute(args(b.action(&["a"], &[("gpu", "1")], 0, false), "")).unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!op.operation().done, "queued while the worker is away");
+    let mut back = FakeWorker::attach(&s, "local", 1, &[("gpu", "1")]);
+    let a = back.assigned().await;
+    back.finish(&s, &a, tonic::Code::Ok, ok(0));
+    assert_eq!(code(&done(&mut op).await), tonic::Code::Ok);
+    s.detach_worker(back.key, "gone for good");
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let r = done(&mut s.execute(args(b.action(&["b"], &[("gpu", "1")], 0, false), "")).unwrap()).await;
+    assert_eq!(code(&r), tonic::Code::FailedPrecondition, "{r:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn lost_workers_requeue_their_actions_a_bounded_number_of_times() {
     let b = MemoryBackend::default();

@@ -234,3 +234,38 @@ mod tests {
         assert!(text.contains("no worker is registered"), "{text}");
     }
 }
+
+/// Platforms of workers lost lately, with when. Until the grace after the
+/// loss, an action for such a platform is queued (and waits, as queued
+/// actions do, for the worker to come back or the grace to run out) rather
+/// than refused: a worker restarting (`kiln serve`'s local worker, a
+/// remote worker reconnecting) fails no build submitted meanwhile. At
+/// most [`LOST_PLATFORMS_MAX`] platforms, the oldest forgotten first.
+///
+/// [`LOST_PLATFORMS_MAX`]: kiln_proto::limits::LOST_PLATFORMS_MAX
+#[derive(Debug, Default)]
+pub struct LostPlatforms(std::collections::HashMap<Platform, tokio::time::Instant>);
+
+impl LostPlatforms {
+    pub fn record(&mut self, platform: &Platform, now: tokio::time::Instant) {
+        if !self.0.contains_key(platform) && self.0.len() >= kiln_proto::limits::LOST_PLATFORMS_MAX {
+            let oldest = self.0.iter().min_by_key(|(_, at)| **at).map(|(p, _)| p.clone());
+            if let Some(oldest) = oldest {
+                self.0.remove(&oldest);
+            }
+        }
+        self.0.insert(platform.clone(), now);
+    }
+
+    /// Whether a worker that could run `wanted` was lost less than `grace`
+    /// before `now`.
+    pub fn covers(
+        &self,
+        rules: &Rules,
+        wanted: &Platform,
+        now: tokio::time::Instant,
+        grace: std::time::Duration,
+    ) -> bool {
+        self.0.iter().any(|(offered, at)| now.duration_since(*at) < grace && rules.satisfies(offered, wanted))
+    }
+}
