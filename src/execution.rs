@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use futures::StreamExt;
-use kiln_proto::kiln::worker::{Property, Register};
+use kiln_proto::kiln::worker::Property;
 use kiln_proto::reapi::ActionResult;
 use kiln_proto::{Digest, DigestFunction, Error};
 use kiln_scheduler::platform::{Rule, Rules};
@@ -24,7 +23,7 @@ use kiln_worker::disk::{DiskLimits, SlotDisks};
 use kiln_worker::outputs::OutputLimits;
 use kiln_worker::runner::{CasFactory, Runner, RunnerConfig};
 use prost::Message;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
 /// The `[execution]` section.
@@ -58,7 +57,7 @@ pub struct ExecutionConfig {
 }
 
 /// `[execution.worker]`: the local worker, and `kiln worker`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// Per-action directories; default DATA_DIR/worker/build.
@@ -538,36 +537,4 @@ fn slot_disks(config: &WorkerConfig, data_dir: &Path, slots: usize) -> Result<Op
         .map_err(|e| anyhow::anyhow!("per-action disks ([execution.worker] disk_limits): {e}"))?;
     tracing::info!(slots, bytes, inodes, dir = %dir.display(), "each slot has a disk of its own");
     Ok(Some(Arc::new(disks)))
-}
-
-/// Runs the local worker against `scheduler` in this process, restarting
-/// its session if it ever ends.
-pub async fn local_worker<B, F>(
-    scheduler: kiln_scheduler::Scheduler<B>,
-    runner: Arc<Runner<F>>,
-    register: Register,
-) where
-    B: kiln_scheduler::Backend,
-    F: CasFactory,
-{
-    loop {
-        let (to_scheduler, from_worker) =
-            tokio::sync::mpsc::channel(kiln_proto::limits::WORKER_SESSION_QUEUE);
-        let sched = scheduler.clone();
-        let inbound = futures::stream::once(async move {
-            let from_worker = tokio_stream::wrappers::ReceiverStream::new(from_worker).map(Ok::<_, Error>);
-            match kiln_scheduler::workers::session(sched, from_worker).await {
-                Ok(rx) => tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Error>).left_stream(),
-                Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
-            }
-        })
-        .flatten();
-        let result =
-            kiln_worker::session::run(runner.clone(), register.clone(), to_scheduler, Box::pin(inbound))
-                .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "local worker session ended; starting a new one");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 }

@@ -12,6 +12,7 @@ mod config;
 mod exec_bench;
 mod execution;
 mod io_bench;
+mod local_worker;
 mod serve;
 mod storage;
 mod store_bench;
@@ -399,10 +400,11 @@ fn main() -> Result<()> {
         std::process::exit(code);
     }
     let cli = Cli::parse();
-    // Before any thread starts: the local worker mounts each run's exec
-    // root, and those mounts die with this process's namespace.
+    // Before any thread starts: a worker mounts each run's exec root and
+    // its slots' disks, and those mounts die with this process's namespace.
+    // (`kiln serve`'s local worker is a `kiln worker` process.)
     let private_mounts = match &cli.command {
-        Command::Serve(_) | Command::Worker(_) if nix::unistd::geteuid().is_root() => {
+        Command::Worker(_) if nix::unistd::geteuid().is_root() => {
             Some(kiln_worker::disk::enter_private_mount_namespace())
         }
         _ => None,

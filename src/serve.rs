@@ -20,7 +20,7 @@ use kiln_storage::store::{AcStore, CasStore, CompletenessChecking, EmptyBlob, Ve
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::execution::{StoreBackend, StoreCasFactory};
+use crate::execution::StoreBackend;
 use crate::storage::Stores;
 use kiln_auth::AuthLayer;
 use kiln_auth::admin::TokenAdmin;
@@ -28,7 +28,6 @@ use kiln_auth::listener::{ListenerOptions, incoming};
 use kiln_proto::google::longrunning::operations_server::OperationsServer;
 use kiln_proto::grpc_metrics::GrpcMetricsLayer;
 use kiln_proto::kiln::admin::tokens_server::TokensServer;
-use kiln_proto::kiln::worker::Register;
 use kiln_proto::kiln::worker::workers_server::WorkersServer;
 use kiln_proto::reapi::execution_server::ExecutionServer;
 use kiln_scheduler::Scheduler;
@@ -199,14 +198,15 @@ where
     }
     let tls = if auth.tls.is_some() { "tls" } else { "plaintext" };
     tracing::info!(%addr, tls, data_dir = %config.data_dir.display(), "kiln serving REAPI");
-    // Tests and scripts read the bound address (useful with port 0) from this line.
-    println!("kiln: serving on {addr}");
     let workers = match &scheduler {
         Some(scheduler) => Some(
             start_execution(&config, &limits, &auth, connections_max, scheduler.clone(), cas.clone()).await?,
         ),
         None => None,
     };
+    // Tests and scripts read the bound address (useful with port 0) from
+    // this line; it comes once the local worker is ready.
+    println!("kiln: serving on {addr}");
     let _telemetry = ServingTask(
         crate::telemetry::start(
             &config.metrics,
@@ -259,11 +259,12 @@ where
     Ok(())
 }
 
-/// Aborts the worker port and the local worker when `kiln serve` ends.
+/// Aborts the worker port and the local worker's socket server when
+/// `kiln serve` ends (the local worker's process then ends too).
 struct ExecutionTasks {
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// The local worker's figures, when it started.
-    worker: Option<Arc<crate::telemetry::WorkerCollector>>,
+    /// The local worker's supervisor, when it started.
+    worker: Option<Arc<crate::local_worker::LocalWorker>>,
 }
 
 impl Drop for ExecutionTasks {
@@ -329,7 +330,7 @@ fn telemetry_sources<B, C>(
     auth: &kiln_auth::config::AuthSetup,
     stores: &Arc<Stores>,
     scheduler: Option<Scheduler<B>>,
-    worker: Option<Arc<crate::telemetry::WorkerCollector>>,
+    local_worker: Option<Arc<crate::local_worker::LocalWorker>>,
     cas: C,
 ) -> crate::telemetry::Sources
 where
@@ -391,7 +392,8 @@ where
         stores: Some(Arc::new(crate::telemetry::StoreCollector::new(stores.clone()))),
         scheduler: scheduler.map(|s| Arc::new(move || s.snapshot()) as crate::telemetry::SchedulerView),
         fetch_log: Some(fetch_log),
-        worker,
+        worker: None,
+        local_worker,
         auth: a.authenticates().then(|| (auth.authenticator.clone(), auth.authorizer.clone())),
         history: Arc::default(),
     }
@@ -431,31 +433,21 @@ where
     })];
     let mut worker = None;
     if execution.local_worker {
+        let (to_server, sockets) = tokio::sync::mpsc::channel(1);
+        tasks.push(tokio::spawn(serve_local_worker(
+            *limits,
+            auth.authorizer.clone(),
+            scheduler.clone(),
+            cas,
+            sockets,
+        )));
         let slots = execution.local_slots();
-        let id = format!(
-            "local-{}",
-            nix::unistd::gethostname().map_or_else(|_| "kiln".into(), |h| h.to_string_lossy().into_owned())
-        );
-        match crate::execution::runner(&execution.worker, &config.data_dir, &id, slots, StoreCasFactory(cas))
-        {
-            Ok(runner) => {
-                worker =
-                    Some(Arc::new(crate::telemetry::WorkerCollector::new(id.clone(), runner.cache.clone())));
-                let register = Register {
-                    worker_id: id,
-                    properties: crate::execution::worker_properties(
-                        &execution.worker,
-                        slots,
-                        runner.disk_limits(),
-                    ),
-                    slots: u32::try_from(slots).unwrap_or(u32::MAX),
-                };
-                tracing::info!(slots, "local worker starting");
-                tasks.push(tokio::spawn(crate::execution::local_worker(
-                    scheduler,
-                    Arc::new(runner),
-                    register,
-                )));
+        let id = crate::local_worker::local_id();
+        tracing::info!(slots, "local worker starting");
+        match crate::local_worker::LocalWorker::start(config, id, slots, to_server) {
+            Ok(local) => {
+                local.ready(|| scheduler.stats().workers > 0).await;
+                worker = Some(local);
             }
             Err(e) => tracing::error!(
                 error = %format!("{e:#}"),
@@ -464,6 +456,45 @@ where
         }
     }
     Ok(ExecutionTasks { tasks, worker })
+}
+
+/// Serves the local worker's end of each socket pair: the worker
+/// protocol, Capabilities, CAS and ByteStream, as the unrestricted principal (see
+/// `local_worker`: holding the socket is the credential).
+async fn serve_local_worker<B, C>(
+    limits: Limits,
+    authorizer: kiln_proto::access::Authorizer,
+    scheduler: Scheduler<B>,
+    cas: C,
+    sockets: tokio::sync::mpsc::Receiver<std::os::unix::net::UnixStream>,
+) where
+    B: kiln_scheduler::Backend,
+    C: CasStore + Clone,
+{
+    use futures::StreamExt;
+    let message_max = limits.grpc_message_size_bytes_max;
+    let workers = WorkersServer::new(WorkerService::new(scheduler, authorizer.clone()));
+    let cas_service =
+        ContentAddressableStorageServer::new(CasService::new(cas.clone(), limits, authorizer.clone()))
+            .max_decoding_message_size(message_max)
+            .max_encoding_message_size(message_max);
+    let bytestream = ByteStreamServer::new(ByteStreamService::new(cas, limits, authorizer.clone()))
+        .max_decoding_message_size(message_max)
+        .max_encoding_message_size(message_max);
+    let capabilities = CapabilitiesServer::new(CapabilitiesService::new(limits, authorizer.clone()));
+    let router = kiln_proto::transport::server(&limits)
+        .layer(AuthLayer::new(kiln_auth::Authenticator::unrestricted()))
+        .add_service(capabilities)
+        .add_service(workers)
+        .add_service(cas_service)
+        .add_service(bytestream);
+    let connections = tokio_stream::wrappers::ReceiverStream::new(sockets).map(|socket| {
+        socket.set_nonblocking(true)?;
+        tokio::net::UnixStream::from_std(socket)
+    });
+    if let Err(e) = router.serve_with_incoming(connections).await {
+        tracing::error!(error = %e, "the local worker's socket server failed");
+    }
 }
 
 async fn shutdown_signal() {

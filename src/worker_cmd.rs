@@ -18,8 +18,8 @@ use crate::config::Config;
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
     /// The scheduler's worker port: grpc://HOST:PORT or grpcs://HOST:PORT.
-    #[arg(long, env = "KILN_SCHEDULER")]
-    scheduler: String,
+    #[arg(long, env = "KILN_SCHEDULER", required_unless_present = "supervised_by")]
+    scheduler: Option<String>,
     /// The CAS the actions' inputs and outputs live in [default: the scheduler's host, port 8980].
     #[arg(long, env = "KILN_CAS")]
     cas: Option<String>,
@@ -52,6 +52,50 @@ pub struct WorkerArgs {
     /// `[metrics] enabled = false` turns it off.
     #[arg(long, default_value = "127.0.0.1:9981")]
     metrics_listen: std::net::SocketAddr,
+    /// Run as `kiln serve`'s local worker, started by the process PID:
+    /// the scheduler and the CAS are reached over the connected Unix
+    /// socket on standard input; the worker ends when that socket closes
+    /// or when PID ends, and PID starts it again.
+    #[arg(long, hide = true, conflicts_with_all = ["scheduler", "cas", "token", "tls_ca", "tls_cert"])]
+    supervised_by: Option<u32>,
+}
+
+/// Where the worker's scheduler and CAS are.
+enum Upstream {
+    /// Dialled, and dialled again after a session ends.
+    Remote { scheduler: String, options: ClientOptions },
+    /// One connection, inherited from the supervising `kiln serve`.
+    Inherited(kiln_tools::client::Connection),
+}
+
+impl Upstream {
+    fn describe(&self) -> String {
+        match self {
+            Upstream::Remote { scheduler, .. } => scheduler.clone(),
+            Upstream::Inherited(_) => "the supervising kiln serve".to_owned(),
+        }
+    }
+}
+
+/// The connection a supervising `kiln serve` handed over on standard
+/// input. Standard input becomes /dev/null, so that no process the worker
+/// starts inherits it; the worker dies with the supervisor.
+async fn inherited_connection(parent: u32) -> Result<kiln_tools::client::Connection> {
+    use std::os::fd::AsFd;
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .context("set the parent-death signal")?;
+    // The parent may have ended before the signal was set.
+    let ppid = nix::unistd::getppid().as_raw();
+    if u32::try_from(ppid).ok() != Some(parent) {
+        anyhow::bail!("the supervising kiln serve (pid {parent}) has ended");
+    }
+    let socket = std::io::stdin().as_fd().try_clone_to_owned().context("standard input")?;
+    let null = std::fs::File::open("/dev/null").context("open /dev/null")?;
+    nix::unistd::dup2_stdin(&null).context("replace standard input")?;
+    let socket = std::os::unix::net::UnixStream::from(socket);
+    socket.set_nonblocking(true).context("standard input is not the supervisor's socket")?;
+    let socket = tokio::net::UnixStream::from_std(socket).context("standard input is not a socket")?;
+    kiln_tools::client::connect_stream(socket).await
 }
 
 fn default_cas(scheduler: &str) -> String {
@@ -81,16 +125,28 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         token: args.token.clone(),
         basic: None,
     };
-    let cas_remote = args.cas.clone().unwrap_or_else(|| default_cas(&args.scheduler));
-    let cas = connect(&options(cas_remote.clone()))
-        .await
-        .with_context(|| format!("connect to the CAS {cas_remote}"))?;
+    let (upstream, cas, cas_remote) = match (args.supervised_by, &args.scheduler) {
+        (Some(parent), _) => {
+            let connection = inherited_connection(parent).await?;
+            (Upstream::Inherited(connection.clone()), connection, "the supervising kiln serve".to_owned())
+        }
+        (None, Some(scheduler)) => {
+            let cas_remote = args.cas.clone().unwrap_or_else(|| default_cas(scheduler));
+            let cas = connect(&options(cas_remote.clone()))
+                .await
+                .with_context(|| format!("connect to the CAS {cas_remote}"))?;
+            let upstream =
+                Upstream::Remote { scheduler: scheduler.clone(), options: options(scheduler.clone()) };
+            (upstream, cas, cas_remote)
+        }
+        (None, None) => anyhow::bail!("--scheduler is required"),
+    };
     let runner = Arc::new(crate::execution::runner(
         &config.execution.worker,
         &data_dir,
         &id,
         slots,
-        GrpcCasFactory(cas),
+        GrpcCasFactory::new(cas, Duration::from_secs(10)).await,
     )?);
     let register = Register {
         worker_id: id.clone(),
@@ -101,13 +157,17 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         ),
         slots: u32::try_from(slots).unwrap_or(u32::MAX),
     };
-    tracing::info!(worker = %id, slots, scheduler = %args.scheduler, cas = %cas_remote, "worker starting");
+    let scheduler = upstream.describe();
+    tracing::info!(worker = %id, slots, %scheduler, cas = %cas_remote, "worker starting");
     let _telemetry =
-        start_telemetry(&config, &args, &register, &data_dir, &cas_remote, &runner.cache).await?;
+        start_telemetry(&config, &args, &register, &data_dir, &scheduler, &cas_remote, &runner.cache).await?;
     let mut backoff = Duration::from_millis(200);
     loop {
         let result = async {
-            let connection = connect(&options(args.scheduler.clone())).await?;
+            let connection = match &upstream {
+                Upstream::Remote { options, .. } => connect(options).await?,
+                Upstream::Inherited(connection) => connection.clone(),
+            };
             let mut client = WorkersClient::new(connection.channel());
             let (tx, rx) = tokio::sync::mpsc::channel(kiln_proto::limits::WORKER_SESSION_QUEUE);
             // Register goes first; the session call resolves once the
@@ -137,6 +197,11 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             result.map_err(|e| anyhow::anyhow!("{}", e.message()))
         }
         .await;
+        if let Upstream::Inherited(_) = upstream {
+            // The supervisor starts a fresh worker with a fresh connection.
+            let why = result.err().map_or_else(|| "it ended".to_owned(), |e| format!("{e:#}"));
+            anyhow::bail!("the session with the supervising kiln serve ended: {why}");
+        }
         match result {
             Ok(()) => {
                 tracing::warn!("scheduler ended the session; reconnecting");
@@ -158,6 +223,7 @@ async fn start_telemetry(
     args: &WorkerArgs,
     register: &Register,
     data_dir: &std::path::Path,
+    scheduler: &str,
     cas: &str,
     cache: &kiln_worker::cache::FileCache,
 ) -> Result<crate::serve::ServingTask> {
@@ -167,7 +233,7 @@ async fn start_telemetry(
         register.properties.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
     let summary = vec![
         ("worker".to_owned(), register.worker_id.clone()),
-        ("scheduler".to_owned(), args.scheduler.clone()),
+        ("scheduler".to_owned(), scheduler.to_owned()),
         ("CAS".to_owned(), cas.to_owned()),
         ("slots".to_owned(), register.slots.to_string()),
         ("properties".to_owned(), properties.join(",")),
@@ -183,6 +249,7 @@ async fn start_telemetry(
             register.worker_id.clone(),
             cache.clone(),
         ))),
+        local_worker: None,
         auth: None,
         history: Arc::default(),
     };

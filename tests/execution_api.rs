@@ -572,7 +572,7 @@ async fn an_output_larger_than_the_store_takes_fails_once_with_resource_exhauste
     let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
     assert_eq!(status_code(&r), tonic::Code::ResourceExhausted as i32, "{r:?}");
     let message = r.status.unwrap().message;
-    assert!(message.contains("larger than this store can hold"), "{message}");
+    assert!(message.contains("larger than the CAS takes"), "{message}");
     assert_eq!(kiln.metric("kiln_scheduler_retries_total", &[]), retries, "the action was run again");
     assert_eq!(kiln.metric("kiln_worker_runs_total", &[]), 1.0);
 }

@@ -4,7 +4,9 @@
 //! fails after the bounded attempts instead of hanging; a worker serves
 //! its own metrics and status page; its CAS client takes an early answer
 //! for a blob the CAS already holds, and reports an input directory the
-//! CAS lacks by its digest.
+//! CAS lacks by its digest. And `kiln serve`'s local worker, a supervised
+//! process of its own: killed mid-action, it is started again, the action
+//! runs again and the cache never stops; it ends with `kiln serve`.
 //!
 //! Needs root: actions run in sandboxes mapped to other uids.
 
@@ -281,4 +283,94 @@ async fn a_remote_worker_reports_a_missing_input_directory_by_its_digest() {
     let r = execute(&kiln, digest, |_| {}).await;
     assert_eq!(r.status.as_ref().map_or(0, |s| s.code), 0, "{r:?}");
     assert_eq!(r.result.unwrap().exit_code, 0);
+}
+
+/// The children of process `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| text.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+/// The pid of `kiln serve`'s local worker process, once it is registered
+/// (and is not `old`).
+async fn local_worker(kiln: &Kiln, old: Option<u32>) -> u32 {
+    common::eventually(Duration::from_secs(60), "the local worker's process", || {
+        let pid = children(kiln.child.id()).into_iter().find(|&pid| {
+            Some(pid) != old
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.windows(15).any(|w| w == b"--supervised-by"))
+        });
+        let registered = kiln.log().matches("worker registered worker=local-").count();
+        let expected = if old.is_some() { 2 } else { 1 };
+        async move { pid.filter(|_| registered >= expected) }
+    })
+    .await
+}
+
+fn kill(pid: u32) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+#[tokio::test]
+async fn a_killed_local_worker_is_started_again_and_its_action_runs_again() {
+    let kiln = Kiln::start();
+    let first = local_worker(&kiln, None).await;
+    // What it inherited its connection on is /dev/null now: nothing it
+    // starts can reach the socket.
+    let stdin = std::fs::read_link(format!("/proc/{first}/fd/0")).unwrap();
+    assert_eq!(stdin, std::path::Path::new("/dev/null"));
+    let digest = action(&kiln, "sleep 2; echo survived").await;
+    let r = execute(&kiln, digest, |n| {
+        if n == 1 {
+            kill(first);
+        }
+    })
+    .await;
+    assert_eq!(r.status.as_ref().map_or(0, |s| s.code), 0, "{r:?}");
+    assert_eq!(r.result.as_ref().unwrap().exit_code, 0, "{r:?}");
+    assert!(kiln.child.id() > 0 && alive(kiln.child.id()), "kiln serve lives on");
+    let second = local_worker(&kiln, Some(first)).await;
+    assert!(!alive(first));
+    assert!(kiln.log_contains("the local worker's process ended"), "{}", kiln.log());
+    assert_eq!(kiln.metric("kiln_local_worker_exits_total", &[]), 1.0);
+    assert_eq!(kiln.metric("kiln_local_worker_up", &[]), 1.0);
+    assert!(kiln.metric("kiln_scheduler_retries_total", &[]) >= 1.0);
+    // The new process's figures are kiln serve's: it ran the action once.
+    assert_eq!(kiln.metric("kiln_worker_runs_total", &["outcome=\"exited\""]), 1.0);
+    let status = http_get(kiln.metrics_addr(), "/status.txt");
+    assert!(status.contains(&format!("pid {second}")), "{status}");
+    // And the cache answered throughout.
+    let missing = kiln
+        .cas()
+        .await
+        .find_missing_blobs(reapi::FindMissingBlobsRequest {
+            blob_digests: vec![digest.to_proto()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(missing.missing_blob_digests.is_empty());
+}
+
+#[tokio::test]
+async fn the_local_worker_ends_with_kiln_serve() {
+    let kiln = Kiln::start();
+    let worker = local_worker(&kiln, None).await;
+    let _data = kiln.kill();
+    common::eventually(Duration::from_secs(30), "the local worker to end", || {
+        let gone = !alive(worker);
+        async move { gone.then_some(()) }
+    })
+    .await;
 }

@@ -119,12 +119,12 @@ fn config_command_prints_a_loadable_file() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
-        .unwrap();
+    // The worker port's line comes first; the client port's once it serves.
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let printed: Vec<String> = lines.take(2).map(Result::unwrap).collect();
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(line.starts_with("kiln: serving on 127.0.0.1:"), "{line}");
+    assert!(printed.iter().any(|l| l.starts_with("kiln: serving on 127.0.0.1:")), "{printed:?}");
 }
 
 #[test]
@@ -175,6 +175,21 @@ fn cas_cli_put_get_missing() {
     let (ok, _, err) = kiln(&["cas", "--remote", &remote, "missing", "not-a-digest"]);
     assert!(!ok);
     assert!(err.contains("HASH/SIZE"), "{err}");
+}
+
+/// A file the server refuses mid-upload (larger than it takes) is
+/// reported with the server's reason, not as a file that changed.
+#[test]
+fn a_refused_upload_is_reported_by_the_servers_reason() {
+    // A 16 MiB store takes blobs of at most a quarter of its ring.
+    let server = Kiln::start_with(&["--cas-size", "16777216"]);
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.bin");
+    // Larger than the flow-control windows: the server answers before all of it is sent.
+    std::fs::write(&big, vec![7u8; 96 << 20]).unwrap();
+    let (ok, _, err) = kiln(&["cas", "--remote", &server.remote(), "put", big.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("max_cas_blob_size_bytes") && !err.contains("changed"), "{err}");
 }
 
 #[test]

@@ -110,8 +110,13 @@ async fn handle(req: Request<Incoming>, sources: &Sources, peer: SocketAddr) -> 
     }
     let path = req.uri().path().to_owned();
     if path == "/metrics" {
-        let text =
+        let mut text =
             tokio::task::spawn_blocking(|| kiln_proto::metrics::global().encode()).await.unwrap_or_default();
+        if let Some(local) = &sources.local_worker
+            && let Some(child) = local.metrics().await
+        {
+            text = super::worker::splice_worker_families(&text, &child);
+        }
         return reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text);
     }
     if path == "/" {
@@ -139,7 +144,11 @@ async fn handle(req: Request<Incoming>, sources: &Sources, peer: SocketAddr) -> 
         history: &sources.history,
         stores: views,
         scheduler: sources.scheduler.as_ref().map(|s| s()),
-        worker: sources.worker.as_ref().map(|w| w.read()),
+        worker: match (&sources.worker, &sources.local_worker) {
+            (Some(w), _) => Some(w.read()),
+            (None, Some(local)) => Some(local.view().await),
+            (None, None) => None,
+        },
     };
     if path == "/status.txt" {
         reply(StatusCode::OK, "text/plain; charset=utf-8", status::text(&page))

@@ -29,7 +29,7 @@ pub use http::serve;
 pub use logging::{LogConfig, LogFormat, init_logging};
 pub use status::History;
 pub use stores::StoreCollector;
-pub use worker::WorkerCollector;
+pub use worker::{WorkerCollector, WorkerView};
 
 /// The `[metrics]` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +69,8 @@ pub struct Sources {
     pub fetch_log: Option<FetchLog>,
     /// The worker of this process, if it runs one.
     pub worker: Option<Arc<WorkerCollector>>,
+    /// `kiln serve`'s local worker, in a process of its own.
+    pub local_worker: Option<Arc<crate::local_worker::LocalWorker>>,
     /// None when Kiln runs without authentication.
     pub auth: Option<(kiln_auth::Authenticator, kiln_proto::access::Authorizer)>,
     pub history: Arc<History>,

@@ -316,7 +316,7 @@ fn scheduler_sections(s: &Snapshot, out: &mut Vec<Section>) {
 fn worker_section(w: &WorkerView) -> Section {
     let c = &w.cache;
     let fill = if w.cache_capacity_bytes > 0 { c.bytes as f64 / w.cache_capacity_bytes as f64 } else { 0.0 };
-    let runs = kiln_proto::metrics::global().worker_runs_by_outcome();
+    let runs = &w.runs;
     let runs = if runs.is_empty() {
         "none yet".to_owned()
     } else {
@@ -347,6 +347,10 @@ fn worker_section(w: &WorkerView) -> Section {
         ],
         vec!["runs".into(), runs],
     ];
+    let mut rows = rows;
+    if let Some(process) = &w.process {
+        rows.insert(1, vec!["process".into(), process.clone()]);
+    }
     plain("worker", "Worker", vec!["", "value"], rows)
 }
 

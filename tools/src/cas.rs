@@ -215,6 +215,8 @@ impl Cas {
         let name = self.write_name(digest);
         let size = digest.size_bytes();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // Whether the file turned out shorter or longer than `digest` says;
+        // a stream the server ended early (it answered) is not that.
         let reader = async move {
             let mut offset = 0u64;
             loop {
@@ -229,21 +231,25 @@ impl Cas {
                 };
                 offset += n;
                 bar.set_position(offset);
-                if tx.send(message).await.is_err() || finish || n == 0 {
-                    return Ok::<u64, Error>(offset);
+                if tx.send(message).await.is_err() {
+                    return Ok::<bool, Error>(false);
+                }
+                if finish || n == 0 {
+                    return Ok(offset != size);
                 }
             }
         };
         let mut client = self.connection.bytestream();
         let upload = client.write(ReceiverStream::new(rx));
-        let (sent, response) = tokio::join!(reader, upload);
+        let (changed, response) = tokio::join!(reader, upload);
         // The server's answer first: it may answer before the last byte
         // when it holds the blob already (another upload finished it), and
-        // then the rest of the file is rightly never sent.
+        // then the rest of the file is rightly never sent; or refuse the
+        // blob (too large for the store) before it has all of it.
         match response {
             Ok(r) => check_committed(digest, r.get_ref().committed_size),
             Err(status) => {
-                if sent? != size {
+                if changed? {
                     return Err(Error::internal(format!("{} changed while it was uploaded", path.display())));
                 }
                 Err(from_status(&format!("upload {digest}"), &status))

@@ -132,3 +132,24 @@ pub async fn connect(options: &ClientOptions) -> Result<Connection> {
     let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {remote}"))?;
     Ok(Connection { channel, credentials })
 }
+
+/// A connection over a stream that is already connected (a Unix socket a
+/// parent process handed over), without credentials: whoever holds the
+/// socket was let in by its other end. There is no reconnecting: once the
+/// stream ends, every call fails with UNAVAILABLE.
+pub async fn connect_stream(stream: tokio::net::UnixStream) -> Result<Connection> {
+    let once = std::sync::Arc::new(std::sync::Mutex::new(Some(stream)));
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let stream = once.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        async move {
+            stream
+                .map(hyper_util::rt::TokioIo::new)
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotConnected, "the socket was closed"))
+        }
+    });
+    // The authority is never resolved: the connector ignores it.
+    let endpoint = kiln_proto::transport::tune(Endpoint::from_static("http://parent.invalid"));
+    let channel =
+        endpoint.connect_with_connector(connector).await.context("connect over the inherited socket")?;
+    Ok(Connection { channel, credentials: Credentials(None) })
+}
