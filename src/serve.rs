@@ -205,8 +205,11 @@ where
         None => None,
     };
     // Tests and scripts read the bound address (useful with port 0) from
-    // this line; it comes once the local worker is ready.
+    // this line, the first; it comes once the local worker is ready.
     println!("kiln: serving on {addr}");
+    if let Some(w) = &workers {
+        println!("kiln: workers connect on {}", w.worker_addr);
+    }
     let _telemetry = ServingTask(
         crate::telemetry::start(
             &config.metrics,
@@ -265,6 +268,8 @@ struct ExecutionTasks {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The local worker's supervisor, when it started.
     worker: Option<Arc<crate::local_worker::LocalWorker>>,
+    /// Where the worker port listens.
+    worker_addr: std::net::SocketAddr,
 }
 
 impl Drop for ExecutionTasks {
@@ -417,7 +422,6 @@ where
         .await
         .with_context(|| format!("listen for workers on {}", execution.worker_listen))?;
     let addr = listener.local_addr()?;
-    println!("kiln: workers connect on {addr}");
     tracing::info!(%addr, "worker port");
     let workers = WorkersServer::new(WorkerService::new(scheduler.clone(), auth.authorizer.clone()));
     let router = kiln_proto::transport::server(limits)
@@ -455,7 +459,7 @@ where
             ),
         }
     }
-    Ok(ExecutionTasks { tasks, worker })
+    Ok(ExecutionTasks { tasks, worker, worker_addr: addr })
 }
 
 /// Serves the local worker's end of each socket pair: the worker

@@ -51,15 +51,22 @@ fn start(kiln: &Path, args: &[&str]) -> Result<(Server, String)> {
         .with_context(|| format!("start {}", kiln.display()))?;
     let stdout = child.stdout.take().expect("piped");
     let server = Server(child);
-    let mut line = String::new();
     let mut stdout = BufReader::new(stdout);
-    stdout.read_line(&mut line)?;
+    // Other lines (the worker port, the metrics listener) may come first.
+    let mut addr = None;
+    for _ in 0..8 {
+        let mut line = String::new();
+        if stdout.read_line(&mut line)? == 0 {
+            break;
+        }
+        if let Some(a) = line.trim().strip_prefix("kiln: serving on ") {
+            addr = Some(a.to_owned());
+            break;
+        }
+    }
     // Keep reading, so that later lines never meet a closed pipe.
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let addr = line
-        .trim()
-        .strip_prefix("kiln: serving on ")
-        .with_context(|| format!("unexpected output {line:?}"))?;
+    let addr = addr.with_context(|| format!("{} printed no \"kiln: serving on\" line", kiln.display()))?;
     Ok((server, format!("grpc://{addr}")))
 }
 
