@@ -479,17 +479,7 @@ async fn an_action_nesting_directories_deeper_than_any_stack_does_not_take_the_n
     upload(&kiln, &blobs).await;
     let r = response_of(execute(&kiln, next, false).await.last().unwrap());
     assert_eq!(status_code(&r), 0, "{r:?}");
-    let missing = kiln
-        .cas()
-        .await
-        .find_missing_blobs(reapi::FindMissingBlobsRequest {
-            blob_digests: vec![digest.to_proto()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(missing.missing_blob_digests.is_empty(), "the CAS still holds the action");
+    assert!(kiln.missing(&[digest]).await.is_empty(), "the CAS still holds the action");
 }
 
 /// A Command without `PATH` (what Pants and Buck2 send) gets the worker's

@@ -350,17 +350,7 @@ async fn a_killed_local_worker_is_started_again_and_its_action_runs_again() {
     let status = http_get(kiln.metrics_addr(), "/status.txt");
     assert!(status.contains(&format!("pid {second}")), "{status}");
     // And the cache answered throughout.
-    let missing = kiln
-        .cas()
-        .await
-        .find_missing_blobs(reapi::FindMissingBlobsRequest {
-            blob_digests: vec![digest.to_proto()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(missing.missing_blob_digests.is_empty());
+    assert!(kiln.missing(&[digest]).await.is_empty());
 }
 
 #[tokio::test]

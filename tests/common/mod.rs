@@ -212,6 +212,15 @@ impl Kiln {
         );
     }
 
+    /// Which of `digests` the CAS of the empty instance lacks.
+    pub async fn missing(&self, digests: &[kiln_proto::Digest]) -> Vec<kiln_proto::reapi::Digest> {
+        let request = kiln_proto::reapi::FindMissingBlobsRequest {
+            blob_digests: digests.iter().map(kiln_proto::Digest::to_proto).collect(),
+            ..Default::default()
+        };
+        self.cas().await.find_missing_blobs(request).await.unwrap().into_inner().missing_blob_digests
+    }
+
     pub async fn ac(&self) -> ActionCacheClient<Channel> {
         ActionCacheClient::new(self.channel().await)
     }
