@@ -8,6 +8,7 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::executor::block_on;
 use kiln_proto::DigestFunction;
+use kiln_proto::access::{Permit, rights};
 use kiln_proto::resource::{ReadResource, WriteResource};
 use kiln_storage::store::{CasKey, CasStore, EmptyBlob, MemoryCas, Verifying, put_all, read_all};
 
@@ -45,7 +46,10 @@ fn memory_store(c: &mut Criterion) {
     let blobs: Vec<(CasKey, Bytes)> = (0..10_000u32)
         .map(|i| {
             let data = Bytes::from(i.to_le_bytes().repeat(256));
-            (CasKey::shared(DigestFunction::Sha256.compute(&data)), data)
+            (
+                CasKey::of(&Permit::<rights::CasWrite>::internal(""), DigestFunction::Sha256.compute(&data)),
+                data,
+            )
         })
         .collect();
     for (k, d) in &blobs {
@@ -79,7 +83,7 @@ fn memory_store(c: &mut Criterion) {
 fn auth(c: &mut Criterion) {
     use kiln_auth::policy::{Rule, RulePolicy};
     use kiln_auth::tokens::TokenStore;
-    use kiln_proto::access::{AuthMethod, Authorizer, Caller, Permission, Permissions, Principal};
+    use kiln_proto::access::{AuthMethod, Authorizer, Caller, Permissions, Principal};
 
     let dir = tempfile::tempdir().unwrap();
     let store = TokenStore::open(&dir.path().join("tokens.json")).unwrap();
@@ -104,12 +108,12 @@ fn auth(c: &mut Criterion) {
     let mut group = c.benchmark_group("auth");
     group.bench_function("token_authenticate", |b| b.iter(|| store.authenticate(&token).unwrap()));
     group.bench_function("policy_check_20_rules", |b| {
-        b.iter(|| authorizer.require(&cert, "t19.dev.alice", Permission::AcWrite).unwrap());
+        b.iter(|| authorizer.permit_for::<rights::AcWrite>(&cert, "t19.dev.alice").unwrap());
     });
     group.bench_function("authenticate_and_check", |b| {
         b.iter(|| {
             let principal = store.authenticate(&token).unwrap();
-            authorizer.require(&Caller { principal, peer: None }, "main.dev", Permission::CasRead).unwrap();
+            authorizer.permit_for::<rights::CasRead>(&Caller { principal, peer: None }, "main.dev").unwrap();
         });
     });
     group.finish();

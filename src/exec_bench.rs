@@ -25,10 +25,17 @@ use prost::Message;
 use serde_json::json;
 
 use crate::execution::{ExecutionConfig, StoreBackend, StoreCas, StoreCasFactory};
+use kiln_proto::access::Permit;
 
 async fn put(cas: &MemoryCas, data: Vec<u8>) -> Result<Digest> {
     let d = DigestFunction::Sha256.compute(&data);
-    put_all(cas, &CasKey::in_instance("", d), Bytes::from(data)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    put_all(
+        cas,
+        &CasKey::of(&Permit::<kiln_proto::access::rights::CasWrite>::internal(""), d),
+        Bytes::from(data),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(d)
 }
 
@@ -105,14 +112,9 @@ pub async fn scheduler(n: usize, workers: usize, slots: u32, in_flight: usize) -
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(action) = digests.get(i) else { return Ok::<(), anyhow::Error>(()) };
-                let args = ExecuteArgs {
-                    instance: String::new(),
-                    action: *action,
-                    skip_cache_lookup: true,
-                    priority: 0,
-                    invocation: format!("inv-{}", i % 4),
-                    principal: String::new(),
-                };
+                let mut args = ExecuteArgs::new(&Permit::internal(""), *action);
+                args.skip_cache_lookup = true;
+                args.invocation = format!("inv-{}", i % 4);
                 let mut watch = scheduler.execute(args).map_err(|e| anyhow::anyhow!("{e}"))?;
                 loop {
                     if let Some(r) = watch.rx.borrow_and_update().response.clone() {
@@ -137,14 +139,8 @@ pub async fn scheduler(n: usize, workers: usize, slots: u32, in_flight: usize) -
     let more = actions(&cas, 2000).await?;
     let mut latencies = Vec::with_capacity(more.len());
     for action in more {
-        let args = ExecuteArgs {
-            instance: String::new(),
-            action,
-            skip_cache_lookup: true,
-            priority: 0,
-            invocation: String::new(),
-            principal: String::new(),
-        };
+        let mut args = ExecuteArgs::new(&Permit::internal(""), action);
+        args.skip_cache_lookup = true;
         let t = Instant::now();
         let mut watch = scheduler.execute(args).map_err(|e| anyhow::anyhow!("{e}"))?;
         loop {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
+use kiln_proto::access::{Permit, rights};
 use kiln_proto::kiln::worker::Property;
 use kiln_proto::reapi::ActionResult;
 use kiln_proto::{Digest, DigestFunction, Error};
@@ -293,7 +294,10 @@ pub fn worker_properties(config: &WorkerConfig, slots: usize, disk: Option<DiskL
         .collect()
 }
 
-/// The scheduler's view of this process's stores.
+/// The scheduler's view of this process's stores. The instance it is
+/// asked about is one an Execute caller was permitted to execute on
+/// ([`kiln_scheduler::ExecuteArgs::new`] takes the permit), so its keys
+/// are Kiln's own work on that caller's behalf.
 pub struct StoreBackend<C, A> {
     pub cas: C,
     pub ac: A,
@@ -302,7 +306,8 @@ pub struct StoreBackend<C, A> {
 
 impl<C: CasStore, A: AcStore> kiln_scheduler::Backend for StoreBackend<C, A> {
     async fn read_blob(&self, instance: &str, digest: &Digest, size_max: u64) -> kiln_proto::Result<Bytes> {
-        read_all(&self.cas, &CasKey::in_instance(instance, *digest), size_max).await
+        let permit = Permit::<rights::CasRead>::internal(instance);
+        read_all(&self.cas, &CasKey::of(&permit, *digest), size_max).await
     }
 
     async fn get_action_result(
@@ -310,7 +315,7 @@ impl<C: CasStore, A: AcStore> kiln_scheduler::Backend for StoreBackend<C, A> {
         instance: &str,
         action: &Digest,
     ) -> kiln_proto::Result<Option<ActionResult>> {
-        match self.ac.get(&AcKey::new(instance, *action)).await {
+        match self.ac.get(&AcKey::of(&Permit::<rights::AcRead>::internal(instance), *action)).await {
             Ok(bytes) => Ok(ActionResult::decode(bytes.as_ref()).ok()),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
@@ -331,11 +336,13 @@ impl<C: CasStore, A: AcStore> kiln_scheduler::Backend for StoreBackend<C, A> {
                 self.result_size_max
             )));
         }
-        self.ac.put(&AcKey::new(instance, *action), Bytes::from(encoded)).await
+        let permit = Permit::<rights::AcWrite>::internal(instance);
+        self.ac.put(&AcKey::of(&permit, *action), Bytes::from(encoded)).await
     }
 }
 
-/// The local worker's CAS: this process's store, for one instance.
+/// A worker's CAS in this process's store, for one instance (`kiln bench`
+/// runs workers so): the scheduler assigned it an action of that instance.
 pub struct StoreCas<C> {
     cas: C,
     instance: String,
@@ -357,7 +364,7 @@ fn io(what: &str, path: &Path, e: &std::io::Error) -> Error {
 
 impl<C: CasStore> StoreCas<C> {
     fn key(&self, digest: &Digest) -> CasKey {
-        CasKey::in_instance(&self.instance, *digest)
+        CasKey::of(&Permit::<rights::CasWrite>::internal(&self.instance), *digest)
     }
 }
 
@@ -382,7 +389,7 @@ impl<C: CasStore> CasClient for StoreCas<C> {
 
     async fn find_missing(&self, digests: &[Digest]) -> kiln_proto::Result<Vec<Digest>> {
         let keys: Vec<CasKey> = digests.iter().map(|d| self.key(d)).collect();
-        Ok(self.cas.find_missing(&keys).await?.into_iter().map(|k| k.digest).collect())
+        Ok(self.cas.find_missing(&keys).await?.into_iter().map(|k| k.digest()).collect())
     }
 
     async fn upload_file(&self, digest: &Digest, path: &Path) -> kiln_proto::Result<()> {

@@ -387,7 +387,10 @@ where
         Arc::new(move |instance: String, digest: kiln_proto::Digest| {
             let cas = cas.clone();
             Box::pin(async move {
-                let key = kiln_storage::store::CasKey::in_instance(&instance, digest);
+                // The listener let only an admin ask.
+                let permit =
+                    kiln_proto::access::Permit::<kiln_proto::access::rights::CasRead>::internal(&instance);
+                let key = kiln_storage::store::CasKey::of(&permit, digest);
                 kiln_storage::store::read_all(&cas, &key, kiln_proto::limits::STATUS_LOG_BYTES_MAX).await
             })
         });

@@ -39,7 +39,8 @@ fn key(i: u64, size: u64) -> CasKey {
     let mut hash = [0u8; 32];
     hash[..8].copy_from_slice(&i.to_le_bytes());
     hash[8..16].copy_from_slice(&(i ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes());
-    CasKey::shared(Digest::new(DigestFunction::Sha256, hash, size).expect("valid digest"))
+    let permit = kiln_proto::access::Permit::<kiln_proto::access::rights::CasWrite>::internal("");
+    CasKey::of(&permit, Digest::new(DigestFunction::Sha256, hash, size).expect("valid digest"))
 }
 
 fn config(o: &StoreBenchOptions) -> BlockConfig {

@@ -501,6 +501,7 @@ async fn actions_without_a_path_get_the_workers_default_environment() {
     let (digest, blobs) = action_with_env(script, &[], 0, &[], &[("KILN_SITE", "own"), ("PATH", "/bin")]);
     upload(&kiln, &blobs).await;
     let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    assert_eq!(status_code(&r), 0, "{r:?}");
     let out = String::from_utf8(stdout_of(&kiln, &r).await).unwrap();
     assert!(out.starts_with("/bin own\n"), "{out}");
     // Without configuration, a standard PATH.
@@ -508,6 +509,7 @@ async fn actions_without_a_path_get_the_workers_default_environment() {
     let (digest, blobs) = action_with_env("echo \"$PATH\"", &[], 0, &[], &[]);
     upload(&kiln, &blobs).await;
     let r = response_of(execute(&kiln, digest, false).await.last().unwrap());
+    assert_eq!(status_code(&r), 0, "{r:?}");
     let out = String::from_utf8(stdout_of(&kiln, &r).await).unwrap();
     assert_eq!(out.trim(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
 }

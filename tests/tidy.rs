@@ -95,6 +95,38 @@ fn unsafe_code_lives_in_two_modules() {
     }
 }
 
+/// `Permit::internal` (Kiln's own work on a tenant, on no client's behalf)
+/// appears only where no client request is handled: the scheduler's and
+/// the log reader's adapters over this process's stores, benchmarks and
+/// tests. A service handler gets its permits from the `Authorizer`.
+#[test]
+fn internal_permits_stay_out_of_handlers() {
+    let allowed = [
+        "proto/src/access/permit.rs",
+        "src/execution.rs",
+        "src/serve.rs",
+        "src/store_bench.rs",
+        "src/exec_bench.rs",
+        "benches/hot_paths.rs",
+        "scheduler/src/core_tests.rs",
+        "tests/tidy.rs",
+    ];
+    let mut files = Vec::new();
+    rust_files(root(), &mut files);
+    for file in files {
+        let rel = file.strip_prefix(root()).unwrap().to_str().unwrap().to_owned();
+        if allowed.contains(&rel.as_str()) || rel.starts_with("tests/") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(!text.contains("Permit as "), "{rel} renames Permit, which hides its uses from this test");
+        for (n, line) in text.lines().enumerate() {
+            let internal = line.find("::internal(").is_some_and(|at| line[..at].contains("Permit"));
+            assert!(!internal, "{rel}:{}: Permit::internal outside {allowed:?}", n + 1);
+        }
+    }
+}
+
 #[test]
 fn crate_graph_keeps_its_layers() {
     let graph = crate_graph();

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use kiln_proto::access::{Permit, rights};
 use kiln_proto::kiln::worker::{
     Assign, Cancel, Finished, Register, SchedulerMessage, WorkerMessage, scheduler_message, worker_message,
 };
@@ -65,17 +66,32 @@ pub struct Config {
     pub tenants: HashMap<String, TenantShare>,
 }
 
-/// One Execute call.
+/// One Execute call. Its instance and principal come from the caller's
+/// permit to execute there ([`ExecuteArgs::new`]): nothing runs, and no
+/// action or result of the instance is read, without one.
 #[derive(Debug, Clone)]
 pub struct ExecuteArgs {
-    pub instance: String,
+    pub(crate) instance: String,
     pub action: Digest,
     pub skip_cache_lookup: bool,
     pub priority: i32,
     /// `tool_invocation_id` from the request metadata ("" when absent).
     pub invocation: String,
     /// Who asked: shares are fair between principals within a tenant.
-    pub principal: String,
+    pub(crate) principal: String,
+}
+
+impl ExecuteArgs {
+    pub fn new(permit: &Permit<rights::Execute>, action: Digest) -> Self {
+        ExecuteArgs {
+            instance: permit.tenant().to_owned(),
+            action,
+            skip_cache_lookup: false,
+            priority: 0,
+            invocation: String::new(),
+            principal: permit.principal().to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -170,14 +170,9 @@ fn ok(exit_code: i32) -> Option<ActionResult> {
 }
 
 fn args(action: Digest, invocation: &str) -> ExecuteArgs {
-    ExecuteArgs {
-        instance: "main".into(),
-        action,
-        skip_cache_lookup: false,
-        priority: 0,
-        invocation: invocation.into(),
-        principal: String::new(),
-    }
+    let mut args = ExecuteArgs::new(&kiln_proto::access::Permit::internal("main"), action);
+    args.invocation = invocation.into();
+    args
 }
 
 /// Waits until the operation is done; its response.

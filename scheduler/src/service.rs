@@ -9,7 +9,7 @@
 use std::pin::Pin;
 
 use futures::Stream;
-use kiln_proto::access::{Authorizer, Permission};
+use kiln_proto::access::{Authorizer, Permission, rights};
 use kiln_proto::google::longrunning::operations_server::Operations;
 use kiln_proto::google::longrunning::{
     CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
@@ -58,7 +58,7 @@ impl<B: Backend> ExecutionService<B> {
             .scheduler
             .get(name)
             .ok_or_else(|| Status::not_found(format!("no operation {}", kiln_proto::text::quoted(name))))?;
-        self.auth.check(request, &instance, Permission::Execute)?;
+        self.auth.permit::<rights::Execute, _>(request, &instance)?;
         Ok(operation)
     }
 }
@@ -103,7 +103,7 @@ impl<B: Backend> Execution for ExecutionService<B> {
     type WaitExecutionStream = OperationStream;
 
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<OperationStream>, Status> {
-        let caller = self.auth.check(&request, &request.get_ref().instance_name, Permission::Execute)?;
+        let permit = self.auth.permit::<rights::Execute, _>(&request, &request.get_ref().instance_name)?;
         let invocation = invocation_of(&request);
         let req = request.into_inner();
         validate_instance_name(&req.instance_name).map_err(Status::from)?;
@@ -120,19 +120,15 @@ impl<B: Backend> Execution for ExecutionService<B> {
         }
         // More urgent than the default only with the urgent permission;
         // otherwise clamped, so a build that asks still runs.
-        if priority < 0 && !self.auth.allows(&caller.principal, &req.instance_name, Permission::Urgent) {
-            tracing::debug!(principal = %caller.principal, priority, "priority clamped to 0: no urgent permission");
+        if priority < 0 && self.auth.try_extend::<rights::Urgent, _>(&permit, &req.instance_name).is_none() {
+            tracing::debug!(principal = %permit.principal(), priority, "priority clamped to 0: no urgent permission");
             kiln_proto::metrics::global().priorities_clamped.inc();
             priority = 0;
         }
-        let args = ExecuteArgs {
-            instance: req.instance_name,
-            action,
-            skip_cache_lookup: req.skip_cache_lookup,
-            priority,
-            invocation,
-            principal: caller.principal.to_string(),
-        };
+        let mut args = ExecuteArgs::new(&permit, action);
+        args.skip_cache_lookup = req.skip_cache_lookup;
+        args.priority = priority;
+        args.invocation = invocation;
         let watch = self.scheduler.execute(args)?;
         Ok(Response::new(follow(watch)))
     }

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use kiln_proto::access::{Authorizer, Permission};
+use kiln_proto::access::{Authorizer, rights};
 use kiln_proto::kiln::worker::workers_server::Workers;
 use kiln_proto::kiln::worker::{
     Accepted, SchedulerMessage, WorkerMessage, scheduler_message, worker_message,
@@ -102,7 +102,7 @@ impl<B: Backend> Workers for WorkerService<B> {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> std::result::Result<Response<SessionStream>, Status> {
-        self.auth.check(&request, "", Permission::Worker)?;
+        self.auth.permit::<rights::Worker, _>(&request, "")?;
         let inbound = request.into_inner();
         let rx = session(self.scheduler.clone(), inbound).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))

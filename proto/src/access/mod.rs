@@ -15,9 +15,11 @@ use crate::error::{Code, Error, Result};
 use crate::text::quoted;
 
 mod permission;
+mod permit;
 mod principal;
 
 pub use permission::{Permission, Permissions};
+pub use permit::{AcRight, CasRight, Permit, Right, rights};
 pub use principal::{AuthMethod, ClientCertificate, Grant, PeerInfo, Principal};
 
 /// A token tenant that stands for every tenant (for operators' admin tokens).
@@ -132,22 +134,46 @@ impl Authorizer {
         Ok(Caller { principal, peer })
     }
 
-    /// The caller, if it holds `permission` on `tenant`.
-    pub fn check<T>(
-        &self,
-        request: &tonic::Request<T>,
-        tenant: &str,
-        permission: Permission,
-    ) -> Result<Caller> {
+    /// A permit for the request's caller to use `R` on `tenant`; otherwise
+    /// PERMISSION_DENIED naming what is missing, logged (rate-limited per
+    /// address).
+    pub fn permit<R: Right, T>(&self, request: &tonic::Request<T>, tenant: &str) -> Result<Permit<R>> {
         let caller = Self::caller(request)?;
-        self.require(&caller, tenant, permission)?;
-        Ok(caller)
+        self.require(&caller, tenant, R::PERMISSION)?;
+        Ok(Permit::granted(caller, tenant))
+    }
+
+    /// A permit for `caller` (of a request already taken apart, such as a
+    /// stream whose first message names the tenant) to use `R` on `tenant`.
+    pub fn permit_for<R: Right>(&self, caller: &Caller, tenant: &str) -> Result<Permit<R>> {
+        self.require(caller, tenant, R::PERMISSION)?;
+        Ok(Permit::granted(caller.clone(), tenant))
+    }
+
+    /// A permit for the caller of `permit` to use `R` on `tenant` (another
+    /// right, or another tenant); refused as [`Authorizer::permit`] is.
+    pub fn extend<R: Right, Q: Right>(&self, permit: &Permit<Q>, tenant: &str) -> Result<Permit<R>> {
+        self.require(permit.caller(), tenant, R::PERMISSION)?;
+        Ok(Permit::granted(permit.caller().clone(), tenant))
+    }
+
+    /// Like [`Authorizer::extend`], but quietly `None` when the caller lacks
+    /// it (a lookup that skips what the caller may not see is no refusal).
+    pub fn try_extend<R: Right, Q: Right>(&self, permit: &Permit<Q>, tenant: &str) -> Option<Permit<R>> {
+        self.allows(permit.principal(), tenant, R::PERMISSION)
+            .then(|| Permit::granted(permit.caller().clone(), tenant))
+    }
+
+    /// Whether the request's caller holds `permission` somewhere it is
+    /// asked about, without a permit (listings, status pages).
+    pub fn allows(&self, principal: &Principal, tenant: &str, permission: Permission) -> bool {
+        self.permissions(principal, tenant).contains(permission)
     }
 
     /// `Ok` if `caller` holds `permission` on `tenant`; otherwise
     /// PERMISSION_DENIED naming what is missing, logged (rate-limited per
     /// address).
-    pub fn require(&self, caller: &Caller, tenant: &str, permission: Permission) -> Result<()> {
+    fn require(&self, caller: &Caller, tenant: &str, permission: Permission) -> Result<()> {
         // The call's span (when enabled) names the tenant it acts on.
         tracing::Span::current().record("tenant", tracing::field::display(quoted(tenant)));
         if self.allows(&caller.principal, tenant, permission) {
@@ -174,10 +200,6 @@ impl Authorizer {
                 quoted(tenant)
             ),
         ))
-    }
-
-    pub fn allows(&self, principal: &Principal, tenant: &str, permission: Permission) -> bool {
-        self.permissions(principal, tenant).contains(permission)
     }
 
     /// Everything `principal` holds on `tenant`.
@@ -230,11 +252,18 @@ mod tests {
         let auth = Authorizer::new(Nothing, 10);
         let caller =
             Caller { principal: Principal::new("ci", AuthMethod::ClientCertificate, None), peer: None };
-        let err = auth.require(&caller, &"x".repeat(200_000), Permission::AcRead).unwrap_err();
+        let request = |principal: Principal| {
+            let mut request = tonic::Request::new(());
+            request.extensions_mut().insert(principal);
+            request
+        };
+        let ci = request(caller.principal.clone());
+        let err = auth.permit::<rights::AcRead, _>(&ci, &"x".repeat(200_000)).unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied);
         assert!(err.message().contains("cert:ci") && err.message().contains("ac-read"), "{}", err.message());
         assert!(err.message().len() < 300, "{} bytes", err.message().len());
-        let anyone = Caller { principal: Principal::unrestricted(), peer: None };
-        auth.require(&anyone, "main", Permission::Admin).unwrap();
+        let permit = auth.permit::<rights::Admin, _>(&request(Principal::unrestricted()), "main").unwrap();
+        assert_eq!(permit.tenant(), "main");
+        assert!(auth.try_extend::<rights::CasRead, _>(&permit, "other").is_some());
     }
 }

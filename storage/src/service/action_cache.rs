@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
-use kiln_proto::access::{Authorizer, Caller, Permission};
+use kiln_proto::access::{Authorizer, Permit, rights};
 use kiln_proto::limits::Limits;
 use kiln_proto::reapi::action_cache_server::ActionCache;
 use kiln_proto::reapi::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
@@ -83,16 +83,16 @@ impl<A: AcStore, C: CasStore> ActionCacheService<A, C> {
     /// caller may read the CAS; otherwise the digests alone answer.
     async fn inline(
         &self,
-        caller: &Caller,
-        instance: &str,
+        permit: &Permit<rights::AcRead>,
         function: DigestFunction,
         req: &GetActionResultRequest,
         result: &mut ActionResult,
     ) {
         let wants = req.inline_stdout || req.inline_stderr || !req.inline_output_files.is_empty();
-        if !wants || !self.auth.allows(&caller.principal, instance, Permission::CasRead) {
+        if !wants {
             return;
         }
+        let Some(cas) = self.auth.try_extend::<rights::CasRead, _>(permit, permit.tenant()) else { return };
         let mut budget = self.limits.inline_size_bytes_max;
         let mut take = |digest: &Option<kiln_proto::reapi::Digest>| -> Option<Digest> {
             let d = Digest::from_proto(Some(function), digest.as_ref()?).ok()?;
@@ -118,7 +118,7 @@ impl<A: AcStore, C: CasStore> ActionCacheService<A, C> {
             let Some(digest) = digest else { continue };
             // A blob that vanished since the completeness check is simply not
             // inlined; the client then fetches it and gets NOT_FOUND itself.
-            let key = CasKey::in_instance(instance, digest);
+            let key = CasKey::of(&cas, digest);
             let Ok(data) = read_all(&self.cas, &key, digest.size_bytes()).await else { continue };
             match slot {
                 0 => result.stdout_raw = data.to_vec(),
@@ -135,7 +135,7 @@ impl<A: AcStore, C: CasStore> ActionCache for ActionCacheService<A, C> {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let caller = self.auth.check(&request, &request.get_ref().instance_name, Permission::AcRead)?;
+        let permit = self.auth.permit::<rights::AcRead, _>(&request, &request.get_ref().instance_name)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
@@ -145,11 +145,15 @@ impl<A: AcStore, C: CasStore> ActionCache for ActionCacheService<A, C> {
         // read them.
         let mut miss = None;
         for tenant in kiln_proto::tenant::lineage(&req.instance_name) {
-            if tenant != req.instance_name && !self.auth.allows(&caller.principal, tenant, Permission::AcRead)
-            {
-                continue;
-            }
-            let data = match self.ac.get(&AcKey::new(tenant, action)).await {
+            let here = if tenant == req.instance_name {
+                permit.clone()
+            } else {
+                let Some(there) = self.auth.try_extend::<rights::AcRead, _>(&permit, tenant) else {
+                    continue;
+                };
+                there
+            };
+            let data = match self.ac.get(&AcKey::of(&here, action)).await {
                 Ok(data) => data,
                 Err(e) if e.is_not_found() => {
                     miss.get_or_insert(e);
@@ -160,7 +164,7 @@ impl<A: AcStore, C: CasStore> ActionCache for ActionCacheService<A, C> {
             let mut result = ActionResult::decode(data.as_ref()).map_err(|e| {
                 Status::internal(format!("stored action result for {action} is unreadable: {e}"))
             })?;
-            self.inline(&caller, &req.instance_name, action.function(), &req, &mut result).await;
+            self.inline(&permit, action.function(), &req, &mut result).await;
             lookup(&req.instance_name, "hit");
             return Ok(Response::new(result));
         }
@@ -180,7 +184,7 @@ impl<A: AcStore, C: CasStore> ActionCache for ActionCacheService<A, C> {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let caller = self.auth.check(&request, &request.get_ref().instance_name, Permission::AcWrite)?;
+        let permit = self.auth.permit::<rights::AcWrite, _>(&request, &request.get_ref().instance_name)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
@@ -202,12 +206,12 @@ impl<A: AcStore, C: CasStore> ActionCache for ActionCacheService<A, C> {
             )));
         }
         if !blobs.is_empty() {
-            self.auth.require(&caller, &req.instance_name, Permission::CasWrite)?;
+            let cas = self.auth.extend::<rights::CasWrite, _>(&permit, &req.instance_name)?;
+            for (digest, data) in blobs {
+                put_all(&self.cas, &CasKey::of(&cas, digest), data).await?;
+            }
         }
-        for (digest, data) in blobs {
-            put_all(&self.cas, &CasKey::in_instance(&req.instance_name, digest), data).await?;
-        }
-        let key = AcKey::new(&req.instance_name, action);
+        let key = AcKey::of(&permit, action);
         self.ac.put(&key, Bytes::from(encoded)).await?;
         tracing::debug!(action = %key, "action result stored");
         Ok(Response::new(returned))

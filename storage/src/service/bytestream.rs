@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
-use kiln_proto::access::{Authorizer, Permission};
+use kiln_proto::access::{Authorizer, rights};
 use kiln_proto::google::bytestream::byte_stream_server::ByteStream;
 use kiln_proto::google::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse,
@@ -338,7 +338,7 @@ impl<C: CasStore + Clone> ByteStream for ByteStreamService<C> {
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
         let resource = ReadResource::parse(&request.get_ref().resource_name)?;
-        let caller = self.auth.check(&request, &resource.instance_name, Permission::CasRead)?;
+        let permit = self.auth.permit::<rights::CasRead, _>(&request, &resource.instance_name)?;
         let req = request.into_inner();
         if req.read_offset < 0 {
             return Err(Status::out_of_range(format!("read_offset {} is negative", req.read_offset)));
@@ -346,7 +346,7 @@ impl<C: CasStore + Clone> ByteStream for ByteStreamService<C> {
         if req.read_limit < 0 {
             return Err(Status::invalid_argument(format!("read_limit {} is negative", req.read_limit)));
         }
-        let key = CasKey::in_instance(&resource.instance_name, resource.digest);
+        let key = CasKey::of(&permit, resource.digest);
         let range = ByteRange {
             offset: req.read_offset.unsigned_abs(),
             limit: (req.read_limit > 0).then_some(req.read_limit.unsigned_abs()),
@@ -361,7 +361,7 @@ impl<C: CasStore + Clone> ByteStream for ByteStreamService<C> {
             reader,
             pending: Bytes::new(),
             chunk_bytes: self.limits.read_chunk_size_bytes as u64,
-            charge: self.reads.charge(caller.peer),
+            charge: self.reads.charge(permit.caller().peer),
             encoder,
             done: false,
         };
@@ -382,7 +382,7 @@ impl<C: CasStore + Clone> ByteStream for ByteStreamService<C> {
             return Err(Status::invalid_argument("the write stream carried no request"));
         };
         let resource = WriteResource::parse(&first.resource_name)?;
-        self.auth.require(&caller, &resource.instance_name, Permission::CasWrite)?;
+        let permit = self.auth.permit_for::<rights::CasWrite>(&caller, &resource.instance_name)?;
         let digest = resource.digest;
         if digest.size_bytes() > self.limits.blob_size_bytes_max {
             return Err(Status::invalid_argument(format!(
@@ -390,7 +390,7 @@ impl<C: CasStore + Clone> ByteStream for ByteStreamService<C> {
                 self.limits.blob_size_bytes_max
             )));
         }
-        let key = CasKey::in_instance(&resource.instance_name, digest);
+        let key = CasKey::of(&permit, digest);
         if self.exists(&key).await? {
             // Per the REAPI: the full size for identity uploads, -1 for
             // compressed ones, however much the client has sent.
@@ -414,8 +414,8 @@ impl<C: CasStore + Clone> ByteStream for ByteStreamService<C> {
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let resource = WriteResource::parse(&request.get_ref().resource_name)?;
-        self.auth.check(&request, &resource.instance_name, Permission::CasWrite)?;
-        if self.exists(&CasKey::in_instance(&resource.instance_name, resource.digest)).await? {
+        let permit = self.auth.permit::<rights::CasWrite, _>(&request, &resource.instance_name)?;
+        if self.exists(&CasKey::of(&permit, resource.digest)).await? {
             let committed_size = resource.digest.size_bytes_i64();
             return Ok(Response::new(QueryWriteStatusResponse { committed_size, complete: true }));
         }

@@ -1,7 +1,7 @@
 //! `Capabilities.GetCapabilities`.
 
 use kiln_proto::DigestFunction;
-use kiln_proto::access::{Authorizer, Permission};
+use kiln_proto::access::{Authorizer, rights};
 use kiln_proto::limits::Limits;
 use kiln_proto::reapi::capabilities_server::Capabilities;
 use kiln_proto::reapi::{
@@ -74,7 +74,7 @@ impl Capabilities for CapabilitiesService {
         let caller = Authorizer::caller(&request)?;
         if self.auth.permissions(&caller.principal, instance).is_empty() {
             // Same message and logging as any other denial.
-            self.auth.require(&caller, instance, Permission::CasRead)?;
+            self.auth.permit_for::<rights::CasRead>(&caller, instance)?;
             return Err(Error::new(
                 Code::PermissionDenied,
                 format!("no permission on instance {}", quoted(instance)),

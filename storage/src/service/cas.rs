@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 use super::compression;
 use crate::store::{CasKey, CasStore, Scope, put_all, read_all};
 use kiln_proto::Code;
-use kiln_proto::access::{Authorizer, Permission};
+use kiln_proto::access::{Authorizer, CasRight, Permit, rights};
 use kiln_proto::limits::{
     BATCH_BLOBS_IN_FLIGHT, Limits, TREE_READ_BATCH_BYTES_MAX, TREE_READ_BATCH_DIRECTORIES_MAX,
 };
@@ -48,12 +48,12 @@ impl<C> CasService<C> {
 type TreeStream = Pin<Box<dyn Stream<Item = Result<GetTreeResponse, Status>> + Send>>;
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<GetChunkMappingResponse, Status>> + Send>>;
 
-fn parse_digests(
-    instance: &str,
+fn parse_digests<R: CasRight>(
+    permit: &Permit<R>,
     function: Option<DigestFunction>,
     digests: &[kiln_proto::reapi::Digest],
 ) -> Result<Vec<CasKey>, Status> {
-    let scope = Scope::cas_of(instance);
+    let scope = Scope::cas(permit);
     digests
         .iter()
         .enumerate()
@@ -85,7 +85,7 @@ impl<C: CasStore + Clone> CasService<C> {
 
     async fn update_one(
         &self,
-        instance: &str,
+        permit: &Permit<rights::CasWrite>,
         function: Option<DigestFunction>,
         req: batch_update_blobs_request::Request,
     ) -> (kiln_proto::reapi::Digest, Result<(), Error>) {
@@ -105,7 +105,7 @@ impl<C: CasStore + Clone> CasService<C> {
             ))),
         };
         let result = match data {
-            Ok(data) => put_all(&self.cas, &CasKey::in_instance(instance, digest), data).await,
+            Ok(data) => put_all(&self.cas, &CasKey::of(permit, digest), data).await,
             Err(e) => Err(e),
         };
         (wire, result.map_err(|e| e.context(format!("blob {digest}"))))
@@ -114,8 +114,10 @@ impl<C: CasStore + Clone> CasService<C> {
     /// One blob of a BatchReadBlobs call (its size is within the batch's,
     /// checked before).
     async fn read_one(&self, key: CasKey, zstd: bool) -> batch_read_blobs_response::Response {
-        let mut response =
-            batch_read_blobs_response::Response { digest: Some(key.digest.to_proto()), ..Default::default() };
+        let mut response = batch_read_blobs_response::Response {
+            digest: Some(key.digest().to_proto()),
+            ..Default::default()
+        };
         let data = match read_all(&self.cas, &key, self.limits.batch_total_size_bytes_max).await {
             Ok(data) if zstd && data.len() > 64 => {
                 compression::compress(data).await.map(|c| (c, compressor::Value::Zstd))
@@ -141,12 +143,12 @@ impl<C: CasStore + Clone> ContentAddressableStorage for CasService<C> {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        self.auth.check(&request, &request.get_ref().instance_name, Permission::CasRead)?;
+        let permit = self.auth.permit::<rights::CasRead, _>(&request, &request.get_ref().instance_name)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
         super::check_count("FindMissingBlobs", req.blob_digests.len(), self.limits.batch_digests_max)?;
-        let keys = parse_digests(&req.instance_name, function, &req.blob_digests)?;
+        let keys = parse_digests(&permit, function, &req.blob_digests)?;
         let missing = self.cas.find_missing(&keys).await?;
         // `missing` is a subsequence of `keys`; answer with the request's own
         // (validated) digest messages rather than encoding them again.
@@ -171,7 +173,7 @@ impl<C: CasStore + Clone> ContentAddressableStorage for CasService<C> {
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
-        self.auth.check(&request, &request.get_ref().instance_name, Permission::CasWrite)?;
+        let permit = self.auth.permit::<rights::CasWrite, _>(&request, &request.get_ref().instance_name)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
@@ -186,9 +188,8 @@ impl<C: CasStore + Clone> ContentAddressableStorage for CasService<C> {
         self.check_batch_size("BatchUpdateBlobs", declared.iter())?;
         // The store works on several blobs at once (a storage thread batches
         // what waits in its queue); answers keep the request's order.
-        let req_instance = req.instance_name;
         let responses = futures::stream::iter(req.requests)
-            .map(|blob| self.update_one(&req_instance, function, blob))
+            .map(|blob| self.update_one(&permit, function, blob))
             .buffered(BATCH_BLOBS_IN_FLIGHT)
             .map(|(digest, result)| {
                 if let Err(e) = &result {
@@ -208,13 +209,14 @@ impl<C: CasStore + Clone> ContentAddressableStorage for CasService<C> {
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
-        self.auth.check(&request, &request.get_ref().instance_name, Permission::CasRead)?;
+        let permit = self.auth.permit::<rights::CasRead, _>(&request, &request.get_ref().instance_name)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
         super::check_count("BatchReadBlobs", req.digests.len(), self.limits.batch_digests_max)?;
-        let keys = parse_digests(&req.instance_name, function, &req.digests)?;
-        self.check_batch_size("BatchReadBlobs", keys.iter().map(|k| &k.digest))?;
+        let keys = parse_digests(&permit, function, &req.digests)?;
+        let digests: Vec<Digest> = keys.iter().map(CasKey::digest).collect();
+        self.check_batch_size("BatchReadBlobs", digests.iter())?;
         let zstd = req.acceptable_compressors.contains(&(compressor::Value::Zstd as i32));
         let responses = futures::stream::iter(keys)
             .map(|key| self.read_one(key, zstd))
@@ -227,7 +229,7 @@ impl<C: CasStore + Clone> ContentAddressableStorage for CasService<C> {
     type GetTreeStream = TreeStream;
 
     async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<TreeStream>, Status> {
-        self.auth.check(&request, &request.get_ref().instance_name, Permission::CasRead)?;
+        let permit = self.auth.permit::<rights::CasRead, _>(&request, &request.get_ref().instance_name)?;
         let req = request.into_inner();
         super::instance(&req.instance_name)?;
         let function = super::digest_function(req.digest_function)?;
@@ -253,7 +255,7 @@ impl<C: CasStore + Clone> ContentAddressableStorage for CasService<C> {
         let mut pager = TreePager {
             source: TreeSource {
                 cas: self.cas.clone(),
-                scope: Scope::cas_of(&req.instance_name),
+                scope: Scope::cas(&permit),
                 directory_bytes_max: self.limits.grpc_message_size_bytes_max as u64 / 2,
             },
             walk: TreeWalk::new(root, self.limits.tree_directories_max as u64),

@@ -45,24 +45,36 @@ pub use empty_blob::EmptyBlob;
 pub use memory::{MemoryAc, MemoryCas};
 pub use verifying::Verifying;
 
+use kiln_proto::access::{AcRight, CasRight, Permit};
+
 /// The namespace a key lives in: the base tenant for the CAS
-/// ([`Scope::cas_of`]), the whole instance name for the AC.
+/// ([`Scope::cas`]), the whole instance name for the AC.
+///
+/// Outside this module a scope, and so a key, is made only from a
+/// [`Permit`] for its tenant and a right of its kind: a service that
+/// forgets to authorize cannot name a blob or a result.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Scope(Arc<str>);
 
 impl Scope {
-    pub fn new(name: &str) -> Self {
+    fn new(name: &str) -> Self {
         Self(Arc::from(name))
     }
 
-    pub fn shared() -> Self {
+    #[cfg(test)]
+    fn shared() -> Self {
         Self::new("")
     }
 
     /// The CAS scope of an instance name: its base tenant, so the CAS is
     /// shared by `main`, `main.dev` and `main.dev.alice`.
-    pub fn cas_of(instance_name: &str) -> Self {
+    fn cas_of(instance_name: &str) -> Self {
         Self::new(kiln_proto::tenant::base(instance_name))
+    }
+
+    /// The CAS scope `permit` may use.
+    pub fn cas<R: CasRight>(permit: &Permit<R>) -> Self {
+        Self::cas_of(permit.tenant())
     }
 
     pub fn as_str(&self) -> &str {
@@ -73,8 +85,8 @@ impl Scope {
 /// What a CAS blob is looked up by: its scope and its own digest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CasKey {
-    pub scope: Scope,
-    pub digest: Digest,
+    scope: Scope,
+    digest: Digest,
 }
 
 impl CasKey {
@@ -82,14 +94,29 @@ impl CasKey {
         Self { scope, digest }
     }
 
-    /// A key in the shared scope (tests and tools).
-    pub fn shared(digest: Digest) -> Self {
+    /// The key of `digest` in the CAS `permit` may use.
+    pub fn of<R: CasRight>(permit: &Permit<R>, digest: Digest) -> Self {
+        Self { scope: Scope::cas(permit), digest }
+    }
+
+    /// A key in the shared scope (this module's tests).
+    #[cfg(test)]
+    fn shared(digest: Digest) -> Self {
         Self { scope: Scope::shared(), digest }
     }
 
-    /// The key for a request on `instance_name`.
-    pub fn in_instance(instance_name: &str, digest: Digest) -> Self {
+    /// The key for a request on `instance_name` (this module's tests).
+    #[cfg(test)]
+    fn in_instance(instance_name: &str, digest: Digest) -> Self {
         Self { scope: Scope::cas_of(instance_name), digest }
+    }
+
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    pub fn scope(&self) -> &Scope {
+        &self.scope
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -111,13 +138,26 @@ impl std::fmt::Display for CasKey {
 /// and the action's digest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AcKey {
-    pub instance: Scope,
-    pub action: Digest,
+    instance: Scope,
+    action: Digest,
 }
 
 impl AcKey {
-    pub fn new(instance: &str, action: Digest) -> Self {
+    fn new(instance: &str, action: Digest) -> Self {
         Self { instance: Scope::new(instance), action }
+    }
+
+    /// The key of `action`'s result in the instance `permit` is for.
+    pub fn of<R: AcRight>(permit: &Permit<R>, action: Digest) -> Self {
+        Self::new(permit.tenant(), action)
+    }
+
+    pub fn action(&self) -> Digest {
+        self.action
+    }
+
+    pub fn instance(&self) -> &Scope {
+        &self.instance
     }
 }
 
