@@ -35,8 +35,8 @@ pub mod rights {
     use super::{AcRight, CasRight, Permission, Right, sealed};
 
     macro_rules! rights {
-        ($($(#[$doc:meta])* $name:ident),* $(,)?) => {$(
-            $(#[$doc])*
+        ($($name:ident),* $(,)?) => {$(
+            #[doc = concat!("The right `Permission::", stringify!($name), "` names.")]
             #[derive(Debug, Clone, Copy)]
             pub struct $name;
             impl sealed::Sealed for $name {}
@@ -46,24 +46,7 @@ pub mod rights {
         )*};
     }
 
-    rights!(
-        /// `cas-read`.
-        CasRead,
-        /// `cas-write`.
-        CasWrite,
-        /// `ac-read`.
-        AcRead,
-        /// `ac-write`.
-        AcWrite,
-        /// `execute`.
-        Execute,
-        /// `admin`.
-        Admin,
-        /// `worker`.
-        Worker,
-        /// `urgent`.
-        Urgent,
-    );
+    rights!(CasRead, CasWrite, AcRead, AcWrite, Execute, Admin, Worker, Urgent);
 
     impl CasRight for CasRead {}
     impl CasRight for CasWrite {}
