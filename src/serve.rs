@@ -7,13 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use kiln_proto::asset::fetch_server::FetchServer;
+use kiln_proto::asset::push_server::PushServer;
 use kiln_proto::google::bytestream::byte_stream_server::ByteStreamServer;
 use kiln_proto::limits::Limits;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
 use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
 use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use kiln_storage::service::{
-    ActionCacheService, ByteStreamService, CapabilitiesService, CasService, ResponseBudgetLayer,
+    ActionCacheService, AssetService, ByteStreamService, CapabilitiesService, CasService, ResponseBudgetLayer,
 };
 use kiln_storage::store::completeness_checking::CheckLimits;
 use kiln_storage::store::{AcStore, CasStore, CompletenessChecking, EmptyBlob, Verifying};
@@ -139,7 +141,10 @@ where
         tree_fetches_max: limits.output_tree_fetches_max,
         tree_size_bytes_max: limits.output_tree_size_bytes_max,
     };
-    let ac = Arc::new(CompletenessChecking::new(ac, cas.clone(), check));
+    // Remote Asset records live in the action-cache store's asset space,
+    // beside (not behind) the completeness check of action results.
+    let records = Arc::new(ac);
+    let ac = Arc::new(CompletenessChecking::new(records.clone(), cas.clone(), check));
 
     let scheduler = config.execution.enabled.then(|| {
         let backend = StoreBackend {
@@ -182,6 +187,12 @@ where
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);
 
+    let assets = AssetService::new(records, cas.clone(), limits, authorizer.clone());
+    let fetch = FetchServer::new(assets.clone())
+        .max_decoding_message_size(message_max)
+        .max_encoding_message_size(message_max);
+    let push =
+        PushServer::new(assets).max_decoding_message_size(message_max).max_encoding_message_size(message_max);
     let token_admin =
         auth.tokens.clone().map(|store| TokensServer::new(TokenAdmin::new(store, authorizer.clone())));
 
@@ -236,6 +247,8 @@ where
         .add_service(cas_service)
         .add_service(ac_service)
         .add_service(bytestream)
+        .add_service(fetch)
+        .add_service(push)
         .add_optional_service(execution_server)
         .add_optional_service(operations_server)
         .add_optional_service(token_admin);

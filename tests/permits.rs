@@ -9,6 +9,9 @@ mod common;
 use common::{Kiln, bootstrap_token, token_config};
 use futures::StreamExt;
 use kiln_proto::DigestFunction;
+use kiln_proto::asset::fetch_client::FetchClient;
+use kiln_proto::asset::push_client::PushClient;
+use kiln_proto::asset::{FetchBlobRequest, PushBlobRequest};
 use kiln_proto::google::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
 use kiln_proto::kiln::worker::workers_client::WorkersClient;
 use kiln_proto::kiln::worker::{Register, WorkerMessage, worker_message};
@@ -97,6 +100,27 @@ async fn every_call(conn: &Connection, instance: &str) -> Vec<(&'static str, Res
                 .await),
         ),
         ("Execute", ok(execute_call)),
+        (
+            "FetchBlob",
+            ok(FetchClient::new(conn.channel())
+                .fetch_blob(FetchBlobRequest {
+                    instance_name: i.clone(),
+                    uris: vec!["https://x/y".into()],
+                    ..Default::default()
+                })
+                .await),
+        ),
+        (
+            "PushBlob",
+            ok(PushClient::new(conn.channel())
+                .push_blob(PushBlobRequest {
+                    instance_name: i.clone(),
+                    uris: vec!["https://x/y".into()],
+                    blob_digest: d.clone(),
+                    ..Default::default()
+                })
+                .await),
+        ),
     ]
 }
 
@@ -130,7 +154,8 @@ async fn every_service_refuses_a_caller_without_the_permission() {
     }
     // cas-read on `main` reads the CAS and nothing else.
     let reader = as_token(&reader, kiln.remote()).await;
-    let readers = ["FindMissingBlobs", "BatchReadBlobs", "GetTree", "ByteStream.Read", "GetCapabilities"];
+    let readers =
+        ["FindMissingBlobs", "BatchReadBlobs", "GetTree", "ByteStream.Read", "GetCapabilities", "FetchBlob"];
     for (call, result) in every_call(&reader, "main").await {
         match result {
             Err(e) if e.code() == Code::PermissionDenied => {

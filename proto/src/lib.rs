@@ -30,6 +30,11 @@ pub mod reapi {
     pub use bazel_remote_apis::build::bazel::semver::SemVer;
 }
 
+/// Generated Remote Asset API v1 messages and service stubs.
+pub mod asset {
+    pub use bazel_remote_apis::build::bazel::remote::asset::v1::*;
+}
+
 /// Kiln's own protocols, compiled from `proto/kiln/` at build time.
 pub mod kiln {
     /// Token administration (`kiln token ...`).

@@ -126,6 +126,15 @@ pub const LOCAL_WORKER_READY_WAIT_MAX: std::time::Duration = std::time::Duration
 /// `/metrics`, within the timeout.
 pub const LOCAL_WORKER_METRICS_BYTES_MAX: usize = 1 << 20;
 pub const LOCAL_WORKER_METRICS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Remote Asset API: most URIs, and most qualifiers, in one request; the
+/// longest URI, and the longest qualifier (name and value together).
+pub const ASSET_URIS_MAX: usize = 64;
+pub const ASSET_QUALIFIERS_MAX: usize = 64;
+pub const ASSET_URI_BYTES_MAX: usize = 8192;
+pub const ASSET_QUALIFIER_BYTES_MAX: usize = 8192;
+/// Remote Asset API: most blobs and directories one asset may reference
+/// besides its own content.
+pub const ASSET_REFERENCES_MAX: usize = 10_000;
 /// Scheduler: distinct platforms of lost workers it remembers (so that
 /// an action for one waits for the worker to come back).
 pub const LOST_PLATFORMS_MAX: usize = 1024;

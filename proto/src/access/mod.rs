@@ -19,7 +19,7 @@ mod permit;
 mod principal;
 
 pub use permission::{Permission, Permissions};
-pub use permit::{AcRight, CasRight, Permit, Right, rights};
+pub use permit::{AcRight, AssetRight, CasRight, Permit, Right, rights};
 pub use principal::{AuthMethod, ClientCertificate, Grant, PeerInfo, Principal};
 
 /// A token tenant that stands for every tenant (for operators' admin tokens).

@@ -30,9 +30,14 @@ pub trait CasRight: Right {}
 /// The rights an action-cache key may be built with.
 pub trait AcRight: Right {}
 
+/// The rights an asset key (Remote Asset API) may be built with: reading
+/// an asset needs what reading the CAS needs, pushing one what writing the
+/// action cache needs (both map a name to content others will trust).
+pub trait AssetRight: Right {}
+
 /// One type per permission.
 pub mod rights {
-    use super::{AcRight, CasRight, Permission, Right, sealed};
+    use super::{AcRight, AssetRight, CasRight, Permission, Right, sealed};
 
     macro_rules! rights {
         ($($name:ident),* $(,)?) => {$(
@@ -52,6 +57,8 @@ pub mod rights {
     impl CasRight for CasWrite {}
     impl AcRight for AcRead {}
     impl AcRight for AcWrite {}
+    impl AssetRight for CasRead {}
+    impl AssetRight for AcWrite {}
 }
 
 /// Proof that a caller holds `R` on a tenant.

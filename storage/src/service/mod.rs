@@ -9,6 +9,7 @@ use tonic::Status;
 
 mod action_cache;
 mod admission;
+mod asset;
 mod bytestream;
 mod capabilities;
 mod cas;
@@ -17,6 +18,7 @@ mod partial;
 mod responses;
 
 pub use action_cache::ActionCacheService;
+pub use asset::AssetService;
 pub use bytestream::ByteStreamService;
 pub use capabilities::CapabilitiesService;
 pub use cas::CasService;

@@ -45,7 +45,7 @@ pub use empty_blob::EmptyBlob;
 pub use memory::{MemoryAc, MemoryCas};
 pub use verifying::Verifying;
 
-use kiln_proto::access::{AcRight, CasRight, Permit};
+use kiln_proto::access::{AcRight, AssetRight, CasRight, Permit};
 
 /// The namespace a key lives in: the base tenant for the CAS
 /// ([`Scope::cas`]), the whole instance name for the AC.
@@ -150,6 +150,14 @@ impl AcKey {
     /// The key of `action`'s result in the instance `permit` is for.
     pub fn of<R: AcRight>(permit: &Permit<R>, action: Digest) -> Self {
         Self::new(permit.tenant(), action)
+    }
+
+    /// The key of a Remote Asset record (`key` names its kind, URI and
+    /// qualifiers) in the instance `permit` is for. Assets live in the
+    /// action-cache store in a space of their own: the prefix holds a
+    /// control character, which no instance name may.
+    pub fn asset<R: AssetRight>(permit: &Permit<R>, key: Digest) -> Self {
+        Self { instance: Scope(Arc::from(format!("\u{1}asset\u{1}{}", permit.tenant()))), action: key }
     }
 
     pub fn action(&self) -> Digest {
