@@ -32,6 +32,8 @@ pub struct Config {
     pub execution: ExecutionConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    /// The Remote Asset API's fetching from origin.
+    pub assets: kiln_storage::service::origin::OriginConfig,
 }
 
 impl Default for Config {
@@ -47,6 +49,7 @@ impl Default for Config {
             execution: ExecutionConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
+            assets: kiln_storage::service::origin::OriginConfig::default(),
         }
     }
 }
@@ -64,6 +67,7 @@ impl Config {
         self.storage.validate(self.limits.blob_size_bytes_max)?;
         self.auth.validate().map_err(|e| anyhow::anyhow!("{}", e.message()))?;
         self.execution.validate()?;
+        self.assets.validate().map_err(|e| anyhow::anyhow!(e))?;
         if self.execution.enabled
             && !self.execution.worker_listen.ip().is_loopback()
             && !self.auth.authenticates()

@@ -187,7 +187,13 @@ where
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);
 
-    let assets = AssetService::new(records, cas.clone(), limits, authorizer.clone());
+    let origin =
+        kiln_storage::service::origin::Origin::new(&config.assets, &config.data_dir.join("downloads"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if origin.is_some() {
+        tracing::info!(allow = ?config.assets.fetch_allow, "the Remote Asset API fetches from origin");
+    }
+    let assets = AssetService::new(records, cas.clone(), limits, authorizer.clone()).with_origin(origin);
     let fetch = FetchServer::new(assets.clone())
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);

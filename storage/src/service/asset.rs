@@ -40,7 +40,9 @@ use kiln_proto::{Code, Digest, DigestFunction, Error, reapi};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::store::{AcKey, AcStore, CasKey, CasStore, read_all};
+use super::origin::{Downloaded, Origin, Sri};
+use crate::store::{AcKey, AcStore, BlobWriter, CasKey, CasStore, Scope, read_all};
+use std::sync::Arc;
 
 /// What an asset names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +173,8 @@ pub struct AssetService<A, C> {
     cas: C,
     limits: Limits,
     auth: Authorizer,
+    /// Downloads what was not pushed, when configured.
+    origin: Option<Arc<Origin>>,
 }
 
 /// One Push, taken apart.
@@ -199,7 +203,14 @@ type Found = Option<(String, Record)>;
 
 impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
     pub fn new(ac: A, cas: C, limits: Limits, auth: Authorizer) -> Self {
-        Self { ac, cas, limits, auth }
+        Self { ac, cas, limits, auth, origin: None }
+    }
+
+    /// Fetches blobs no pushed asset matches from their URLs.
+    #[must_use]
+    pub fn with_origin(mut self, origin: Option<Arc<Origin>>) -> Self {
+        self.origin = origin;
+        self
     }
 
     async fn push(
@@ -303,6 +314,72 @@ impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
         Ok(None)
     }
 
+    /// Downloads the first of the request's URLs that downloads (see
+    /// `origin`), stores it in the caller's CAS and records it as an asset
+    /// under that URL and the request's qualifiers. The RPC's error, or
+    /// the URL and record, or the inline status of the last failure.
+    async fn fetch_from_origin(
+        &self,
+        origin: &Arc<Origin>,
+        permit: &Permit<rights::CasRead>,
+        req: &FetchBlobRequest,
+    ) -> Result<std::result::Result<(String, Record), kiln_proto::google::rpc::Status>, Status> {
+        let qualifiers = check_names(&req.uris, &req.qualifiers)?;
+        let mut sri = None;
+        for (name, value) in &qualifiers {
+            match name.as_str() {
+                "checksum.sri" => sri = Some(Sri::parse(value)?),
+                // Names the download for the client's own bookkeeping.
+                "bazel.canonical_id" => {}
+                other => {
+                    let why =
+                        format!("cannot check qualifier {} on content fetched from origin", quoted(other));
+                    return Ok(Err(Error::not_found(why).to_rpc_status()));
+                }
+            }
+        }
+        let instance = permit.tenant();
+        let (Some(writer), Some(recorder)) = (
+            self.auth.try_extend::<rights::CasWrite, _>(permit, instance),
+            self.auth.try_extend::<rights::AcWrite, _>(permit, instance),
+        ) else {
+            let why = "fetching from origin needs cas-write and ac-write on the instance as well as cas-read";
+            return Ok(Err(Error::not_found(why).to_rpc_status()));
+        };
+        let function = super::digest_function(req.digest_function)?.unwrap_or(DigestFunction::Sha256);
+        let mut last = Error::not_found("no URL given");
+        for uri in &req.uris {
+            if let Some(why) = origin.refuses(uri) {
+                last = Error::new(Code::PermissionDenied, why);
+                continue;
+            }
+            let (cas, writer) = (self.cas.clone(), writer.clone());
+            let store = move |d: Downloaded| -> futures::future::BoxFuture<'static, kiln_proto::Result<()>> {
+                Box::pin(async move { store_file(&cas, &CasKey::of(&writer, d.digest), &d).await })
+            };
+            let merge_key = format!("{}\n{}\n{uri}\n{sri:?}", Scope::cas(permit).as_str(), function.name());
+            match origin.fetch(merge_key, uri.clone(), sri.clone(), function, store).await {
+                Ok(digest) => {
+                    let record = Record {
+                        content: Some(digest.to_proto()),
+                        pushed_at: unix_now(),
+                        digest_function: function.to_proto() as i32,
+                        ..Record::default()
+                    };
+                    let key = AcKey::asset(&recorder, asset_key(Kind::Blob, uri, &qualifiers));
+                    self.ac.put(&key, bytes::Bytes::from(record.encode_to_vec())).await?;
+                    tracing::info!(url = %quoted(uri), blob = %digest, "fetched from origin");
+                    return Ok(Ok((uri.clone(), record)));
+                }
+                Err(e) => {
+                    tracing::info!(url = %quoted(uri), error = %e.message(), "fetch from origin failed");
+                    last = e;
+                }
+            }
+        }
+        Ok(Err(last.to_rpc_status()))
+    }
+
     /// Why `record`'s content is not all in the CAS `permit` reads, if it
     /// is not: its blobs, and every directory tree it names to its files.
     async fn incomplete(
@@ -373,6 +450,27 @@ impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
     }
 }
 
+/// Puts a downloaded file into the CAS under `key`, unless it is there.
+async fn store_file<C: CasStore>(cas: &C, key: &CasKey, downloaded: &Downloaded) -> kiln_proto::Result<()> {
+    use tokio::io::AsyncReadExt;
+    if cas.find_missing(std::slice::from_ref(key)).await?.is_empty() {
+        return Ok(());
+    }
+    let io = |e: std::io::Error| Error::internal(format!("read a download back: {e}"));
+    let mut file = tokio::fs::File::open(&downloaded.file).await.map_err(io)?;
+    let mut writer = cas.write(key).await?;
+    loop {
+        let mut buf = vec![0u8; 1 << 20];
+        let n = file.read(&mut buf).await.map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        buf.truncate(n);
+        writer.write(bytes::Bytes::from(buf)).await?;
+    }
+    writer.commit().await
+}
+
 fn timestamp(seconds: i64) -> Option<kiln_proto::google::protobuf::Timestamp> {
     (seconds != 0).then_some(kiln_proto::google::protobuf::Timestamp { seconds, nanos: 0 })
 }
@@ -403,7 +501,17 @@ impl<A: AcStore + Clone, C: CasStore + Clone> Fetch for AssetService<A, C> {
             oldest: req.oldest_content_accepted.as_ref(),
             digest_function: req.digest_function,
         };
-        let response = match self.fetch(&permit, Kind::Blob, args).await? {
+        let mut found = self.fetch(&permit, Kind::Blob, args).await?;
+        let mut failure = None;
+        if found.is_none()
+            && let Some(origin) = &self.origin
+        {
+            match self.fetch_from_origin(origin, &permit, &req).await? {
+                Ok(downloaded) => found = Some(downloaded),
+                Err(status) => failure = Some(status),
+            }
+        }
+        let response = match found {
             Some((uri, record)) => FetchBlobResponse {
                 status: Some(Default::default()),
                 uri,
@@ -413,7 +521,8 @@ impl<A: AcStore + Clone, C: CasStore + Clone> Fetch for AssetService<A, C> {
                 digest_function: record.digest_function,
             },
             None => {
-                FetchBlobResponse { status: Some(not_found(Kind::Blob, &req.uris)), ..Default::default() }
+                let status = failure.unwrap_or_else(|| not_found(Kind::Blob, &req.uris));
+                FetchBlobResponse { status: Some(status), ..Default::default() }
             }
         };
         Ok(Response::new(response))

@@ -14,6 +14,7 @@ mod bytestream;
 mod capabilities;
 mod cas;
 mod compression;
+pub mod origin;
 mod partial;
 mod responses;
 
