@@ -47,14 +47,18 @@ fn fetch_blob(instance: &str, at: &[&str], qualifiers: Vec<Qualifier>) -> FetchB
     FetchBlobRequest { instance_name: instance.into(), uris: uris(at), qualifiers, ..Default::default() }
 }
 
-/// The blob FetchBlob found, or the code of its inline status.
+/// The blob FetchBlob found, or the code it failed with. A failure is a
+/// gRPC error (with no blob in an OK response, which Bazel 4.2.3 would
+/// take for an empty file).
 async fn fetched(channel: Channel, request: FetchBlobRequest) -> Result<(String, Digest), i32> {
-    let r = FetchClient::new(channel).fetch_blob(request).await.unwrap().into_inner();
-    let code = r.status.as_ref().map_or(0, |s| s.code);
-    if code != 0 {
-        return Err(code);
+    match FetchClient::new(channel).fetch_blob(request).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            assert_eq!(r.status.as_ref().map_or(0, |s| s.code), 0, "{r:?}");
+            Ok((r.uri, Digest::from_proto(None, &r.blob_digest.unwrap()).unwrap()))
+        }
+        Err(status) => Err(status.code() as i32),
     }
-    Ok((r.uri, Digest::from_proto(None, &r.blob_digest.unwrap()).unwrap()))
 }
 
 const NOT_FOUND: i32 = Code::NotFound as i32;
@@ -145,9 +149,8 @@ async fn an_asset_is_served_only_while_complete_and_unexpired() {
         uris: uris(&["git+https://example.com/repo@v1"]),
         ..Default::default()
     };
-    let status = |r: kiln_proto::asset::FetchDirectoryResponse| r.status.map_or(0, |s| s.code);
-    let r = FetchClient::new(reader.clone()).fetch_directory(fetch.clone()).await.unwrap().into_inner();
-    assert_eq!(status(r), NOT_FOUND, "its file is not in the CAS yet");
+    let err = FetchClient::new(reader.clone()).fetch_directory(fetch.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "its file is not in the CAS yet");
     upload.batch_update_blobs(common::upload_request("main", &[&file_data])).await.unwrap();
     let r = FetchClient::new(reader.clone()).fetch_directory(fetch).await.unwrap().into_inner();
     assert_eq!(r.root_directory_digest, Some(root_digest.to_proto()), "{r:?}");
@@ -171,16 +174,18 @@ async fn an_asset_is_served_only_while_complete_and_unexpired() {
     push.expire_at = Some(Timestamp { seconds: expire, nanos: 0 });
     PushClient::new(all.clone()).push_blob(push).await.unwrap();
     let fetch = fetch_blob("main", &["https://example.com/c"], vec![]);
-    let first = FetchClient::new(reader.clone()).fetch_blob(fetch.clone()).await.unwrap().into_inner();
-    if unix_now() < expire {
+    let first = FetchClient::new(reader.clone()).fetch_blob(fetch.clone()).await;
+    if let Ok(first) = first.map(tonic::Response::into_inner)
+        && unix_now() < expire
+    {
         assert_eq!(first.expires_at.map(|t| t.seconds), Some(expire), "{first:?}");
         assert_eq!(first.blob_digest, Some(soon.to_proto()));
     }
     common::eventually(Duration::from_secs(30), "the asset to expire", || {
         let (reader, fetch) = (reader.clone(), fetch.clone());
         async move {
-            let r = FetchClient::new(reader).fetch_blob(fetch).await.unwrap().into_inner();
-            (r.status.map_or(0, |s| s.code) == NOT_FOUND).then_some(())
+            let r = FetchClient::new(reader).fetch_blob(fetch).await;
+            r.is_err_and(|e| e.code() == Code::NotFound).then_some(())
         }
     })
     .await;
@@ -286,11 +291,13 @@ impl Origin {
     }
 }
 
-/// The code and message of a FetchBlob's inline status.
+/// The code and message a FetchBlob failed with ((0, "") when it did not).
 async fn fetch_status(kiln: &Kiln, uri: &str, qualifiers: Vec<Qualifier>) -> (i32, String) {
     let request = fetch_blob("", &[uri], qualifiers);
-    let r = FetchClient::new(kiln.channel().await).fetch_blob(request).await.unwrap().into_inner();
-    r.status.map(|s| (s.code, s.message)).unwrap_or_default()
+    match FetchClient::new(kiln.channel().await).fetch_blob(request).await {
+        Ok(_) => (0, String::new()),
+        Err(e) => (e.code() as i32, e.message().to_owned()),
+    }
 }
 
 #[tokio::test]

@@ -13,9 +13,11 @@
 //!   content and everything it references (`references_blobs`,
 //!   `references_directories`, every directory tree walked to its files)
 //!   are in the caller's CAS, it has not expired (`expire_at`), and it is
-//!   no older than `oldest_content_accepted`; otherwise Fetch answers
-//!   NOT_FOUND in the response's status, as the specification says for
-//!   content the server does not have. Push refuses content the CAS lacks
+//!   no older than `oldest_content_accepted`; otherwise Fetch fails with
+//!   NOT_FOUND. Failures are gRPC errors, not only the response's inline
+//!   status as the specification prefers: Bazel 4.2.3's downloader never
+//!   reads that status and would take the empty digest of a miss for an
+//!   empty file (BuildStream reads either). Push refuses content the CAS lacks
 //!   with FAILED_PRECONDITION where the caller may read the CAS.
 //! - **Bad input** is INVALID_ARGUMENT naming the field: no URI (clients
 //!   probe this way), too many or too long URIs or qualifiers, a repeated
@@ -323,7 +325,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
         origin: &Arc<Origin>,
         permit: &Permit<rights::CasRead>,
         req: &FetchBlobRequest,
-    ) -> Result<std::result::Result<(String, Record), kiln_proto::google::rpc::Status>, Status> {
+    ) -> Result<std::result::Result<(String, Record), Error>, Status> {
         let qualifiers = check_names(&req.uris, &req.qualifiers)?;
         let mut sri = None;
         for (name, value) in &qualifiers {
@@ -334,7 +336,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
                 other => {
                     let why =
                         format!("cannot check qualifier {} on content fetched from origin", quoted(other));
-                    return Ok(Err(Error::not_found(why).to_rpc_status()));
+                    return Ok(Err(Error::not_found(why)));
                 }
             }
         }
@@ -344,7 +346,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
             self.auth.try_extend::<rights::AcWrite, _>(permit, instance),
         ) else {
             let why = "fetching from origin needs cas-write and ac-write on the instance as well as cas-read";
-            return Ok(Err(Error::not_found(why).to_rpc_status()));
+            return Ok(Err(Error::not_found(why)));
         };
         let function = super::digest_function(req.digest_function)?.unwrap_or(DigestFunction::Sha256);
         let mut last = Error::not_found("no URL given");
@@ -377,7 +379,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
                 }
             }
         }
-        Ok(Err(last.to_rpc_status()))
+        Ok(Err(last))
     }
 
     /// Why `record`'s content is not all in the CAS `permit` reads, if it
@@ -475,7 +477,7 @@ fn timestamp(seconds: i64) -> Option<kiln_proto::google::protobuf::Timestamp> {
     (seconds != 0).then_some(kiln_proto::google::protobuf::Timestamp { seconds, nanos: 0 })
 }
 
-fn not_found(kind: Kind, uris: &[String]) -> kiln_proto::google::rpc::Status {
+fn not_found(kind: Kind, uris: &[String]) -> Error {
     let first = uris.first().map(String::as_str).unwrap_or_default();
     Error::not_found(format!(
         "no {} asset for {} (and {} other URIs) with these qualifiers: none was pushed, or its content left the CAS",
@@ -483,7 +485,6 @@ fn not_found(kind: Kind, uris: &[String]) -> kiln_proto::google::rpc::Status {
         quoted(first),
         uris.len().saturating_sub(1)
     ))
-    .to_rpc_status()
 }
 
 #[tonic::async_trait]
@@ -521,8 +522,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> Fetch for AssetService<A, C> {
                 digest_function: record.digest_function,
             },
             None => {
-                let status = failure.unwrap_or_else(|| not_found(Kind::Blob, &req.uris));
-                FetchBlobResponse { status: Some(status), ..Default::default() }
+                return Err(failure.unwrap_or_else(|| not_found(Kind::Blob, &req.uris)).into());
             }
         };
         Ok(Response::new(response))
@@ -550,10 +550,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> Fetch for AssetService<A, C> {
                 root_directory_digest: record.content,
                 digest_function: record.digest_function,
             },
-            None => FetchDirectoryResponse {
-                status: Some(not_found(Kind::Directory, &req.uris)),
-                ..Default::default()
-            },
+            None => return Err(not_found(Kind::Directory, &req.uris).into()),
         };
         Ok(Response::new(response))
     }
