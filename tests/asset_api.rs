@@ -8,6 +8,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::origin::Origin;
 use common::{Kiln, bootstrap_token, token_config};
 use kiln_proto::asset::fetch_client::FetchClient;
 use kiln_proto::asset::push_client::PushClient;
@@ -235,62 +236,6 @@ async fn bad_asset_requests_get_invalid_argument_naming_the_field() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
 
-/// A plain HTTP/1.1 origin on a free loopback port: `/file` serves
-/// `body`, `/slow` the same after 300 ms, `/moved` redirects to `/file`,
-/// anything else is 404. Counts the requests per path.
-struct Origin {
-    port: u16,
-    hits: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
-}
-
-impl Origin {
-    fn start(body: Vec<u8>) -> Origin {
-        use std::io::{BufRead, BufReader, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let hits = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
-        let counted = hits.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().map_while(Result::ok) {
-                let (body, counted) = (body.clone(), counted.clone());
-                std::thread::spawn(move || {
-                    let mut reader = BufReader::new(stream.try_clone().unwrap());
-                    let mut line = String::new();
-                    reader.read_line(&mut line).unwrap_or(0);
-                    let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
-                    let mut header = String::new();
-                    while reader.read_line(&mut header).unwrap_or(0) > 2 {
-                        header.clear();
-                    }
-                    *counted.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
-                    let mut out = stream;
-                    let head = |status: &str, extra: &str, len: usize| {
-                        format!(
-                            "HTTP/1.1 {status}\r\n{extra}Content-Length: {len}\r\nConnection: close\r\n\r\n"
-                        )
-                    };
-                    let _ = match path.as_str() {
-                        "/file" | "/slow" => {
-                            if path == "/slow" {
-                                std::thread::sleep(Duration::from_millis(300));
-                            }
-                            out.write_all(head("200 OK", "", body.len()).as_bytes())
-                                .and_then(|()| out.write_all(&body))
-                        }
-                        "/moved" => out.write_all(head("302 Found", "Location: /file\r\n", 0).as_bytes()),
-                        _ => out.write_all(head("404 Not Found", "", 0).as_bytes()),
-                    };
-                });
-            }
-        });
-        Origin { port, hits }
-    }
-
-    fn hits(&self, path: &str) -> u32 {
-        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
-    }
-}
-
 /// The code and message a FetchBlob failed with ((0, "") when it did not).
 async fn fetch_status(kiln: &Kiln, uri: &str, qualifiers: Vec<Qualifier>) -> (i32, String) {
     let request = fetch_blob("", &[uri], qualifiers);
@@ -305,8 +250,8 @@ async fn blobs_nobody_pushed_are_fetched_once_from_an_allowed_origin() {
     use base64::Engine as _;
     use sha2::Digest as _;
     let body = b"archive bytes ".repeat(5000);
-    let origin = Origin::start(body.clone());
-    let base = format!("http://127.0.0.1:{}/", origin.port);
+    let origin = Origin::start([("file".to_owned(), body.clone())].into());
+    let base = origin.base();
     let kiln = Kiln::start_with_config(&format!(
         "[assets]\nfetch_from_origin = true\nfetch_allow = [\"{base}\"]\nfetch_private_addresses = true\n"
     ));
@@ -323,15 +268,15 @@ async fn blobs_nobody_pushed_are_fetched_once_from_an_allowed_origin() {
     assert!(kiln.missing(&[digest]).await.is_empty(), "the download is in the CAS");
 
     // Identical fetches at once share one download.
-    let slow = format!("{base}slow");
+    let slow = format!("{base}slow/file");
     let all = (0..4).map(|_| fetched_owned(&kiln, fetch_blob("", &[&slow], vec![])));
     for found in futures::future::join_all(all).await {
         assert_eq!(found.map(|(_, d)| d), Ok(digest));
     }
-    assert_eq!(origin.hits("/slow"), 1);
+    assert_eq!(origin.hits("/slow/file"), 1);
 
     // Redirects are followed within the allow-list.
-    let moved = format!("{base}moved");
+    let moved = format!("{base}moved/file");
     assert_eq!(
         fetched(kiln.channel().await, fetch_blob("", &[&moved], vec![])).await.map(|(_, d)| d),
         Ok(digest)

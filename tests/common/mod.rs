@@ -7,6 +7,7 @@ pub mod bazel;
 pub mod h2raw;
 pub mod http;
 pub mod mounts;
+pub mod origin;
 pub mod pki;
 pub mod proxy;
 
