@@ -260,7 +260,7 @@ pub struct Origin {
     client: reqwest::Client,
     turns: Arc<tokio::sync::Semaphore>,
     dir: PathBuf,
-    in_flight: Mutex<HashMap<String, Merged>>,
+    in_flight: Arc<Mutex<HashMap<String, Merged>>>,
 }
 
 impl std::fmt::Debug for Origin {
@@ -303,7 +303,7 @@ impl Origin {
             client,
             turns: Arc::new(tokio::sync::Semaphore::new(config.fetches_max)),
             dir: dir.to_owned(),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Arc::default(),
         })))
     }
 
@@ -318,6 +318,11 @@ impl Origin {
     /// Downloads `url` and hands the file to `store` (which puts it into
     /// the CAS); identical calls (same `merge_key`) in flight share one
     /// download. The digest stored.
+    ///
+    /// The download runs as a task of its own, bounded by the timeout: a
+    /// caller that goes away neither cancels it for the others nor leaves
+    /// it half done, and the task itself takes its entry out of the table
+    /// when it ends, so no entry outlives its work.
     pub async fn fetch<F>(
         &self,
         merge_key: String,
@@ -334,21 +339,28 @@ impl Origin {
             if let Some(existing) = in_flight.get(&merge_key) {
                 existing.clone()
             } else {
-                let work = self.download(url, sri, function);
+                let download = self.download(url, sri, function);
+                let (table, key) = (self.in_flight.clone(), merge_key.clone());
+                let task = tokio::spawn(async move {
+                    let result = async {
+                        let downloaded = download.await?;
+                        let digest = downloaded.digest;
+                        store(downloaded).await?;
+                        Ok(digest)
+                    }
+                    .await;
+                    table.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
+                    result
+                });
                 let work: BoxFuture<'static, Result<Digest>> = Box::pin(async move {
-                    let downloaded = work.await?;
-                    let digest = downloaded.digest;
-                    store(downloaded).await?;
-                    Ok(digest)
+                    task.await.unwrap_or_else(|e| Err(Error::internal(format!("a download's task failed: {e}"))))
                 });
                 let shared = work.shared();
-                in_flight.insert(merge_key.clone(), shared.clone());
+                in_flight.insert(merge_key, shared.clone());
                 shared
             }
         };
-        let result = merged.await;
-        self.in_flight.lock().unwrap_or_else(PoisonError::into_inner).remove(&merge_key);
-        result
+        merged.await
     }
 
     /// One download into a temporary file (a future that owns what it needs).
