@@ -200,6 +200,36 @@ struct FetchArgs<'a> {
     digest_function: i32,
 }
 
+/// The [`FetchArgs`] of a FetchBlob or FetchDirectory request.
+macro_rules! fetch_args {
+    ($req:expr) => {
+        FetchArgs {
+            instance: &$req.instance_name,
+            uris: &$req.uris,
+            qualifiers: &$req.qualifiers,
+            oldest: $req.oldest_content_accepted.as_ref(),
+            digest_function: $req.digest_function,
+        }
+    };
+}
+
+/// The [`PushArgs`] of a PushBlob or PushDirectory request, whose content
+/// is its field `$content`.
+macro_rules! push_args {
+    ($req:expr, $content:ident) => {
+        PushArgs {
+            instance: &$req.instance_name,
+            uris: &$req.uris,
+            qualifiers: &$req.qualifiers,
+            expire_at: $req.expire_at.as_ref(),
+            content: $req.$content.as_ref(),
+            references_blobs: &$req.references_blobs,
+            references_directories: &$req.references_directories,
+            digest_function: $req.digest_function,
+        }
+    };
+}
+
 /// What a Fetch found: the URI and its record.
 type Found = Option<(String, Record)>;
 
@@ -318,14 +348,14 @@ impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
 
     /// Downloads the first of the request's URLs that downloads (see
     /// `origin`), stores it in the caller's CAS and records it as an asset
-    /// under that URL and the request's qualifiers. The RPC's error, or
-    /// the URL and record, or the inline status of the last failure.
+    /// under that URL and the request's qualifiers: the URL and record, or
+    /// the error of the last URL tried.
     async fn fetch_from_origin(
         &self,
         origin: &Arc<Origin>,
         permit: &Permit<rights::CasRead>,
         req: &FetchBlobRequest,
-    ) -> Result<std::result::Result<(String, Record), Error>, Status> {
+    ) -> Result<(String, Record), Status> {
         let qualifiers = check_names(&req.uris, &req.qualifiers)?;
         let mut sri = None;
         for (name, value) in &qualifiers {
@@ -336,7 +366,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
                 other => {
                     let why =
                         format!("cannot check qualifier {} on content fetched from origin", quoted(other));
-                    return Ok(Err(Error::not_found(why)));
+                    return Err(Error::not_found(why).into());
                 }
             }
         }
@@ -346,7 +376,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
             self.auth.try_extend::<rights::AcWrite, _>(permit, instance),
         ) else {
             let why = "fetching from origin needs cas-write and ac-write on the instance as well as cas-read";
-            return Ok(Err(Error::not_found(why)));
+            return Err(Error::not_found(why).into());
         };
         let function = super::digest_function(req.digest_function)?.unwrap_or(DigestFunction::Sha256);
         let mut last = Error::not_found("no URL given");
@@ -371,7 +401,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
                     let key = AcKey::asset(&recorder, asset_key(Kind::Blob, uri, &qualifiers));
                     self.ac.put(&key, bytes::Bytes::from(record.encode_to_vec())).await?;
                     tracing::info!(url = %quoted(uri), blob = %digest, "fetched from origin");
-                    return Ok(Ok((uri.clone(), record)));
+                    return Ok((uri.clone(), record));
                 }
                 Err(e) => {
                     tracing::info!(url = %quoted(uri), error = %e.message(), "fetch from origin failed");
@@ -379,7 +409,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
                 }
             }
         }
-        Ok(Err(last))
+        Err(last.into())
     }
 
     /// Why `record`'s content is not all in the CAS `permit` reads, if it
@@ -495,35 +525,18 @@ impl<A: AcStore + Clone, C: CasStore + Clone> Fetch for AssetService<A, C> {
     ) -> Result<Response<FetchBlobResponse>, Status> {
         let permit = self.auth.permit::<rights::CasRead, _>(&request, &request.get_ref().instance_name)?;
         let req = request.into_inner();
-        let args = FetchArgs {
-            instance: &req.instance_name,
-            uris: &req.uris,
-            qualifiers: &req.qualifiers,
-            oldest: req.oldest_content_accepted.as_ref(),
-            digest_function: req.digest_function,
+        let (uri, record) = match (self.fetch(&permit, Kind::Blob, fetch_args!(req)).await?, &self.origin) {
+            (Some(found), _) => found,
+            (None, Some(origin)) => self.fetch_from_origin(origin, &permit, &req).await?,
+            (None, None) => return Err(not_found(Kind::Blob, &req.uris).into()),
         };
-        let mut found = self.fetch(&permit, Kind::Blob, args).await?;
-        let mut failure = None;
-        if found.is_none()
-            && let Some(origin) = &self.origin
-        {
-            match self.fetch_from_origin(origin, &permit, &req).await? {
-                Ok(downloaded) => found = Some(downloaded),
-                Err(status) => failure = Some(status),
-            }
-        }
-        let response = match found {
-            Some((uri, record)) => FetchBlobResponse {
-                status: Some(Default::default()),
-                uri,
-                qualifiers: req.qualifiers,
-                expires_at: timestamp(record.expire_at),
-                blob_digest: record.content,
-                digest_function: record.digest_function,
-            },
-            None => {
-                return Err(failure.unwrap_or_else(|| not_found(Kind::Blob, &req.uris)).into());
-            }
+        let response = FetchBlobResponse {
+            status: Some(Default::default()),
+            uri,
+            qualifiers: req.qualifiers,
+            expires_at: timestamp(record.expire_at),
+            blob_digest: record.content,
+            digest_function: record.digest_function,
         };
         Ok(Response::new(response))
     }
@@ -534,14 +547,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> Fetch for AssetService<A, C> {
     ) -> Result<Response<FetchDirectoryResponse>, Status> {
         let permit = self.auth.permit::<rights::CasRead, _>(&request, &request.get_ref().instance_name)?;
         let req = request.into_inner();
-        let args = FetchArgs {
-            instance: &req.instance_name,
-            uris: &req.uris,
-            qualifiers: &req.qualifiers,
-            oldest: req.oldest_content_accepted.as_ref(),
-            digest_function: req.digest_function,
-        };
-        let response = match self.fetch(&permit, Kind::Directory, args).await? {
+        let response = match self.fetch(&permit, Kind::Directory, fetch_args!(req)).await? {
             Some((uri, record)) => FetchDirectoryResponse {
                 status: Some(Default::default()),
                 uri,
@@ -564,17 +570,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> Push for AssetService<A, C> {
     ) -> Result<Response<PushBlobResponse>, Status> {
         let permit = self.auth.permit::<rights::AcWrite, _>(&request, &request.get_ref().instance_name)?;
         let req = request.get_ref();
-        let args = PushArgs {
-            instance: &req.instance_name,
-            uris: &req.uris,
-            qualifiers: &req.qualifiers,
-            expire_at: req.expire_at.as_ref(),
-            content: req.blob_digest.as_ref(),
-            references_blobs: &req.references_blobs,
-            references_directories: &req.references_directories,
-            digest_function: req.digest_function,
-        };
-        self.push(&permit, Kind::Blob, args).await?;
+        self.push(&permit, Kind::Blob, push_args!(req, blob_digest)).await?;
         Ok(Response::new(PushBlobResponse {}))
     }
 
@@ -584,17 +580,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> Push for AssetService<A, C> {
     ) -> Result<Response<PushDirectoryResponse>, Status> {
         let permit = self.auth.permit::<rights::AcWrite, _>(&request, &request.get_ref().instance_name)?;
         let req = request.get_ref();
-        let args = PushArgs {
-            instance: &req.instance_name,
-            uris: &req.uris,
-            qualifiers: &req.qualifiers,
-            expire_at: req.expire_at.as_ref(),
-            content: req.root_directory_digest.as_ref(),
-            references_blobs: &req.references_blobs,
-            references_directories: &req.references_directories,
-            digest_function: req.digest_function,
-        };
-        self.push(&permit, Kind::Directory, args).await?;
+        self.push(&permit, Kind::Directory, push_args!(req, root_directory_digest)).await?;
         Ok(Response::new(PushDirectoryResponse {}))
     }
 }

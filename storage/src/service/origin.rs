@@ -353,7 +353,8 @@ impl Origin {
                     result
                 });
                 let work: BoxFuture<'static, Result<Digest>> = Box::pin(async move {
-                    task.await.unwrap_or_else(|e| Err(Error::internal(format!("a download's task failed: {e}"))))
+                    task.await
+                        .unwrap_or_else(|e| Err(Error::internal(format!("a download's task failed: {e}"))))
                 });
                 let shared = work.shared();
                 in_flight.insert(merge_key, shared.clone());
