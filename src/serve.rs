@@ -175,17 +175,11 @@ where
         Some((e, o)) => (Some(e), Some(o)),
         None => (None, None),
     };
-    let cas_service =
-        ContentAddressableStorageServer::new(CasService::new(cas.clone(), limits, authorizer.clone()))
-            .max_decoding_message_size(message_max)
-            .max_encoding_message_size(message_max);
+    let (cas_service, bytestream) = blob_services(&cas, limits, &authorizer);
     let ac_service =
         ActionCacheServer::new(ActionCacheService::new(ac, cas.clone(), limits, authorizer.clone()))
             .max_decoding_message_size(message_max)
             .max_encoding_message_size(message_max);
-    let bytestream = ByteStreamServer::new(ByteStreamService::new(cas.clone(), limits, authorizer.clone()))
-        .max_decoding_message_size(message_max)
-        .max_encoding_message_size(message_max);
 
     let origin =
         kiln_storage::service::origin::Origin::new(&config.assets, &config.data_dir.join("downloads"))
@@ -498,15 +492,8 @@ async fn serve_local_worker<B, C>(
     C: CasStore + Clone,
 {
     use futures::StreamExt;
-    let message_max = limits.grpc_message_size_bytes_max;
     let workers = WorkersServer::new(WorkerService::new(scheduler, authorizer.clone()));
-    let cas_service =
-        ContentAddressableStorageServer::new(CasService::new(cas.clone(), limits, authorizer.clone()))
-            .max_decoding_message_size(message_max)
-            .max_encoding_message_size(message_max);
-    let bytestream = ByteStreamServer::new(ByteStreamService::new(cas, limits, authorizer.clone()))
-        .max_decoding_message_size(message_max)
-        .max_encoding_message_size(message_max);
+    let (cas_service, bytestream) = blob_services(&cas, limits, &authorizer);
     let capabilities = CapabilitiesServer::new(CapabilitiesService::new(limits, authorizer.clone()));
     let router = kiln_proto::transport::server(&limits)
         .layer(AuthLayer::new(kiln_auth::Authenticator::unrestricted()))
@@ -521,6 +508,24 @@ async fn serve_local_worker<B, C>(
     if let Err(e) = router.serve_with_incoming(connections).await {
         tracing::error!(error = %e, "the local worker's socket server failed");
     }
+}
+
+/// The CAS and ByteStream services over `cas`, with the message sizes
+/// the limits allow: for clients, and for the local worker's socket.
+fn blob_services<C: CasStore + Clone>(
+    cas: &C,
+    limits: Limits,
+    authorizer: &kiln_proto::access::Authorizer,
+) -> (ContentAddressableStorageServer<CasService<C>>, ByteStreamServer<ByteStreamService<C>>) {
+    let message_max = limits.grpc_message_size_bytes_max;
+    let cas_service =
+        ContentAddressableStorageServer::new(CasService::new(cas.clone(), limits, authorizer.clone()))
+            .max_decoding_message_size(message_max)
+            .max_encoding_message_size(message_max);
+    let bytestream = ByteStreamServer::new(ByteStreamService::new(cas.clone(), limits, authorizer.clone()))
+        .max_decoding_message_size(message_max)
+        .max_encoding_message_size(message_max);
+    (cas_service, bytestream)
 }
 
 async fn shutdown_signal() {
