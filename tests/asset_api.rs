@@ -17,7 +17,6 @@ use kiln_proto::asset::{
 };
 use kiln_proto::google::protobuf::Timestamp;
 use kiln_proto::{Digest, DigestFunction, reapi};
-use kiln_tools::client::{ClientOptions, connect};
 use prost::Message;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -111,12 +110,7 @@ async fn an_asset_is_served_only_while_complete_and_unexpired() {
     let kiln = Kiln::start_with_config(&token_config(&file, ""));
     let as_token = |token: String| {
         let remote = kiln.remote();
-        async move {
-            connect(&ClientOptions { token: Some(token), ..common::calls::opts(remote) })
-                .await
-                .unwrap()
-                .channel()
-        }
+        async move { common::calls::with_token(remote, &token).await.channel() }
     };
     let (pusher, reader) = (as_token(pusher).await, as_token(reader).await);
 

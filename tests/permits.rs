@@ -129,10 +129,6 @@ fn ok<T>(r: Result<T, tonic::Status>) -> Result<(), tonic::Status> {
     r.map(|_| ())
 }
 
-async fn as_token(token: &str, remote: String) -> Connection {
-    connect(&ClientOptions { token: Some(token.to_owned()), ..common::calls::opts(remote) }).await.unwrap()
-}
-
 #[tokio::test]
 async fn every_service_refuses_a_caller_without_the_permission() {
     let dir = tempfile::tempdir().unwrap();
@@ -140,7 +136,7 @@ async fn every_service_refuses_a_caller_without_the_permission() {
     let everything = bootstrap_token(&file, "main-all", "main", "all", "never");
     let reader = bootstrap_token(&file, "main-reader", "main", "cas-read", "never");
     let kiln = Kiln::start_with_config(&token_config(&file, ""));
-    let all = as_token(&everything, kiln.remote()).await;
+    let all = common::calls::with_token(kiln.remote(), &everything).await;
 
     // Everything on `main` is nothing on `other`.
     for (call, result) in every_call(&all, "other").await {
@@ -153,7 +149,7 @@ async fn every_service_refuses_a_caller_without_the_permission() {
         );
     }
     // cas-read on `main` reads the CAS and nothing else.
-    let reader = as_token(&reader, kiln.remote()).await;
+    let reader = common::calls::with_token(kiln.remote(), &reader).await;
     let readers =
         ["FindMissingBlobs", "BatchReadBlobs", "GetTree", "ByteStream.Read", "GetCapabilities", "FetchBlob"];
     for (call, result) in every_call(&reader, "main").await {

@@ -16,7 +16,7 @@ use kiln_tools::client::{ClientOptions, Connection, connect};
 use tonic::Code;
 
 async fn as_token(kiln: &Kiln, token: &str) -> Connection {
-    connect(&ClientOptions { token: Some(token.to_owned()), ..opts(kiln.remote()) }).await.unwrap()
+    common::calls::with_token(kiln.remote(), token).await
 }
 
 fn create(principal: &str, tenant: &str, perms: &[&str]) -> CreateTokenRequest {

@@ -363,6 +363,12 @@ pub mod calls {
         ClientOptions { remote, ..ClientOptions::default() }
     }
 
+    /// A connection to `remote` presenting the bearer token `token`.
+    pub async fn with_token(remote: String, token: &str) -> Connection {
+        let options = ClientOptions { token: Some(token.to_owned()), ..opts(remote) };
+        kiln_tools::client::connect(&options).await.expect("connect with a token")
+    }
+
     pub async fn find_missing(conn: &Connection, instance: &str) -> Result<(), tonic::Status> {
         let req = FindMissingBlobsRequest {
             instance_name: instance.into(),
