@@ -306,3 +306,27 @@ async fn blobs_nobody_pushed_are_fetched_once_from_an_allowed_origin() {
 async fn fetched_owned(kiln: &Kiln, request: FetchBlobRequest) -> Result<(String, Digest), i32> {
     fetched(kiln.channel().await, request).await
 }
+
+/// Past `fetch_bytes_max` and `fetch_redirects_max` a download stops with
+/// a status naming the setting; settings whose downloads could not all fit
+/// on the disk at once are refused at start.
+#[tokio::test]
+async fn downloads_past_their_bounds_are_refused_naming_the_setting() {
+    let origin = Origin::start([("file".to_owned(), vec![7u8; 100_000])].into());
+    let base = origin.base();
+    let kiln = Kiln::start_with_config(&format!(
+        "[assets]\nfetch_from_origin = true\nfetch_allow = [\"{base}\"]\nfetch_private_addresses = true\n\
+         fetch_bytes_max = 65536\nfetch_redirects_max = 0\n"
+    ));
+    let (code, message) = fetch_status(&kiln, &format!("{base}file"), vec![]).await;
+    assert_eq!(code, Code::ResourceExhausted as i32, "{message}");
+    assert!(message.contains("fetch_bytes_max"), "{message}");
+    let (code, message) = fetch_status(&kiln, &format!("{base}moved/file"), vec![]).await;
+    assert_ne!(code, 0, "{message}");
+    assert!(message.contains("redirects"), "{message}");
+    assert_eq!(origin.hits("/file"), 1, "the redirect was not followed");
+    let (ok, err) = common::serve_refused_config(&format!(
+        "[assets]\nfetch_from_origin = true\nfetch_allow = [\"{base}\"]\nfetch_bytes_max = 1125899906842624\n"
+    ));
+    assert!(!ok && err.contains("fetches_max") && err.contains("fetch_bytes_max"), "{err}");
+}

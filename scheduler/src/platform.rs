@@ -179,6 +179,24 @@ mod tests {
     }
 
     #[test]
+    fn lost_platforms_are_bounded_and_forgotten_oldest_first_and_after_the_grace() {
+        let start = tokio::time::Instant::now();
+        let grace = std::time::Duration::from_secs(30);
+        let mut lost = LostPlatforms::default();
+        let max = kiln_proto::limits::LOST_PLATFORMS_MAX;
+        for i in 0..=max {
+            let at = start + std::time::Duration::from_millis(i as u64);
+            lost.record(&p(&[("pool", &i.to_string())]), at);
+        }
+        assert_eq!(lost.0.len(), max, "past the bound, one is forgotten");
+        let now = start + std::time::Duration::from_secs(1);
+        assert!(!lost.covers(&rules(), &p(&[("pool", "0")]), now, grace), "the oldest went first");
+        assert!(lost.covers(&rules(), &p(&[("pool", &max.to_string())]), now, grace));
+        let later = start + grace + std::time::Duration::from_secs(2);
+        assert!(!lost.covers(&rules(), &p(&[("pool", &max.to_string())]), later, grace), "past the grace");
+    }
+
+    #[test]
     fn exact_minimum_and_ignore() {
         let worker = p(&[("OSFamily", "linux"), ("ISA", "x86-64"), ("cores", "8")]);
         let r = rules();

@@ -279,6 +279,19 @@ impl Origin {
         config.validate()?;
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        // Every download at once, each at its largest, must fit.
+        let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| format!("statvfs {}: {e}", dir.display()))?;
+        let free = stat.blocks_available().saturating_mul(stat.fragment_size());
+        let most = config.fetch_bytes_max.saturating_mul(config.fetches_max as u64);
+        if most > free {
+            return Err(format!(
+                "[assets] fetches_max ({}) downloads of fetch_bytes_max ({}) bytes need {most} bytes, but {} has \
+                 {free} free: lower one of them",
+                config.fetches_max,
+                config.fetch_bytes_max,
+                dir.display()
+            ));
+        }
         let policy_config = config.clone();
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() > policy_config.fetch_redirects_max {
