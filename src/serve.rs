@@ -175,7 +175,8 @@ where
         Some((e, o)) => (Some(e), Some(o)),
         None => (None, None),
     };
-    let (cas_service, bytestream) = blob_services(&cas, limits, &authorizer);
+    let walks = kiln_storage::service::WalkTurns::new(&limits);
+    let (cas_service, bytestream) = blob_services(&cas, limits, &authorizer, &walks);
     let ac_service =
         ActionCacheServer::new(ActionCacheService::new(ac, cas.clone(), limits, authorizer.clone()))
             .max_decoding_message_size(message_max)
@@ -187,7 +188,9 @@ where
     if origin.is_some() {
         tracing::info!(allow = ?config.assets.fetch_allow, "the Remote Asset API fetches from origin");
     }
-    let assets = AssetService::new(records, cas.clone(), limits, authorizer.clone()).with_origin(origin);
+    let assets = AssetService::new(records, cas.clone(), limits, authorizer.clone())
+        .with_origin(origin)
+        .with_walk_turns(walks);
     let fetch = FetchServer::new(assets.clone())
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);
@@ -493,7 +496,8 @@ async fn serve_local_worker<B, C>(
 {
     use futures::StreamExt;
     let workers = WorkersServer::new(WorkerService::new(scheduler, authorizer.clone()));
-    let (cas_service, bytestream) = blob_services(&cas, limits, &authorizer);
+    let walks = kiln_storage::service::WalkTurns::new(&limits);
+    let (cas_service, bytestream) = blob_services(&cas, limits, &authorizer, &walks);
     let capabilities = CapabilitiesServer::new(CapabilitiesService::new(limits, authorizer.clone()));
     let router = kiln_proto::transport::server(&limits)
         .layer(AuthLayer::new(kiln_auth::Authenticator::unrestricted()))
@@ -511,17 +515,19 @@ async fn serve_local_worker<B, C>(
 }
 
 /// The CAS and ByteStream services over `cas`, with the message sizes
-/// the limits allow: for clients, and for the local worker's socket.
+/// the limits allow and GetTree's turns from `walks`: for clients, and for
+/// the local worker's socket.
 fn blob_services<C: CasStore + Clone>(
     cas: &C,
     limits: Limits,
     authorizer: &kiln_proto::access::Authorizer,
+    walks: &kiln_storage::service::WalkTurns,
 ) -> (ContentAddressableStorageServer<CasService<C>>, ByteStreamServer<ByteStreamService<C>>) {
     let message_max = limits.grpc_message_size_bytes_max;
-    let cas_service =
-        ContentAddressableStorageServer::new(CasService::new(cas.clone(), limits, authorizer.clone()))
-            .max_decoding_message_size(message_max)
-            .max_encoding_message_size(message_max);
+    let service = CasService::new(cas.clone(), limits, authorizer.clone()).with_walk_turns(walks.clone());
+    let cas_service = ContentAddressableStorageServer::new(service)
+        .max_decoding_message_size(message_max)
+        .max_encoding_message_size(message_max);
     let bytestream = ByteStreamServer::new(ByteStreamService::new(cas.clone(), limits, authorizer.clone()))
         .max_decoding_message_size(message_max)
         .max_encoding_message_size(message_max);

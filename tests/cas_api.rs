@@ -375,6 +375,22 @@ async fn get_tree_walks_are_bounded() {
         page_size: 1,
         ..Default::default()
     };
+    // A Remote Asset naming the tree walks it too, on the same turns (its
+    // files, whose contents are their names, must be in the CAS first).
+    let names: Vec<String> = (0..300).flat_map(|i| (0..30).map(move |j| long(i, j))).collect();
+    for chunk in names.chunks(1000) {
+        let requests = chunk.iter().map(|n| blob(n.as_bytes())).collect();
+        cas.batch_update_blobs(BatchUpdateBlobsRequest { requests, ..Default::default() }).await.unwrap();
+    }
+    let asset = kiln_proto::asset::PushDirectoryRequest {
+        uris: vec!["https://example.com/tree".into()],
+        root_directory_digest: Some(sha(&root.encode_to_vec()).to_proto()),
+        ..Default::default()
+    };
+    kiln_proto::asset::push_client::PushClient::new(kiln.channel().await)
+        .push_directory(asset)
+        .await
+        .unwrap();
     // A client that starts a walk and stops reading holds the only turn...
     let mut stalled =
         kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(
@@ -386,6 +402,16 @@ async fn get_tree_walks_are_bounded() {
         Err(e) => e,
         Ok(_) => panic!("a second walk started while the only turn was held"),
     };
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("tree_walks_max"), "{}", err.message());
+    let fetch = kiln_proto::asset::FetchDirectoryRequest {
+        uris: vec!["https://example.com/tree".into()],
+        ..Default::default()
+    };
+    let err = kiln_proto::asset::fetch_client::FetchClient::new(kiln.channel().await)
+        .fetch_directory(fetch)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("tree_walks_max"), "{}", err.message());
     // Once the stalled client goes away, walks run again.

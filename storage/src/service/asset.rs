@@ -177,6 +177,8 @@ pub struct AssetService<A, C> {
     auth: Authorizer,
     /// Downloads what was not pushed, when configured.
     origin: Option<Arc<Origin>>,
+    /// Turns for walking directory trees, shared with GetTree.
+    tree_walks: super::WalkTurns,
 }
 
 /// One Push, taken apart.
@@ -235,7 +237,14 @@ type Found = Option<(String, Record)>;
 
 impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
     pub fn new(ac: A, cas: C, limits: Limits, auth: Authorizer) -> Self {
-        Self { ac, cas, limits, auth, origin: None }
+        Self { ac, cas, limits, auth, origin: None, tree_walks: super::WalkTurns::new(&limits) }
+    }
+
+    /// Takes walk turns from `turns`, shared with other services.
+    #[must_use]
+    pub fn with_walk_turns(mut self, turns: super::WalkTurns) -> Self {
+        self.tree_walks = turns;
+        self
     }
 
     /// Fetches blobs no pushed asset matches from their URLs.
@@ -429,6 +438,7 @@ impl<A: AcStore + Clone, C: CasStore + Clone> AssetService<A, C> {
             Kind::Directory => directories.push(content),
         }
         let directory_bytes_max = self.limits.grpc_message_size_bytes_max as u64;
+        let _turn = if directories.is_empty() { None } else { Some(self.tree_walks.take("tree").await?) };
         for root in directories {
             let fetch = |digests: Vec<Digest>| {
                 let (cas, permit) = (&self.cas, permit);

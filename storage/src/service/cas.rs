@@ -26,9 +26,6 @@ use kiln_proto::limits::{
     BATCH_BLOBS_IN_FLIGHT, Limits, TREE_READ_BATCH_BYTES_MAX, TREE_READ_BATCH_DIRECTORIES_MAX,
 };
 use kiln_proto::tree::{Batch, Reached, TreeWalk};
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::Semaphore;
 
 #[derive(Debug, Clone)]
 pub struct CasService<C> {
@@ -36,12 +33,19 @@ pub struct CasService<C> {
     limits: Limits,
     auth: Authorizer,
     /// Turns for GetTree walks (`tree_walks_max`).
-    tree_walks: Arc<Semaphore>,
+    tree_walks: super::WalkTurns,
 }
 
 impl<C> CasService<C> {
     pub fn new(cas: C, limits: Limits, auth: Authorizer) -> Self {
-        Self { cas, limits, auth, tree_walks: Arc::new(Semaphore::new(limits.tree_walks_max)) }
+        Self { cas, limits, auth, tree_walks: super::WalkTurns::new(&limits) }
+    }
+
+    /// Takes walk turns from `turns`, shared with other services.
+    #[must_use]
+    pub fn with_walk_turns(mut self, turns: super::WalkTurns) -> Self {
+        self.tree_walks = turns;
+        self
     }
 }
 
@@ -240,18 +244,7 @@ impl<C: CasStore + Clone> ContentAddressableStorage for CasService<C> {
             Err(_) => return Err(Status::invalid_argument("page_size must not be negative")),
         };
         let skip = parse_page_token(&req.page_token)?;
-        let wait = Duration::from_millis(self.limits.admission_timeout_ms);
-        let turn = match tokio::time::timeout(wait, self.tree_walks.clone().acquire_owned()).await {
-            Ok(Ok(turn)) => turn,
-            Ok(Err(_)) => return Err(Status::unavailable("the server is shutting down")),
-            Err(_) => {
-                return Err(Error::resource_exhausted(format!(
-                    "the server is busy: {} GetTree walks are running (tree_walks_max); retry later",
-                    self.limits.tree_walks_max
-                ))
-                .into());
-            }
-        };
+        let turn = self.tree_walks.take("GetTree").await?;
         let mut pager = TreePager {
             source: TreeSource {
                 cas: self.cas.clone(),

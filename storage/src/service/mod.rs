@@ -38,6 +38,40 @@ fn digest_function(value: i32) -> Result<Option<DigestFunction>, Status> {
     DigestFunction::from_proto(value).map_err(Status::from)
 }
 
+/// Turns for tree walks (`tree_walks_max`), shared by every service that
+/// walks a Directory tree in the CAS: GetTree, and the Remote Asset API's
+/// completeness check.
+#[derive(Debug, Clone)]
+pub struct WalkTurns {
+    turns: std::sync::Arc<tokio::sync::Semaphore>,
+    max: usize,
+    wait: std::time::Duration,
+}
+
+impl WalkTurns {
+    pub fn new(limits: &kiln_proto::limits::Limits) -> Self {
+        WalkTurns {
+            turns: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.tree_walks_max)),
+            max: limits.tree_walks_max,
+            wait: std::time::Duration::from_millis(limits.admission_timeout_ms),
+        }
+    }
+
+    /// A turn, within `admission_timeout_ms`; RESOURCE_EXHAUSTED naming the
+    /// limit otherwise.
+    async fn take(&self, what: &str) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        match tokio::time::timeout(self.wait, self.turns.clone().acquire_owned()).await {
+            Ok(Ok(turn)) => Ok(turn),
+            Ok(Err(_)) => Err(Status::unavailable("the server is shutting down")),
+            Err(_) => Err(Error::resource_exhausted(format!(
+                "the server is busy: {} {what} walks are running (tree_walks_max); retry later",
+                self.max
+            ))
+            .into()),
+        }
+    }
+}
+
 /// Checks the number of digests in one request.
 fn check_count(what: &str, count: usize, max: usize) -> Result<(), Status> {
     if count > max {
